@@ -1,0 +1,37 @@
+# jacobian_ext: `make demo` runs the main job, `make test` the tests; both set everything up first
+# (a .venv with torch and the build tools, then the extension, rebuilt only when a source changed).
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# A CUDA build of torch, so that the CUDA sources compile even on a machine without a GPU.
+TORCH_SPEC ?= torch==2.14.1
+BUILD_TOOLS := ninja setuptools
+TEST_TOOLS := pytest numpy
+LIBRARY := jacobian_ext/_C.abi3.so
+SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -name '*.cuh') setup.py
+
+.PHONY: setup build demo test clean
+
+setup: $(VENV)/.deps-installed
+
+$(VENV)/.deps-installed: Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q "$(TORCH_SPEC)" $(BUILD_TOOLS) $(TEST_TOOLS)
+	touch $@
+
+build: $(LIBRARY)
+
+# pip builds in build/temp with ninja, so only changed sources are recompiled.
+$(LIBRARY): $(VENV)/.deps-installed $(SOURCES)
+	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
+	touch $@
+
+demo: build
+	$(PY) examples/demo.py
+
+test: build
+	$(PY) -m pytest -q tests
+
+clean:
+	rm -rf build $(LIBRARY) jacobian_ext/_build_info.py *.egg-info

@@ -1,0 +1,60 @@
+#include "jacext/checks.h"
+
+namespace jacext {
+
+void check_feature_matrix(const at::Tensor& input, const char* op, const char* arg) {
+  TORCH_CHECK(input.dim() == 2, op, ": ", arg, " must be a [batch, features] matrix, got shape ", input.sizes());
+  TORCH_CHECK(input.scalar_type() == at::kFloat || input.scalar_type() == at::kDouble, op, ": ", arg,
+              " must be float32 or float64, got ", input.scalar_type());
+  TORCH_CHECK(input.device().is_cpu() || input.device().is_cuda(), op, ": ", arg,
+              " must be on the CPU or a CUDA device, got ", input.device());
+#ifndef JACEXT_WITH_CUDA
+  TORCH_CHECK(input.device().is_cpu(), op, ": ", arg,
+              " is on a CUDA device but jacobian_ext was built without CUDA support");
+#endif
+}
+
+void check_same_dtype_device(const at::Tensor& input, const at::Tensor& other, const char* op, const char* arg) {
+  TORCH_CHECK(other.scalar_type() == input.scalar_type(), op, ": ", arg, " has dtype ", other.scalar_type(),
+              " but the input has dtype ", input.scalar_type());
+  TORCH_CHECK(other.device() == input.device(), op, ": ", arg, " is on ", other.device(),
+              " but the input is on ", input.device());
+}
+
+JacobianBlock tangents_from_jac(const std::optional<at::Tensor>& jac, const at::Tensor& input, const char* op) {
+  if (!jac.has_value()) return JacobianBlock::identity();
+  const at::Tensor& j = *jac;
+  check_same_dtype_device(input, j, op, "jac");
+  const int64_t features = input.size(1);
+  if (j.dim() == 2) {
+    TORCH_CHECK(j.size(0) == features, op, ": jac of shape ", j.sizes(), " must be [", features,
+                ", D] to match the input's ", features, " features");
+    return JacobianBlock::shared(j.t().contiguous());
+  }
+  TORCH_CHECK(j.dim() == 3 && j.size(0) == input.size(0) && j.size(1) == features, op, ": jac of shape ",
+              j.sizes(), " must be [", input.size(0), ", ", features, ", D] (or [", features,
+              ", D] when shared by every sample)");
+  return JacobianBlock::per_sample(j.transpose(1, 2).contiguous());
+}
+
+JacobianBlock cotangents_from_arg(const std::optional<at::Tensor>& cotangent, int64_t batch, int64_t features,
+                                  const at::Tensor& like, const char* op) {
+  if (!cotangent.has_value()) return JacobianBlock::identity();
+  const at::Tensor& g = *cotangent;
+  check_same_dtype_device(like, g, op, "cotangent");
+  if (g.dim() == 2) {
+    TORCH_CHECK(g.size(1) == features, op, ": cotangent of shape ", g.sizes(), " must be [C, ", features, "]");
+    return JacobianBlock::shared(g.contiguous());
+  }
+  TORCH_CHECK(g.dim() == 3 && (batch < 0 || g.size(0) == batch) && g.size(2) == features, op,
+              ": cotangent of shape ", g.sizes(), " must be [", batch, ", C, ", features, "] (or [C, ", features,
+              "] when shared by every sample)");
+  return JacobianBlock::per_sample(g.contiguous());
+}
+
+at::Tensor tangents_to_jac(const JacobianBlock& block, int64_t batch, int64_t features,
+                           const at::TensorOptions& options) {
+  return block.dense(batch, features, options).transpose(1, 2);
+}
+
+}  // namespace jacext

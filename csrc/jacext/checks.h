@@ -1,0 +1,31 @@
+// Validation at the operator boundary, so that rules and kernels can assume clean inputs.
+// Every failure names the argument and what was expected.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <optional>
+
+#include "jacobian_block.h"
+
+namespace jacext {
+
+// A [B, H] feature matrix of float32/float64 on CPU (or CUDA in a CUDA build).
+void check_feature_matrix(const at::Tensor& input, const char* op, const char* arg);
+
+// `other` shares dtype and device with `input`.
+void check_same_dtype_device(const at::Tensor& input, const at::Tensor& other, const char* op, const char* arg);
+
+// Forward-mode Jacobian argument in its external layout: None (identity, the layer input is the
+// model input), [H, D] (the same for every sample) or [B, H, D]. Returned with the feature axis last.
+JacobianBlock tangents_from_jac(const std::optional<at::Tensor>& jac, const at::Tensor& input, const char* op);
+
+// Reverse-mode cotangent argument: None (identity, the layer output is the model output),
+// [C, H] (the same for every sample) or [B, C, H], with H == `features`.
+JacobianBlock cotangents_from_arg(const std::optional<at::Tensor>& cotangent, int64_t batch, int64_t features,
+                                  const at::Tensor& like, const char* op);
+
+// External forward-mode layout [.., H, D] of a block stored as [.., D, H]; a view of fresh memory.
+at::Tensor tangents_to_jac(const JacobianBlock& block, int64_t batch, int64_t features,
+                           const at::TensorOptions& options);
+
+}  // namespace jacext

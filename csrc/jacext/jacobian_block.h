@@ -1,0 +1,81 @@
+// The running Jacobian block that every rule consumes and produces, and the rules' declarations.
+//
+// Both accumulation directions keep the layer's feature axis last, so every rule works on rows:
+//   forward mode: tangents   T[b, d, h] = d z_h / d x_d      (rows are the model's input dims D)
+//   reverse mode: cotangents G[b, c, h] = d y_c / d z_h      (rows are the model's output dims C)
+// A linear layer is then "rows @ M" and every element-wise or softmax rule is a row update.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <string>
+#include <vector>
+
+#include "rule_math.h"
+
+namespace jacext {
+
+// Lazy seeds: the identity and batch-shared blocks are never expanded to B copies. The first Linear
+// of a forward sweep (or the last of a reverse sweep) turns the identity into the shared weight matrix;
+// only a per-sample factor (activation mask, softmax) makes the block per-sample.
+struct JacobianBlock {
+  enum class Kind { Identity, Shared, PerSample };
+
+  Kind kind = Kind::Identity;
+  at::Tensor values;  // Identity: undefined; Shared: [R, H]; PerSample: [B, R, H]
+
+  static JacobianBlock identity() { return {Kind::Identity, at::Tensor()}; }
+  static JacobianBlock shared(at::Tensor values) { return {Kind::Shared, std::move(values)}; }
+  static JacobianBlock per_sample(at::Tensor values) { return {Kind::PerSample, std::move(values)}; }
+
+  // Values as an explicit contiguous [R, H] (shared) or [B, R, H] (per-sample) tensor; the identity
+  // becomes a single shared eye(features), still not one copy per sample.
+  at::Tensor explicit_values(int64_t features, const at::TensorOptions& options) const;
+  // The dense [B, R, H] tensor, always freshly allocated or produced by a kernel (never a view of a
+  // weight), so it can be returned from an operator.
+  at::Tensor dense(int64_t batch, int64_t features, const at::TensorOptions& options) const;
+};
+
+// Which row update a softmax-family rule applies (see rule_math.h).
+enum class SoftmaxVariant : int8_t { Softmax, LogSoftmaxForward, LogSoftmaxReverse };
+
+Activation activation_from_name(const std::string& name);
+
+// ---- Rules (device-generic; element-wise work goes to the backend kernels below) ----
+
+// rows @ matrix: the linear rule in both directions (forward: matrix = W^T, reverse: matrix = W).
+JacobianBlock chain_matrix(const JacobianBlock& block, const at::Tensor& matrix);
+// (output, derivative) of an activation, both [B, H].
+std::tuple<at::Tensor, at::Tensor> activation_with_derivative(const at::Tensor& input, Activation activation);
+// out[b, r, h] = block[b, r, h] * factor[b, h].
+JacobianBlock scale_features(const JacobianBlock& block, const at::Tensor& factor);
+// Row update of softmax / log-softmax given the probabilities s [B, H].
+JacobianBlock softmax_rows(const JacobianBlock& block, const at::Tensor& probabilities, SoftmaxVariant variant);
+
+// ---- Backend kernels: write `out` [B, R, H] from explicit block values ([R, H] or [B, R, H]) ----
+namespace cpu {
+void activation_kernel(at::Tensor& output, at::Tensor& derivative, const at::Tensor& input, Activation activation);
+void scale_features_kernel(at::Tensor& out, const at::Tensor& values, const at::Tensor& factor);
+void softmax_rows_kernel(at::Tensor& out, const at::Tensor& values, const at::Tensor& probabilities,
+                         SoftmaxVariant variant);
+}  // namespace cpu
+
+#ifdef JACEXT_WITH_CUDA
+namespace cuda {
+void activation_kernel(at::Tensor& output, at::Tensor& derivative, const at::Tensor& input, Activation activation);
+void scale_features_kernel(at::Tensor& out, const at::Tensor& values, const at::Tensor& factor);
+void softmax_rows_kernel(at::Tensor& out, const at::Tensor& values, const at::Tensor& probabilities,
+                         SoftmaxVariant variant);
+}  // namespace cuda
+#endif
+
+// Runs a backend kernel on the device of `tensor`. The checks at the operator boundary have already
+// rejected CUDA tensors in a build without CUDA.
+#ifdef JACEXT_WITH_CUDA
+#define JACEXT_RUN_KERNEL(tensor, kernel, ...) \
+  ((tensor).is_cuda() ? ::jacext::cuda::kernel(__VA_ARGS__) : ::jacext::cpu::kernel(__VA_ARGS__))
+#else
+#define JACEXT_RUN_KERNEL(tensor, kernel, ...) ::jacext::cpu::kernel(__VA_ARGS__)
+#endif
+
+}  // namespace jacext

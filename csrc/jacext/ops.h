@@ -1,0 +1,44 @@
+// The operators' C++ entry points (schemas in registration.cpp). All are device-generic: element-wise
+// work runs on the backend kernel of the input's device.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <optional>
+#include <string>
+#include <string_view>
+#include <tuple>
+
+namespace jacext {
+
+// weight [out, in_features] and bias [out] (if any) match `input` in dtype and device.
+void check_linear_params(const at::Tensor& input, int64_t in_features, const at::Tensor& weight,
+                         const std::optional<at::Tensor>& bias, const char* op);
+
+std::tuple<at::Tensor, at::Tensor> linear_jac_forward(const at::Tensor& input, const std::optional<at::Tensor>& jac,
+                                                      const at::Tensor& weight, const std::optional<at::Tensor>& bias);
+at::Tensor linear_jac_reverse(const std::optional<at::Tensor>& cotangent, const at::Tensor& weight);
+
+std::tuple<at::Tensor, at::Tensor> pointwise_jac_forward(const at::Tensor& input, const std::optional<at::Tensor>& jac,
+                                                         std::string_view activation);
+at::Tensor pointwise_jac_reverse(const at::Tensor& input, const std::optional<at::Tensor>& cotangent,
+                                 std::string_view activation);
+
+std::tuple<at::Tensor, at::Tensor> softmax_jac_forward(const at::Tensor& input, const std::optional<at::Tensor>& jac);
+at::Tensor softmax_jac_reverse(const at::Tensor& output, const std::optional<at::Tensor>& cotangent);
+
+std::tuple<at::Tensor, at::Tensor> log_softmax_jac_forward(const at::Tensor& input,
+                                                           const std::optional<at::Tensor>& jac);
+at::Tensor log_softmax_jac_reverse(const at::Tensor& output, const std::optional<at::Tensor>& cotangent);
+
+using LayerParams = at::TensorList;
+
+std::tuple<at::Tensor, at::Tensor> sequential_jac_forward(const at::Tensor& input, const std::optional<at::Tensor>& jac,
+                                                          c10::ArrayRef<std::string> layers, const LayerParams& params);
+std::tuple<at::Tensor, at::Tensor> sequential_jac_reverse(const at::Tensor& input,
+                                                          const std::optional<at::Tensor>& cotangent,
+                                                          c10::ArrayRef<std::string> layers, const LayerParams& params);
+std::tuple<at::Tensor, at::Tensor> batch_jacobian(const at::Tensor& input, c10::ArrayRef<std::string> layers,
+                                                  const LayerParams& params, std::string_view mode);
+
+}  // namespace jacext

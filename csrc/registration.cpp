@@ -1,0 +1,49 @@
+// Every schema of the jacext library (one block), and the kernels registered per backend.
+// The op functions are device-generic (their element-wise work dispatches on the input's device), so
+// the CPU and CUDA registrations share one list.
+#include <torch/library.h>
+
+#include "jacext/ops.h"
+
+TORCH_LIBRARY(jacext, m) {
+  // Per-layer rules. Forward mode: `jac` is the running Jacobian [B, H_in, D], or [H_in, D] when the
+  // same for every sample, or None for the identity (the layer input is the model input).
+  // Reverse mode: `cotangent` is the running block [B, C, H_out], [C, H_out] or None (identity).
+  m.def("linear_jac_forward(Tensor input, Tensor? jac, Tensor weight, Tensor? bias) -> (Tensor output, Tensor jac_out)");
+  m.def("linear_jac_reverse(Tensor? cotangent, Tensor weight) -> Tensor");
+  m.def("pointwise_jac_forward(Tensor input, Tensor? jac, str activation) -> (Tensor output, Tensor jac_out)");
+  m.def("pointwise_jac_reverse(Tensor input, Tensor? cotangent, str activation) -> Tensor");
+  m.def("softmax_jac_forward(Tensor input, Tensor? jac) -> (Tensor output, Tensor jac_out)");
+  m.def("softmax_jac_reverse(Tensor output, Tensor? cotangent) -> Tensor");
+  m.def("log_softmax_jac_forward(Tensor input, Tensor? jac) -> (Tensor output, Tensor jac_out)");
+  m.def("log_softmax_jac_reverse(Tensor output, Tensor? cotangent) -> Tensor");
+  // A segment of native layers (see sequential.cpp for the plan encoding).
+  m.def("sequential_jac_forward(Tensor input, Tensor? jac, str[] layers, Tensor[] params) -> (Tensor output, Tensor jac_out)");
+  m.def("sequential_jac_reverse(Tensor input, Tensor? cotangent, str[] layers, Tensor[] params) -> (Tensor output, Tensor cotangent_in)");
+  // The whole plan: input [B, *in] -> (output [B, C], jacobian [B, C, *in]).
+  m.def("batch_jacobian(Tensor input, str[] layers, Tensor[] params, str mode) -> (Tensor output, Tensor jacobian)");
+}
+
+namespace {
+
+void register_kernels(torch::Library& m) {
+  m.impl("linear_jac_forward", TORCH_FN(jacext::linear_jac_forward));
+  m.impl("linear_jac_reverse", TORCH_FN(jacext::linear_jac_reverse));
+  m.impl("pointwise_jac_forward", TORCH_FN(jacext::pointwise_jac_forward));
+  m.impl("pointwise_jac_reverse", TORCH_FN(jacext::pointwise_jac_reverse));
+  m.impl("softmax_jac_forward", TORCH_FN(jacext::softmax_jac_forward));
+  m.impl("softmax_jac_reverse", TORCH_FN(jacext::softmax_jac_reverse));
+  m.impl("log_softmax_jac_forward", TORCH_FN(jacext::log_softmax_jac_forward));
+  m.impl("log_softmax_jac_reverse", TORCH_FN(jacext::log_softmax_jac_reverse));
+  m.impl("sequential_jac_forward", TORCH_FN(jacext::sequential_jac_forward));
+  m.impl("sequential_jac_reverse", TORCH_FN(jacext::sequential_jac_reverse));
+  m.impl("batch_jacobian", TORCH_FN(jacext::batch_jacobian));
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(jacext, CPU, m) { register_kernels(m); }
+
+#ifdef JACEXT_WITH_CUDA
+TORCH_LIBRARY_IMPL(jacext, CUDA, m) { register_kernels(m); }
+#endif

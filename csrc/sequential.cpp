@@ -1,0 +1,199 @@
+// The walkers: a whole sequential plan of native layers in one C++ call, in forward or reverse mode.
+//
+// A plan is encoded with schema types only (so TorchScript, torch.export and C++ callers can build
+// it): `layers` holds one name per layer, `params` the flat list of their tensors. "linear" takes two
+// entries (weight, bias), "linear_no_bias" one (weight); "relu", "tanh", "sigmoid", "softmax" and
+// "log_softmax" take none. (No None entries: autograd wrappers only track all-tensor lists.)
+#include "jacext/checks.h"
+#include "jacext/ops.h"
+
+namespace jacext {
+namespace {
+
+struct Layer {
+  enum class Type { Linear, Activation, Softmax, LogSoftmax };
+  Type type = Type::Linear;
+  Activation activation = Activation::ReLU;
+  at::Tensor weight;
+  std::optional<at::Tensor> bias;
+};
+
+// Decodes and validates a plan for `input` [B, H]: dtype, device and every width along the chain.
+std::vector<Layer> parse_plan(const at::Tensor& input, c10::ArrayRef<std::string> layers, const LayerParams& params,
+                              const char* op) {
+  std::vector<Layer> plan;
+  plan.reserve(layers.size());
+  size_t next_param = 0;
+  int64_t features = input.size(1);
+  for (size_t i = 0; i < layers.size(); ++i) {
+    const std::string& name = layers[i];
+    Layer layer;
+    if (name == "linear" || name == "linear_no_bias") {
+      const size_t count = name == "linear" ? 2 : 1;
+      TORCH_CHECK(next_param + count <= params.size(), op, ": layer ", i, " (", name, ") needs ", count,
+                  " entries in params (weight", count == 2 ? ", bias" : "", ") but params has only ",
+                  params.size() - next_param, " left");
+      layer.weight = params[next_param];
+      if (count == 2) layer.bias = params[next_param + 1];
+      next_param += count;
+      check_linear_params(input, features, layer.weight, layer.bias, op);
+      features = layer.weight.size(0);
+    } else if (name == "softmax") {
+      layer.type = Layer::Type::Softmax;
+    } else if (name == "log_softmax") {
+      layer.type = Layer::Type::LogSoftmax;
+    } else if (name == "relu" || name == "tanh" || name == "sigmoid") {
+      layer.type = Layer::Type::Activation;
+      layer.activation = activation_from_name(name);
+    } else {
+      TORCH_CHECK(false, op, ": layer ", i, " is '", name,
+                  "'; expected one of linear, linear_no_bias, relu, tanh, sigmoid, softmax, log_softmax");
+    }
+    plan.push_back(std::move(layer));
+  }
+  TORCH_CHECK(next_param == params.size(), op, ": params has ", params.size(), " entries but the layers use ",
+              next_param);
+  return plan;
+}
+
+struct SweepResult {
+  at::Tensor output;
+  JacobianBlock block;
+};
+
+SweepResult forward_sweep(at::Tensor hidden, JacobianBlock tangents, const std::vector<Layer>& plan) {
+  for (const Layer& layer : plan) {
+    switch (layer.type) {
+      case Layer::Type::Linear:
+        tangents = chain_matrix(tangents, layer.weight.t());
+        hidden = at::linear(hidden, layer.weight, layer.bias);
+        break;
+      case Layer::Type::Activation: {
+        auto [output, derivative] = activation_with_derivative(hidden, layer.activation);
+        tangents = scale_features(tangents, derivative);
+        hidden = output;
+        break;
+      }
+      case Layer::Type::Softmax:
+        hidden = at::softmax(hidden, 1);
+        tangents = softmax_rows(tangents, hidden, SoftmaxVariant::Softmax);
+        break;
+      case Layer::Type::LogSoftmax:
+        hidden = at::log_softmax(hidden, 1);
+        tangents = softmax_rows(tangents, hidden.exp(), SoftmaxVariant::LogSoftmaxForward);
+        break;
+    }
+  }
+  return {hidden, tangents};
+}
+
+// The forward pass of a reverse sweep: the output and, per layer, the per-sample factor its reverse
+// rule needs (activation derivative or softmax probabilities; undefined for Linear).
+std::pair<at::Tensor, std::vector<at::Tensor>> forward_with_factors(at::Tensor hidden, const std::vector<Layer>& plan) {
+  std::vector<at::Tensor> factors(plan.size());
+  for (size_t i = 0; i < plan.size(); ++i) {
+    const Layer& layer = plan[i];
+    switch (layer.type) {
+      case Layer::Type::Linear:
+        hidden = at::linear(hidden, layer.weight, layer.bias);
+        break;
+      case Layer::Type::Activation:
+        std::tie(hidden, factors[i]) = activation_with_derivative(hidden, layer.activation);
+        break;
+      case Layer::Type::Softmax:
+        hidden = at::softmax(hidden, 1);
+        factors[i] = hidden;
+        break;
+      case Layer::Type::LogSoftmax:
+        hidden = at::log_softmax(hidden, 1);
+        factors[i] = hidden.exp();
+        break;
+    }
+  }
+  return {hidden, std::move(factors)};
+}
+
+JacobianBlock reverse_sweep(JacobianBlock cotangents, const std::vector<Layer>& plan,
+                            const std::vector<at::Tensor>& factors) {
+  for (size_t i = plan.size(); i-- > 0;) {
+    const Layer& layer = plan[i];
+    switch (layer.type) {
+      case Layer::Type::Linear:
+        cotangents = chain_matrix(cotangents, layer.weight);
+        break;
+      case Layer::Type::Activation:
+        cotangents = scale_features(cotangents, factors[i]);
+        break;
+      case Layer::Type::Softmax:
+        cotangents = softmax_rows(cotangents, factors[i], SoftmaxVariant::Softmax);
+        break;
+      case Layer::Type::LogSoftmax:
+        cotangents = softmax_rows(cotangents, factors[i], SoftmaxVariant::LogSoftmaxReverse);
+        break;
+    }
+  }
+  return cotangents;
+}
+
+// An operator output must not alias an input (an empty plan returns its input unchanged).
+at::Tensor unaliased(const at::Tensor& output, const at::Tensor& input) {
+  return output.is_alias_of(input) ? output.clone() : output;
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> sequential_jac_forward(const at::Tensor& input, const std::optional<at::Tensor>& jac,
+                                                          c10::ArrayRef<std::string> layers, const LayerParams& params) {
+  const char* op = "jacext::sequential_jac_forward";
+  check_feature_matrix(input, op, "input");
+  TORCH_CHECK(!layers.empty(), op, ": layers must name at least one layer");
+  const std::vector<Layer> plan = parse_plan(input, layers, params, op);
+  SweepResult result = forward_sweep(input, tangents_from_jac(jac, input, op), plan);
+  const int64_t features = result.output.size(1);
+  return {unaliased(result.output, input),
+          tangents_to_jac(result.block, input.size(0), features, input.options())};
+}
+
+std::tuple<at::Tensor, at::Tensor> sequential_jac_reverse(const at::Tensor& input,
+                                                          const std::optional<at::Tensor>& cotangent,
+                                                          c10::ArrayRef<std::string> layers, const LayerParams& params) {
+  const char* op = "jacext::sequential_jac_reverse";
+  check_feature_matrix(input, op, "input");
+  TORCH_CHECK(!layers.empty(), op, ": layers must name at least one layer");
+  const std::vector<Layer> plan = parse_plan(input, layers, params, op);
+  auto [output, factors] = forward_with_factors(input, plan);
+  JacobianBlock seed = cotangents_from_arg(cotangent, input.size(0), output.size(1), input, op);
+  JacobianBlock result = reverse_sweep(std::move(seed), plan, factors);
+  return {unaliased(output, input), result.dense(input.size(0), input.size(1), input.options())};
+}
+
+std::tuple<at::Tensor, at::Tensor> batch_jacobian(const at::Tensor& input, c10::ArrayRef<std::string> layers,
+                                                  const LayerParams& params, std::string_view mode) {
+  const char* op = "jacext::batch_jacobian";
+  TORCH_CHECK(input.dim() >= 2, op, ": input must be [batch, *in_shape] with at least one feature dimension, got shape ",
+              input.sizes());
+  TORCH_CHECK(mode == "forward" || mode == "reverse", op, ": mode must be 'forward' or 'reverse', got '", mode,
+              "' (jacobian_ext.batch_jacobian and jacobian_ext.compile resolve mode='auto' before calling the op)");
+  const int64_t batch = input.size(0);
+  // Explicit width: reshape({0, -1}) is ambiguous for an empty batch.
+  const at::Tensor flat_input = input.reshape({batch, c10::multiply_integers(input.sizes().slice(1))});
+  check_feature_matrix(flat_input, op, "input");
+  const std::vector<Layer> plan = parse_plan(flat_input, layers, params, op);
+  const int64_t in_features = flat_input.size(1);
+
+  at::Tensor output, jacobian;  // jacobian: [B, C, D]
+  if (mode == "forward") {
+    SweepResult result = forward_sweep(flat_input, JacobianBlock::identity(), plan);
+    output = result.output;
+    jacobian = result.block.dense(batch, output.size(1), input.options()).transpose(1, 2).contiguous();
+  } else {
+    std::vector<at::Tensor> factors;
+    std::tie(output, factors) = forward_with_factors(flat_input, plan);
+    jacobian = reverse_sweep(JacobianBlock::identity(), plan, factors).dense(batch, in_features, input.options());
+  }
+  std::vector<int64_t> jacobian_shape{batch, output.size(1)};
+  jacobian_shape.insert(jacobian_shape.end(), input.sizes().begin() + 1, input.sizes().end());
+  return {unaliased(output, input), jacobian.view(jacobian_shape)};
+}
+
+}  // namespace jacext

@@ -1,0 +1,138 @@
+"""Public API: batch_jacobian, compile and JacobianModule."""
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+from torch import nn
+
+from .plan import Plan, build_plan, flatten_sequential
+from .rules import has_native_rule
+from .walker import run_plan
+
+MODES = ("auto", "forward", "reverse")
+# Modules whose training-mode output couples or randomises samples: no per-sample Jacobian exists.
+_BATCH_COUPLED = (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutNd)
+
+
+def batch_jacobian(model: Callable, x: torch.Tensor, mode: str = "auto", return_output: bool = False):
+    """Per-sample Jacobian J[b, *o, *i] = d model(x)[b, *o] / d x[b, *i], shape [B, *out_shape, *in_shape].
+
+    model: an nn.Module or callable mapping [B, *in_shape] to [B, *out_shape], samples independent.
+    mode: "auto" (cost model), "forward" (propagate [B, H, D] from the input) or "reverse"
+    (propagate [B, C, H] from the output). With return_output=True returns (model(x), J).
+    The plan is rebuilt on every call; use jacobian_ext.compile(model) to reuse it.
+    """
+    output, jacobian = JacobianModule(model, mode=mode)(x)
+    return (output, jacobian) if return_output else jacobian
+
+
+def compile(model: Callable, mode: str = "auto") -> "JacobianModule":
+    """A module whose call jm(x) returns (model(x), J), caching the plan per input shape, dtype and device."""
+    return JacobianModule(model, mode=mode)
+
+
+class JacobianModule(nn.Module):
+    """jm(x) -> (y, J) for a wrapped model; see batch_jacobian. print(jm) shows every layer with its
+    path (native rule or torch.func fallback) and the accumulation order chosen."""
+
+    def __init__(self, model: Callable, mode: str = "auto"):
+        super().__init__()
+        if not callable(model):
+            raise TypeError(f"model must be an nn.Module or a callable, got {type(model).__name__}")
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(repr(m) for m in MODES)}; got {mode!r}")
+        self.model = model
+        self.mode = mode
+        self._coupled_modules = (
+            [(n, m) for n, m in model.named_modules() if isinstance(m, _BATCH_COUPLED)]
+            if isinstance(model, nn.Module)
+            else []
+        )
+        self._plans: Dict[tuple, Plan] = {}
+        self._last_plan: Optional[Plan] = None
+
+    def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        _check_input(x)
+        self._check_eval_mode()
+        plan = self.plan_for(x)
+        self._last_plan = plan
+        return run_plan(plan, x, plan.choose_mode(x.shape[0], self.mode))
+
+    def plan_for(self, x: torch.Tensor) -> Plan:
+        """The plan for inputs shaped like x (built on first use, with one probe forward)."""
+        key = (tuple(x.shape[1:]), x.dtype, x.device)
+        plan = self._plans.get(key)
+        if plan is None:
+            _check_parameters(self.model, x)
+            plan = self._plans[key] = build_plan(self.model, x)
+        return plan
+
+    @property
+    def fallbacks(self) -> List[str]:
+        """Names of the layers on the fallback path ([] when all are native). Before the first call
+        this is judged from the layer types alone; afterwards from the plan of the last input."""
+        if self._last_plan is not None:
+            return self._last_plan.fallbacks
+        return [name for name, module in self._layers() if not has_native_rule(module)]
+
+    def _layers(self):
+        if type(self.model) is nn.Sequential:
+            return flatten_sequential(self.model)
+        return [("model", self.model)]
+
+    def _check_eval_mode(self):
+        for name, module in self._coupled_modules:
+            if module.training and not (isinstance(module, nn.modules.dropout._DropoutNd) and module.p == 0):
+                raise ValueError(
+                    f"layer '{name}' ({type(module).__name__}) is in training mode, where it couples or "
+                    "randomises the samples of a batch and no per-sample Jacobian exists; call model.eval() first"
+                )
+
+    def __repr__(self) -> str:
+        lines = [f"JacobianModule(mode={self.mode!r}, model={type(self.model).__name__}"]
+        plan = self._last_plan
+        if plan is None:
+            lines.append("  no plan yet: built on the first call; layer paths judged by type:")
+            for name, module in self._layers():
+                lines.append(f"    {name:<12} {_short(module):<48} {'native' if has_native_rule(module) else 'fallback'}")
+        else:
+            lines.append(f"  plan for per-sample input {list(plan.input_shape)} -> output {list(plan.output_shape)}, "
+                         f"{str(plan.dtype).replace('torch.', '')} on {plan.device}")
+            for batch, (mode, costs) in sorted(plan.decisions.items()):
+                chosen = mode if self.mode == "auto" else self.mode
+                lines.append(f"  B={batch}: {chosen} sweep ({'cost model' if self.mode == 'auto' else 'requested'}; "
+                             f"forward {costs['forward']:.3g} MAC, reverse {costs['reverse']:.3g} MAC)")
+            for step in plan.steps:
+                lines.append(f"    {step.name:<12} {_short(step.module):<48} {step.describe()}")
+        lines.append(f"  fallbacks: {self.fallbacks}")
+        return "\n".join(lines) + "\n)"
+
+
+def _short(module) -> str:
+    text = repr(module).replace("\n", " ")
+    return text if len(text) <= 48 else text[:45] + "..."
+
+
+def _check_input(x):
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"x must be a floating-point tensor (float32 or float64 run natively), got dtype {x.dtype}")
+    if x.dim() < 2:
+        raise ValueError(
+            f"x must be [B, *in_shape]: a batch dimension and at least one feature dimension, got shape {list(x.shape)}"
+        )
+
+
+def _check_parameters(model, x):
+    if not isinstance(model, nn.Module):
+        return
+    for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
+        if not tensor.is_floating_point():
+            continue
+        if tensor.device != x.device:
+            raise ValueError(f"x is on {x.device} but the model's '{name}' is on {tensor.device}; move one of them")
+        if tensor.dtype != x.dtype:
+            raise TypeError(
+                f"x has dtype {x.dtype} but the model's '{name}' has dtype {tensor.dtype}; "
+                f"convert one of them (e.g. model.to({x.dtype}) or x.to({tensor.dtype}))"
+            )

@@ -1,0 +1,53 @@
+"""The fallback rule for any module without a native rule: its per-sample Jacobian contribution,
+computed with torch.func (vmap over jvp in forward mode, over vjp in reverse mode) and chained with
+the running block exactly like a native rule."""
+from typing import Callable, Optional, Tuple
+
+import torch
+from torch.func import jacfwd, jacrev, jvp, vjp, vmap
+
+
+def _single_sample(fn: Callable) -> Callable:
+    """fn on one sample: modules expect a batch axis, so the sample travels as a batch of one."""
+
+    def single(sample):
+        return fn(sample.unsqueeze(0)).squeeze(0)
+
+    return single
+
+
+def forward_rule(fn: Callable, x: torch.Tensor, jac: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(fn(x), J_out) for x [B, *in] and the running Jacobian jac [B, H_in, D] (None: identity);
+    J_out is [B, H_out, D] with H = the flattened per-sample sizes."""
+    batch = x.shape[0]
+    output = fn(x)
+    single = _single_sample(fn)
+    if jac is None:
+        return output, vmap(jacfwd(single))(x).reshape(batch, output[0].numel(), -1)
+    columns = jac.shape[-1]
+    tangents = jac.transpose(1, 2).reshape(batch, columns, *x.shape[1:])
+
+    def push_sample(sample, sample_tangents):
+        return vmap(lambda tangent: jvp(single, (sample,), (tangent,))[1])(sample_tangents)
+
+    pushed = vmap(push_sample)(x, tangents)  # [B, D, *out]
+    return output, pushed.reshape(batch, columns, -1).transpose(1, 2)
+
+
+def reverse_rule(fn: Callable, x: torch.Tensor, cotangent: Optional[torch.Tensor], output_shape) -> torch.Tensor:
+    """The cotangent block before fn: [B, C, H_in] from x [B, *in] and cotangent [B, C, H_out]
+    (None: identity, fn is the last layer)."""
+    batch = x.shape[0]
+    single = _single_sample(fn)
+    if cotangent is None:
+        jacobian = vmap(jacrev(single))(x)  # [B, *out, *in]
+        return jacobian.reshape(batch, -1, x[0].numel())
+    rows = cotangent.shape[1]
+    cotangents = cotangent.reshape(batch, rows, *output_shape)
+
+    def pull_sample(sample, sample_cotangents):
+        _, pull = vjp(single, sample)
+        return vmap(pull)(sample_cotangents)[0]
+
+    pulled = vmap(pull_sample)(x, cotangents)  # [B, C, *in]
+    return pulled.reshape(batch, rows, -1)

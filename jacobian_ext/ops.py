@@ -1,0 +1,175 @@
+"""Thin wrappers over torch.ops.jacext.*, with a fake (meta) implementation for every operator.
+
+Layout conventions (shared with csrc/):
+- forward-mode ``jac``: the running Jacobian ``[B, H_in, D]``; ``[H_in, D]`` when it is the same for
+  every sample; ``None`` for the identity (the layer input is the model input). Returned as
+  ``[B, H_out, D]`` (``[H_out, D]`` for a Linear fed a shared or identity block), stored D-major.
+- reverse-mode ``cotangent``: ``[B, C, H_out]``, ``[C, H_out]`` or ``None`` (identity); returns
+  ``[B, C, H_in]``.
+- a plan for the sequential ops: ``layers`` (names) and ``params`` (flat list of tensors: "linear"
+  takes its weight and bias, "linear_no_bias" its weight; the activations, "softmax" and
+  "log_softmax" take nothing).
+"""
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+from ._loader import load_library
+
+build_info = load_library()
+_ops = torch.ops.jacext
+
+ACTIVATIONS = ("relu", "tanh", "sigmoid")
+LAYER_NAMES = ("linear", "linear_no_bias") + ACTIVATIONS + ("softmax", "log_softmax")
+OP_NAMES = (
+    "linear_jac_forward",
+    "linear_jac_reverse",
+    "pointwise_jac_forward",
+    "pointwise_jac_reverse",
+    "softmax_jac_forward",
+    "softmax_jac_reverse",
+    "log_softmax_jac_forward",
+    "log_softmax_jac_reverse",
+    "sequential_jac_forward",
+    "sequential_jac_reverse",
+    "batch_jacobian",
+)
+
+
+def linear_jac_forward(input: Tensor, jac: Optional[Tensor], weight: Tensor, bias: Optional[Tensor] = None):
+    return _ops.linear_jac_forward.default(input, jac, weight, bias)
+
+
+def linear_jac_reverse(cotangent: Optional[Tensor], weight: Tensor) -> Tensor:
+    return _ops.linear_jac_reverse.default(cotangent, weight)
+
+
+def pointwise_jac_forward(input: Tensor, jac: Optional[Tensor], activation: str):
+    return _ops.pointwise_jac_forward.default(input, jac, activation)
+
+
+def pointwise_jac_reverse(input: Tensor, cotangent: Optional[Tensor], activation: str) -> Tensor:
+    return _ops.pointwise_jac_reverse.default(input, cotangent, activation)
+
+
+def softmax_jac_forward(input: Tensor, jac: Optional[Tensor]):
+    return _ops.softmax_jac_forward.default(input, jac)
+
+
+def softmax_jac_reverse(output: Tensor, cotangent: Optional[Tensor]) -> Tensor:
+    return _ops.softmax_jac_reverse.default(output, cotangent)
+
+
+def log_softmax_jac_forward(input: Tensor, jac: Optional[Tensor]):
+    return _ops.log_softmax_jac_forward.default(input, jac)
+
+
+def log_softmax_jac_reverse(output: Tensor, cotangent: Optional[Tensor]) -> Tensor:
+    return _ops.log_softmax_jac_reverse.default(output, cotangent)
+
+
+def sequential_jac_forward(input: Tensor, jac: Optional[Tensor], layers: Sequence[str], params: Sequence[Tensor]):
+    return _ops.sequential_jac_forward.default(input, jac, list(layers), list(params))
+
+
+def sequential_jac_reverse(
+    input: Tensor, cotangent: Optional[Tensor], layers: Sequence[str], params: Sequence[Tensor]
+):
+    return _ops.sequential_jac_reverse.default(input, cotangent, list(layers), list(params))
+
+
+def batch_jacobian(input: Tensor, layers: Sequence[str], params: Sequence[Tensor], mode: str):
+    return _ops.batch_jacobian.default(input, list(layers), list(params), mode)
+
+
+# ---- fake implementations: shapes and strides exactly as the C++ kernels produce them ----
+
+def _tangent_columns(input: Tensor, jac: Optional[Tensor]):
+    return input.shape[1] if jac is None else jac.shape[-1]
+
+
+def _cotangent_rows(features, cotangent: Optional[Tensor]):
+    return features if cotangent is None else cotangent.shape[-2]
+
+
+def _per_sample_jac(input: Tensor, columns, features) -> Tensor:
+    # Stored as [B, D, H] and returned as its [B, H, D] transpose.
+    return input.new_empty(input.shape[0], columns, features).transpose(1, 2)
+
+
+def _plan_output_width(input_width, layers: List[str], params: List[Tensor]):
+    width, next_param = input_width, 0
+    for name in layers:
+        if name in ("linear", "linear_no_bias"):
+            width = params[next_param].shape[0]
+            next_param += 2 if name == "linear" else 1
+    return width
+
+
+@torch.library.register_fake("jacext::linear_jac_forward")
+def _linear_jac_forward_fake(input, jac, weight, bias):
+    output = input.new_empty(input.shape[0], weight.shape[0])
+    columns = _tangent_columns(input, jac)
+    if jac is None or jac.dim() == 2:
+        return output, input.new_empty(columns, weight.shape[0]).t()
+    return output, _per_sample_jac(input, columns, weight.shape[0])
+
+
+@torch.library.register_fake("jacext::linear_jac_reverse")
+def _linear_jac_reverse_fake(cotangent, weight):
+    if cotangent is None:
+        return weight.new_empty(weight.shape)
+    return cotangent.new_empty(*cotangent.shape[:-1], weight.shape[1])
+
+
+def _row_rule_forward_fake(input, jac, *unused):
+    return input.new_empty(input.shape), _per_sample_jac(input, _tangent_columns(input, jac), input.shape[1])
+
+
+def _row_rule_reverse_fake(state, cotangent, *unused):
+    return state.new_empty(state.shape[0], _cotangent_rows(state.shape[1], cotangent), state.shape[1])
+
+
+for _name in ("pointwise", "softmax", "log_softmax"):
+    torch.library.register_fake(f"jacext::{_name}_jac_forward", _row_rule_forward_fake)
+    torch.library.register_fake(f"jacext::{_name}_jac_reverse", _row_rule_reverse_fake)
+
+
+@torch.library.register_fake("jacext::sequential_jac_forward")
+def _sequential_jac_forward_fake(input, jac, layers, params):
+    width = _plan_output_width(input.shape[1], layers, params)
+    return input.new_empty(input.shape[0], width), _per_sample_jac(input, _tangent_columns(input, jac), width)
+
+
+@torch.library.register_fake("jacext::sequential_jac_reverse")
+def _sequential_jac_reverse_fake(input, cotangent, layers, params):
+    width = _plan_output_width(input.shape[1], layers, params)
+    rows = _cotangent_rows(width, cotangent)
+    return input.new_empty(input.shape[0], width), input.new_empty(input.shape[0], rows, input.shape[1])
+
+
+@torch.library.register_fake("jacext::batch_jacobian")
+def _batch_jacobian_fake(input, layers, params, mode):
+    in_features = 1
+    for size in input.shape[1:]:
+        in_features = in_features * size
+    width = _plan_output_width(in_features, layers, params)
+    return input.new_empty(input.shape[0], width), input.new_empty(input.shape[0], width, *input.shape[1:])
+
+
+# ---- autograd: not implemented yet; say so on backward instead of returning a wrong gradient ----
+
+def _make_unsupported_backward(name):
+    def backward(ctx, *grads):
+        raise NotImplementedError(
+            f"jacext::{name} is not differentiable yet: gradients of the Jacobian with respect to the "
+            "weights or the input are not implemented. Compute J under torch.no_grad(), or use torch.func "
+            "for a differentiable Jacobian."
+        )
+
+    return backward
+
+
+for _name in OP_NAMES:
+    torch.library.register_autograd(f"jacext::{_name}", _make_unsupported_backward(_name))

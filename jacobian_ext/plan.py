@@ -1,0 +1,173 @@
+"""Turns a model into a plan: the layers in order, each on a native rule or on the fallback, grouped
+into segments, with the per-sample shapes recorded by one probe forward."""
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+from torch import nn
+
+from . import cost
+from .rules import NativeRule, native_rule
+
+NATIVE_DTYPES = (torch.float32, torch.float64)
+
+
+@dataclass
+class Step:
+    """One layer of the model (or the whole model, when it is not an nn.Sequential)."""
+
+    name: str
+    module: Callable
+    rule: Optional[NativeRule]
+    input_shape: Tuple[int, ...]  # per sample
+    output_shape: Tuple[int, ...]
+
+    @property
+    def native(self) -> bool:
+        return self.rule is not None
+
+    def describe(self) -> str:
+        if self.rule is None:
+            return "fallback (torch.func)"
+        return "native (reshape)" if self.rule.is_reshape else f"native {self.rule.layer}"
+
+
+@dataclass
+class Segment:
+    """A maximal run of native steps (one C++ call) or of fallback steps (one torch.func call)."""
+
+    steps: List[Step]
+    native: bool
+
+    @property
+    def input_shape(self):
+        return self.steps[0].input_shape
+
+    @property
+    def output_shape(self):
+        return self.steps[-1].output_shape
+
+    @property
+    def layers(self) -> List[str]:
+        return [s.rule.layer for s in self.steps if s.native and not s.rule.is_reshape]
+
+    def params(self) -> List[torch.Tensor]:
+        # Read from the modules on every call, so that replaced parameters are never stale.
+        return [p for s in self.steps if s.native for p in s.rule.params(s.module)]
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        for step in self.steps:
+            x = step.module(x)
+        return x
+
+    def cost_items(self) -> List[cost.CostItem]:
+        if not self.native:
+            macs = sum(p.numel() for s in self.steps if isinstance(s.module, nn.Module) for p in s.module.parameters())
+            return [cost.CostItem("fallback", math.prod(self.input_shape), math.prod(self.output_shape), macs)]
+        items = []
+        for step in self.steps:
+            if step.rule.is_reshape:
+                continue
+            kind = "linear" if step.rule.layer.startswith("linear") else "rowwise"
+            passes = cost.SOFTMAX_PASSES if step.rule.layer in ("softmax", "log_softmax") else 1.0
+            items.append(cost.CostItem(kind, math.prod(step.input_shape), math.prod(step.output_shape), passes))
+        return items
+
+
+@dataclass
+class Plan:
+    steps: List[Step]
+    input_shape: Tuple[int, ...]
+    output_shape: Tuple[int, ...]
+    dtype: torch.dtype
+    device: torch.device
+    segments: List[Segment] = field(init=False)
+    decisions: Dict[int, Tuple[str, dict]] = field(default_factory=dict, init=False)  # batch -> (mode, costs)
+
+    def __post_init__(self):
+        self.segments = []
+        for step in self.steps:
+            if self.segments and self.segments[-1].native == step.native:
+                self.segments[-1].steps.append(step)
+            else:
+                self.segments.append(Segment([step], step.native))
+
+    @property
+    def all_native(self) -> bool:
+        return all(segment.native for segment in self.segments)
+
+    @property
+    def fallbacks(self) -> List[str]:
+        return [step.name for step in self.steps if not step.native]
+
+    @property
+    def in_features(self) -> int:
+        return math.prod(self.input_shape)
+
+    @property
+    def out_features(self) -> int:
+        return math.prod(self.output_shape)
+
+    def choose_mode(self, batch: int, requested: str) -> str:
+        """The sweep to run: `requested` unless it is "auto", then the cost model's choice (cached per batch)."""
+        if batch not in self.decisions:
+            items = [item for segment in self.segments for item in segment.cost_items()]
+            costs = cost.mode_costs(items, self.in_features, self.out_features, batch)
+            self.decisions[batch] = (cost.choose_mode(costs), costs)
+        return self.decisions[batch][0] if requested == "auto" else requested
+
+
+def flatten_sequential(model: nn.Module, prefix: str = "") -> List[Tuple[str, nn.Module]]:
+    """The leaf layers of a (nested) nn.Sequential, with their dotted names."""
+    layers = []
+    for name, child in model.named_children():
+        full_name = f"{prefix}{name}"
+        if type(child) is nn.Sequential:
+            layers += flatten_sequential(child, full_name + ".")
+        else:
+            layers.append((full_name, child))
+    return layers
+
+
+def _check_linear_input(name: str, module: nn.Module, input_shape: Tuple[int, ...]):
+    if isinstance(module, nn.Linear) and (not input_shape or input_shape[-1] != module.in_features):
+        got = input_shape[-1] if input_shape else "no"
+        raise ValueError(
+            f"layer '{name}' ({module}) expects {module.in_features} input features, but its input has "
+            f"{got} (per-sample input shape {list(input_shape)})"
+        )
+
+
+def build_plan(model: Callable, x: torch.Tensor) -> Plan:
+    """Plans `model` for inputs shaped like `x` [B, *in_shape], running one probe forward on one sample."""
+    probe = x[:1] if x.shape[0] > 0 else x.new_zeros((1, *x.shape[1:]))
+    if type(model) is nn.Sequential:
+        named = flatten_sequential(model)
+    else:
+        named = [("model", model)]
+    native_dtype = x.dtype in NATIVE_DTYPES
+    steps = []
+    hidden = probe
+    with torch.no_grad():
+        for name, module in named:
+            input_shape = tuple(hidden.shape[1:])
+            _check_linear_input(name, module, input_shape)
+            try:
+                output = module(hidden)
+            except Exception as error:
+                raise ValueError(
+                    f"layer '{name}' ({module}) failed on a per-sample input of shape {list(input_shape)}: {error}"
+                ) from error
+            if not isinstance(output, torch.Tensor):
+                raise TypeError(
+                    f"layer '{name}' must return a single tensor [B, *out_shape], got {type(output).__name__}"
+                )
+            if output.dim() < 1 or output.shape[0] != 1:
+                raise ValueError(
+                    f"layer '{name}' must keep the batch dimension: one sample in gave shape {list(output.shape)}"
+                )
+            rule = native_rule(module, input_shape) if native_dtype and isinstance(module, nn.Module) else None
+            steps.append(Step(name, module, rule, input_shape, tuple(output.shape[1:])))
+            hidden = output
+    return Plan(steps, tuple(x.shape[1:]), tuple(hidden.shape[1:]), x.dtype, x.device)

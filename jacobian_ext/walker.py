@@ -1,0 +1,73 @@
+"""Runs a plan: the whole-plan operator when every layer is native, otherwise one sweep over the
+segments, native segments through the C++ segment operators and fallback segments through torch.func."""
+import math
+from typing import Tuple
+
+import torch
+
+from . import fallback, ops
+from .plan import Plan
+
+
+def run_plan(plan: Plan, x: torch.Tensor, mode: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(y [B, *out], J [B, *out, *in]) for a resolved mode ("forward" or "reverse")."""
+    batch = x.shape[0]
+    if plan.all_native:
+        output, jacobian = ops.batch_jacobian(x, _all_layers(plan), _all_params(plan), mode)
+    elif batch == 0:
+        output = x.new_empty(0, plan.out_features)
+        jacobian = x.new_empty(0, plan.out_features, plan.in_features)
+    elif mode == "forward":
+        output, jacobian = _forward_sweep(plan, x)
+    else:
+        output, jacobian = _reverse_sweep(plan, x)
+    return (
+        output.reshape(batch, *plan.output_shape),
+        jacobian.reshape(batch, *plan.output_shape, *plan.input_shape),
+    )
+
+
+def plan_width(shape) -> int:
+    # Explicit width: reshape(0, -1) is ambiguous for an empty batch.
+    return math.prod(shape)
+
+
+def _all_layers(plan: Plan):
+    return [layer for segment in plan.segments for layer in segment.layers]
+
+
+def _all_params(plan: Plan):
+    return [p for segment in plan.segments for p in segment.params()]
+
+
+def _forward_sweep(plan: Plan, x: torch.Tensor):
+    batch = x.shape[0]
+    hidden, jac = x, None  # jac: [B, H, D]; None is the identity
+    for segment in plan.segments:
+        if not segment.native:
+            hidden, jac = fallback.forward_rule(segment.apply, hidden, jac)
+        elif segment.layers:
+            flat_output, jac = ops.sequential_jac_forward(
+                hidden.reshape(batch, plan_width(segment.input_shape)), jac, segment.layers, segment.params()
+            )
+            hidden = flat_output.reshape(batch, *segment.output_shape)
+        else:
+            hidden = hidden.reshape(batch, *segment.output_shape)
+    return hidden, jac.contiguous()
+
+
+def _reverse_sweep(plan: Plan, x: torch.Tensor):
+    batch = x.shape[0]
+    inputs, hidden = [], x
+    for segment in plan.segments:
+        inputs.append(hidden)
+        hidden = segment.apply(hidden)
+    cotangent = None  # [B, C, H]; None is the identity
+    for segment, segment_input in zip(reversed(plan.segments), reversed(inputs)):
+        if not segment.native:
+            cotangent = fallback.reverse_rule(segment.apply, segment_input, cotangent, segment.output_shape)
+        elif segment.layers:
+            _, cotangent = ops.sequential_jac_reverse(
+                segment_input.reshape(batch, plan_width(segment.input_shape)), cotangent, segment.layers, segment.params()
+            )
+    return hidden, cotangent

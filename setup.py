@@ -1,0 +1,128 @@
+"""Builds jacobian_ext._C against the torch that will run it (pip install --no-build-isolation -e .).
+
+CUDA sources are compiled whenever torch is a CUDA build and nvcc is found, with or without a GPU;
+otherwise the build is CPU-only. Environment knobs:
+  JACEXT_FORCE_CPU=1       build without CUDA even when it is available
+  TORCH_CUDA_ARCH_LIST     GPU architectures (default: Ampere and Hopper, "8.0;9.0")
+  CUDA_HOME                the CUDA toolkit (default: found from nvcc, see find_cuda_home)
+"""
+import glob
+import os
+import shutil
+import sys
+import sysconfig
+
+from setuptools import setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_CUDA_ARCHS = "8.0;9.0"
+
+
+def find_cuda_home():
+    """The toolkit folder behind nvcc. `nvcc` on PATH may be a wrapper script in /usr/local/bin, which
+    makes torch's own guess (the parent of nvcc's folder) wrong: look for the folder that holds
+    include/cuda_runtime.h instead."""
+    if os.environ.get("CUDA_HOME"):
+        return os.environ["CUDA_HOME"]
+    nvcc = shutil.which("nvcc")
+    candidates = []
+    if nvcc:
+        candidates.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
+        try:
+            with open(nvcc, "rb") as wrapper:  # a wrapper script names the real nvcc
+                for word in wrapper.read(4096).decode(errors="ignore").split():
+                    if word.endswith("/bin/nvcc"):
+                        candidates.append(os.path.dirname(os.path.dirname(word)))
+        except OSError:
+            pass
+    candidates += ["/usr/local/cuda"]
+    for folder in candidates:
+        if os.path.isfile(os.path.join(folder, "include", "cuda_runtime.h")) and os.path.isfile(
+            os.path.join(folder, "bin", "nvcc")
+        ):
+            return folder
+    return None
+
+
+def pip_nvidia_include_dirs():
+    """Headers (cuBLAS, cuSPARSE, ...) that ATen's CUDA headers include but a bare toolkit may lack;
+    the pip `nvidia` packages that come with a CUDA build of torch carry them."""
+    site = sysconfig.get_paths()["purelib"]
+    return sorted(glob.glob(os.path.join(site, "nvidia", "cu*", "include"))) + sorted(
+        glob.glob(os.path.join(site, "nvidia", "*", "include"))
+    )
+
+
+cuda_home = find_cuda_home()
+if cuda_home:
+    os.environ["CUDA_HOME"] = cuda_home  # before torch.utils.cpp_extension reads it
+
+import torch  # noqa: E402
+from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
+
+cuda_sources = sorted(glob.glob("csrc/cuda/*.cu"))
+with_cuda = (
+    torch.version.cuda is not None
+    and cuda_home is not None
+    and bool(cuda_sources)
+    and os.environ.get("JACEXT_FORCE_CPU", "0") != "1"
+)
+cpp_sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
+
+cxx_flags = ["-O3", "-std=c++20", "-fvisibility=hidden"]
+define_macros = [("Py_LIMITED_API", "0x030A0000")]
+if with_cuda:
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCHS)
+    define_macros.append(("JACEXT_WITH_CUDA", None))
+    extension = CUDAExtension(
+        "jacobian_ext._C",
+        cpp_sources + cuda_sources,
+        include_dirs=[os.path.join(ROOT, "csrc")] + pip_nvidia_include_dirs(),
+        define_macros=define_macros,
+        extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++17", "--expt-relaxed-constexpr"]},
+        py_limited_api=True,
+    )
+else:
+    extension = CppExtension(
+        "jacobian_ext._C",
+        cpp_sources,
+        include_dirs=[os.path.join(ROOT, "csrc")],
+        define_macros=define_macros,
+        extra_compile_args={"cxx": cxx_flags},
+        py_limited_api=True,
+    )
+
+
+class BuildWithInfo(BuildExtension):
+    """Records what the library was built against, so that importing it under another torch fails
+    with a clear message instead of an undefined-symbol error."""
+
+    def finalize_options(self):
+        super().finalize_options()
+        # A fixed object folder (pip's editable builds otherwise use a fresh temporary one), so that
+        # ninja recompiles only the sources that changed.
+        self.build_temp = os.path.join(ROOT, "build", "temp")
+
+    def run(self):
+        info = os.path.join(ROOT, "jacobian_ext", "_build_info.py")
+        with open(info, "w") as f:
+            f.write("# Written by setup.py at build time; not tracked by git.\n")
+            f.write(f"TORCH_VERSION = {torch.__version__!r}\n")
+            f.write(f"CUDA_VERSION = {torch.version.cuda if with_cuda else None!r}\n")
+            f.write(f"WITH_CUDA = {with_cuda!r}\n")
+            f.write(f"CUDA_ARCHS = {os.environ.get('TORCH_CUDA_ARCH_LIST') if with_cuda else None!r}\n")
+        print(f"jacobian_ext: building with CUDA={with_cuda} against torch {torch.__version__}", file=sys.stderr)
+        super().run()
+
+
+setup(
+    name="jacobian_ext",
+    version="0.1.0",
+    description="Per-sample Jacobians of neural networks in one fused pass (PyTorch C++/CUDA extension)",
+    packages=["jacobian_ext"],
+    ext_modules=[extension],
+    cmdclass={"build_ext": BuildWithInfo.with_options(use_ninja=True)},
+    options={"bdist_wheel": {"py_limited_api": "cp310"}},
+    python_requires=">=3.10",
+    install_requires=["torch>=2.4"],
+)

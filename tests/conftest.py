@@ -1,0 +1,62 @@
+import copy
+
+import pytest
+import torch
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+DTYPES = [torch.float64, torch.float32]
+# Max abs error allowed, relative to the reference's largest entry.
+RELATIVE_TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5}
+
+
+@pytest.fixture(autouse=True)
+def fresh_seed(request):
+    # Fresh random inputs per run, reproducible from the printed seed when a test fails.
+    seed = torch.randint(0, 2**31 - 1, ()).item() ^ hash(request.node.nodeid) % (2**31)
+    torch.manual_seed(seed)
+    request.node.user_properties.append(("seed", seed))
+    yield
+
+
+def assert_matches_reference(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype):
+    assert tuple(actual.shape) == tuple(expected.shape), f"shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    if expected.numel() == 0:
+        return
+    scale = max(expected.abs().max().item(), 1e-300)
+    error = (actual.detach().double().cpu() - expected.detach().double().cpu()).abs().max().item()
+    assert error <= RELATIVE_TOLERANCE[dtype] * scale, (
+        f"max abs error {error:.3e} exceeds {RELATIVE_TOLERANCE[dtype]:.0e} x reference max {scale:.3e}"
+    )
+
+
+def single_sample(fn):
+    return lambda sample: fn(sample.unsqueeze(0)).squeeze(0)
+
+
+def reference_jacobian(model, x: torch.Tensor) -> torch.Tensor:
+    """torch.func.vmap(jacrev) in float64 on a float64 copy of the model: [B, *out, *in]."""
+    model64 = copy.deepcopy(model).double() if isinstance(model, torch.nn.Module) else model
+    with torch.no_grad():
+        return torch.func.vmap(torch.func.jacrev(single_sample(model64)))(x.detach().double())
+
+
+def loop_jacobian(model, x: torch.Tensor) -> torch.Tensor:
+    """The classic answer, independent of torch.func: one backward per output with grad_outputs one-hot."""
+    model64 = copy.deepcopy(model).double()
+    x = x.detach().double().requires_grad_(True)
+    y = model64(x)
+    flat = y.reshape(y.shape[0], -1)
+    rows = []
+    for i in range(flat.shape[1]):
+        (grad,) = torch.autograd.grad(flat[:, i].sum(), x, retain_graph=True)
+        rows.append(grad)
+    return torch.stack(rows, 1).reshape(*y.shape, *x.shape[1:])
+
+
+def non_contiguous(t: torch.Tensor) -> torch.Tensor:
+    """The same values with a non-contiguous layout (every other column of a wider tensor)."""
+    wide = torch.empty(*t.shape[:-1], 2 * t.shape[-1], dtype=t.dtype, device=t.device)
+    wide[..., ::2] = t
+    view = wide[..., ::2]
+    assert not view.is_contiguous() or t.numel() <= 1
+    return view

@@ -1,0 +1,38 @@
+"""The built library: its build record, and a kernel for every op on every backend it was built for."""
+import importlib
+import sys
+
+import pytest
+import torch
+
+import jacobian_ext
+from jacobian_ext import ops
+
+
+def test_build_info_matches_the_running_torch():
+    assert ops.build_info.TORCH_VERSION == torch.__version__
+
+
+@pytest.mark.parametrize("name", ops.OP_NAMES)
+def test_every_op_has_a_kernel_for_each_built_backend(name):
+    qualified = f"jacext::{name}"
+    assert torch._C._dispatch_has_kernel_for_dispatch_key(qualified, "CPU")
+    if ops.build_info.WITH_CUDA:
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(qualified, "CUDA")
+
+
+def test_import_refuses_a_library_built_for_another_torch(monkeypatch):
+    from jacobian_ext import _build_info, _loader
+
+    monkeypatch.setattr(_build_info, "TORCH_VERSION", "0.0.1")
+    with pytest.raises(ImportError, match=r"built against torch 0.0.1 but torch .* is running.*make build"):
+        _loader.load_library()
+
+
+def test_every_native_layer_name_is_accepted_by_the_op():
+    x = torch.randn(2, 3)
+    weight, bias = torch.randn(3, 3), torch.randn(3)
+    for layer in ops.LAYER_NAMES:
+        params = {"linear": [weight, bias], "linear_no_bias": [weight]}.get(layer, [])
+        _, jacobian = ops.batch_jacobian(x, [layer], params, "reverse")
+        assert jacobian.shape == (2, 3, 3)

@@ -1,0 +1,148 @@
+"""Every per-layer rule alone against torch.func in float64 (and float32), both directions, with
+identity, batch-shared and per-sample running blocks."""
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import DEVICES, DTYPES, assert_matches_reference, non_contiguous, single_sample
+from jacobian_ext import ops
+
+ACTIVATION_FUNCTIONS = {"relu": torch.relu, "tanh": torch.tanh, "sigmoid": torch.sigmoid}
+
+
+def layer_cases(features_in, features_out, dtype, device):
+    """(name, function of x [B, H] in any dtype (the float64 reference), forward op, reverse op
+    taking (x, y, cotangent))."""
+    weight = torch.randn(features_out, features_in, dtype=dtype, device=device)
+    bias = torch.randn(features_out, dtype=dtype, device=device)
+    cases = [
+        ("linear", lambda x: F.linear(x, weight.to(x.dtype), bias.to(x.dtype)),
+         lambda x, jac: ops.linear_jac_forward(x, jac, weight, bias),
+         lambda x, y, cot: ops.linear_jac_reverse(cot, weight)),
+        ("linear_no_bias", lambda x: F.linear(x, weight.to(x.dtype)),
+         lambda x, jac: ops.linear_jac_forward(x, jac, weight, None),
+         lambda x, y, cot: ops.linear_jac_reverse(cot, weight)),
+        ("softmax", lambda x: torch.softmax(x, -1),
+         ops.softmax_jac_forward,
+         lambda x, y, cot: ops.softmax_jac_reverse(y, cot)),
+        ("log_softmax", lambda x: torch.log_softmax(x, -1),
+         ops.log_softmax_jac_forward,
+         lambda x, y, cot: ops.log_softmax_jac_reverse(y, cot)),
+    ]
+    for name, fn in ACTIVATION_FUNCTIONS.items():
+        cases.append((name, fn,
+                      lambda x, jac, name=name: ops.pointwise_jac_forward(x, jac, name),
+                      lambda x, y, cot, name=name: ops.pointwise_jac_reverse(x, cot, name)))
+    return cases
+
+
+CASE_NAMES = ["linear", "linear_no_bias", "softmax", "log_softmax", "relu", "tanh", "sigmoid"]
+
+
+def pick_case(name, features_in, features_out, dtype, device):
+    return next(c for c in layer_cases(features_in, features_out, dtype, device) if c[0] == name)
+
+
+def layer_jacobian(fn, x):
+    return torch.func.vmap(torch.func.jacrev(single_sample(fn)))(x)  # [B, O, H]
+
+
+def running_block(kind, batch, rows, cols, dtype, device):
+    if kind == "identity":
+        return None
+    if kind == "shared":
+        return torch.randn(rows, cols, dtype=dtype, device=device)
+    return non_contiguous(torch.randn(batch, rows, cols, dtype=dtype, device=device))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name", CASE_NAMES)
+@pytest.mark.parametrize("batch", [0, 1, 7])
+@pytest.mark.parametrize("block", ["identity", "shared", "per_sample"])
+def test_forward_rule_matches_torch_func(device, dtype, name, batch, block):
+    features_in = 6
+    features_out = 4 if name.startswith("linear") else features_in
+    columns = features_in if block == "identity" else 9  # D != H
+    fn, forward_op = pick_case(name, features_in, features_out, dtype, device)[1:3]
+    x = non_contiguous(torch.randn(batch, features_in, dtype=dtype, device=device))
+    jac = running_block(block, batch, features_in, columns, dtype, device)
+
+    output, jac_out = forward_op(x, jac)
+
+    assert_matches_reference(output, fn(x.double()), dtype)
+    layer_j = layer_jacobian(fn, x.double())
+    if jac is None:
+        expected = layer_j
+    elif jac.dim() == 2:
+        expected = torch.einsum("boh,hd->bod", layer_j, jac.double())
+    else:
+        expected = torch.einsum("boh,bhd->bod", layer_j, jac.double())
+    if name.startswith("linear") and block != "per_sample":
+        # A Linear keeps an identity or shared block shared: [O, D], the same for every sample.
+        assert jac_out.dim() == 2
+        expected = expected[0] if batch else expected.new_empty(features_out, columns)
+        if batch == 0:
+            assert tuple(jac_out.shape) == (features_out, columns)
+            return
+    assert_matches_reference(jac_out, expected, dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name", CASE_NAMES)
+@pytest.mark.parametrize("batch", [0, 1, 7])
+@pytest.mark.parametrize("block", ["identity", "shared", "per_sample"])
+def test_reverse_rule_matches_torch_func(device, dtype, name, batch, block):
+    features_in = 6
+    features_out = 4 if name.startswith("linear") else features_in
+    rows = features_out if block == "identity" else 3  # C != H
+    fn, _, reverse_op = pick_case(name, features_in, features_out, dtype, device)[1:4]
+    x = non_contiguous(torch.randn(batch, features_in, dtype=dtype, device=device))
+    y = fn(x)
+    cot = running_block(block, batch, rows, features_out, dtype, device)
+
+    cot_in = reverse_op(x, y, cot)
+
+    layer_j = layer_jacobian(fn, x.double())
+    if cot is None:
+        expected = layer_j
+    elif cot.dim() == 2:
+        expected = torch.einsum("co,boh->bch", cot.double(), layer_j)
+    else:
+        expected = torch.einsum("bco,boh->bch", cot.double(), layer_j)
+    if name.startswith("linear") and block != "per_sample":
+        assert cot_in.dim() == 2
+        if batch == 0:
+            assert tuple(cot_in.shape) == (rows, features_in)
+            return
+        expected = expected[0]
+    assert_matches_reference(cot_in, expected, dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_shared_linear_output_never_aliases_the_weight(device):
+    weight = torch.randn(5, 3, device=device)
+    x = torch.randn(2, 3, device=device)
+    _, jac = ops.linear_jac_forward(x, None, weight, None)
+    cot = ops.linear_jac_reverse(None, weight)
+    assert torch.equal(jac, weight) and torch.equal(cot, weight)
+    assert jac.untyped_storage().data_ptr() != weight.untyped_storage().data_ptr()
+    assert cot.untyped_storage().data_ptr() != weight.untyped_storage().data_ptr()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_relu_derivative_at_zero_is_zero_like_autograd(device):
+    x = torch.tensor([[0.0, 1.0, -1.0]], dtype=torch.float64, device=device)
+    _, jac = ops.pointwise_jac_forward(x, None, "relu")
+    assert torch.equal(jac[0].diagonal(), torch.tensor([0.0, 1.0, 0.0], dtype=torch.float64, device=device))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_softmax_rule_is_stable_for_large_logits(device):
+    x = torch.tensor([[1000.0, 0.0, -1000.0]], dtype=torch.float64, device=device)
+    for forward_op in (ops.softmax_jac_forward, ops.log_softmax_jac_forward):
+        output, jac = forward_op(x, None)
+        assert torch.isfinite(output).all() and torch.isfinite(jac).all()
