@@ -1,7 +1,6 @@
 // CPU kernels of the element-wise activation rule: value + derivative in one pass, then the fused
 // column scaling out[b, r, h] = values[b | shared, r, h] * factor[b, h].
 #include <ATen/Dispatch.h>
-#include <ATen/Parallel.h>
 
 #include "../jacext/jacobian_block.h"
 #include "parallel.h"
@@ -45,21 +44,10 @@ void activation_kernel(at::Tensor& output, at::Tensor& derivative, const at::Ten
 }
 
 void scale_features_kernel(at::Tensor& out, const at::Tensor& values, const at::Tensor& factor) {
-  const int64_t rows = out.size(1), features = out.size(2);
-  // A shared [R, H] block is read with batch stride 0 instead of being expanded.
-  const int64_t values_batch_stride = values.dim() == 3 ? rows * features : 0;
+  const int64_t features = out.size(2);
   AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "jacext_scale_features_cpu", [&] {
-    auto* dst_base = out.data_ptr<scalar_t>();
-    const auto* values_base = values.const_data_ptr<scalar_t>();
-    const auto* factor_base = factor.const_data_ptr<scalar_t>();
-    at::parallel_for(0, out.size(0) * rows, row_grain(features), [&](int64_t begin, int64_t end) {
-      for (int64_t row = begin; row < end; ++row) {
-        const int64_t b = row / rows, r = row % rows;
-        const scalar_t* src = values_base + b * values_batch_stride + r * features;
-        const scalar_t* f = factor_base + b * features;
-        scalar_t* dst = dst_base + row * features;
-        for (int64_t h = 0; h < features; ++h) dst[h] = src[h] * f[h];
-      }
+    for_each_block_row<scalar_t>(out, values, factor, [&](const scalar_t* src, const scalar_t* f, scalar_t* dst) {
+      for (int64_t h = 0; h < features; ++h) dst[h] = src[h] * f[h];
     });
   });
 }
