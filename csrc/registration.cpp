@@ -1,6 +1,7 @@
 // Every schema of the jacext library (one block), and the kernels registered per backend.
 // The op functions are device-generic (their element-wise work dispatches on the input's device), so
 // the CPU and CUDA registrations share one list.
+#include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <torch/library.h>
 
 #include "jacext/ops.h"
@@ -26,6 +27,12 @@ TORCH_LIBRARY(jacext, m) {
 
 namespace {
 
+constexpr const char* kOpNames[] = {
+    "linear_jac_forward",    "linear_jac_reverse",      "pointwise_jac_forward",  "pointwise_jac_reverse",
+    "softmax_jac_forward",   "softmax_jac_reverse",     "log_softmax_jac_forward", "log_softmax_jac_reverse",
+    "sequential_jac_forward", "sequential_jac_reverse", "batch_jacobian",
+};
+
 void register_kernels(torch::Library& m) {
   m.impl("linear_jac_forward", TORCH_FN(jacext::linear_jac_forward));
   m.impl("linear_jac_reverse", TORCH_FN(jacext::linear_jac_reverse));
@@ -43,6 +50,13 @@ void register_kernels(torch::Library& m) {
 }  // namespace
 
 TORCH_LIBRARY_IMPL(jacext, CPU, m) { register_kernels(m); }
+
+// The Jacobian is not differentiable yet. This C++ fallback records a node that raises "not
+// implemented" on backward whenever an input (a weight included) requires grad: never a silently
+// wrong gradient, and no Python on the call path.
+TORCH_LIBRARY_IMPL(jacext, Autograd, m) {
+  for (const char* name : kOpNames) m.impl(name, torch::autograd::autogradNotImplementedFallback());
+}
 
 #ifdef JACEXT_WITH_CUDA
 TORCH_LIBRARY_IMPL(jacext, CUDA, m) { register_kernels(m); }

@@ -156,20 +156,3 @@ def _batch_jacobian_fake(input, layers, params, mode):
         in_features = in_features * size
     width = _plan_output_width(in_features, layers, params)
     return input.new_empty(input.shape[0], width), input.new_empty(input.shape[0], width, *input.shape[1:])
-
-
-# ---- autograd: not implemented yet; say so on backward instead of returning a wrong gradient ----
-
-def _make_unsupported_backward(name):
-    def backward(ctx, *grads):
-        raise NotImplementedError(
-            f"jacext::{name} is not differentiable yet: gradients of the Jacobian with respect to the "
-            "weights or the input are not implemented. Compute J under torch.no_grad(), or use torch.func "
-            "for a differentiable Jacobian."
-        )
-
-    return backward
-
-
-for _name in OP_NAMES:
-    torch.library.register_autograd(f"jacext::{_name}", _make_unsupported_backward(_name))

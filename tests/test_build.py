@@ -17,6 +17,7 @@ def test_build_info_matches_the_running_torch():
 def test_every_op_has_a_kernel_for_each_built_backend(name):
     qualified = f"jacext::{name}"
     assert torch._C._dispatch_has_kernel_for_dispatch_key(qualified, "CPU")
+    assert torch._C._dispatch_has_kernel_for_dispatch_key(qualified, "Autograd")
     if ops.build_info.WITH_CUDA:
         assert torch._C._dispatch_has_kernel_for_dispatch_key(qualified, "CUDA")
 
