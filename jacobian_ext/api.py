@@ -1,5 +1,5 @@
 """Public API: batch_jacobian, compile and JacobianModule."""
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Tuple
 
 import torch
 from torch import nn
@@ -48,13 +48,14 @@ class JacobianModule(nn.Module):
             else []
         )
         self._plans: Dict[tuple, Plan] = {}
-        self._last_plan: Optional[Plan] = None
+        # Plain attribute holder: nn.Module.__setattr__ is slow on the per-call path.
+        self._last = {"plan": None}
 
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         _check_input(x)
         self._check_eval_mode()
         plan = self.plan_for(x)
-        self._last_plan = plan
+        self._last["plan"] = plan
         return run_plan(plan, x, plan.choose_mode(x.shape[0], self.mode))
 
     def plan_for(self, x: torch.Tensor) -> Plan:
@@ -70,8 +71,8 @@ class JacobianModule(nn.Module):
     def fallbacks(self) -> List[str]:
         """Names of the layers on the fallback path ([] when all are native). Before the first call
         this is judged from the layer types alone; afterwards from the plan of the last input."""
-        if self._last_plan is not None:
-            return self._last_plan.fallbacks
+        if self._last["plan"] is not None:
+            return self._last["plan"].fallbacks
         return [name for name, module in self._layers() if not has_native_rule(module)]
 
     def _layers(self):
@@ -89,7 +90,7 @@ class JacobianModule(nn.Module):
 
     def __repr__(self) -> str:
         lines = [f"JacobianModule(mode={self.mode!r}, model={type(self.model).__name__}"]
-        plan = self._last_plan
+        plan = self._last["plan"]
         if plan is None:
             lines.append("  no plan yet: built on the first call; layer paths judged by type:")
             for name, module in self._layers():

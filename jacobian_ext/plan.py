@@ -83,6 +83,8 @@ class Plan:
     dtype: torch.dtype
     device: torch.device
     segments: List[Segment] = field(init=False)
+    all_native: bool = field(init=False)
+    native_layers: List[str] = field(init=False)
     decisions: Dict[int, Tuple[str, dict]] = field(default_factory=dict, init=False)  # batch -> (mode, costs)
 
     def __post_init__(self):
@@ -93,9 +95,12 @@ class Plan:
             else:
                 self.segments.append(Segment([step], step.native))
 
-    @property
-    def all_native(self) -> bool:
-        return all(segment.native for segment in self.segments)
+        self.all_native = all(segment.native for segment in self.segments)
+        # The whole plan's op encoding, when every layer is native (the low-latency path).
+        self.native_layers = [layer for segment in self.segments for layer in segment.layers]
+
+    def native_params(self) -> List[torch.Tensor]:
+        return [p for segment in self.segments for p in segment.params()]
 
     @property
     def fallbacks(self) -> List[str]:

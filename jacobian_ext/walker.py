@@ -13,7 +13,7 @@ def run_plan(plan: Plan, x: torch.Tensor, mode: str) -> Tuple[torch.Tensor, torc
     """(y [B, *out], J [B, *out, *in]) for a resolved mode ("forward" or "reverse")."""
     batch = x.shape[0]
     if plan.all_native:
-        output, jacobian = ops.batch_jacobian(x, _all_layers(plan), _all_params(plan), mode)
+        output, jacobian = ops.batch_jacobian(x, plan.native_layers, plan.native_params(), mode)
     elif batch == 0:
         output = x.new_empty(0, plan.out_features)
         jacobian = x.new_empty(0, plan.out_features, plan.in_features)
@@ -30,14 +30,6 @@ def run_plan(plan: Plan, x: torch.Tensor, mode: str) -> Tuple[torch.Tensor, torc
 def plan_width(shape) -> int:
     # Explicit width: reshape(0, -1) is ambiguous for an empty batch.
     return math.prod(shape)
-
-
-def _all_layers(plan: Plan):
-    return [layer for segment in plan.segments for layer in segment.layers]
-
-
-def _all_params(plan: Plan):
-    return [p for segment in plan.segments for p in segment.params()]
 
 
 def _forward_sweep(plan: Plan, x: torch.Tensor):
