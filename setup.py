@@ -79,7 +79,8 @@ if with_cuda:
         cpp_sources + cuda_sources,
         include_dirs=[os.path.join(ROOT, "csrc")] + pip_nvidia_include_dirs(),
         define_macros=define_macros,
-        extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++17", "--expt-relaxed-constexpr"]},
+        # C++20 for nvcc as for the host compiler: recent torch headers refuse anything older (ATen.h).
+        extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++20", "--expt-relaxed-constexpr"]},
         py_limited_api=True,
     )
 else:

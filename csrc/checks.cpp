@@ -4,8 +4,12 @@ namespace jacext {
 
 void check_feature_matrix(const at::Tensor& input, const char* op, const char* arg) {
   TORCH_CHECK(input.dim() == 2, op, ": ", arg, " must be a [batch, features] matrix, got shape ", input.sizes());
-  TORCH_CHECK(input.scalar_type() == at::kFloat || input.scalar_type() == at::kDouble, op, ": ", arg,
-              " must be float32 or float64, got ", input.scalar_type());
+  const at::ScalarType dtype = input.scalar_type();
+  const bool reduced_precision = dtype == at::kHalf || dtype == at::kBFloat16;
+  // The CPU kernels are built for float and double only; the CUDA kernels also take half and bfloat16.
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || (reduced_precision && input.device().is_cuda()), op,
+              ": ", arg, " must be float32 or float64", reduced_precision ? " (float16 and bfloat16 on CUDA only)" : "",
+              ", got ", dtype);
   TORCH_CHECK(input.device().is_cpu() || input.device().is_cuda(), op, ": ", arg,
               " must be on the CPU or a CUDA device, got ", input.device());
 #ifndef JACEXT_WITH_CUDA

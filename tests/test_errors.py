@@ -90,6 +90,8 @@ def test_output_without_batch_dimension_is_rejected():
                                 "forward"), "weight has dtype Double but the input has dtype Float"),
     (lambda: ops.batch_jacobian(torch.randn(2), [], [], "forward"), "at least one feature dimension"),
     (lambda: ops.batch_jacobian(torch.ones(2, 3, dtype=torch.int32), [], [], "forward"), "float32 or float64"),
+    (lambda: ops.batch_jacobian(torch.randn(2, 3, dtype=torch.bfloat16), [], [], "forward"),
+     r"float32 or float64 \(float16 and bfloat16 on CUDA only\), got BFloat16"),
     (lambda: ops.pointwise_jac_forward(torch.randn(2, 3), None, "gelu"), "unknown activation 'gelu'"),
     (lambda: ops.pointwise_jac_forward(torch.randn(2, 3), torch.randn(2, 4, 5), "relu"),
      r"jac of shape \[2, 4, 5\] must be \[2, 3, D\]"),

@@ -9,7 +9,8 @@
 
 namespace jacext {
 
-// A [B, H] feature matrix of float32/float64 on CPU (or CUDA in a CUDA build).
+// A [B, H] feature matrix of float32/float64 on CPU, or in a CUDA build on CUDA, where float16 and
+// bfloat16 are accepted as well.
 void check_feature_matrix(const at::Tensor& input, const char* op, const char* arg);
 
 // `other` shares dtype and device with `input`.
