@@ -1,0 +1,150 @@
+"""Renders the results as markdown: the machine, its measured rates, then one table per question."""
+import datetime
+import os
+import platform
+from typing import List, Optional
+
+import torch
+
+from . import jax_peers
+from .floors import MachineRates
+from .methods import AUTO, Method
+from .suite import CaseResult
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def machine_lines(rates: MachineRates) -> List[str]:
+    return [
+        f"- Date: {datetime.datetime.now().strftime('%Y-%m-%d %H:%M')}",
+        f"- Machine: {cpu_model()}, {os.cpu_count()} cores, torch.get_num_threads() = {torch.get_num_threads()}",
+        f"- Versions: torch {torch.__version__}, JAX {jax_peers.version()}, Python {platform.python_version()}",
+        f"- Measured GEMM rate: {rates.gemm_flops / 1e9:.1f} GFLOP/s (float32 torch.mm, 1024 x 1024 x 1024, median)",
+        f"- Measured memory bandwidth: {rates.bandwidth / 1e9:.1f} GB/s "
+        "(copy of a 256 MiB tensor, reads + writes, median)",
+    ]
+
+
+def format_seconds(seconds: Optional[float]) -> str:
+    if seconds is None:
+        return "—"
+    for unit, scale in (("s", 1.0), ("ms", 1e-3), ("µs", 1e-6)):
+        if seconds >= scale:
+            return f"{seconds / scale:.3g} {unit}"
+    return f"{seconds / 1e-9:.3g} ns"
+
+
+def format_ratio(ratio: float) -> str:
+    return f"{ratio:.0f}x" if ratio >= 100 else f"{ratio:.2g}x" if ratio < 1 else f"{ratio:.3g}x"
+
+
+def fastest_peer(result: CaseResult, methods: List[Method]):
+    """(name, seconds) of the fastest correct peer, or None when none was timed."""
+    peers = [(result.seconds(m.name), m.name) for m in methods if not m.is_ours and m.name in result.timings]
+    return (min(peers)[1], min(peers)[0]) if peers else None
+
+
+def _cell(result: CaseResult, method: Method, min_runs: int) -> str:
+    if method.name in result.failures:
+        return result.failures[method.name]
+    timing = result.timings.get(method.name)
+    if timing is None:
+        return "—"
+    text = format_seconds(result.seconds(method.name))
+    if timing.cold:
+        return f"{text} (first call)"
+    runs = len(timing.samples)
+    return f"{text} ({runs} run{'s' if runs > 1 else ''})" if runs < min_runs else text
+
+
+def _row(cells) -> str:
+    return "| " + " | ".join(str(cell) for cell in cells) + " |"
+
+
+def _shape_cells(result: CaseResult):
+    case = result.case
+    return [case.name, case.batch, case.in_features, case.hidden_text, case.out_features]
+
+
+def times_table(results: List[CaseResult], methods: List[Method], min_runs: int) -> List[str]:
+    header = ["case", "B", "D", "hidden", "C"] + [m.label for m in methods] + ["fastest peer / ours"]
+    lines = [_row(header), _row(["---"] * len(header))]
+    labels = {method.name: method.label for method in methods}
+    for result in results:
+        best, ours = fastest_peer(result, methods), result.seconds(AUTO)
+        speedup = f"{format_ratio(best[1] / ours)} ({labels[best[0]]})" if best and ours else "—"
+        lines.append(_row(_shape_cells(result) + [_cell(result, m, min_runs) for m in methods] + [speedup]))
+    return lines
+
+
+def floor_table(results: List[CaseResult], rates: MachineRates) -> List[str]:
+    header = ["case", "auto chose", "ours (auto)", "FLOP floor, all units", "FLOP floor, active units",
+              "ReLU active", "output-bytes floor", "ours / floor (all)", "ours / floor (active)"]
+    lines = [_row(header), _row(["---"] * len(header))]
+    for result in results:
+        floor, ours = result.floor, result.seconds(AUTO)
+        active_share = f"{floor.active_fraction:.0%}" if floor.active_fraction is not None else "—"
+        ratios = [format_ratio(ours / floor.seconds(rates, active)) if ours else "—" for active in (False, True)]
+        lines.append(_row([
+            result.case.name, result.auto_mode, format_seconds(ours),
+            format_seconds(floor.flop_seconds(rates, False)), format_seconds(floor.flop_seconds(rates, True)),
+            active_share, format_seconds(floor.bytes_seconds(rates)), *ratios,
+        ]))
+    return lines
+
+
+def memory_table(results: List[CaseResult], methods: List[Method]) -> List[str]:
+    header = ["case"] + [m.label for m in methods]
+    lines = [_row(header), _row(["---"] * len(header))]
+    for result in results:
+        cells = []
+        for method in methods:
+            if method.name not in result.peak_rss:  # not timed either: its check failed
+                cells.append("—")
+            else:
+                growth = result.peak_rss[method.name]
+                cells.append("failed" if growth is None else f"{growth / 2**20:.1f}")
+        lines.append(_row([result.case.name] + cells))
+    return lines
+
+
+def render(results: List[CaseResult], methods: List[Method], rates: MachineRates, command: str, min_runs: int) -> str:
+    lines = ["# jacobian_ext CPU benchmark", "", f"`{command}`", ""] + machine_lines(rates)
+    lines += [
+        "", "## Time per call",
+        "",
+        "Median wall time of one call computing all of J [B, C, D] (ours under torch.no_grad()). Methods run "
+        "interleaved in one process after warm-up. Before timing, every J is checked against "
+        "torch.func vmap(jacrev) (max error / max |J| ≤ 1e-4); a method that fails shows why instead of a time. "
+        f"A time marked `(n runs)` comes from fewer than {min_runs} runs of a slow call, `(first call)` from the "
+        "check call alone, which includes one-off work such as tracing or JIT compilation. "
+        "Last column: the fastest peer's time over ours (auto); above 1 we are faster.",
+        "",
+    ] + times_table(results, methods, min_runs)
+    lines += [
+        "", "## Against the floor",
+        "",
+        "FLOP floor: 2 x the multiply-adds of the cheaper of forward and reverse accumulation with lazy identity "
+        "seeds (a Linear applied to the identity is free), over the measured GEMM rate; once over all units, once "
+        "counting only the ReLU units active on this input. Output-bytes floor: bytes of J over the measured "
+        "bandwidth. ours / floor uses the larger of the FLOP and bytes floors.",
+        "",
+    ] + floor_table(results, rates)
+    if any(result.peak_rss for result in results):
+        lines += [
+            "", "## Peak memory",
+            "",
+            "MiB of peak-RSS growth in a fresh process from running the method once, over the baseline after "
+            "building model and input (`failed`: the process errored or timed out).",
+            "",
+        ] + memory_table(results, methods)
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,90 @@
+"""Measures one case: checks every method's J against the reference, then times the correct ones."""
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+import torch
+
+import jacobian_ext as jx
+
+from .cases import Case, build_input, build_model
+from .floors import CaseFloor, case_floor
+from .methods import REFERENCE, Method, as_torch
+from .timing import Budget, Timing, time_interleaved
+
+TOLERANCE = 1e-4  # max |J - reference| / max |reference|, float32
+
+
+@dataclass
+class CaseResult:
+    case: Case
+    auto_mode: str
+    floor: CaseFloor
+    timings: Dict[str, Timing] = field(default_factory=dict)  # method name -> its timed calls
+    failures: Dict[str, str] = field(default_factory=dict)  # method name -> why it was not timed
+    peak_rss: Dict[str, Optional[int]] = field(default_factory=dict)  # bytes; filled by --memory
+
+    def seconds(self, method_name: str) -> Optional[float]:
+        timing = self.timings.get(method_name)
+        return statistics.median(timing.samples) if timing else None
+
+
+def _relative_error(jacobian: torch.Tensor, reference: torch.Tensor) -> float:
+    if jacobian.shape != reference.shape:
+        return float("inf")
+    return float((jacobian - reference).abs().max() / reference.abs().max().clamp_min(1e-30))
+
+
+def _checked_runners(methods: List[Method], model, x, failures: Dict[str, str]):
+    """Prepares every method and makes its first call, the check; keeps those whose J matches the
+    reference, with the seconds that first call took. The reference goes first so that only one J
+    besides it is alive at a time."""
+    runners, first_call_s, reference = {}, {}, None
+    for method in sorted(methods, key=lambda m: m.name != REFERENCE):
+        try:
+            runner = method.prepare(model, x)
+            start = time.perf_counter()
+            output = runner()
+            first_call_s[method.name] = time.perf_counter() - start
+            jacobian = as_torch(output).detach()
+        except Exception as error:  # a peer that cannot handle a case is reported, not fatal
+            failures[method.name] = f"error: {type(error).__name__}"
+            print(f"    {method.name} failed: {type(error).__name__}: {error}")
+            continue
+        if reference is None:
+            if method.name != REFERENCE:
+                raise RuntimeError(f"the reference {REFERENCE} failed: {failures.get(REFERENCE)}")
+            reference = jacobian
+        error = _relative_error(jacobian, reference)
+        if error <= TOLERANCE:  # NaN fails too
+            runners[method.name] = runner
+        else:
+            failures[method.name] = f"wrong ({error:.1e})"
+    return runners, first_call_s
+
+
+def auto_mode(model, x) -> str:
+    jm = jx.compile(model)
+    with torch.no_grad():
+        jm(x)
+    return jm.plan_for(x).decisions[x.shape[0]][0]
+
+
+def warm_up_process(methods: List[Method], case: Case):
+    """Calls every method once on a small case, so that the one-off costs of the process (loading
+    libraries, first use of torch.func or JAX) are not charged to the first case measured."""
+    model, x = build_model(case), build_input(case)
+    for method in methods:
+        try:
+            method.prepare(model, x)()
+        except Exception:  # reported when the real case runs
+            pass
+
+
+def run_case(case: Case, methods: List[Method], budget: Budget) -> CaseResult:
+    model, x = build_model(case), build_input(case)
+    result = CaseResult(case, auto_mode(model, x), case_floor(model, x))
+    runners, first_call_s = _checked_runners(methods, model, x, result.failures)
+    result.timings = time_interleaved(runners, first_call_s, budget)
+    return result
