@@ -11,7 +11,7 @@ TEST_TOOLS := pytest numpy
 LIBRARY := jacobian_ext/_C.abi3.so
 SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -name '*.cuh') setup.py
 
-.PHONY: setup build demo test clean
+.PHONY: setup build demo test bench bench-peers clean
 
 setup: $(VENV)/.deps-installed
 
@@ -32,6 +32,14 @@ demo: build
 
 test: build
 	$(PY) -m pytest -q tests
+
+# The benchmark suite (bench/README.md): about 5-10 minutes, writes bench/RESULTS.md and results.png.
+bench: build
+	$(PY) -m bench --memory --plot
+
+# Optional peers and the plot: JAX (CPU) and matplotlib.
+bench-peers: setup
+	$(PY) -m pip install -q jax jaxlib matplotlib
 
 clean:
 	rm -rf build $(LIBRARY) jacobian_ext/_build_info.py *.egg-info
