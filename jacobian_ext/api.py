@@ -26,7 +26,9 @@ def batch_jacobian(model: Callable, x: torch.Tensor, mode: str = "auto", return_
 
 
 def compile(model: Callable, mode: str = "auto") -> "JacobianModule":
-    """A module whose call jm(x) returns (model(x), J), caching the plan per input shape, dtype and device."""
+    """A module whose call jm(x) returns (model(x), J), caching the plan per input shape, dtype and device.
+    Parameters are read at every call; layers are captured in the plan, so compile again after
+    replacing a layer."""
     return JacobianModule(model, mode=mode)
 
 

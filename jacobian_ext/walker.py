@@ -27,7 +27,7 @@ def run_plan(plan: Plan, x: torch.Tensor, mode: str) -> Tuple[torch.Tensor, torc
     )
 
 
-def plan_width(shape) -> int:
+def _flat_width(shape) -> int:
     # Explicit width: reshape(0, -1) is ambiguous for an empty batch.
     return math.prod(shape)
 
@@ -40,7 +40,7 @@ def _forward_sweep(plan: Plan, x: torch.Tensor):
             hidden, jac = fallback.forward_rule(segment.apply, hidden, jac)
         elif segment.layers:
             flat_output, jac = ops.sequential_jac_forward(
-                hidden.reshape(batch, plan_width(segment.input_shape)), jac, segment.layers, segment.params()
+                hidden.reshape(batch, _flat_width(segment.input_shape)), jac, segment.layers, segment.params()
             )
             hidden = flat_output.reshape(batch, *segment.output_shape)
         else:
@@ -60,6 +60,6 @@ def _reverse_sweep(plan: Plan, x: torch.Tensor):
             cotangent = fallback.reverse_rule(segment.apply, segment_input, cotangent, segment.output_shape)
         elif segment.layers:
             _, cotangent = ops.sequential_jac_reverse(
-                segment_input.reshape(batch, plan_width(segment.input_shape)), cotangent, segment.layers, segment.params()
+                segment_input.reshape(batch, _flat_width(segment.input_shape)), cotangent, segment.layers, segment.params()
             )
     return hidden, cotangent
