@@ -1,11 +1,12 @@
 """The benchmark cases: the guide's public suite plus extra shapes, built as float32 eval-mode MLPs."""
 from dataclasses import dataclass
-from typing import Dict, Tuple
+from typing import Dict, List, Tuple
 
 import torch
 from torch import nn
 
 ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh}
+DEVICES = ("cpu", "cuda")  # the choices of --device
 
 
 @dataclass(frozen=True)
@@ -18,6 +19,7 @@ class Case:
     activation: str = "relu"
     softmax_head: bool = False
     note: str = ""
+    default_devices: Tuple[str, ...] = DEVICES  # where a run without --cases includes it
 
     @property
     def hidden_text(self) -> str:
@@ -33,8 +35,14 @@ SUITE = [
     Case("square", 256, 32, (256, 256, 256), 64, note="forward mode wins"),
     Case("cifar", 128, 3072, (512, 512), 100, softmax_head=True, note="softmax head"),
     Case("bottleneck", 64, 512, (32, 512), 512, note="narrow middle layer, wide input and output"),
+    # A batch that fills a GPU; left out of CPU runs, where a forward-mode call takes minutes.
+    Case("gpu-large", 4096, 784, (1024, 1024, 1024), 10, note="GEMM-bound at GPU scale", default_devices=("cuda",)),
 ]
 CASES: Dict[str, Case] = {case.name: case for case in SUITE}
+
+
+def default_cases(device: str) -> List[Case]:
+    return [case for case in SUITE if device in case.default_devices]
 
 
 def build_model(case: Case, seed: int = 0) -> nn.Sequential:
@@ -54,3 +62,8 @@ def build_model(case: Case, seed: int = 0) -> nn.Sequential:
 def build_input(case: Case, seed: int = 1) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
     return torch.randn(case.batch, case.in_features, generator=generator)
+
+
+def build_model_and_input(case: Case, device: str) -> Tuple[nn.Sequential, torch.Tensor]:
+    """Built on the CPU and then moved, so that every device sees the same weights and input."""
+    return build_model(case).to(device), build_input(case).to(device)

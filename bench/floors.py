@@ -9,26 +9,31 @@ from torch import nn
 
 from .timing import seconds_of
 
-GEMM_SIZE = 1024  # square float32 GEMM, large enough to reach the BLAS's steady rate on a CPU
-COPY_BYTES = 256 * 2**20  # far beyond the last-level cache
+# Square float32 GEMMs large enough to reach the steady rate: of the BLAS on a CPU, of cuBLAS on a GPU
+# (at 1024 a large GPU is still partly idle).
+GEMM_SIZES = {"cpu": 1024, "cuda": 4096}
+COPY_BYTES = 256 * 2**20  # far beyond the last-level cache, and beyond a GPU's L2
 
 
 @dataclass(frozen=True)
 class MachineRates:
     gemm_flops: float  # FLOP/s of float32 torch.mm
     bandwidth: float  # bytes/s, reads plus writes of a large copy
+    gemm_size: int  # the GEMM measured was gemm_size x gemm_size x gemm_size
 
 
-def measure_rates(runs: int = 15) -> MachineRates:
-    a, b = torch.randn(GEMM_SIZE, GEMM_SIZE), torch.randn(GEMM_SIZE, GEMM_SIZE)
-    out = torch.empty(GEMM_SIZE, GEMM_SIZE)
+def measure_rates(device: str, runs: int = 15) -> MachineRates:
+    """On `device`, whose float32 matmuls the caller has set to the precision the methods run at."""
+    size = GEMM_SIZES[device]
+    a, b = torch.randn(size, size, device=device), torch.randn(size, size, device=device)
+    out = torch.empty(size, size, device=device)
     torch.mm(a, b, out=out)
-    gemm_seconds = statistics.median(seconds_of(lambda: torch.mm(a, b, out=out)) for _ in range(runs))
-    source = torch.ones(COPY_BYTES // 4)
+    gemm_seconds = statistics.median(seconds_of(lambda: torch.mm(a, b, out=out), device) for _ in range(runs))
+    source = torch.ones(COPY_BYTES // 4, device=device)
     target = torch.empty_like(source)
     target.copy_(source)
-    copy_seconds = statistics.median(seconds_of(lambda: target.copy_(source)) for _ in range(runs))
-    return MachineRates(2 * GEMM_SIZE**3 / gemm_seconds, 2 * COPY_BYTES / copy_seconds)
+    copy_seconds = statistics.median(seconds_of(lambda: target.copy_(source), device) for _ in range(runs))
+    return MachineRates(2 * size**3 / gemm_seconds, 2 * COPY_BYTES / copy_seconds, size)
 
 
 @dataclass(frozen=True)
@@ -47,7 +52,8 @@ class _Factor:
 def _chain(model: nn.Sequential, x: torch.Tensor, active_only: bool) -> List[_Factor]:
     layers = list(model)
     widths = [x.shape[1]]  # widths[i] is the input width of layer i
-    units = [torch.full((x.shape[0],), float(x.shape[1]), dtype=torch.float64)]  # the same, per sample
+    # units[i] is the same, per sample
+    units = [torch.full((x.shape[0],), float(x.shape[1]), dtype=torch.float64, device=x.device)]
     hidden = x
     with torch.no_grad():
         for layer in layers:

@@ -4,7 +4,7 @@ prepare(model, x) does the one-off work (building the module, JAX's weight copy 
 zero-argument callable that computes J; the timer calls only that callable.
 """
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Tuple
 
 import torch
 from torch import nn
@@ -12,6 +12,7 @@ from torch import nn
 import jacobian_ext as jx
 
 from . import jax_peers
+from .cases import DEVICES
 
 
 @dataclass(frozen=True)
@@ -21,6 +22,7 @@ class Method:
     is_ours: bool
     prepare: Callable[[nn.Module, torch.Tensor], Callable[[], object]]
     available: Callable[[], bool] = lambda: True
+    devices: Tuple[str, ...] = DEVICES  # where it runs
 
 
 def _ours(mode: str):
@@ -77,16 +79,17 @@ METHODS = [
     Method("autograd.functional.jacobian", "AF.jacobian", False, _functional_jacobian),
     Method("torch.func vmap(jacrev)", "vmap jacrev", False, _vmap_of(torch.func.jacrev)),
     Method("torch.func vmap(jacfwd)", "vmap jacfwd", False, _vmap_of(torch.func.jacfwd)),
-    Method("JAX jit(vmap(jacrev))", "JAX jacrev", False, jax_peers.prepare("jacrev"), jax_peers.available),
-    Method("JAX jit(vmap(jacfwd))", "JAX jacfwd", False, jax_peers.prepare("jacfwd"), jax_peers.available),
+    # CPU only: the weights go through numpy to JAX's CPU build; in a GPU run they would time the CPU.
+    Method("JAX jit(vmap(jacrev))", "JAX jacrev", False, jax_peers.prepare("jacrev"), jax_peers.available, ("cpu",)),
+    Method("JAX jit(vmap(jacfwd))", "JAX jacfwd", False, jax_peers.prepare("jacfwd"), jax_peers.available, ("cpu",)),
 ]
 METHODS_BY_NAME = {method.name: method for method in METHODS}
 REFERENCE = "torch.func vmap(jacrev)"  # every method's J is checked against this one
 AUTO = "ours (auto)"
 
 
-def available_methods():
-    return [method for method in METHODS if method.available()]
+def available_methods(device: str):
+    return [method for method in METHODS if device in method.devices and method.available()]
 
 
 def as_torch(jacobian) -> torch.Tensor:

@@ -1,12 +1,14 @@
-"""bench/results.png: time per case per method on a log scale, when matplotlib is installed."""
+"""The plot beside the report (bench/results.png): time per case per method on a log scale, when matplotlib
+is installed."""
 from pathlib import Path
 from typing import List
 
 from .methods import Method
+from .report import KIND_OF_DEVICE
 from .suite import CaseResult
 
 
-def write_plot(results: List[CaseResult], methods: List[Method], path: Path) -> bool:
+def write_plot(results: List[CaseResult], methods: List[Method], path: Path, device: str) -> bool:
     """Writes the plot; False (and nothing written) when matplotlib is missing."""
     try:
         import matplotlib
@@ -27,7 +29,7 @@ def write_plot(results: List[CaseResult], methods: List[Method], path: Path) -> 
     axes.set_xticks([index + 0.4 - bar_width / 2 for index in range(len(results))])
     axes.set_xticklabels([result.case.name for result in results])
     axes.legend(fontsize="small", ncol=2)
-    axes.set_title("Per-sample Jacobian on CPU (lower is better)")
+    axes.set_title(f"Per-sample Jacobian on {KIND_OF_DEVICE[device]} (lower is better)")
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)

@@ -7,9 +7,12 @@ from typing import List, Optional
 import torch
 
 from . import jax_peers
-from .floors import MachineRates
+from .floors import COPY_BYTES, MachineRates
 from .methods import AUTO, Method
 from .suite import CaseResult
+
+
+KIND_OF_DEVICE = {"cpu": "CPU", "cuda": "GPU"}
 
 
 def cpu_model() -> str:
@@ -23,14 +26,31 @@ def cpu_model() -> str:
     return platform.processor() or "unknown CPU"
 
 
-def machine_lines(rates: MachineRates) -> List[str]:
+def device_name(device: str) -> str:
+    return torch.cuda.get_device_name() if device == "cuda" else cpu_model()
+
+
+def machine_lines(rates: MachineRates, device: str) -> List[str]:
+    host = f"{cpu_model()}, {os.cpu_count()} cores, torch.get_num_threads() = {torch.get_num_threads()}"
+    if device == "cuda":
+        gpu = torch.cuda.get_device_properties(torch.cuda.current_device())
+        machine = (f"- Device: {device_name(device)} ({gpu.multi_processor_count} SMs, "
+                   f"{gpu.total_memory / 2**30:.0f} GiB, compute capability {gpu.major}.{gpu.minor}); host {host}")
+        versions = f"torch {torch.__version__}, CUDA {torch.version.cuda}"  # no JAX: its peers are CPU only
+        where, precision = " on the GPU", ", TF32 off"
+    else:
+        machine = f"- Machine: {host}"
+        versions = f"torch {torch.__version__}, JAX {jax_peers.version()}"
+        where, precision = "", ""
+    size = rates.gemm_size
     return [
         f"- Date: {datetime.datetime.now().strftime('%Y-%m-%d %H:%M')}",
-        f"- Machine: {cpu_model()}, {os.cpu_count()} cores, torch.get_num_threads() = {torch.get_num_threads()}",
-        f"- Versions: torch {torch.__version__}, JAX {jax_peers.version()}, Python {platform.python_version()}",
-        f"- Measured GEMM rate: {rates.gemm_flops / 1e9:.1f} GFLOP/s (float32 torch.mm, 1024 x 1024 x 1024, median)",
+        machine,
+        f"- Versions: {versions}, Python {platform.python_version()}",
+        f"- Measured GEMM rate: {rates.gemm_flops / 1e9:.1f} GFLOP/s "
+        f"(float32 torch.mm, {size} x {size} x {size}{precision}, median)",
         f"- Measured memory bandwidth: {rates.bandwidth / 1e9:.1f} GB/s "
-        "(copy of a 256 MiB tensor, reads + writes, median)",
+        f"(copy of a {COPY_BYTES // 2**20} MiB tensor{where}, reads + writes, median)",
     ]
 
 
@@ -108,21 +128,40 @@ def memory_table(results: List[CaseResult], methods: List[Method]) -> List[str]:
     for result in results:
         cells = []
         for method in methods:
-            if method.name not in result.peak_rss:  # not timed either: its check failed
+            if method.name not in result.peak_memory:  # not timed either: its check failed
                 cells.append("—")
             else:
-                growth = result.peak_rss[method.name]
+                growth = result.peak_memory[method.name]
                 cells.append("failed" if growth is None else f"{growth / 2**20:.1f}")
         lines.append(_row([result.case.name] + cells))
     return lines
 
 
-def render(results: List[CaseResult], methods: List[Method], rates: MachineRates, command: str, min_runs: int) -> str:
-    lines = ["# jacobian_ext CPU benchmark", "", f"`{command}`", ""] + machine_lines(rates)
+TIME_MEASURED = {
+    "cpu": "Median wall time of one call computing all of J [B, C, D] (ours under torch.no_grad()).",
+    "cuda": "Median time of one call computing all of J [B, C, D] on the GPU (ours under torch.no_grad()), "
+            "between CUDA events recorded just before and after it with the GPU idle at the start, so that "
+            "the host's launch overhead counts.",
+}
+MEMORY_MEASURED = {
+    "cpu": "MiB of peak-RSS growth in a fresh process from running the method once, over the baseline after "
+           "building model and input (`failed`: the process errored or timed out).",
+    "cuda": "MiB by which torch.cuda.max_memory_allocated rose above the memory allocated before one warm call "
+            "of the method (model, input and what the method keeps between calls); memory the caching "
+            "allocator holds in reserve does not count (`failed`: the call errored).",
+}
+
+
+def render(results: List[CaseResult], methods: List[Method], rates: MachineRates, command: str, min_runs: int,
+           device: str, not_run: List[str]) -> str:
+    lines = [f"# jacobian_ext {KIND_OF_DEVICE[device]} benchmark", "", f"`{command}`", ""]
+    lines += machine_lines(rates, device)
+    if not_run:
+        lines.append(f"- Not run, to stay within `--max-seconds`: {', '.join(not_run)}")
     lines += [
         "", "## Time per call",
         "",
-        "Median wall time of one call computing all of J [B, C, D] (ours under torch.no_grad()). Methods run "
+        f"{TIME_MEASURED[device]} Methods run "
         "interleaved in one process after warm-up. Before timing, every J is checked against "
         "torch.func vmap(jacrev) (max error / max |J| ≤ 1e-4); a method that fails shows why instead of a time. "
         f"A time marked `(n runs)` comes from fewer than {min_runs} runs of a slow call, `(first call)` from the "
@@ -139,12 +178,6 @@ def render(results: List[CaseResult], methods: List[Method], rates: MachineRates
         "bandwidth. ours / floor uses the larger of the FLOP and bytes floors.",
         "",
     ] + floor_table(results, rates)
-    if any(result.peak_rss for result in results):
-        lines += [
-            "", "## Peak memory",
-            "",
-            "MiB of peak-RSS growth in a fresh process from running the method once, over the baseline after "
-            "building model and input (`failed`: the process errored or timed out).",
-            "",
-        ] + memory_table(results, methods)
+    if any(result.peak_memory for result in results):
+        lines += ["", "## Peak memory", "", MEMORY_MEASURED[device], ""] + memory_table(results, methods)
     return "\n".join(lines) + "\n"

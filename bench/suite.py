@@ -1,6 +1,5 @@
 """Measures one case: checks every method's J against the reference, then times the correct ones."""
 import statistics
-import time
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
@@ -8,10 +7,11 @@ import torch
 
 import jacobian_ext as jx
 
-from .cases import Case, build_input, build_model
+from .cases import Case, build_model_and_input
 from .floors import CaseFloor, case_floor
+from .memory import cuda_peak_growth
 from .methods import REFERENCE, Method, as_torch
-from .timing import Budget, Timing, time_interleaved
+from .timing import Budget, Timing, time_interleaved, timed_call
 
 TOLERANCE = 1e-4  # max |J - reference| / max |reference|, float32
 
@@ -23,7 +23,8 @@ class CaseResult:
     floor: CaseFloor
     timings: Dict[str, Timing] = field(default_factory=dict)  # method name -> its timed calls
     failures: Dict[str, str] = field(default_factory=dict)  # method name -> why it was not timed
-    peak_rss: Dict[str, Optional[int]] = field(default_factory=dict)  # bytes; filled by --memory
+    # Bytes (None: failed); on a CPU the peak-RSS growth with --memory, on a GPU the allocator's, always.
+    peak_memory: Dict[str, Optional[int]] = field(default_factory=dict)
 
     def seconds(self, method_name: str) -> Optional[float]:
         timing = self.timings.get(method_name)
@@ -36,7 +37,7 @@ def _relative_error(jacobian: torch.Tensor, reference: torch.Tensor) -> float:
     return float((jacobian - reference).abs().max() / reference.abs().max().clamp_min(1e-30))
 
 
-def _checked_runners(methods: List[Method], model, x, failures: Dict[str, str]):
+def _checked_runners(methods: List[Method], model, x, failures: Dict[str, str], device: str):
     """Prepares every method and makes its first call, the check; keeps those whose J matches the
     reference, with the seconds that first call took. The reference goes first so that only one J
     besides it is alive at a time."""
@@ -44,9 +45,7 @@ def _checked_runners(methods: List[Method], model, x, failures: Dict[str, str]):
     for method in sorted(methods, key=lambda m: m.name != REFERENCE):
         try:
             runner = method.prepare(model, x)
-            start = time.perf_counter()
-            output = runner()
-            first_call_s[method.name] = time.perf_counter() - start
+            output, first_call_s[method.name] = timed_call(runner, device)
             jacobian = as_torch(output).detach()
         except Exception as error:  # a peer that cannot handle a case is reported, not fatal
             failures[method.name] = f"error: {type(error).__name__}"
@@ -71,10 +70,10 @@ def auto_mode(model, x) -> str:
     return jm.plan_for(x).decisions[x.shape[0]][0]
 
 
-def warm_up_process(methods: List[Method], case: Case):
+def warm_up_process(methods: List[Method], case: Case, device: str):
     """Calls every method once on a small case, so that the one-off costs of the process (loading
-    libraries, first use of torch.func or JAX) are not charged to the first case measured."""
-    model, x = build_model(case), build_input(case)
+    libraries and CUDA kernels, first use of torch.func or JAX) are not charged to the first case measured."""
+    model, x = build_model_and_input(case, device)
     for method in methods:
         try:
             method.prepare(model, x)()
@@ -82,9 +81,11 @@ def warm_up_process(methods: List[Method], case: Case):
             pass
 
 
-def run_case(case: Case, methods: List[Method], budget: Budget) -> CaseResult:
-    model, x = build_model(case), build_input(case)
+def run_case(case: Case, methods: List[Method], budget: Budget, device: str) -> CaseResult:
+    model, x = build_model_and_input(case, device)
     result = CaseResult(case, auto_mode(model, x), case_floor(model, x))
-    runners, first_call_s = _checked_runners(methods, model, x, result.failures)
-    result.timings = time_interleaved(runners, first_call_s, budget)
+    runners, first_call_s = _checked_runners(methods, model, x, result.failures, device)
+    result.timings = time_interleaved(runners, first_call_s, budget, device)
+    if device == "cuda":  # after timing, so that every call measured is a warm one
+        result.peak_memory = {name: cuda_peak_growth(runner) for name, runner in runners.items()}
     return result

@@ -4,7 +4,9 @@ import gc
 import math
 import time
 from dataclasses import dataclass
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Tuple
+
+import torch
 
 
 @dataclass(frozen=True)
@@ -27,10 +29,25 @@ class Timing:
     cold: bool = False  # True: the only sample is the first call, which includes one-off work
 
 
-def seconds_of(function: Callable[[], object]) -> float:
-    start = time.perf_counter()
-    function()
-    return time.perf_counter() - start
+def timed_call(function: Callable[[], object], device: str) -> Tuple[object, float]:
+    """(result, seconds) of one call. On CUDA: between events recorded on the current stream just before
+    and after the call, with the GPU idle at the start (synchronised). Then no earlier work is charged to
+    the call, while the host's launch overhead is, as it is to a caller waiting for the result."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        result = function()
+        end.record()
+        end.synchronize()
+        return result, start.elapsed_time(end) / 1e3  # elapsed_time is in milliseconds
+    start_s = time.perf_counter()
+    result = function()
+    return result, time.perf_counter() - start_s
+
+
+def seconds_of(function: Callable[[], object], device: str) -> float:
+    return timed_call(function, device)[1]
 
 
 def _run_count(seconds_per_call: float, budget: Budget) -> int:
@@ -39,8 +56,8 @@ def _run_count(seconds_per_call: float, budget: Budget) -> int:
 
 
 def time_interleaved(runners: Dict[str, Callable[[], object]], first_call_s: Dict[str, float],
-                     budget: Budget) -> Dict[str, Timing]:
-    """Times every runner, whose first call (taking first_call_s) has already happened."""
+                     budget: Budget, device: str) -> Dict[str, Timing]:
+    """Times every runner, whose first call (taking first_call_s) has already happened, on `device`."""
     timings, counts = {}, {}
     for name, runner in runners.items():
         if first_call_s[name] > budget.slow_call_s:
@@ -49,7 +66,7 @@ def time_interleaved(runners: Dict[str, Callable[[], object]], first_call_s: Dic
             else:
                 counts[name] = budget.slow_runs
             continue
-        estimate = min([seconds_of(runner) for _ in range(budget.warmup_runs)], default=first_call_s[name])
+        estimate = min([seconds_of(runner, device) for _ in range(budget.warmup_runs)], default=first_call_s[name])
         counts[name] = _run_count(estimate, budget)
     rounds = max(counts.values(), default=0)
     samples = {name: [] for name in counts}
@@ -60,7 +77,7 @@ def time_interleaved(runners: Dict[str, Callable[[], object]], first_call_s: Dic
             for name, count in counts.items():
                 # Runs are spread evenly: this method runs in the rounds where its share steps up.
                 if (round_index + 1) * count // rounds > round_index * count // rounds:
-                    samples[name].append(seconds_of(runners[name]))
+                    samples[name].append(seconds_of(runners[name], device))
     finally:
         gc.enable()
     timings.update({name: Timing(values) for name, values in samples.items()})
