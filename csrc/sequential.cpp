@@ -7,6 +7,8 @@
 #include "jacext/checks.h"
 #include "jacext/ops.h"
 
+#include <utility>
+
 namespace jacext {
 namespace {
 
@@ -61,30 +63,71 @@ struct SweepResult {
   JacobianBlock block;
 };
 
+// A per-sample column factor (activation derivative) not yet applied to an identity or shared block.
+// Kept pending until the next rule, so that before a Linear it can scale the weight's rows instead of
+// the block: (G diag(f_b)) M == G (diag(f_b) M), which materialises [B, H, K] instead of [B, R, H] and,
+// for the identity, skips the diagonal [B, H, H] block and its GEMM entirely.
+class PendingScale {
+ public:
+  // Folds the factor into the block now if it is per-sample already (nothing to gain by waiting).
+  void push(JacobianBlock& block, const at::Tensor& factor) {
+    if (block.kind == JacobianBlock::Kind::PerSample) {
+      block = scale_features(block, factor);
+    } else {
+      factor_ = factor_.defined() ? factor_ * factor : factor;  // two diagonal factors multiply
+    }
+  }
+
+  // The block after the pending factor and then `matrix` [H, K] (rows @ matrix).
+  JacobianBlock chain(const JacobianBlock& block, const at::Tensor& matrix) {
+    if (!factor_.defined()) return chain_matrix(block, matrix);
+    const at::Tensor factor = std::exchange(factor_, at::Tensor());
+    const int64_t batch = factor.size(0), narrow = matrix.size(1);
+    const bool identity = block.kind == JacobianBlock::Kind::Identity;
+    if (!identity && narrow >= block.values.size(0)) return chain_matrix(scale_features(block, factor), matrix);
+    // scaled[b, k, h] = matrix[h, k] * factor[b, h]
+    const at::Tensor scaled = scale_features(JacobianBlock::shared(matrix.t().contiguous()), factor).values;
+    if (identity) return JacobianBlock::per_sample(scaled.transpose(1, 2).contiguous());
+    const at::Tensor& shared = block.values;  // [R, H]
+    const at::Tensor product = at::mm(scaled.view({batch * narrow, matrix.size(0)}), shared.t());
+    return JacobianBlock::per_sample(product.view({batch, narrow, shared.size(0)}).transpose(1, 2).contiguous());
+  }
+
+  // The block with the pending factor applied, before any other rule.
+  JacobianBlock flush(const JacobianBlock& block) {
+    if (!factor_.defined()) return block;
+    return scale_features(block, std::exchange(factor_, at::Tensor()));
+  }
+
+ private:
+  at::Tensor factor_;
+};
+
 SweepResult forward_sweep(at::Tensor hidden, JacobianBlock tangents, const std::vector<Layer>& plan) {
+  PendingScale pending;
   for (const Layer& layer : plan) {
     switch (layer.type) {
       case Layer::Type::Linear:
-        tangents = chain_matrix(tangents, layer.weight.t());
+        tangents = pending.chain(tangents, layer.weight.t());
         hidden = at::linear(hidden, layer.weight, layer.bias);
         break;
       case Layer::Type::Activation: {
         auto [output, derivative] = activation_with_derivative(hidden, layer.activation);
-        tangents = scale_features(tangents, derivative);
+        pending.push(tangents, derivative);
         hidden = output;
         break;
       }
       case Layer::Type::Softmax:
         hidden = at::softmax(hidden, 1);
-        tangents = softmax_rows(tangents, hidden, SoftmaxVariant::Softmax);
+        tangents = softmax_rows(pending.flush(tangents), hidden, SoftmaxVariant::Softmax);
         break;
       case Layer::Type::LogSoftmax:
         hidden = at::log_softmax(hidden, 1);
-        tangents = softmax_rows(tangents, hidden.exp(), SoftmaxVariant::LogSoftmaxForward);
+        tangents = softmax_rows(pending.flush(tangents), hidden.exp(), SoftmaxVariant::LogSoftmaxForward);
         break;
     }
   }
-  return {hidden, tangents};
+  return {hidden, pending.flush(tangents)};
 }
 
 // The forward pass of a reverse sweep: the output and, per layer, the per-sample factor its reverse
@@ -115,24 +158,25 @@ std::pair<at::Tensor, std::vector<at::Tensor>> forward_with_factors(at::Tensor h
 
 JacobianBlock reverse_sweep(JacobianBlock cotangents, const std::vector<Layer>& plan,
                             const std::vector<at::Tensor>& factors) {
+  PendingScale pending;
   for (size_t i = plan.size(); i-- > 0;) {
     const Layer& layer = plan[i];
     switch (layer.type) {
       case Layer::Type::Linear:
-        cotangents = chain_matrix(cotangents, layer.weight);
+        cotangents = pending.chain(cotangents, layer.weight);
         break;
       case Layer::Type::Activation:
-        cotangents = scale_features(cotangents, factors[i]);
+        pending.push(cotangents, factors[i]);
         break;
       case Layer::Type::Softmax:
-        cotangents = softmax_rows(cotangents, factors[i], SoftmaxVariant::Softmax);
+        cotangents = softmax_rows(pending.flush(cotangents), factors[i], SoftmaxVariant::Softmax);
         break;
       case Layer::Type::LogSoftmax:
-        cotangents = softmax_rows(cotangents, factors[i], SoftmaxVariant::LogSoftmaxReverse);
+        cotangents = softmax_rows(pending.flush(cotangents), factors[i], SoftmaxVariant::LogSoftmaxReverse);
         break;
     }
   }
-  return cotangents;
+  return pending.flush(cotangents);
 }
 
 // An operator output must not alias an input (an empty plan returns its input unchanged).

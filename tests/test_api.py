@@ -178,3 +178,23 @@ def test_differentiating_through_the_native_op_raises_instead_of_a_wrong_gradien
     assert jacobian.requires_grad
     with pytest.raises(RuntimeError, match="derivative for jacext::batch_jacobian is not implemented"):
         jacobian.sum().backward()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("layers", [
+    # reverse: the shared block W3 [C=24, 24] meets ReLU then a Linear narrowing to 4 (< C): weight-side scaling
+    lambda: [nn.Linear(10, 4), nn.ReLU(), nn.Linear(4, 24), nn.ReLU(), nn.Linear(24, 24)],
+    # an activation first (forward: on the identity) and last (reverse: on the identity)
+    lambda: [nn.Tanh(), nn.Linear(10, 7), nn.ReLU(), nn.Linear(7, 5), nn.Sigmoid()],
+    # two activations in a row multiply their pending factors; one before a softmax is applied first
+    lambda: [nn.Linear(10, 6), nn.ReLU(), nn.Tanh(), nn.Linear(6, 3), nn.Sigmoid(), nn.Softmax(-1)],
+    # forward: shared W1^T [D=10, 3] meets ReLU then a Linear to 2 (< D)
+    lambda: [nn.Linear(10, 3), nn.ReLU(), nn.Linear(3, 2), nn.ReLU(), nn.Linear(2, 30)],
+], ids=["bottleneck", "activation-at-ends", "stacked-activations", "forward-narrowing"])
+def test_pending_activation_factor_paths(dtype, mode, layers):
+    model = nn.Sequential(*layers()).to(dtype)
+    x = torch.randn(6, 10, dtype=dtype)
+    y, jacobian = jx.batch_jacobian(model, x, mode=mode, return_output=True)
+    assert_matches_reference(y, model(x), dtype)
+    assert_matches_reference(jacobian, reference_jacobian(model, x), dtype)
