@@ -82,14 +82,21 @@ class PendingScale {
   JacobianBlock chain(const JacobianBlock& block, const at::Tensor& matrix) {
     if (!factor_.defined()) return chain_matrix(block, matrix);
     const at::Tensor factor = std::exchange(factor_, at::Tensor());
-    const int64_t batch = factor.size(0), narrow = matrix.size(1);
+    const int64_t batch = factor.size(0), features = matrix.size(0), narrow = matrix.size(1);
     const bool identity = block.kind == JacobianBlock::Kind::Identity;
-    if (!identity && narrow >= block.values.size(0)) return chain_matrix(scale_features(block, factor), matrix);
+    if (!identity) {
+      // Same GEMM either way; compare what each order writes per sample: scaled block [R, H] and
+      // result [R, K], or scaled weight [K, H], product [K, R] and its transpose [R, K].
+      const int64_t rows = block.values.size(0);
+      if (narrow * (features + 2 * rows) >= rows * (features + narrow)) {
+        return chain_matrix(scale_features(block, factor), matrix);
+      }
+    }
     // scaled[b, k, h] = matrix[h, k] * factor[b, h]
     const at::Tensor scaled = scale_features(JacobianBlock::shared(matrix.t().contiguous()), factor).values;
     if (identity) return JacobianBlock::per_sample(scaled.transpose(1, 2).contiguous());
     const at::Tensor& shared = block.values;  // [R, H]
-    const at::Tensor product = at::mm(scaled.view({batch * narrow, matrix.size(0)}), shared.t());
+    const at::Tensor product = at::mm(scaled.view({batch * narrow, features}), shared.t());
     return JacobianBlock::per_sample(product.view({batch, narrow, shared.size(0)}).transpose(1, 2).contiguous());
   }
 
