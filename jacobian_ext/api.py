@@ -4,7 +4,10 @@ from typing import Callable, Dict, List, Tuple
 import torch
 from torch import nn
 
-from .plan import Plan, build_plan, flatten_sequential
+from .errors import GraphCaptureError
+from .graph import build_graph_plan, capture, warn_whole_model_fallback
+from .graph_rules import prefers_graph
+from .plan import Plan, build_plan, flatten_sequential, short_repr
 from .rules import has_native_rule
 from .walker import run_plan
 
@@ -50,8 +53,10 @@ class JacobianModule(nn.Module):
             else []
         )
         self._plans: Dict[tuple, Plan] = {}
-        # Plain attribute holder: nn.Module.__setattr__ is slow on the per-call path.
+        # Plain attribute holders: nn.Module.__setattr__ is slow on the per-call path, and the captured
+        # graph module must not become a submodule (it would duplicate the model's parameters).
         self._last = {"plan": None}
+        self._capture = {}
 
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         _check_input(x)
@@ -66,8 +71,23 @@ class JacobianModule(nn.Module):
         plan = self._plans.get(key)
         if plan is None:
             _check_parameters(self.model, x)
-            plan = self._plans[key] = build_plan(self.model, x)
+            plan = self._plans[key] = self._build_plan(x)
         return plan
+
+    def _build_plan(self, x: torch.Tensor):
+        """An nn.Sequential whose layers all run on the fused ops (or have no native rule anywhere)
+        keeps the segment plan; every other model is captured as a graph, and a model that cannot be
+        captured runs whole on the fallback, with a warning that says why."""
+        if type(self.model) is nn.Sequential and not any(prefers_graph(m) for _, m in flatten_sequential(self.model)):
+            return build_plan(self.model, x)
+        if x.dtype in (torch.float32, torch.float64):
+            try:
+                if "graph" not in self._capture:
+                    self._capture["graph"] = capture(self.model)
+                return build_graph_plan(self.model, x, self._capture["graph"])
+            except GraphCaptureError as error:
+                warn_whole_model_fallback(str(error))
+        return build_plan(self.model, x)
 
     @property
     def fallbacks(self) -> List[str]:
@@ -96,7 +116,7 @@ class JacobianModule(nn.Module):
         if plan is None:
             lines.append("  no plan yet: built on the first call; layer paths judged by type:")
             for name, module in self._layers():
-                lines.append(f"    {name:<12} {_short(module):<48} {'native' if has_native_rule(module) else 'fallback'}")
+                lines.append(f"    {name:<12} {short_repr(module):<48} {'native' if has_native_rule(module) else 'fallback'}")
         else:
             lines.append(f"  plan for per-sample input {list(plan.input_shape)} -> output {list(plan.output_shape)}, "
                          f"{str(plan.dtype).replace('torch.', '')} on {plan.device}")
@@ -104,15 +124,9 @@ class JacobianModule(nn.Module):
                 chosen = mode if self.mode == "auto" else self.mode
                 lines.append(f"  B={batch}: {chosen} sweep ({'cost model' if self.mode == 'auto' else 'requested'}; "
                              f"forward {costs['forward']:.3g} MAC, reverse {costs['reverse']:.3g} MAC)")
-            for step in plan.steps:
-                lines.append(f"    {step.name:<12} {_short(step.module):<48} {step.describe()}")
+            lines += [f"    {line}" for line in plan.describe()]
         lines.append(f"  fallbacks: {self.fallbacks}")
         return "\n".join(lines) + "\n)"
-
-
-def _short(module) -> str:
-    text = repr(module).replace("\n", " ")
-    return text if len(text) <= 48 else text[:45] + "..."
 
 
 def _check_input(x):

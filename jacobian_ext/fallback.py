@@ -16,14 +16,35 @@ def _single_sample(fn: Callable) -> Callable:
     return single
 
 
+def _is_data_dependent(error: RuntimeError) -> bool:
+    return "data-dependent control flow" in str(error)
+
+
+def _sample_by_sample_jacobian(single: Callable, x: torch.Tensor) -> torch.Tensor:
+    """[B, H_out, H_in] with jacrev one sample at a time: for functions whose control flow depends on
+    the data, which vmap over samples cannot run (jacrev itself only vmaps the backward pass)."""
+    rows = [jacrev(single)(sample) for sample in x]
+    return torch.stack([r.reshape(r.shape[: r.dim() - x.dim() + 1].numel(), -1) for r in rows])
+
+
 def forward_rule(fn: Callable, x: torch.Tensor, jac: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
     """(fn(x), J_out) for x [B, *in] and the running Jacobian jac [B, H_in, D] (None: identity);
     J_out is [B, H_out, D] with H = the flattened per-sample sizes."""
-    batch = x.shape[0]
     output = fn(x)
     single = _single_sample(fn)
+    try:
+        return output, _forward_rule_vmapped(single, x, output, jac)
+    except RuntimeError as error:
+        if not _is_data_dependent(error):
+            raise
+    own = _sample_by_sample_jacobian(single, x)
+    return output, own if jac is None else torch.bmm(own, jac)
+
+
+def _forward_rule_vmapped(single: Callable, x: torch.Tensor, output: torch.Tensor, jac: Optional[torch.Tensor]):
+    batch = x.shape[0]
     if jac is None:
-        return output, vmap(jacfwd(single))(x).reshape(batch, output[0].numel(), -1)
+        return vmap(jacfwd(single))(x).reshape(batch, output[0].numel(), -1)
     columns = jac.shape[-1]
     tangents = jac.transpose(1, 2).reshape(batch, columns, *x.shape[1:])
 
@@ -31,14 +52,24 @@ def forward_rule(fn: Callable, x: torch.Tensor, jac: Optional[torch.Tensor]) -> 
         return vmap(lambda tangent: jvp(single, (sample,), (tangent,))[1])(sample_tangents)
 
     pushed = vmap(push_sample)(x, tangents)  # [B, D, *out]
-    return output, pushed.reshape(batch, columns, -1).transpose(1, 2)
+    return pushed.reshape(batch, columns, -1).transpose(1, 2)
 
 
 def reverse_rule(fn: Callable, x: torch.Tensor, cotangent: Optional[torch.Tensor], output_shape) -> torch.Tensor:
     """The cotangent block before fn: [B, C, H_in] from x [B, *in] and cotangent [B, C, H_out]
     (None: identity, fn is the last layer)."""
-    batch = x.shape[0]
     single = _single_sample(fn)
+    try:
+        return _reverse_rule_vmapped(single, x, cotangent, output_shape)
+    except RuntimeError as error:
+        if not _is_data_dependent(error):
+            raise
+    own = _sample_by_sample_jacobian(single, x)
+    return own if cotangent is None else torch.bmm(cotangent, own)
+
+
+def _reverse_rule_vmapped(single: Callable, x: torch.Tensor, cotangent: Optional[torch.Tensor], output_shape):
+    batch = x.shape[0]
     if cotangent is None:
         jacobian = vmap(jacrev(single))(x)  # [B, *out, *in]
         return jacobian.reshape(batch, -1, x[0].numel())

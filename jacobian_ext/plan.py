@@ -106,6 +106,10 @@ class Plan:
     def fallbacks(self) -> List[str]:
         return [step.name for step in self.steps if not step.native]
 
+    def describe(self) -> List[str]:
+        """One line per layer: its name, the module and its path."""
+        return [f"{step.name:<12} {short_repr(step.module):<48} {step.describe()}" for step in self.steps]
+
     @property
     def in_features(self) -> int:
         return math.prod(self.input_shape)
@@ -121,6 +125,11 @@ class Plan:
             costs = cost.mode_costs(items, self.in_features, self.out_features, batch)
             self.decisions[batch] = (cost.choose_mode(costs), costs)
         return self.decisions[batch][0] if requested == "auto" else requested
+
+
+def short_repr(module) -> str:
+    text = repr(module).replace("\n", " ")
+    return text if len(text) <= 48 else text[:45] + "..."
 
 
 def flatten_sequential(model: nn.Module, prefix: str = "") -> List[Tuple[str, nn.Module]]:

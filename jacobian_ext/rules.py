@@ -95,3 +95,21 @@ def native_rule(module: nn.Module, input_shape: Tuple[int, ...]) -> Optional[Nat
 def has_native_rule(module: nn.Module) -> bool:
     """Whether `module`'s type has a rule at all (before shapes are known)."""
     return type(module) in NATIVE_RULES
+
+
+_MODULE_ACTIVATIONS = {nn.ReLU: "relu", nn.Tanh: "tanh", nn.Sigmoid: "sigmoid"}
+_FUNCTIONAL_ACTIVATIONS = {torch.relu: "relu", torch.nn.functional.relu: "relu", torch.tanh: "tanh",
+                           torch.sigmoid: "sigmoid", "relu": "relu", "tanh": "tanh", "sigmoid": "sigmoid"}
+
+
+def activation_spec(module: nn.Module) -> Optional[str]:
+    """The pointwise op's activation string for an activation module, or None."""
+    return _MODULE_ACTIVATIONS.get(type(module))
+
+
+def functional_activation_spec(fn, args, kwargs) -> Optional[str]:
+    """The activation string for a functional call (fn: a function, or a Tensor method's name), or None."""
+    try:
+        return _FUNCTIONAL_ACTIVATIONS.get(fn)
+    except TypeError:  # unhashable target
+        return None

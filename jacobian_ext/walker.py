@@ -6,12 +6,17 @@ from typing import Tuple
 import torch
 
 from . import fallback, ops
+from .graph import GraphPlan
 from .plan import Plan
 
 
 def run_plan(plan: Plan, x: torch.Tensor, mode: str) -> Tuple[torch.Tensor, torch.Tensor]:
     """(y [B, *out], J [B, *out, *in]) for a resolved mode ("forward" or "reverse")."""
     batch = x.shape[0]
+    if isinstance(plan, GraphPlan):
+        if batch == 0:
+            return x.new_empty(0, *plan.output_shape), x.new_empty(0, *plan.output_shape, *plan.input_shape)
+        return plan.run(x, mode)
     if plan.all_native:
         output, jacobian = ops.batch_jacobian(x, plan.native_layers, plan.native_params(), mode)
     elif batch == 0:

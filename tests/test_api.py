@@ -107,27 +107,6 @@ def test_fallback_at_either_end(mode, layers):
     assert_matches_reference(jx.batch_jacobian(model, x, mode=mode), reference_jacobian(model, x), torch.float64)
 
 
-class Residual(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.linear = nn.Linear(5, 5)
-
-    def forward(self, x):
-        return x + torch.tanh(self.linear(x))
-
-
-@pytest.mark.parametrize("mode", MODES)
-def test_non_sequential_models_run_on_the_fallback(mode):
-    model = Residual().double()
-    x = torch.randn(3, 5, dtype=torch.float64)
-    jm = jx.compile(model, mode=mode)
-    assert_matches_reference(jm(x)[1], reference_jacobian(model, x), torch.float64)
-    assert jm.fallbacks == ["model"]
-    plain_function = lambda t: torch.sin(t).sum(-1, keepdim=True)  # noqa: E731
-    assert_matches_reference(jx.batch_jacobian(plain_function, x, mode=mode),
-                             reference_jacobian(plain_function, x), torch.float64)
-
-
 def test_half_precision_runs_on_the_fallback():
     model = random_mlp(2, 4, 3).to(torch.bfloat16)
     x = torch.randn(2, 4, dtype=torch.bfloat16)

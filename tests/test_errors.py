@@ -64,9 +64,16 @@ def test_training_mode_batch_coupling_layers_ask_for_eval(layer):
     assert jx.batch_jacobian(model, torch.randn(4, 8)).shape == (4, 2, 8)
 
 
+class TupleOut(nn.Module):
+    def forward(self, x):
+        return x, x
+
+
 def test_non_tensor_output_is_rejected():
-    with pytest.raises(TypeError, match="must return a single tensor"):
+    with pytest.raises(TypeError, match="returns a tuple; .* single output tensor"):
         jx.batch_jacobian(lambda x: (x, x), torch.randn(2, 3))
+    with pytest.raises(TypeError, match="must return a single tensor"):
+        jx.batch_jacobian(nn.Sequential(nn.Linear(3, 3), TupleOut()), torch.randn(2, 3))
 
 
 def test_output_without_batch_dimension_is_rejected():

@@ -1,0 +1,373 @@
+"""Graph capture with torch.fx, and the plan that propagates Jacobian blocks over the captured DAG.
+
+Every node that carries a derivative of the model input gets one rule (graph_rules.py): a native op,
+an index map (views, slicing, sums, concatenation, scaling by a constant), or the torch.func fallback
+for that node alone. Nodes that carry no derivative (shapes, constants, asserts) are evaluated for
+their values only. Blocks keep the feature axes of the node intact:
+  forward mode: tangents   T[b, d, *shape]  (d over the model's input features, D)
+  reverse mode: cotangents G[b, c, *shape]  (c over the model's output features, C)
+"""
+import math
+import operator
+import warnings
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import fx, nn
+
+from . import graph_rules
+from .errors import GraphCaptureError
+from .graph_rules import IDENTITY, accumulate, explicit_block
+
+# Tracing retries: each failed trace marks the innermost module that failed as a leaf.
+_MAX_TRACE_ATTEMPTS = 16
+
+
+class _Tracer(fx.Tracer):
+    """torch.nn's own modules are leaves (the default); user modules are traced into, except those
+    in `opaque`, whose forward could not be traced (data-dependent control flow): they become leaf
+    nodes on the fallback instead of sending the whole model there."""
+
+    # Buffers become get_attr nodes like parameters: read at every call, and usable with traced sizes.
+    proxy_buffer_attributes = True
+
+    def __init__(self, opaque: Sequence[str]):
+        super().__init__()
+        self.opaque = set(opaque)
+        self.failed_module: Optional[str] = None
+
+    def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
+        return qualified_name in self.opaque or super().is_leaf_module(module, qualified_name)
+
+    def call_module(self, module, forward, args, kwargs):
+        try:
+            return super().call_module(module, forward, args, kwargs)
+        except Exception:
+            if self.failed_module is None:  # the innermost module fails first
+                self.failed_module = self.path_of_module(module)
+            raise
+
+
+def capture(model: Callable) -> Tuple[fx.GraphModule, List[str]]:
+    """(graph module, user modules kept opaque). Raises GraphCaptureError when the model's own
+    forward cannot be traced."""
+    opaque: List[str] = []
+    root = model if isinstance(model, nn.Module) else None
+    for _ in range(_MAX_TRACE_ATTEMPTS):
+        tracer = _Tracer(opaque)
+        try:
+            graph = tracer.trace(model)
+        except Exception as error:
+            failed = tracer.failed_module
+            if not failed or failed in opaque:
+                raise GraphCaptureError(f"torch.fx cannot trace it ({type(error).__name__}: {error})") from error
+            opaque.append(failed)
+            continue
+        name = type(model).__name__ if root is not None else getattr(model, "__name__", "function")
+        module = fx.GraphModule(root if root is not None else nn.Module(), graph, name)
+        return module, opaque
+    raise GraphCaptureError(f"torch.fx cannot trace it: more than {_MAX_TRACE_ATTEMPTS} modules fail to trace")
+
+
+@dataclass
+class GraphNode:
+    """One fx node: its rule (None: evaluated for its value only), the inputs that carry derivatives,
+    and its per-sample shape."""
+
+    node: fx.Node
+    name: str
+    rule: Optional["graph_rules.NodeRule"]
+    inputs: Tuple[fx.Node, ...] = ()
+    shape: Tuple[int, ...] = ()
+
+    def describe(self) -> str:
+        return self.rule.label if self.rule is not None else "value only"
+
+
+def _target_name(gm: fx.GraphModule, node: fx.Node) -> str:
+    if node.op == "call_module":
+        return node.target
+    if node.op == "call_method":
+        return f".{node.target}()"
+    if node.op == "call_function":
+        return getattr(node.target, "__name__", str(node.target)) + "()"
+    return node.op
+
+
+def _is_float_tensor(value) -> bool:
+    return isinstance(value, torch.Tensor) and value.is_floating_point()
+
+
+class Evaluator:
+    """Runs the nodes of a graph module one at a time (values only), with in-place calls made safe:
+    a stored value may be needed again by a later rule, so it is never overwritten."""
+
+    def __init__(self, gm: fx.GraphModule):
+        self.gm = gm
+        self.modules = dict(gm.named_modules())
+
+    def call(self, node: fx.Node, args, kwargs):
+        if node.op == "call_module":
+            module = self.modules[node.target]
+            if getattr(module, "inplace", False):
+                args = tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in args)
+            return module(*args, **kwargs)
+        if node.op == "call_function":
+            target = _OUT_OF_PLACE.get(node.target, node.target)
+            if kwargs.get("inplace", False):
+                kwargs = {**kwargs, "inplace": False}
+            return target(*args, **kwargs)
+        if node.op == "call_method":
+            name = node.target
+            if name.endswith("_") and not name.endswith("__") and hasattr(torch.Tensor, name[:-1]):
+                name = name[:-1]
+            return getattr(args[0], name)(*args[1:], **kwargs)
+        if node.op == "get_attr":
+            return _fetch_attr(self.gm, node.target)
+        raise AssertionError(f"no value for node kind {node.op}")
+
+    def evaluate(self, node: fx.Node, env: Dict[fx.Node, object]):
+        args = fx.node.map_arg(node.args, env.__getitem__)
+        kwargs = fx.node.map_arg(node.kwargs, env.__getitem__)
+        return self.call(node, args, kwargs)
+
+    def run(self, x: torch.Tensor) -> Dict[fx.Node, object]:
+        env: Dict[fx.Node, object] = {}
+        for node in self.gm.graph.nodes:
+            if node.op == "placeholder":
+                env[node] = x if not env else node.args[0] if node.args else None
+            elif node.op == "output":
+                env[node] = fx.node.map_arg(node.args[0], env.__getitem__)
+            else:
+                env[node] = self.evaluate(node, env)
+        return env
+
+
+_OUT_OF_PLACE = {
+    operator.iadd: operator.add,
+    operator.isub: operator.sub,
+    operator.imul: operator.mul,
+    operator.itruediv: operator.truediv,
+}
+
+
+def _fetch_attr(module: nn.Module, target: str):
+    value = module
+    for part in target.split("."):
+        value = getattr(value, part)
+    return value
+
+
+@dataclass
+class GraphPlan:
+    """The captured graph with a rule per node, planned for one per-sample input shape."""
+
+    gm: fx.GraphModule
+    nodes: List[GraphNode]
+    input_node: fx.Node
+    output_node: fx.Node
+    input_shape: Tuple[int, ...]
+    output_shape: Tuple[int, ...]
+    dtype: torch.dtype
+    device: torch.device
+    opaque_modules: List[str]
+    evaluator: Evaluator = field(init=False)
+    decisions: Dict[int, Tuple[str, dict]] = field(default_factory=dict, init=False)
+
+    def __post_init__(self):
+        self.evaluator = Evaluator(self.gm)
+        self._by_node = {g.node: g for g in self.nodes}
+
+    @property
+    def in_features(self) -> int:
+        return math.prod(self.input_shape)
+
+    @property
+    def out_features(self) -> int:
+        return math.prod(self.output_shape)
+
+    @property
+    def fallbacks(self) -> List[str]:
+        return [g.name for g in self.nodes if g.rule is not None and not g.rule.native]
+
+    def describe(self) -> List[str]:
+        lines = []
+        for g in self.nodes:
+            if g.rule is not None:
+                lines.append(f"{g.name:<24} {_target_name(self.gm, g.node):<28} {g.describe()}")
+        if self.opaque_modules:
+            lines.append(f"(not traceable, kept whole: {', '.join(self.opaque_modules)})")
+        return lines
+
+    def choose_mode(self, batch: int, requested: str) -> str:
+        """Both sweeps apply every node's linear map once per row; rows are D forward and C reverse,
+        so the cost model compares the two widths over the summed per-row work of the nodes (the
+        forward sweep pays one final transpose of J)."""
+        if batch not in self.decisions:
+            work = sum(g.rule.work_per_row for g in self.nodes if g.rule is not None)
+            costs = {
+                "forward": batch * self.in_features * work + batch * self.in_features * self.out_features,
+                "reverse": batch * self.out_features * work,
+            }
+            self.decisions[batch] = ("forward" if costs["forward"] < costs["reverse"] else "reverse", costs)
+        return self.decisions[batch][0] if requested == "auto" else requested
+
+    # ---- execution ----
+
+    def run(self, x: torch.Tensor, mode: str) -> Tuple[torch.Tensor, torch.Tensor]:
+        batch = x.shape[0]
+        if mode == "forward":
+            output, block = self._forward_sweep(x)
+            jacobian = explicit_block(block, batch, self.output_shape, x, rows=self.in_features, row_shape=self.input_shape)
+            jacobian = jacobian.reshape(batch, self.in_features, self.out_features).transpose(1, 2)
+        else:
+            output, block = self._reverse_sweep(x)
+            jacobian = explicit_block(block, batch, self.input_shape, x, rows=self.out_features, row_shape=self.output_shape)
+        jacobian = jacobian.reshape(batch, *self.output_shape, *self.input_shape)
+        return output, jacobian.contiguous()
+
+    def _forward_sweep(self, x: torch.Tensor):
+        env: Dict[fx.Node, object] = {self.input_node: x}
+        tangents: Dict[fx.Node, object] = {self.input_node: IDENTITY}
+        for node in self.gm.graph.nodes:
+            if node in env or node.op == "output":
+                continue
+            if node.op == "placeholder":
+                env[node] = node.args[0] if node.args else None
+                continue
+            g = self._by_node[node]
+            if g.rule is None:
+                env[node] = self.evaluator.evaluate(node, env)
+            else:
+                env[node], tangents[node] = g.rule.forward(self, g, env, [tangents[i] for i in g.inputs])
+        out = self.output_node
+        if out not in tangents:  # the output does not depend on the input
+            return env[out], torch.zeros(x.shape[0], self.in_features, *self.output_shape, dtype=x.dtype, device=x.device)
+        return env[out], tangents[out]
+
+    def _reverse_sweep(self, x: torch.Tensor):
+        env = self.evaluator.run(x)
+        env[self.input_node] = x
+        cotangents: Dict[fx.Node, object] = {self.output_node: IDENTITY}
+        for g in reversed(self.nodes):
+            if g.rule is None or g.node not in cotangents:
+                continue
+            pulled = g.rule.reverse(self, g, env, cotangents.pop(g.node))
+            for source, cotangent in zip(g.inputs, pulled):
+                accumulate(cotangents, source, cotangent, self._by_node[source].shape if source in self._by_node else self.input_shape)
+        block = cotangents.get(self.input_node)
+        if block is None:
+            block = torch.zeros(x.shape[0], self.out_features, *self.input_shape, dtype=x.dtype, device=x.device)
+        return env[self.output_node], block
+
+
+def _output_node(gm: fx.GraphModule) -> fx.Node:
+    output = next(n for n in gm.graph.nodes if n.op == "output")
+    result = output.args[0]
+    if not isinstance(result, fx.Node):
+        kind = type(result).__name__
+        raise TypeError(
+            f"the model returns a {kind}; jacobian_ext differentiates a single output tensor [B, *out_shape]: "
+            "wrap the model to return the output you want, e.g. lambda x: model(x)[0]"
+        )
+    return result
+
+
+def _input_node(gm: fx.GraphModule) -> fx.Node:
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    required = [n for n in placeholders if not n.args]
+    if len(placeholders) == 0 or len(required) > 1:
+        names = ", ".join(n.target for n in required)
+        raise TypeError(
+            f"the model takes {len(required)} required inputs ({names}); jacobian_ext differentiates with respect "
+            "to one input tensor: wrap the model, e.g. lambda x: model(x, other)"
+        )
+    return placeholders[0]
+
+
+def _probe_values(evaluator: Evaluator, x: torch.Tensor) -> Dict[fx.Node, object]:
+    with torch.no_grad():
+        return evaluator.run(x)
+
+
+def _check_per_sample(node: fx.Node, pair, singles, name: str):
+    """A node must map each sample on its own: its value on two samples equals its values on each."""
+    if not _is_float_tensor(pair) or pair.dim() == 0 or pair.shape[0] != 2:
+        raise GraphCaptureError(f"node '{name}' does not keep the batch dimension (shape {list(getattr(pair, 'shape', []))} for 2 samples)")
+    for index, single in enumerate(singles):
+        if single.shape[0] != 1 or single.shape[1:] != pair.shape[1:]:
+            raise GraphCaptureError(f"node '{name}' changes its per-sample shape with the batch size")
+        expected, got = single[0].double(), pair[index].double()
+        scale = max(expected.abs().max().item() if expected.numel() else 0.0, 1.0)
+        both_nan = torch.isnan(expected) & torch.isnan(got)
+        mismatch = ((expected - got).abs() > 1e-4 * scale) & ~both_nan
+        if bool(mismatch.any()):
+            raise GraphCaptureError(f"node '{name}' mixes the samples of a batch (its output for one sample "
+                                    "depends on the others), so the graph path cannot split it per sample")
+
+
+def build_graph_plan(model: Callable, x: torch.Tensor, captured=None) -> GraphPlan:
+    """Plans `model` on the graph path for inputs shaped like x [B, *in_shape]; raises GraphCaptureError
+    (the caller falls back to the whole model) or TypeError (bad model signature or output)."""
+    gm, opaque = captured if captured is not None else capture(model)
+    input_node, output_node = _input_node(gm), _output_node(gm)
+    evaluator = Evaluator(gm)
+    first = x[:1] if x.shape[0] > 0 else x.new_zeros((1, *x.shape[1:]))
+    second = x[1:2] if x.shape[0] > 1 else first * 0.5 + 0.25
+    pair = torch.cat([first, second])
+    values = _probe_values(evaluator, pair)
+    singles = [_probe_values(evaluator, first), _probe_values(evaluator, second)]
+
+    out_value = values[output_node]
+    if not isinstance(out_value, torch.Tensor) or out_value.dim() < 1 or out_value.shape[0] != 2:
+        shape = list(out_value.shape) if isinstance(out_value, torch.Tensor) else type(out_value).__name__
+        raise ValueError(f"the model must keep the batch dimension: 2 samples in gave output {shape}")
+
+    names = _display_names(gm)
+    carries: Dict[fx.Node, bool] = {input_node: True}
+    nodes: List[GraphNode] = []
+    for node in gm.graph.nodes:
+        if node.op in ("placeholder", "output"):
+            continue
+        name = names[node]
+        sources = [a for a in node.all_input_nodes if carries.get(a, False)]
+        value = values[node]
+        if not sources:
+            nodes.append(GraphNode(node, name, None))
+            continue
+        if not _is_float_tensor(value):
+            # Shapes, integers, masks: no derivative. A tuple of tensors (a module returning several
+            # outputs) is differentiated through the getitem nodes that pick from it.
+            if isinstance(value, (tuple, list)) and any(_is_float_tensor(v) for v in value):
+                carries[node] = True
+            nodes.append(GraphNode(node, name, None))
+            continue
+        differentiable = [a for a in sources if _is_float_tensor(values[a]) or isinstance(values[a], (tuple, list))]
+        if not differentiable:
+            nodes.append(GraphNode(node, name, None))
+            continue
+        _check_per_sample(node, value, [s[node] for s in singles], name)
+        carries[node] = True
+        rule, inputs = graph_rules.rule_for(gm, evaluator, node, values, carries)
+        nodes.append(GraphNode(node, name, rule, tuple(inputs), tuple(value.shape[1:])))
+
+    return GraphPlan(gm, nodes, input_node, output_node, tuple(x.shape[1:]), tuple(out_value.shape[1:]),
+                     x.dtype, x.device, opaque)
+
+
+def _display_names(gm: fx.GraphModule) -> Dict[fx.Node, str]:
+    """call_module nodes by their module path; other nodes by the module they were traced in."""
+    names = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            names[node] = node.target
+            continue
+        stack = node.meta.get("nn_module_stack")
+        owner = next(reversed(stack.values()))[0] if stack else ""
+        names[node] = f"{owner}:{node.name}" if owner else node.name
+    return names
+
+
+def warn_whole_model_fallback(reason: str):
+    warnings.warn(f"jacobian_ext: the model runs entirely on the torch.func fallback: {reason}", stacklevel=4)

@@ -1,0 +1,611 @@
+"""One rule per graph node kind: how a node's Jacobian block is pushed forward and pulled back.
+
+Blocks keep the node's per-sample shape intact and put the rows second: tangents T[b, d, *shape],
+cotangents G[b, c, *shape]; IDENTITY stands for the lazy identity seed (the model input in forward
+mode, the model output in reverse mode). Three families:
+- native: the C++ ops of jacobian_ext.ops (Linear, activations, softmax, ...);
+- index maps: views, slicing, sums, concatenation and scaling by a constant, applied to the block
+  directly (views stay views);
+- the torch.func fallback for any other node: jvp / vjp of that node over the whole batch, vmapped
+  over the rows. The planner has checked on a probe that each node maps samples independently, so
+  the batch-level jvp / vjp is exactly the per-sample one.
+"""
+import math
+import operator
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import fx, nn
+from torch.func import jvp, vjp, vmap
+from torch.nn import functional as F
+
+from . import ops
+from . import rules as layer_rules
+from .errors import GraphCaptureError
+
+
+class _Identity:
+    def __repr__(self):
+        return "IDENTITY"
+
+
+IDENTITY = _Identity()
+
+
+def explicit_block(block, batch: int, shape: Sequence[int], like: torch.Tensor, **_) -> torch.Tensor:
+    """The block as a tensor [B, R, *shape]; the identity becomes eye(R) expanded over the batch
+    (R = prod(shape)), one copy for all samples."""
+    if block is not IDENTITY:
+        return block
+    rows = math.prod(shape)
+    eye = torch.eye(rows, dtype=like.dtype, device=like.device)
+    return eye.reshape(1, rows, *shape).expand(batch, rows, *shape)
+
+
+def accumulate(store: Dict, node, block, shape):
+    """Adds a cotangent contribution (fan-out: a value used by several nodes)."""
+    if node not in store:
+        store[node] = block
+        return
+    previous = store[node]
+    reference = block if block is not IDENTITY else previous
+    batch = reference.shape[0]
+    store[node] = explicit_block(previous, batch, shape, reference) + explicit_block(block, batch, shape, reference)
+
+
+class NodeRule:
+    """Base of all node rules. forward: (value, tangent) from the input values and tangents;
+    reverse: one cotangent per input node, from the node's cotangent."""
+
+    label = "native"
+    native = True
+
+    def __init__(self, work_per_row: float):
+        self.work_per_row = float(work_per_row)  # multiply-adds per block row, for the cost model
+
+    def forward(self, plan, g, env, tangents):
+        raise NotImplementedError
+
+    def reverse(self, plan, g, env, cotangent):
+        raise NotImplementedError
+
+
+def _node_args(node: fx.Node, env, substitute: Optional[Dict] = None):
+    lookup = (lambda a: substitute[a] if a in substitute else env[a]) if substitute else env.__getitem__
+    return fx.node.map_arg(node.args, lookup), fx.node.map_arg(node.kwargs, lookup)
+
+
+# ---------------------------------------------------------------------------------------------
+# The torch.func fallback, for one node
+# ---------------------------------------------------------------------------------------------
+
+
+class TorchFuncRule(NodeRule):
+    """Any node: jvp (forward) or vjp (reverse) of the node over the whole batch, vmapped over rows."""
+
+    label = "fallback (torch.func)"
+    native = False
+
+    def __init__(self, function_of: Callable, work_per_row: float):
+        super().__init__(work_per_row)
+        self.function_of = function_of  # (plan, env) -> f(*input values) -> node value
+        self.forward_via_reverse = False
+
+    def forward(self, plan, g, env, tangents):
+        function = self.function_of(plan, env)
+        primals = tuple(env[i] for i in g.inputs)
+        batch = primals[0].shape[0]
+        columns = [explicit_block(t, batch, p.shape[1:], p) for t, p in zip(tangents, primals)]
+        value = function(*primals)
+        if not self.forward_via_reverse:
+            try:
+                return value, vmap(lambda *column: jvp(function, primals, column)[1], in_dims=1, out_dims=1)(*columns)
+            except NotImplementedError:  # an op without a forward-mode derivative (e.g. CPU flash attention)
+                self.forward_via_reverse = True
+        return value, self._forward_via_reverse(function, primals, value, columns)
+
+    @staticmethod
+    def _forward_via_reverse(function, primals, value, columns):
+        """T_out = J_node T_in with J_node [B, out, in] built row by row with vjp: for nodes whose ops
+        have no forward-mode derivative."""
+        batch, out_features = value.shape[0], math.prod(value.shape[1:])
+        _, pull = vjp(function, *primals)
+        rows = explicit_block(IDENTITY, batch, value.shape[1:], value)
+        node_jacobians = vmap(pull, in_dims=1, out_dims=1)(rows)  # per input: [B, out, *in]
+        total = None
+        for node_jacobian, column in zip(node_jacobians, columns):
+            in_features = math.prod(column.shape[2:])
+            product = torch.bmm(
+                column.reshape(batch, column.shape[1], in_features),
+                node_jacobian.reshape(batch, out_features, in_features).transpose(1, 2),
+            )
+            total = product if total is None else total + product
+        return total.reshape(batch, total.shape[1], *value.shape[1:])
+
+    def reverse(self, plan, g, env, cotangent):
+        function = self.function_of(plan, env)
+        primals = tuple(env[i] for i in g.inputs)
+        value, pull = vjp(function, *primals)
+        rows = explicit_block(cotangent, value.shape[0], value.shape[1:], value)
+        return list(vmap(pull, in_dims=1, out_dims=1)(rows))
+
+
+def _call_with_inputs(node: fx.Node, inputs: Sequence[fx.Node]):
+    def function_of(plan, env):
+        def function(*values):
+            args, kwargs = _node_args(node, env, dict(zip(inputs, values)))
+            return plan.evaluator.call(node, args, kwargs)
+
+        return function
+
+    return function_of
+
+
+def _pick_from_tuple(producer: fx.Node, index, inputs: Sequence[fx.Node]):
+    """getitem on a node that returns several tensors (e.g. MultiheadAttention): the producer is
+    differentiated as a whole and the wanted output picked."""
+    produce = _call_with_inputs(producer, inputs)
+
+    def function_of(plan, env):
+        function = produce(plan, env)
+        return lambda *values: function(*values)[index]
+
+    return function_of
+
+
+# ---------------------------------------------------------------------------------------------
+# Native ops over a [B, H] feature matrix (the per-sample shape is flattened)
+# ---------------------------------------------------------------------------------------------
+
+
+def _flat(block, batch: int, features: int):
+    """A tangent block [B, D, *shape] as the ops' [B, H, D] (a view) or None for the identity."""
+    if block is IDENTITY:
+        return None
+    return block.reshape(batch, block.shape[1], features).transpose(1, 2)
+
+
+def _unflat_tangents(jac_out: torch.Tensor, batch: int, shape) -> torch.Tensor:
+    """The ops' [B, H, D] (or a batch-shared [H, D]) back to tangents [B, D, *shape]."""
+    if jac_out.dim() == 2:
+        jac_out = jac_out.unsqueeze(0).expand(batch, *jac_out.shape)
+    return jac_out.transpose(1, 2).reshape(batch, jac_out.shape[2], *shape)
+
+
+def _flat_cotangent(block, batch: int, features: int):
+    return None if block is IDENTITY else block.reshape(batch, block.shape[1], features)
+
+
+def _unflat_cotangent(result: torch.Tensor, batch: int, shape) -> torch.Tensor:
+    if result.dim() == 2:  # batch-shared (a Linear fed the identity)
+        result = result.unsqueeze(0).expand(batch, *result.shape)
+    return result.reshape(batch, result.shape[1], *shape)
+
+
+class FeatureOpRule(NodeRule):
+    """A native op over the flattened features [B, H]: forward_op(input2d, jac) -> (output2d, jac_out),
+    reverse_op(input2d, output2d, cotangent) -> cotangent_in."""
+
+    def __init__(self, label: str, forward_op, reverse_op, needs_output: bool, work_per_row: float):
+        super().__init__(work_per_row)
+        self.label = f"native {label}"
+        self.forward_op, self.reverse_op, self.needs_output = forward_op, reverse_op, needs_output
+
+    def forward(self, plan, g, env, tangents):
+        x = env[g.inputs[0]]
+        batch, features = x.shape[0], math.prod(x.shape[1:])
+        output, jac_out = self.forward_op(x.reshape(batch, features), _flat(tangents[0], batch, features))
+        return output.reshape(batch, *g.shape), _unflat_tangents(jac_out, batch, g.shape)
+
+    def reverse(self, plan, g, env, cotangent):
+        x = env[g.inputs[0]]
+        batch, features, out_features = x.shape[0], math.prod(x.shape[1:]), math.prod(g.shape)
+        output = env[g.node].reshape(batch, out_features) if self.needs_output else None
+        pulled = self.reverse_op(x.reshape(batch, features), output, _flat_cotangent(cotangent, batch, out_features))
+        return [_unflat_cotangent(pulled, batch, x.shape[1:])]
+
+
+def _linear_rule(module: nn.Linear, input_shape) -> NodeRule:
+    weight = lambda: module.weight  # noqa: E731  (read at call time: parameters may be replaced)
+    if len(input_shape) == 1:
+        return FeatureOpRule(
+            "linear",
+            lambda x, jac: ops.linear_jac_forward(x, jac, weight(), module.bias),
+            lambda x, out, cot: ops.linear_jac_reverse(cot, weight()),
+            needs_output=False,
+            work_per_row=module.in_features * module.out_features,
+        )
+    return LastAxisLinearRule(module, math.prod(input_shape[:-1]) * module.in_features * module.out_features)
+
+
+class LastAxisLinearRule(NodeRule):
+    """nn.Linear over the last axis of an N-d per-sample input (tokens): the block's last axis is
+    multiplied by W^T (forward) or W (reverse), one GEMM over all rows of all samples."""
+
+    label = "native linear (last axis)"
+
+    def __init__(self, module: nn.Linear, work_per_row: float):
+        super().__init__(work_per_row)
+        self.module = module
+
+    def forward(self, plan, g, env, tangents):
+        x = env[g.inputs[0]]
+        tangent = explicit_block(tangents[0], x.shape[0], x.shape[1:], x)
+        return self.module(x), torch.matmul(tangent, self.module.weight.t())
+
+    def reverse(self, plan, g, env, cotangent):
+        x = env[g.inputs[0]]
+        return [torch.matmul(explicit_block(cotangent, x.shape[0], g.shape, x), self.module.weight)]
+
+
+def _activation_rule(spec: str, features: int) -> NodeRule:
+    return FeatureOpRule(
+        spec,
+        lambda x, jac: ops.pointwise_jac_forward(x, jac, spec),
+        lambda x, out, cot: ops.pointwise_jac_reverse(x, cot, spec),
+        needs_output=False,
+        work_per_row=features,
+    )
+
+
+def _softmax_rule(log: bool, features: int) -> NodeRule:
+    if log:
+        forward_op, reverse_op = ops.log_softmax_jac_forward, ops.log_softmax_jac_reverse
+    else:
+        forward_op, reverse_op = ops.softmax_jac_forward, ops.softmax_jac_reverse
+    # The log-softmax reverse rule takes the probabilities, the softmax one the output (the same).
+    probabilities = (lambda out: out.exp()) if log else (lambda out: out)
+    return FeatureOpRule(
+        "log_softmax" if log else "softmax",
+        forward_op,
+        lambda x, out, cot: reverse_op(probabilities(out), cot),
+        needs_output=True,
+        work_per_row=3 * features,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Index maps: applied to the block itself
+# ---------------------------------------------------------------------------------------------
+
+
+class ReshapeRule(NodeRule):
+    """Any op that keeps the row-major order of a sample's features (view, reshape, flatten,
+    unflatten, squeeze, unsqueeze, contiguous, Identity, Dropout in eval mode): a view of the block."""
+
+    label = "index map (reshape)"
+
+    def forward(self, plan, g, env, tangents):
+        x = env[g.inputs[0]]
+        value = plan.evaluator.evaluate(g.node, env)
+        if tangents[0] is IDENTITY and tuple(x.shape[1:]) == g.shape:
+            return value, IDENTITY
+        tangent = explicit_block(tangents[0], x.shape[0], x.shape[1:], x)
+        return value, tangent.reshape(x.shape[0], tangent.shape[1], *g.shape)
+
+    def reverse(self, plan, g, env, cotangent):
+        x = env[g.inputs[0]]
+        if cotangent is IDENTITY and tuple(x.shape[1:]) == g.shape:
+            return [IDENTITY]
+        block = explicit_block(cotangent, x.shape[0], g.shape, x)
+        return [block.reshape(x.shape[0], block.shape[1], *x.shape[1:])]
+
+
+class PermuteRule(NodeRule):
+    """permute / transpose / movedim of the per-sample axes: the same permutation of the block's
+    axes, shifted past the rows axis (a view)."""
+
+    label = "index map (permute)"
+
+    def __init__(self, permutation: Sequence[int], work_per_row: float):
+        super().__init__(work_per_row)
+        # permutation of [B, *shape] with 0 fixed -> of [B, R, *shape]
+        self.block_permutation = [0, 1] + [p + 1 for p in permutation[1:]]
+        self.inverse = [self.block_permutation.index(i) for i in range(len(self.block_permutation))]
+
+    def forward(self, plan, g, env, tangents):
+        x = env[g.inputs[0]]
+        tangent = explicit_block(tangents[0], x.shape[0], x.shape[1:], x)
+        return plan.evaluator.evaluate(g.node, env), tangent.permute(self.block_permutation)
+
+    def reverse(self, plan, g, env, cotangent):
+        x = env[g.inputs[0]]
+        return [explicit_block(cotangent, x.shape[0], g.shape, x).permute(self.inverse)]
+
+
+class IndexRule(NodeRule):
+    """Basic slicing x[:, ...] that keeps the batch axis: the same index on the block (a view);
+    reverse writes the cotangent into zeros of the input's shape."""
+
+    label = "index map (slice)"
+
+    def __init__(self, block_index: tuple, work_per_row: float):
+        super().__init__(work_per_row)
+        self.block_index = block_index
+
+    def forward(self, plan, g, env, tangents):
+        x = env[g.inputs[0]]
+        tangent = explicit_block(tangents[0], x.shape[0], x.shape[1:], x)
+        return plan.evaluator.evaluate(g.node, env), tangent[self.block_index]
+
+    def reverse(self, plan, g, env, cotangent):
+        x = env[g.inputs[0]]
+        block = explicit_block(cotangent, x.shape[0], g.shape, x)
+        pulled = block.new_zeros(x.shape[0], block.shape[1], *x.shape[1:])
+        pulled[self.block_index] = block
+        return [pulled]
+
+
+class SumRule(NodeRule):
+    """x + y, x - y, -x, x + constant (residual connections): the blocks of the inputs that carry a
+    derivative, each times its coefficient (x + x has 2, x - x has 0); constants drop out."""
+
+    label = "index map (sum)"
+
+    def __init__(self, coefficients: Sequence[float], work_per_row: float):
+        super().__init__(work_per_row)
+        self.coefficients = list(coefficients)
+
+    def forward(self, plan, g, env, tangents):
+        value = plan.evaluator.evaluate(g.node, env)
+        total = None
+        for coefficient, tangent in zip(self.coefficients, tangents):
+            block = explicit_block(tangent, value.shape[0], g.shape, value)
+            term = block if coefficient == 1 else block * coefficient
+            total = term if total is None else total + term
+        return value, total
+
+    def reverse(self, plan, g, env, cotangent):
+        if all(c == 1 for c in self.coefficients):
+            return [cotangent] * len(self.coefficients)
+        value = env[g.node]
+        block = explicit_block(cotangent, value.shape[0], g.shape, value)
+        return [block if c == 1 else block * c for c in self.coefficients]
+
+
+class ScaleRule(NodeRule):
+    """x * c or x / c with c a constant (a number or a tensor that carries no derivative) that does
+    not broadcast x to a larger shape: the block is scaled by c, broadcast past the rows axis."""
+
+    label = "index map (scale)"
+
+    def __init__(self, constant_of: Callable, work_per_row: float):
+        super().__init__(work_per_row)
+        self.constant_of = constant_of  # env -> number or tensor broadcastable to [B, *shape]
+
+    def _block_factor(self, env, ndim: int):
+        factor = self.constant_of(env)
+        if isinstance(factor, torch.Tensor) and factor.dim() == ndim:  # has the batch axis: add the rows axis
+            factor = factor.unsqueeze(1)
+        return factor
+
+    def forward(self, plan, g, env, tangents):
+        x = env[g.inputs[0]]
+        tangent = explicit_block(tangents[0], x.shape[0], x.shape[1:], x)
+        return plan.evaluator.evaluate(g.node, env), tangent * self._block_factor(env, x.dim())
+
+    def reverse(self, plan, g, env, cotangent):
+        x = env[g.inputs[0]]
+        return [explicit_block(cotangent, x.shape[0], g.shape, x) * self._block_factor(env, x.dim())]
+
+
+class CatRule(NodeRule):
+    """torch.cat along a per-sample axis: the blocks concatenated along the same axis (zeros for the
+    parts that carry no derivative); reverse splits the cotangent."""
+
+    label = "index map (cat)"
+
+    def __init__(self, block_dim: int, parts: Sequence[Optional[fx.Node]], work_per_row: float):
+        super().__init__(work_per_row)
+        self.block_dim = block_dim
+        self.parts = list(parts)  # the fx node of each concatenated tensor, or None when constant
+
+    def forward(self, plan, g, env, tangents):
+        value = plan.evaluator.evaluate(g.node, env)
+        by_input = dict(zip(g.inputs, tangents))
+        blocks = []
+        for part, part_value in zip(self.parts, self._part_values(g, env)):
+            if part is not None:
+                blocks.append(explicit_block(by_input[part], value.shape[0], part_value.shape[1:], part_value))
+            else:
+                blocks.append(part_value.new_zeros(value.shape[0], plan.in_features, *part_value.shape[1:]))
+        return value, torch.cat(blocks, self.block_dim)
+
+    def _part_values(self, g, env):
+        args, kwargs = _node_args(g.node, env)
+        return list(args[0] if args else kwargs["tensors"])
+
+    def reverse(self, plan, g, env, cotangent):
+        value = env[g.node]
+        block = explicit_block(cotangent, value.shape[0], g.shape, value)
+        sizes = [v.shape[self.block_dim - 1] for v in self._part_values(g, env)]
+        pieces = torch.split(block, sizes, dim=self.block_dim)
+        by_part = {}
+        for part, piece in zip(self.parts, pieces):
+            if part is not None:
+                by_part[part] = piece if part not in by_part else by_part[part] + piece
+        return [by_part[i] for i in g.inputs]
+
+
+# ---------------------------------------------------------------------------------------------
+# Choosing a node's rule
+# ---------------------------------------------------------------------------------------------
+
+_RESHAPE_METHODS = {"view", "reshape", "flatten", "unflatten", "squeeze", "unsqueeze", "contiguous", "view_as", "reshape_as"}
+_RESHAPE_FUNCTIONS = {torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze, torch.unflatten}
+_ADD_FUNCTIONS = {operator.add, torch.add, operator.iadd}
+_SUB_FUNCTIONS = {operator.sub, torch.sub, operator.isub}
+_MUL_FUNCTIONS = {operator.mul, torch.mul, operator.imul}
+_DIV_FUNCTIONS = {operator.truediv, torch.div, operator.itruediv}
+_RESHAPE_MODULES = (nn.Flatten, nn.Unflatten, nn.Identity, nn.modules.dropout._DropoutNd, nn.AlphaDropout,
+                    nn.FeatureAlphaDropout)
+
+
+def prefers_graph(module: nn.Module) -> bool:
+    """Whether a layer of an nn.Sequential has a native rule on the graph path only (so the model is
+    better captured as a graph than run as fused segments with that layer on the fallback)."""
+    return type(module) in _GRAPH_ONLY_MODULES
+
+
+# Layers with a graph rule but no fused-segment rule (rules.NATIVE_RULES).
+_GRAPH_ONLY_MODULES = ()
+
+
+def rule_for(gm: fx.GraphModule, evaluator, node: fx.Node, values: Dict, carries: Dict) -> Tuple[NodeRule, List]:
+    """(rule, input nodes that carry a derivative) for a node whose value carries one."""
+    inputs = [a for a in node.all_input_nodes if carries.get(a, False)]
+    is_pick = node.op == "call_function" and node.target is operator.getitem
+    if not is_pick and any(not isinstance(values[i], torch.Tensor) for i in inputs):
+        raise GraphCaptureError(f"node '{node.name}' takes a whole multi-output value that carries a derivative")
+    out_value = values[node]
+    out_numel = math.prod(out_value.shape[1:])
+    native = _native_rule(gm, node, values, inputs, out_numel)
+    if native is not None:
+        return native, inputs
+    # getitem on a multi-output node: differentiate the producer as a whole.
+    if node.op == "call_function" and node.target is operator.getitem and isinstance(values[node.args[0]], (tuple, list)):
+        producer = node.args[0]
+        producer_inputs = [a for a in producer.all_input_nodes if carries.get(a, False)]
+        return TorchFuncRule(_pick_from_tuple(producer, node.args[1], producer_inputs), 4 * out_numel), producer_inputs
+    return TorchFuncRule(_call_with_inputs(node, inputs), 4 * out_numel), inputs
+
+
+def _native_rule(gm, node: fx.Node, values, inputs, out_numel) -> Optional[NodeRule]:
+    if len(inputs) != 1 and not _is_sum_or_cat(node):
+        return None
+    if node.op == "call_module":
+        return _module_rule(gm.get_submodule(node.target), values[inputs[0]], out_numel)
+    if node.op in ("call_function", "call_method"):
+        return _function_rule(node, values, inputs, out_numel)
+    return None
+
+
+def _is_sum_or_cat(node: fx.Node) -> bool:
+    return node.op == "call_function" and (
+        node.target in _ADD_FUNCTIONS or node.target in _SUB_FUNCTIONS or node.target in (torch.cat, torch.concat)
+    )
+
+
+def _module_rule(module: nn.Module, x: torch.Tensor, out_numel: int) -> Optional[NodeRule]:
+    input_shape = tuple(x.shape[1:])
+    features = math.prod(input_shape)
+    if type(module) is nn.Linear:
+        return _linear_rule(module, input_shape)
+    spec = layer_rules.activation_spec(module)
+    if spec is not None:
+        return _activation_rule(spec, features)
+    if type(module) in (nn.Softmax, nn.LogSoftmax) and len(input_shape) == 1 and module.dim in (None, 1, -1):
+        return _softmax_rule(type(module) is nn.LogSoftmax, features)
+    if isinstance(module, _RESHAPE_MODULES) and type(module).__module__.startswith("torch.nn"):
+        if isinstance(module, nn.Flatten) and module.start_dim in (0, -(len(input_shape) + 1)):
+            return None
+        return ReshapeRule(0)
+    return None
+
+
+def _function_rule(node: fx.Node, values, inputs, out_numel) -> Optional[NodeRule]:
+    target = node.target
+    x_node = inputs[0]
+    x = values[x_node]
+    out = values[node]
+    spec = layer_rules.functional_activation_spec(target, node.args, node.kwargs)
+    if spec is not None and node.args and node.args[0] is x_node:
+        return _activation_rule(spec, math.prod(x.shape[1:]))
+    if node.op == "call_method" and target in _RESHAPE_METHODS or target in _RESHAPE_FUNCTIONS:
+        return ReshapeRule(0) if out.shape[0] == x.shape[0] and node.args[0] is x_node else None
+    if target in ("permute", "transpose", torch.permute, torch.transpose) and node.args[0] is x_node:
+        return _permute_rule(node, x.dim(), out_numel)
+    if target is operator.getitem and node.args[0] is x_node:
+        return _index_rule(node.args[1], out_numel)
+    if target in _ADD_FUNCTIONS or target in _SUB_FUNCTIONS or target in (operator.neg, torch.neg, "neg"):
+        return _sum_rule(node, values, inputs, out_numel)
+    if target in _MUL_FUNCTIONS or target in _DIV_FUNCTIONS or target in ("mul", "div"):
+        return _scale_rule(node, values, x_node, out_numel)
+    if target in (torch.cat, torch.concat):
+        return _cat_rule(node, values, inputs, out_numel)
+    return None
+
+
+def _normalize_dim(dim: int, ndim: int) -> int:
+    return dim + ndim if dim < 0 else dim
+
+
+def _permute_rule(node: fx.Node, ndim: int, out_numel) -> Optional[NodeRule]:
+    args = node.args[1:]
+    if any(isinstance(a, fx.Node) for a in args) or node.kwargs:
+        return None
+    if node.target in ("transpose", torch.transpose):
+        first, second = (_normalize_dim(d, ndim) for d in args)
+        permutation = list(range(ndim))
+        permutation[first], permutation[second] = second, first
+    else:
+        dims = args[0] if len(args) == 1 and isinstance(args[0], (tuple, list)) else args
+        permutation = [_normalize_dim(d, ndim) for d in dims]
+    if len(permutation) != ndim or permutation[0] != 0:
+        return None  # moves the batch axis: not a per-sample map
+    return PermuteRule(permutation, out_numel)
+
+
+def _index_rule(index, out_numel) -> Optional[NodeRule]:
+    parts = index if isinstance(index, tuple) else (index,)
+    if any(isinstance(p, (fx.Node, torch.Tensor, list)) for p in parts):
+        return None  # advanced indexing: fallback
+    if parts and parts[0] is Ellipsis and Ellipsis not in parts[1:]:
+        return IndexRule(parts, out_numel)  # indexes the trailing axes, which the block shares
+    if not parts or parts[0] != slice(None):
+        return None  # indexes the batch axis
+    if any(isinstance(p, slice) and any(isinstance(s, fx.Node) for s in (p.start, p.stop, p.step)) for p in parts):
+        return None
+    return IndexRule((slice(None), slice(None), *parts[1:]), out_numel)
+
+
+def _sum_rule(node: fx.Node, values, inputs, out_numel) -> Optional[NodeRule]:
+    out_shape = values[node].shape
+    if node.kwargs or len(node.args) > 2 or any(values[i].shape != out_shape for i in inputs):
+        return None  # alpha, or an input broadcast to a larger shape: fallback
+    negate = node.target in (operator.neg, torch.neg, "neg")
+    subtract = node.target in _SUB_FUNCTIONS or node.target == "sub"
+    position_sign = [-1.0] if negate else [1.0, -1.0 if subtract else 1.0]
+    coefficients = {i: 0.0 for i in inputs}
+    for position, arg in enumerate(node.args):
+        if isinstance(arg, fx.Node) and arg in coefficients:
+            coefficients[arg] += position_sign[position]
+    if any(i not in node.args for i in inputs):
+        return None  # a derivative-carrying input hidden inside another argument
+    return SumRule([coefficients[i] for i in inputs], out_numel)
+
+
+def _scale_rule(node: fx.Node, values, x_node, out_numel) -> Optional[NodeRule]:
+    if len(node.args) != 2 or node.kwargs:
+        return None
+    first, second = node.args
+    divide = node.target in _DIV_FUNCTIONS or node.target == "div"
+    if divide and first is not x_node:
+        return None  # c / x is not linear in x
+    constant = second if first is x_node else first
+    if constant is x_node:
+        return None  # x * x
+    constant_value = values[constant] if isinstance(constant, fx.Node) else constant
+    if values[node].shape != values[x_node].shape:
+        return None
+    if isinstance(constant_value, torch.Tensor) and constant_value.dim() > values[x_node].dim():
+        return None
+
+    def constant_of(env):
+        c = env[constant] if isinstance(constant, fx.Node) else constant
+        return 1.0 / c if divide else c
+
+    return ScaleRule(constant_of, out_numel)
+
+
+def _cat_rule(node: fx.Node, values, inputs, out_numel) -> Optional[NodeRule]:
+    tensors = node.args[0] if node.args else node.kwargs.get("tensors")
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+    if not isinstance(tensors, (list, tuple)) or isinstance(dim, fx.Node):
+        return None
+    ndim = values[node].dim()
+    dim = _normalize_dim(dim, ndim)
+    if dim == 0:
+        return None
+    parts = [t if isinstance(t, fx.Node) and t in inputs else None for t in tensors]
+    return CatRule(dim + 1, parts, out_numel)

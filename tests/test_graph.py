@@ -1,0 +1,199 @@
+"""Graph capture (torch.fx): models that are not an nn.Sequential of fused layers, against torch.func."""
+import warnings
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+import jacobian_ext as jx
+from conftest import DEVICES, DTYPES, assert_matches_reference, loop_jacobian, reference_jacobian
+
+MODES = ["auto", "forward", "reverse"]
+
+
+def check(model, x, mode, dtype, expect_fallbacks=None, reference=reference_jacobian):
+    jm = jx.compile(model, mode=mode)
+    y, jacobian = jm(x)
+    assert_matches_reference(y, model(x), dtype)
+    assert_matches_reference(jacobian, reference(model, x), dtype)
+    if expect_fallbacks is not None:
+        assert jm.fallbacks == expect_fallbacks
+    return jm
+
+
+class ResidualMLP(nn.Module):
+    """Fan-out, residual adds, scalar multiply and subtract, functional activations and methods."""
+
+    def __init__(self, width, out_features):
+        super().__init__()
+        self.inner = nn.Linear(width, width)
+        self.gate = nn.Linear(width, width, bias=False)
+        self.head = nn.Linear(width, out_features)
+
+    def forward(self, x):
+        h = x + 0.5 * torch.tanh(self.inner(x))
+        h = h - F.relu(self.gate(h)) / 3.0
+        h = -h + torch.sigmoid(h) + h.relu()
+        return self.head(h)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("batch", [0, 1, 5])
+@pytest.mark.parametrize("shape", [(6, 3), (4, 9)], ids=["D>C", "D<C"])
+def test_residual_mlp_is_all_native(device, dtype, mode, batch, shape):
+    width, out_features = shape
+    model = ResidualMLP(width, out_features).to(device=device, dtype=dtype)
+    x = torch.randn(batch, width, device=device, dtype=dtype)
+    check(model, x, mode, dtype, expect_fallbacks=[])
+
+
+class IndexMaps(nn.Module):
+    """Views, permutes, slicing, concatenation with a constant, x + x and x - x."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("token", torch.randn(1, 1, 4))
+        self.linear = nn.Linear(4, 4)
+
+    def forward(self, x):  # x [B, 3, 4]
+        t = self.linear(x).permute(0, 2, 1).transpose(1, 2)
+        t = torch.cat([self.token.expand(x.shape[0], -1, -1), t, x], dim=1)  # [B, 7, 4]
+        t = t[:, 1:, ::2] + t[..., 1:, 1::2]  # [B, 6, 2]
+        t = t.unsqueeze(1).flatten(1) * torch.arange(12.0, dtype=x.dtype, device=x.device)
+        return (t + t).view(x.shape[0], 3, 4).contiguous() - (t - t).reshape(x.shape[0], 3, 4)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("batch", [0, 1, 4])
+def test_index_maps_are_native(device, mode, batch):
+    model = IndexMaps().to(device=device, dtype=torch.float64)
+    x = torch.randn(batch, 3, 4, device=device, dtype=torch.float64).transpose(1, 2).contiguous().transpose(1, 2)
+    check(model, x, mode, torch.float64, expect_fallbacks=[])
+
+
+class WithUnsupportedNode(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.first, self.second = nn.Linear(5, 6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = self.first(x)
+        return self.second(torch.sin(h) * h)  # sin and the product of two carried values: fallback
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("mode", MODES)
+def test_unsupported_nodes_fall_back_alone(dtype, mode):
+    model = WithUnsupportedNode().to(dtype)
+    x = torch.randn(4, 5, dtype=dtype)
+    jm = check(model, x, mode, dtype)
+    assert jm.fallbacks == ["sin", "mul"]
+    text = repr(jm)
+    assert "first" in text and "native linear" in text and "fallback (torch.func)" in text
+
+
+class DataDependent(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(4, 4)
+
+    def forward(self, x):
+        if x.abs().sum() > 0:  # data-dependent control flow: untraceable (always true for these inputs,
+            return self.linear(x)  # so that the branch is the same per sample and per batch)
+        return -self.linear(x)
+
+
+class HasUntraceablePart(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.part = DataDependent()
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.part(x)))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_untraceable_model_runs_whole_on_the_fallback_with_a_warning(mode):
+    model = DataDependent().double()
+    x = torch.randn(3, 4, dtype=torch.float64)
+    # torch.func.vmap cannot run data-dependent control flow either: the fallback goes sample by
+    # sample, and the reference is the classic loop over outputs.
+    with pytest.warns(UserWarning, match="entirely on the torch.func fallback.*cannot trace"):
+        check(model, x, mode, torch.float64, expect_fallbacks=["model"], reference=loop_jacobian)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_untraceable_submodule_is_kept_whole(mode):
+    model = HasUntraceablePart().double()
+    x = torch.randn(3, 4, dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        jm = check(model, x, mode, torch.float64, expect_fallbacks=["part"], reference=loop_jacobian)
+    assert "not traceable, kept whole: part" in repr(jm)
+
+
+class MixesSamples(nn.Module):
+    def forward(self, x):
+        return x - x.mean(0, keepdim=True).expand_as(x)
+
+
+class SwapsSamples(nn.Module):
+    def forward(self, x):
+        return x.flip(0) * 2
+
+
+@pytest.mark.parametrize("model, reason", [
+    (MixesSamples(), "node 'mean' does not keep the batch dimension"), (SwapsSamples(), "node 'flip' mixes the samples"),
+])
+def test_model_that_mixes_samples_runs_whole_on_the_fallback(model, reason):
+    x = torch.randn(3, 4, dtype=torch.float64)
+    with pytest.warns(UserWarning, match=reason):
+        jacobian = jx.batch_jacobian(model, x)
+    # The per-sample definition (each sample alone, as torch.func.vmap computes it).
+    assert_matches_reference(jacobian, reference_jacobian(model, x), torch.float64)
+
+
+class TwoOutputs(nn.Module):
+    def forward(self, x):
+        return x * 2, x
+
+
+class TwoInputs(nn.Module):
+    def forward(self, x, y):
+        return x + y
+
+
+def test_tuple_output_and_several_inputs_are_rejected_clearly():
+    x = torch.randn(2, 3)
+    with pytest.raises(TypeError, match="returns a tuple.*single output tensor.*lambda x: model\\(x\\)\\[0\\]"):
+        jx.batch_jacobian(TwoOutputs(), x)
+    with pytest.raises(TypeError, match="2 required inputs \\(x, y\\).*lambda x: model\\(x, other\\)"):
+        jx.batch_jacobian(TwoInputs(), x)
+    # The wrappers the messages suggest work.
+    assert_matches_reference(jx.batch_jacobian(lambda t: TwoOutputs()(t)[0], x), 2 * reference_jacobian(nn.Identity(), x), torch.float32)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_output_independent_of_the_input_has_a_zero_jacobian(mode):
+    class Constant(nn.Module):
+        def forward(self, x):
+            return torch.ones(x.shape[0], 2, dtype=x.dtype) + 0 * x.shape[1]
+
+    x = torch.randn(3, 4, dtype=torch.float64)
+    y, jacobian = jx.compile(Constant(), mode=mode)(x)
+    assert jacobian.shape == (3, 2, 4) and not jacobian.any()
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_identity_model(mode):
+    class Same(nn.Module):
+        def forward(self, x):
+            return x.reshape(x.shape[0], -1)
+
+    x = torch.randn(2, 3, 2, dtype=torch.float64)
+    check(Same(), x, mode, torch.float64, expect_fallbacks=[])
