@@ -29,14 +29,7 @@ at::Tensor as_planes(const at::Tensor& features) {
       {features.size(0), plane_count(features.sizes().slice(1)), features.size(-2), features.size(-1)});
 }
 
-at::Tensor from_planes(const at::Tensor& planes, at::IntArrayRef feature_shape) {
-  std::vector<int64_t> shape{planes.size(0)};
-  shape.insert(shape.end(), feature_shape.begin(), feature_shape.end() - 2);
-  shape.push_back(planes.size(2));
-  shape.push_back(planes.size(3));
-  return planes.reshape(shape);
-}
-
+// The feature shape [*planes, H, W] with the spatial size replaced.
 std::vector<int64_t> with_spatial(at::IntArrayRef feature_shape, int64_t height, int64_t width) {
   std::vector<int64_t> shape(feature_shape.begin(), feature_shape.end() - 2);
   shape.push_back(height);
@@ -44,9 +37,18 @@ std::vector<int64_t> with_spatial(at::IntArrayRef feature_shape, int64_t height,
   return shape;
 }
 
-// Uninitialised [N, P, H, W]: the pooling backward functions read only the shape of their `self`.
-at::Tensor shape_carrier(const at::Tensor& planes_out, const at::Tensor& input) {
-  return at::empty({planes_out.size(0), planes_out.size(1), input.size(-2), input.size(-1)}, planes_out.options());
+at::Tensor from_planes(const at::Tensor& planes, at::IntArrayRef feature_shape) {
+  std::vector<int64_t> shape{planes.size(0)};
+  const std::vector<int64_t> features = with_spatial(feature_shape, planes.size(2), planes.size(3));
+  shape.insert(shape.end(), features.begin(), features.end());
+  return planes.reshape(shape);
+}
+
+// The `self` argument of the pooling backward functions, which read only its shape: an uninitialised
+// [N, P, H, W] for cotangent planes [N, P, Ho, Wo] of an input [B, *planes, H, W].
+at::Tensor shape_carrier(const at::Tensor& cotangent_planes, const at::Tensor& input) {
+  return at::empty({cotangent_planes.size(0), cotangent_planes.size(1), input.size(-2), input.size(-1)},
+                   cotangent_planes.options());
 }
 
 // ---- max pooling ----
@@ -73,7 +75,8 @@ struct MaxPoolSelection {
 MaxPoolSelection select_max(const at::Tensor& input, const MaxPoolGeometry& pool) {
   auto [pooled, indices] = at::max_pool2d_with_indices(as_planes(input), pool.kernel_size, pool.stride,
                                                        pool.padding, pool.dilation, pool.ceil_mode);
-  const int64_t batch = indices.size(0), planes = indices.size(1), plane_outputs = indices.size(2) * indices.size(3);
+  const int64_t batch = indices.size(0), planes = indices.size(1);
+  const int64_t plane_outputs = indices.size(2) * indices.size(3);
   const int64_t plane_size = input.size(-2) * input.size(-1);
   at::Tensor plane_indices = indices.contiguous().view({batch, planes, plane_outputs});
   at::Tensor plane_offsets = at::arange(planes, plane_indices.options()).mul_(plane_size).view({1, planes, 1});
@@ -123,9 +126,10 @@ std::tuple<at::Tensor, at::Tensor> max_pool2d_jac_forward(const at::Tensor& inpu
                                                           at::IntArrayRef padding, at::IntArrayRef dilation,
                                                           bool ceil_mode) {
   const char* op = "jacext::max_pool2d_jac_forward";
-  check_max_pool_args(input, {kernel_size, stride, padding, dilation, ceil_mode}, op);
+  const MaxPoolGeometry pool{kernel_size, stride, padding, dilation, ceil_mode};
+  check_max_pool_args(input, pool, op);
   const std::optional<at::Tensor> tangents = tangents_nd_from_jac(jac, input, op);
-  const MaxPoolSelection selection = select_max(input, {kernel_size, stride, padding, dilation, ceil_mode});
+  const MaxPoolSelection selection = select_max(input, pool);
   const int64_t batch = input.size(0);
   const int64_t dims = tangents.has_value() ? tangents->size(1) : c10::multiply_integers(input.sizes().slice(1));
   std::vector<int64_t> result_shape{batch, dims};
@@ -140,7 +144,8 @@ std::tuple<at::Tensor, at::Tensor> max_pool2d_jac_forward(const at::Tensor& inpu
     const auto& plane_indices = selection.plane_indices;
     const at::Tensor planes =
         tangents->view({batch, dims, plane_indices.size(1), input.size(-2) * input.size(-1)});
-    const at::Tensor index = plane_indices.unsqueeze(1).expand({batch, dims, plane_indices.size(1), plane_indices.size(2)});
+    const at::Tensor index =
+        plane_indices.unsqueeze(1).expand({batch, dims, plane_indices.size(1), plane_indices.size(2)});
     tangents_out = at::gather(planes, 3, index).view(result_shape);
   }
   return {selection.output, tangents_out.movedim(1, -1)};
@@ -150,8 +155,9 @@ at::Tensor max_pool2d_jac_reverse(const at::Tensor& input, const std::optional<a
                                   at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding,
                                   at::IntArrayRef dilation, bool ceil_mode) {
   const char* op = "jacext::max_pool2d_jac_reverse";
-  check_max_pool_args(input, {kernel_size, stride, padding, dilation, ceil_mode}, op);
-  const MaxPoolSelection selection = select_max(input, {kernel_size, stride, padding, dilation, ceil_mode});
+  const MaxPoolGeometry pool{kernel_size, stride, padding, dilation, ceil_mode};
+  check_max_pool_args(input, pool, op);
+  const MaxPoolSelection selection = select_max(input, pool);
   const int64_t batch = input.size(0);
   const std::optional<at::Tensor> cotangents =
       cotangents_nd_from_arg(cotangent, batch, selection.output.sizes().slice(1), input, op);
@@ -197,12 +203,13 @@ at::Tensor avg_pool2d_jac_reverse(const at::Tensor& input, const std::optional<a
   check_avg_pool_args(input, pool, op);
   // The pooled shape, from ATen's own rule (and checks) on an empty batch.
   const std::vector<int64_t> out_features = avg_pool(input.narrow(0, 0, 0), pool).sizes().slice(1).vec();
-  const std::optional<at::Tensor> cotangents = cotangents_nd_from_arg(cotangent, input.size(0), out_features, input, op);
+  const std::optional<at::Tensor> cotangents =
+      cotangents_nd_from_arg(cotangent, input.size(0), out_features, input, op);
   return map_rows_shared(cotangents, input.size(0), out_features, input.options(), [&](const at::Tensor& rows) {
     const at::Tensor planes = as_planes(rows);
-    const at::Tensor grad = at::avg_pool2d_backward(planes, shape_carrier(planes, input), pool.kernel_size, pool.stride,
-                                                    pool.padding, pool.ceil_mode, pool.count_include_pad,
-                                                    pool.divisor_override);
+    const at::Tensor grad =
+        at::avg_pool2d_backward(planes, shape_carrier(planes, input), pool.kernel_size, pool.stride, pool.padding,
+                                pool.ceil_mode, pool.count_include_pad, pool.divisor_override);
     return from_planes(grad, input.sizes().slice(1));
   });
 }
@@ -225,7 +232,8 @@ at::Tensor adaptive_avg_pool2d_jac_reverse(const at::Tensor& input, const std::o
   const char* op = "jacext::adaptive_avg_pool2d_jac_reverse";
   check_adaptive_args(input, output_size, op);
   const std::vector<int64_t> out_features = with_spatial(input.sizes().slice(1), output_size[0], output_size[1]);
-  const std::optional<at::Tensor> cotangents = cotangents_nd_from_arg(cotangent, input.size(0), out_features, input, op);
+  const std::optional<at::Tensor> cotangents =
+      cotangents_nd_from_arg(cotangent, input.size(0), out_features, input, op);
   return map_rows_shared(cotangents, input.size(0), out_features, input.options(), [&](const at::Tensor& rows) {
     const at::Tensor planes = as_planes(rows);
     return from_planes(at::_adaptive_avg_pool2d_backward(planes, shape_carrier(planes, input)),

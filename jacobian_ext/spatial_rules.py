@@ -4,13 +4,14 @@ Each ``*_params(module, input_shape)`` reads a module and its per-sample input s
 batch axis) and returns the keyword arguments of the forward op ``ops.<op>_jac_forward(input, jac,
 **params)``, or ``None`` when the module has no native rule in that configuration (it then runs on
 the fallback). ``native_call`` bundles the op with its parameters and calls either direction.
-Exact module types only: a subclass may override forward.
+1-d pooling runs on the 2-d ops over ``[*planes, 1, L]`` (views only). Exact module types only: a
+subclass may override forward.
 """
 from dataclasses import dataclass
 from typing import Callable, Dict, Optional, Sequence, Tuple
 
 from torch import Tensor, nn
-from torch.nn.modules.utils import _pair
+from torch.nn.modules.utils import _pair, _single
 
 from . import ops
 
@@ -75,6 +76,34 @@ def adaptive_avg_pool2d_params(module: nn.AdaptiveAvgPool2d, input_shape: Sequen
     return dict(output_size=output_size)
 
 
+# 1-d pooling over [*planes, L] as 2-d pooling over [*planes, 1, L]: a window of height 1.
+
+def _pool1d_input(input_shape: Sequence[int]) -> bool:
+    return len(input_shape) in (1, 2)  # [L] or [C, L]
+
+
+def max_pool1d_params(module: nn.MaxPool1d, input_shape: Sequence[int]) -> Optional[dict]:
+    if module.return_indices or not _pool1d_input(input_shape):
+        return None
+    return dict(kernel_size=[1, *_single(module.kernel_size)], stride=[1, *_single(module.stride)],
+                padding=[0, *_single(module.padding)], dilation=[1, *_single(module.dilation)],
+                ceil_mode=bool(module.ceil_mode))
+
+
+def avg_pool1d_params(module: nn.AvgPool1d, input_shape: Sequence[int]) -> Optional[dict]:
+    if not _pool1d_input(input_shape):
+        return None
+    return dict(kernel_size=[1, *_single(module.kernel_size)], stride=[1, *_single(module.stride)],
+                padding=[0, *_single(module.padding)], ceil_mode=bool(module.ceil_mode),
+                count_include_pad=bool(module.count_include_pad), divisor_override=None)
+
+
+def adaptive_avg_pool1d_params(module: nn.AdaptiveAvgPool1d, input_shape: Sequence[int]) -> Optional[dict]:
+    if not _pool1d_input(input_shape):
+        return None
+    return dict(output_size=[1, *_single(module.output_size)])
+
+
 # module type -> (op name, params function)
 SPATIAL_RULES: Dict[type, Tuple[str, Callable[[nn.Module, Sequence[int]], Optional[dict]]]] = {
     nn.Conv1d: ("conv", conv_params),
@@ -85,7 +114,11 @@ SPATIAL_RULES: Dict[type, Tuple[str, Callable[[nn.Module, Sequence[int]], Option
     nn.MaxPool2d: ("max_pool2d", max_pool2d_params),
     nn.AvgPool2d: ("avg_pool2d", avg_pool2d_params),
     nn.AdaptiveAvgPool2d: ("adaptive_avg_pool2d", adaptive_avg_pool2d_params),
+    nn.MaxPool1d: ("max_pool2d", max_pool1d_params),
+    nn.AvgPool1d: ("avg_pool2d", avg_pool1d_params),
+    nn.AdaptiveAvgPool1d: ("adaptive_avg_pool2d", adaptive_avg_pool1d_params),
 }
+_POOL_1D = (nn.MaxPool1d, nn.AvgPool1d, nn.AdaptiveAvgPool1d)
 
 # The forward-op parameters that the reverse op does not take (it needs no bias or mean).
 _FORWARD_ONLY = {"conv": ("bias",), "batch_norm": ("bias", "running_mean")}
@@ -98,13 +131,20 @@ class SpatialCall:
 
     op: str
     params: dict
+    as_2d: bool = False  # a 1-d pooling on [B, *planes, L], run on [B, *planes, 1, L]
 
     def forward(self, input: Tensor, jac: Optional[Tensor]):
-        return getattr(ops, f"{self.op}_jac_forward")(input, jac, **self.params)
+        if self.as_2d:  # jac [B, *planes, L, D] -> [B, *planes, 1, L, D]
+            input, jac = input.unsqueeze(-2), None if jac is None else jac.unsqueeze(-3)
+        output, jac_out = getattr(ops, f"{self.op}_jac_forward")(input, jac, **self.params)
+        return (output.squeeze(-2), jac_out.squeeze(-3)) if self.as_2d else (output, jac_out)
 
     def reverse(self, input: Tensor, cotangent: Optional[Tensor]) -> Tensor:
         params = {k: v for k, v in self.params.items() if k not in _FORWARD_ONLY.get(self.op, ())}
-        return getattr(ops, f"{self.op}_jac_reverse")(input, cotangent, **params)
+        if self.as_2d:  # cotangent [B, C, *planes, L_out] -> [B, C, *planes, 1, L_out]
+            input, cotangent = input.unsqueeze(-2), None if cotangent is None else cotangent.unsqueeze(-2)
+        result = getattr(ops, f"{self.op}_jac_reverse")(input, cotangent, **params)
+        return result.squeeze(-2) if self.as_2d else result
 
 
 def native_call(module: nn.Module, input_shape: Sequence[int]) -> Optional[SpatialCall]:
@@ -114,4 +154,4 @@ def native_call(module: nn.Module, input_shape: Sequence[int]) -> Optional[Spati
         return None
     op, params_of = entry
     params = params_of(module, tuple(input_shape))
-    return None if params is None else SpatialCall(op, params)
+    return None if params is None else SpatialCall(op, params, as_2d=isinstance(module, _POOL_1D))

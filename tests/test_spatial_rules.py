@@ -49,11 +49,11 @@ def make_batch_norm(in_shape, affine):
     return build
 
 
-def per_plane(pool):
-    """A pooling reference for [B, *planes, H, W] inputs: [B, H, W] gets an explicit plane axis, since
-    torch reads a 3-d tensor as one unbatched sample [C, H, W] (and refuses C = 0)."""
+def per_plane(pool, spatial_dims=2):
+    """A pooling reference for [B, *planes, *spatial] inputs: [B, *spatial] gets an explicit plane axis,
+    since torch reads it as one unbatched sample [C, *spatial] (and refuses C = 0)."""
     def reference(x):
-        return pool(x.unsqueeze(1)).squeeze(1) if x.dim() == 3 else pool(x)
+        return pool(x.unsqueeze(1)).squeeze(1) if x.dim() == spatial_dims + 1 else pool(x)
 
     return reference
 
@@ -217,10 +217,9 @@ def test_max_pool_ties_pick_autograd_argmax(device, dtype, geometry):
     rows = ops.max_pool2d_jac_reverse(x, None, **params)
     assert torch.equal(rows.double(), expected.reshape(batch, -1, *x.shape[1:]))
     cotangent = torch.randn(batch, 4, *out_shape, dtype=dtype, device=device)
+    pulled_back = cotangent.double().reshape(batch, 4, -1) @ expected.reshape(batch, out_shape.numel(), -1)
     assert_matches_reference(ops.max_pool2d_jac_reverse(x, cotangent, **params),
-                             torch.einsum("bco,boi->bci", cotangent.double().reshape(batch, 4, -1),
-                                          expected.reshape(batch, out_shape.numel(), -1)).reshape(batch, 4, *x.shape[1:]),
-                             dtype)
+                             pulled_back.reshape(batch, 4, *x.shape[1:]), dtype)
 
 
 class SpatialChain(nn.Module):
@@ -303,7 +302,8 @@ def test_pool_params():
     assert spatial_rules.max_pool2d_params(nn.MaxPool2d(3), (3, 4, 4))["stride"] == [3, 3]
     params = spatial_rules.avg_pool2d_params(nn.AvgPool2d((2, 3), stride=1, divisor_override=2), (4, 4))
     assert params["kernel_size"] == [2, 3] and params["stride"] == [1, 1] and params["divisor_override"] == 2
-    assert spatial_rules.adaptive_avg_pool2d_params(nn.AdaptiveAvgPool2d((None, 2)), (3, 7, 5)) == {"output_size": [7, 2]}
+    adaptive = nn.AdaptiveAvgPool2d((None, 2))
+    assert spatial_rules.adaptive_avg_pool2d_params(adaptive, (3, 7, 5)) == {"output_size": [7, 2]}
     assert spatial_rules.adaptive_avg_pool2d_params(nn.AdaptiveAvgPool2d(3), (3, 7, 5)) == {"output_size": [3, 3]}
     assert spatial_rules.native_call(nn.AdaptiveAvgPool2d(3), (5,)) is None
 
@@ -334,3 +334,35 @@ def test_bad_arguments_name_the_op_and_argument():
         ops.avg_pool2d_jac_reverse(x, None, [2], [2, 2], [0, 0], False, True, None)
     with pytest.raises(RuntimeError, match="adaptive_avg_pool2d_jac_reverse: cotangent of shape"):
         ops.adaptive_avg_pool2d_jac_reverse(x, torch.randn(2, 1, 3, 3, 3, dtype=torch.float64), [2, 2])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("batch", [0, 1, 3])
+@pytest.mark.parametrize("in_shape", [(3, 11), (10,)])
+@pytest.mark.parametrize("module", [
+    nn.MaxPool1d(3, stride=2, padding=1, dilation=2, ceil_mode=True),
+    nn.MaxPool1d(2),
+    nn.AvgPool1d(4, stride=3, padding=2, ceil_mode=True, count_include_pad=False),
+    nn.AdaptiveAvgPool1d(4),
+], ids=["max_dilated_ceil", "max", "avg_ceil_exclude_pad", "adaptive"])
+def test_1d_pooling_runs_on_the_2d_ops(dtype, batch, in_shape, module):
+    call = spatial_rules.native_call(module, in_shape)
+    assert call is not None and call.as_2d
+    layer = per_plane(module, spatial_dims=1)
+    x = torch.randn(batch, *in_shape, dtype=dtype)
+    layer_j, out_shape = layer_jacobian(layer, x)
+    in_features, out_features = flat_features(in_shape), flat_features(out_shape)
+
+    output, jac_out = call.forward(x, None)
+    assert_matches_reference(output, layer(x.double()), dtype)
+    assert_matches_reference(jac_out, layer_j.reshape(batch, *out_shape, in_features), dtype)
+    tangents = torch.randn(batch, 6, *in_shape, dtype=dtype)
+    _, jac_out = call.forward(x, tangents.movedim(1, -1))
+    expected = layer_j @ tangents.double().reshape(batch, 6, in_features).transpose(1, 2)
+    assert_matches_reference(jac_out, expected.reshape(batch, *out_shape, 6), dtype)
+    assert_walker_layout(jac_out)
+
+    assert_matches_reference(call.reverse(x, None), layer_j.reshape(batch, out_features, *in_shape), dtype)
+    cotangents = torch.randn(batch, 5, *out_shape, dtype=dtype)
+    expected = cotangents.double().reshape(batch, 5, out_features) @ layer_j
+    assert_matches_reference(call.reverse(x, cotangents), expected.reshape(batch, 5, *in_shape), dtype)
