@@ -2,8 +2,7 @@
 
 namespace jacext {
 
-void check_feature_matrix(const at::Tensor& input, const char* op, const char* arg) {
-  TORCH_CHECK(input.dim() == 2, op, ": ", arg, " must be a [batch, features] matrix, got shape ", input.sizes());
+void check_floating_tensor(const at::Tensor& input, const char* op, const char* arg) {
   const at::ScalarType dtype = input.scalar_type();
   const bool reduced_precision = dtype == at::kHalf || dtype == at::kBFloat16;
   // The CPU kernels are built for float and double only; the CUDA kernels also take half and bfloat16.
@@ -16,6 +15,20 @@ void check_feature_matrix(const at::Tensor& input, const char* op, const char* a
   TORCH_CHECK(input.device().is_cpu(), op, ": ", arg,
               " is on a CUDA device but jacobian_ext was built without CUDA support");
 #endif
+}
+
+void check_feature_matrix(const at::Tensor& input, const char* op, const char* arg) {
+  TORCH_CHECK(input.dim() == 2, op, ": ", arg, " must be a [batch, features] matrix, got shape ", input.sizes());
+  check_floating_tensor(input, op, arg);
+}
+
+void check_batched_features(const at::Tensor& input, int64_t min_feature_dims, int64_t max_feature_dims,
+                            const char* op, const char* arg) {
+  const int64_t feature_dims = input.dim() - 1;
+  TORCH_CHECK(feature_dims >= min_feature_dims && feature_dims <= max_feature_dims, op, ": ", arg,
+              " must be [batch, *features] with ", min_feature_dims, " to ", max_feature_dims,
+              " feature dims, got shape ", input.sizes());
+  check_floating_tensor(input, op, arg);
 }
 
 void check_same_dtype_device(const at::Tensor& input, const at::Tensor& other, const char* op, const char* arg) {
@@ -59,6 +72,29 @@ JacobianBlock cotangents_from_arg(const std::optional<at::Tensor>& cotangent, in
 at::Tensor tangents_to_jac(const JacobianBlock& block, int64_t batch, int64_t features,
                            const at::TensorOptions& options) {
   return block.dense(batch, features, options).transpose(1, 2);
+}
+
+std::optional<at::Tensor> tangents_nd_from_jac(const std::optional<at::Tensor>& jac, const at::Tensor& input,
+                                              const char* op) {
+  if (!jac.has_value()) return std::nullopt;
+  const at::Tensor& j = *jac;
+  check_same_dtype_device(input, j, op, "jac");
+  TORCH_CHECK(j.dim() == input.dim() + 1 && j.sizes().slice(0, input.dim()) == input.sizes(), op, ": jac of shape ",
+              j.sizes(), " must be [batch, *features, D] = [", input.sizes(), ", D] to match the input");
+  return j.movedim(-1, 1).contiguous();
+}
+
+std::optional<at::Tensor> cotangents_nd_from_arg(const std::optional<at::Tensor>& cotangent, int64_t batch,
+                                                 at::IntArrayRef out_features, const at::Tensor& like,
+                                                 const char* op) {
+  if (!cotangent.has_value()) return std::nullopt;
+  const at::Tensor& g = *cotangent;
+  check_same_dtype_device(like, g, op, "cotangent");
+  const int64_t out_dims = static_cast<int64_t>(out_features.size());
+  TORCH_CHECK(g.dim() == out_dims + 2 && g.size(0) == batch && g.sizes().slice(2) == out_features, op,
+              ": cotangent of shape ", g.sizes(), " must be [batch, C, *out_features] with batch = ", batch,
+              " and out_features = ", out_features, " (the layer's output shape per sample)");
+  return g.contiguous();
 }
 
 }  // namespace jacext

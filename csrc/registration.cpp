@@ -18,6 +18,19 @@ TORCH_LIBRARY(jacext, m) {
   m.def("softmax_jac_reverse(Tensor output, Tensor? cotangent) -> Tensor");
   m.def("log_softmax_jac_forward(Tensor input, Tensor? jac) -> (Tensor output, Tensor jac_out)");
   m.def("log_softmax_jac_reverse(Tensor output, Tensor? cotangent) -> Tensor");
+  // Rules on N-d per-sample features (conv, batch norm, pooling): input [B, *features]; `jac` None or
+  // [B, *features, D] -> jac_out [B, *out_features, D]; `cotangent` None or [B, C, *out_features] ->
+  // [B, C, *features]. Convolution: zero padding, 1 to 3 spatial dims; batch norm: eval mode.
+  m.def("conv_jac_forward(Tensor input, Tensor? jac, Tensor weight, Tensor? bias, int[] stride, int[] padding, int[] dilation, int groups) -> (Tensor output, Tensor jac_out)");
+  m.def("conv_jac_reverse(Tensor input, Tensor? cotangent, Tensor weight, int[] stride, int[] padding, int[] dilation, int groups) -> Tensor");
+  m.def("batch_norm_jac_forward(Tensor input, Tensor? jac, Tensor? weight, Tensor? bias, Tensor running_mean, Tensor running_var, float eps) -> (Tensor output, Tensor jac_out)");
+  m.def("batch_norm_jac_reverse(Tensor input, Tensor? cotangent, Tensor? weight, Tensor running_var, float eps) -> Tensor");
+  m.def("max_pool2d_jac_forward(Tensor input, Tensor? jac, int[] kernel_size, int[] stride, int[] padding, int[] dilation, bool ceil_mode) -> (Tensor output, Tensor jac_out)");
+  m.def("max_pool2d_jac_reverse(Tensor input, Tensor? cotangent, int[] kernel_size, int[] stride, int[] padding, int[] dilation, bool ceil_mode) -> Tensor");
+  m.def("avg_pool2d_jac_forward(Tensor input, Tensor? jac, int[] kernel_size, int[] stride, int[] padding, bool ceil_mode, bool count_include_pad, int? divisor_override) -> (Tensor output, Tensor jac_out)");
+  m.def("avg_pool2d_jac_reverse(Tensor input, Tensor? cotangent, int[] kernel_size, int[] stride, int[] padding, bool ceil_mode, bool count_include_pad, int? divisor_override) -> Tensor");
+  m.def("adaptive_avg_pool2d_jac_forward(Tensor input, Tensor? jac, int[] output_size) -> (Tensor output, Tensor jac_out)");
+  m.def("adaptive_avg_pool2d_jac_reverse(Tensor input, Tensor? cotangent, int[] output_size) -> Tensor");
   // A segment of native layers (see sequential.cpp for the plan encoding).
   m.def("sequential_jac_forward(Tensor input, Tensor? jac, str[] layers, Tensor[] params) -> (Tensor output, Tensor jac_out)");
   m.def("sequential_jac_reverse(Tensor input, Tensor? cotangent, str[] layers, Tensor[] params) -> (Tensor output, Tensor cotangent_in)");
@@ -31,6 +44,10 @@ constexpr const char* kOpNames[] = {
     "linear_jac_forward",    "linear_jac_reverse",      "pointwise_jac_forward",  "pointwise_jac_reverse",
     "softmax_jac_forward",   "softmax_jac_reverse",     "log_softmax_jac_forward", "log_softmax_jac_reverse",
     "sequential_jac_forward", "sequential_jac_reverse", "batch_jacobian",
+    // N-d per-sample features
+    "conv_jac_forward", "conv_jac_reverse", "batch_norm_jac_forward", "batch_norm_jac_reverse",
+    "max_pool2d_jac_forward", "max_pool2d_jac_reverse", "avg_pool2d_jac_forward", "avg_pool2d_jac_reverse",
+    "adaptive_avg_pool2d_jac_forward", "adaptive_avg_pool2d_jac_reverse",
 };
 
 void register_kernels(torch::Library& m) {
@@ -45,6 +62,17 @@ void register_kernels(torch::Library& m) {
   m.impl("sequential_jac_forward", TORCH_FN(jacext::sequential_jac_forward));
   m.impl("sequential_jac_reverse", TORCH_FN(jacext::sequential_jac_reverse));
   m.impl("batch_jacobian", TORCH_FN(jacext::batch_jacobian));
+  // N-d per-sample features
+  m.impl("conv_jac_forward", TORCH_FN(jacext::conv_jac_forward));
+  m.impl("conv_jac_reverse", TORCH_FN(jacext::conv_jac_reverse));
+  m.impl("batch_norm_jac_forward", TORCH_FN(jacext::batch_norm_jac_forward));
+  m.impl("batch_norm_jac_reverse", TORCH_FN(jacext::batch_norm_jac_reverse));
+  m.impl("max_pool2d_jac_forward", TORCH_FN(jacext::max_pool2d_jac_forward));
+  m.impl("max_pool2d_jac_reverse", TORCH_FN(jacext::max_pool2d_jac_reverse));
+  m.impl("avg_pool2d_jac_forward", TORCH_FN(jacext::avg_pool2d_jac_forward));
+  m.impl("avg_pool2d_jac_reverse", TORCH_FN(jacext::avg_pool2d_jac_reverse));
+  m.impl("adaptive_avg_pool2d_jac_forward", TORCH_FN(jacext::adaptive_avg_pool2d_jac_forward));
+  m.impl("adaptive_avg_pool2d_jac_reverse", TORCH_FN(jacext::adaptive_avg_pool2d_jac_reverse));
 }
 
 }  // namespace

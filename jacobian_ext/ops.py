@@ -34,6 +34,16 @@ OP_NAMES = (
     "sequential_jac_forward",
     "sequential_jac_reverse",
     "batch_jacobian",
+    "conv_jac_forward",
+    "conv_jac_reverse",
+    "batch_norm_jac_forward",
+    "batch_norm_jac_reverse",
+    "max_pool2d_jac_forward",
+    "max_pool2d_jac_reverse",
+    "avg_pool2d_jac_forward",
+    "avg_pool2d_jac_reverse",
+    "adaptive_avg_pool2d_jac_forward",
+    "adaptive_avg_pool2d_jac_reverse",
 )
 
 
@@ -81,6 +91,69 @@ def sequential_jac_reverse(
 
 def batch_jacobian(input: Tensor, layers: Sequence[str], params: Sequence[Tensor], mode: str):
     return _ops.batch_jacobian.default(input, list(layers), list(params), mode)
+
+
+# ---- ops on N-d per-sample features: input [B, *features]; jac None or [B, *features, D] -> jac_out
+# [B, *out_features, D]; cotangent None or [B, C, *out_features] -> [B, C, *features] ----
+
+def conv_jac_forward(input: Tensor, jac: Optional[Tensor], weight: Tensor, bias: Optional[Tensor],
+                     stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int], groups: int):
+    return _ops.conv_jac_forward.default(input, jac, weight, bias, list(stride), list(padding), list(dilation), groups)
+
+
+def conv_jac_reverse(input: Tensor, cotangent: Optional[Tensor], weight: Tensor, stride: Sequence[int],
+                     padding: Sequence[int], dilation: Sequence[int], groups: int) -> Tensor:
+    return _ops.conv_jac_reverse.default(input, cotangent, weight, list(stride), list(padding), list(dilation), groups)
+
+
+def batch_norm_jac_forward(input: Tensor, jac: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor],
+                           running_mean: Tensor, running_var: Tensor, eps: float):
+    return _ops.batch_norm_jac_forward.default(input, jac, weight, bias, running_mean, running_var, eps)
+
+
+def batch_norm_jac_reverse(input: Tensor, cotangent: Optional[Tensor], weight: Optional[Tensor],
+                           running_var: Tensor, eps: float) -> Tensor:
+    return _ops.batch_norm_jac_reverse.default(input, cotangent, weight, running_var, eps)
+
+
+def max_pool2d_jac_forward(input: Tensor, jac: Optional[Tensor], kernel_size: Sequence[int], stride: Sequence[int],
+                           padding: Sequence[int], dilation: Sequence[int], ceil_mode: bool):
+    return _ops.max_pool2d_jac_forward.default(
+        input, jac, list(kernel_size), list(stride), list(padding), list(dilation), ceil_mode
+    )
+
+
+def max_pool2d_jac_reverse(input: Tensor, cotangent: Optional[Tensor], kernel_size: Sequence[int],
+                           stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int],
+                           ceil_mode: bool) -> Tensor:
+    return _ops.max_pool2d_jac_reverse.default(
+        input, cotangent, list(kernel_size), list(stride), list(padding), list(dilation), ceil_mode
+    )
+
+
+def avg_pool2d_jac_forward(input: Tensor, jac: Optional[Tensor], kernel_size: Sequence[int], stride: Sequence[int],
+                           padding: Sequence[int], ceil_mode: bool, count_include_pad: bool,
+                           divisor_override: Optional[int]):
+    return _ops.avg_pool2d_jac_forward.default(
+        input, jac, list(kernel_size), list(stride), list(padding), ceil_mode, count_include_pad, divisor_override
+    )
+
+
+def avg_pool2d_jac_reverse(input: Tensor, cotangent: Optional[Tensor], kernel_size: Sequence[int],
+                           stride: Sequence[int], padding: Sequence[int], ceil_mode: bool, count_include_pad: bool,
+                           divisor_override: Optional[int]) -> Tensor:
+    return _ops.avg_pool2d_jac_reverse.default(
+        input, cotangent, list(kernel_size), list(stride), list(padding), ceil_mode, count_include_pad,
+        divisor_override,
+    )
+
+
+def adaptive_avg_pool2d_jac_forward(input: Tensor, jac: Optional[Tensor], output_size: Sequence[int]):
+    return _ops.adaptive_avg_pool2d_jac_forward.default(input, jac, list(output_size))
+
+
+def adaptive_avg_pool2d_jac_reverse(input: Tensor, cotangent: Optional[Tensor], output_size: Sequence[int]) -> Tensor:
+    return _ops.adaptive_avg_pool2d_jac_reverse.default(input, cotangent, list(output_size))
 
 
 # ---- fake implementations: shapes and strides exactly as the C++ kernels produce them ----
@@ -156,3 +229,102 @@ def _batch_jacobian_fake(input, layers, params, mode):
         in_features = in_features * size
     width = _plan_output_width(in_features, layers, params)
     return input.new_empty(input.shape[0], width), input.new_empty(input.shape[0], width, *input.shape[1:])
+
+
+# N-d ops: the layer's output shape comes from the ATen op itself run on the fake input; results are fresh
+# contiguous tensors (forward mode: stored [B, D, *out_features], returned as its movedim(1, -1) view).
+
+def _nd_forward_results(input, jac, layer_output):
+    out_features = layer_output.shape[1:]
+    columns = _numel(input.shape[1:]) if jac is None else jac.shape[-1]
+    output = input.new_empty(layer_output.shape)
+    return output, input.new_empty(input.shape[0], columns, *out_features).movedim(1, -1)
+
+
+def _nd_reverse_result(input, cotangent, out_features):
+    rows = _numel(out_features) if cotangent is None else cotangent.shape[1]
+    return input.new_empty(input.shape[0], rows, *input.shape[1:])
+
+
+def _numel(shape):
+    count = 1
+    for size in shape:
+        count = count * size
+    return count
+
+
+def _planes(input):
+    """[B, *planes, H, W] as the [B, P, H, W] the pooling ops see."""
+    return input.reshape(input.shape[0], _numel(input.shape[1:-2]), *input.shape[-2:])
+
+
+def _pooled(input, planes_output):
+    return planes_output.reshape(*input.shape[:-2], *planes_output.shape[-2:])
+
+
+def _conv(input, weight, bias, stride, padding, dilation, groups):
+    no_output_padding = [0] * len(stride)
+    return torch.ops.aten.convolution(input, weight, bias, stride, padding, dilation, False, no_output_padding, groups)
+
+
+def _max_pool(input, kernel_size, stride, padding, dilation, ceil_mode):
+    pooled = torch.ops.aten.max_pool2d_with_indices(_planes(input), kernel_size, stride, padding, dilation, ceil_mode)
+    return _pooled(input, pooled[0])
+
+
+def _avg_pool(input, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override):
+    pooled = torch.ops.aten.avg_pool2d(
+        _planes(input), kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override
+    )
+    return _pooled(input, pooled)
+
+
+@torch.library.register_fake("jacext::conv_jac_forward")
+def _conv_jac_forward_fake(input, jac, weight, bias, stride, padding, dilation, groups):
+    return _nd_forward_results(input, jac, _conv(input, weight, bias, stride, padding, dilation, groups))
+
+
+@torch.library.register_fake("jacext::conv_jac_reverse")
+def _conv_jac_reverse_fake(input, cotangent, weight, stride, padding, dilation, groups):
+    output = _conv(input, weight, None, stride, padding, dilation, groups)
+    return _nd_reverse_result(input, cotangent, output.shape[1:])
+
+
+@torch.library.register_fake("jacext::batch_norm_jac_forward")
+def _batch_norm_jac_forward_fake(input, jac, weight, bias, running_mean, running_var, eps):
+    return _nd_forward_results(input, jac, input)
+
+
+@torch.library.register_fake("jacext::batch_norm_jac_reverse")
+def _batch_norm_jac_reverse_fake(input, cotangent, weight, running_var, eps):
+    return _nd_reverse_result(input, cotangent, input.shape[1:])
+
+
+@torch.library.register_fake("jacext::max_pool2d_jac_forward")
+def _max_pool2d_jac_forward_fake(input, jac, *geometry):
+    return _nd_forward_results(input, jac, _max_pool(input, *geometry))
+
+
+@torch.library.register_fake("jacext::max_pool2d_jac_reverse")
+def _max_pool2d_jac_reverse_fake(input, cotangent, *geometry):
+    return _nd_reverse_result(input, cotangent, _max_pool(input, *geometry).shape[1:])
+
+
+@torch.library.register_fake("jacext::avg_pool2d_jac_forward")
+def _avg_pool2d_jac_forward_fake(input, jac, *geometry):
+    return _nd_forward_results(input, jac, _avg_pool(input, *geometry))
+
+
+@torch.library.register_fake("jacext::avg_pool2d_jac_reverse")
+def _avg_pool2d_jac_reverse_fake(input, cotangent, *geometry):
+    return _nd_reverse_result(input, cotangent, _avg_pool(input, *geometry).shape[1:])
+
+
+@torch.library.register_fake("jacext::adaptive_avg_pool2d_jac_forward")
+def _adaptive_avg_pool2d_jac_forward_fake(input, jac, output_size):
+    return _nd_forward_results(input, jac, input.new_empty(*input.shape[:-2], *output_size))
+
+
+@torch.library.register_fake("jacext::adaptive_avg_pool2d_jac_reverse")
+def _adaptive_avg_pool2d_jac_reverse_fake(input, cotangent, output_size):
+    return _nd_reverse_result(input, cotangent, (*input.shape[1:-2], *output_size))

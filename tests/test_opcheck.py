@@ -53,7 +53,53 @@ def sample_inputs(device):
             (f"{name}_jac_reverse", (probabilities, cot5)),
             (f"{name}_jac_reverse", (probabilities, None)),
         ]
-    return samples
+    return samples + spatial_samples(device)
+
+
+def spatial_samples(device):
+    """The ops on N-d per-sample features: identity and per-sample blocks (in the walker's layout and
+    not), B = 0, a channels-last input."""
+    options = dict(dtype=torch.float64, device=device)
+    x = torch.randn(2, 3, 6, 5, **options)
+    x_empty = torch.randn(0, 3, 6, 5, **options)
+    x_channels_last = x.contiguous(memory_format=torch.channels_last)
+    jac = torch.randn(2, 4, 3, 6, 5, **options).movedim(1, -1)  # D = 4
+    jac_dense = torch.randn(2, 3, 6, 5, 4, **options)
+
+    weight, bias = torch.randn(6, 1, 3, 2, **options), torch.randn(6, **options)
+    conv = ([2, 1], [1, 1], [1, 2], 3)  # stride, padding, dilation, groups (depthwise)
+    conv_cot = torch.randn(2, 5, 6, 3, 5, **options)
+    mean, var = torch.randn(3, **options), torch.rand(3, **options) + 0.5
+    scale, shift = torch.randn(3, **options), torch.randn(3, **options)
+    cot = torch.randn(2, 5, 3, 6, 5, **options)
+    max_pool = ([3, 2], [2, 2], [1, 0], [1, 2], True)
+    max_cot = torch.randn(2, 5, 3, 4, 2, **options)
+    avg_pool = ([3, 3], [2, 1], [1, 1], True, False, 5)
+    avg_cot = torch.randn(2, 5, 3, 4, 5, **options)
+    adaptive_cot = torch.randn(2, 5, 3, 4, 3, **options)
+    return [
+        ("conv_jac_forward", (x, None, weight, bias, *conv)),
+        ("conv_jac_forward", (x, jac, weight, None, *conv)),
+        ("conv_jac_forward", (x_empty, None, weight, bias, *conv)),
+        ("conv_jac_reverse", (x, None, weight, *conv)),
+        ("conv_jac_reverse", (x_channels_last, conv_cot, weight, *conv)),
+        ("batch_norm_jac_forward", (x, None, scale, shift, mean, var, 1e-5)),
+        ("batch_norm_jac_forward", (x_channels_last, jac_dense, None, None, mean, var, 1e-3)),
+        ("batch_norm_jac_reverse", (x, cot, scale, var, 1e-5)),
+        ("batch_norm_jac_reverse", (x_empty, None, None, var, 1e-5)),
+        ("max_pool2d_jac_forward", (x, None, *max_pool)),
+        ("max_pool2d_jac_forward", (x_channels_last, jac, *max_pool)),
+        ("max_pool2d_jac_reverse", (x, max_cot, *max_pool)),
+        ("max_pool2d_jac_reverse", (x_empty, None, *max_pool)),
+        ("avg_pool2d_jac_forward", (x, jac_dense, *avg_pool)),
+        ("avg_pool2d_jac_forward", (x_empty, None, *avg_pool)),
+        ("avg_pool2d_jac_reverse", (x, avg_cot, *avg_pool)),
+        ("avg_pool2d_jac_reverse", (x[:, 0], None, *avg_pool)),
+        ("adaptive_avg_pool2d_jac_forward", (x, None, [4, 3])),
+        ("adaptive_avg_pool2d_jac_forward", (x_channels_last, jac, [4, 3])),
+        ("adaptive_avg_pool2d_jac_reverse", (x, adaptive_cot, [4, 3])),
+        ("adaptive_avg_pool2d_jac_reverse", (x_empty, None, [4, 3])),
+    ]
 
 
 def test_every_op_has_samples():

@@ -9,6 +9,9 @@
 
 namespace jacext {
 
+// float32/float64 on CPU, or in a CUDA build on CUDA, where float16 and bfloat16 are accepted as well.
+void check_floating_tensor(const at::Tensor& input, const char* op, const char* arg);
+
 // A [B, H] feature matrix of float32/float64 on CPU, or in a CUDA build on CUDA, where float16 and
 // bfloat16 are accepted as well.
 void check_feature_matrix(const at::Tensor& input, const char* op, const char* arg);
@@ -28,5 +31,23 @@ JacobianBlock cotangents_from_arg(const std::optional<at::Tensor>& cotangent, in
 // External forward-mode layout [.., H, D] of a block stored as [.., D, H]; a view of fresh memory.
 at::Tensor tangents_to_jac(const JacobianBlock& block, int64_t batch, int64_t features,
                            const at::TensorOptions& options);
+
+// ---- Ops on N-d per-sample features (conv, pooling, normalisation; see the README's layout section) ----
+
+// [B, *features] with min_feature_dims..max_feature_dims feature dims, dtype and device as above.
+void check_batched_features(const at::Tensor& input, int64_t min_feature_dims, int64_t max_feature_dims,
+                            const char* op, const char* arg);
+
+// Forward-mode `jac`: None (identity, the layer input is the model input) or [B, *features, D] matching
+// `input` [B, *features]. Returns the contiguous tangents [B, D, *features] (free when jac is the
+// movedim(1, -1) view of such storage, as the walker passes it), or nullopt for the identity.
+std::optional<at::Tensor> tangents_nd_from_jac(const std::optional<at::Tensor>& jac, const at::Tensor& input,
+                                              const char* op);
+
+// Reverse-mode `cotangent`: None (identity, the layer output is the model output) or
+// [batch, C, *out_features]. Returns it contiguous, or nullopt for the identity.
+std::optional<at::Tensor> cotangents_nd_from_arg(const std::optional<at::Tensor>& cotangent, int64_t batch,
+                                                 at::IntArrayRef out_features, const at::Tensor& like,
+                                                 const char* op);
 
 }  // namespace jacext

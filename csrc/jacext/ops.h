@@ -31,6 +31,53 @@ std::tuple<at::Tensor, at::Tensor> log_softmax_jac_forward(const at::Tensor& inp
                                                            const std::optional<at::Tensor>& jac);
 at::Tensor log_softmax_jac_reverse(const at::Tensor& output, const std::optional<at::Tensor>& cotangent);
 
+// ---- Ops on N-d per-sample features: input [B, *features]; forward-mode jac None (identity) or
+// [B, *features, D], returned as [B, *out_features, D] (D-major storage); reverse-mode cotangent None
+// (identity) or [B, C, *out_features], returned as a contiguous [B, C, *features]. ----
+
+std::tuple<at::Tensor, at::Tensor> conv_jac_forward(const at::Tensor& input, const std::optional<at::Tensor>& jac,
+                                                    const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                                                    at::IntArrayRef stride, at::IntArrayRef padding,
+                                                    at::IntArrayRef dilation, int64_t groups);
+at::Tensor conv_jac_reverse(const at::Tensor& input, const std::optional<at::Tensor>& cotangent,
+                            const at::Tensor& weight, at::IntArrayRef stride, at::IntArrayRef padding,
+                            at::IntArrayRef dilation, int64_t groups);
+
+std::tuple<at::Tensor, at::Tensor> batch_norm_jac_forward(const at::Tensor& input,
+                                                          const std::optional<at::Tensor>& jac,
+                                                          const std::optional<at::Tensor>& weight,
+                                                          const std::optional<at::Tensor>& bias,
+                                                          const at::Tensor& running_mean,
+                                                          const at::Tensor& running_var, double eps);
+at::Tensor batch_norm_jac_reverse(const at::Tensor& input, const std::optional<at::Tensor>& cotangent,
+                                  const std::optional<at::Tensor>& weight, const at::Tensor& running_var,
+                                  double eps);
+
+std::tuple<at::Tensor, at::Tensor> max_pool2d_jac_forward(const at::Tensor& input,
+                                                          const std::optional<at::Tensor>& jac,
+                                                          at::IntArrayRef kernel_size, at::IntArrayRef stride,
+                                                          at::IntArrayRef padding, at::IntArrayRef dilation,
+                                                          bool ceil_mode);
+at::Tensor max_pool2d_jac_reverse(const at::Tensor& input, const std::optional<at::Tensor>& cotangent,
+                                  at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding,
+                                  at::IntArrayRef dilation, bool ceil_mode);
+
+std::tuple<at::Tensor, at::Tensor> avg_pool2d_jac_forward(const at::Tensor& input,
+                                                          const std::optional<at::Tensor>& jac,
+                                                          at::IntArrayRef kernel_size, at::IntArrayRef stride,
+                                                          at::IntArrayRef padding, bool ceil_mode,
+                                                          bool count_include_pad,
+                                                          std::optional<int64_t> divisor_override);
+at::Tensor avg_pool2d_jac_reverse(const at::Tensor& input, const std::optional<at::Tensor>& cotangent,
+                                  at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding,
+                                  bool ceil_mode, bool count_include_pad, std::optional<int64_t> divisor_override);
+
+std::tuple<at::Tensor, at::Tensor> adaptive_avg_pool2d_jac_forward(const at::Tensor& input,
+                                                                   const std::optional<at::Tensor>& jac,
+                                                                   at::IntArrayRef output_size);
+at::Tensor adaptive_avg_pool2d_jac_reverse(const at::Tensor& input, const std::optional<at::Tensor>& cotangent,
+                                           at::IntArrayRef output_size);
+
 using LayerParams = at::TensorList;
 
 std::tuple<at::Tensor, at::Tensor> sequential_jac_forward(const at::Tensor& input, const std::optional<at::Tensor>& jac,

@@ -1,0 +1,109 @@
+// Convolution (Conv1d/2d/3d with zero padding): y = conv(x, W) + b. Its Jacobian is the convolution
+// itself, the same for every sample, so tangents go through the same convolution (without bias, the
+// B * D rows as its batch) and cotangents through the transposed convolution, which is the input
+// gradient of the convolution. J is never unfolded into a dense matrix.
+#include "jacext/checks.h"
+#include "jacext/nd_rows.h"
+#include "jacext/ops.h"
+
+namespace jacext {
+namespace {
+
+struct ConvGeometry {
+  at::IntArrayRef stride, padding, dilation;
+  int64_t groups;
+};
+
+void check_conv_args(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                     const ConvGeometry& conv, const char* op) {
+  check_batched_features(input, 2, 4, op, "input");
+  check_same_dtype_device(input, weight, op, "weight");
+  const int64_t spatial_dims = input.dim() - 2;
+  TORCH_CHECK(weight.dim() == input.dim(), op, ": weight must be [out_channels, in_channels / groups, *kernel] with ",
+              spatial_dims, " kernel dims for an input of shape ", input.sizes(), ", got shape ", weight.sizes());
+  TORCH_CHECK(conv.groups >= 1 && weight.size(0) % conv.groups == 0 && input.size(1) == weight.size(1) * conv.groups,
+              op, ": weight of shape ", weight.sizes(), " with groups = ", conv.groups, " does not fit an input with ",
+              input.size(1), " channels");
+  for (const auto& [name, values] : {std::pair{"stride", conv.stride}, std::pair{"padding", conv.padding},
+                                     std::pair{"dilation", conv.dilation}}) {
+    TORCH_CHECK(static_cast<int64_t>(values.size()) == spatial_dims, op, ": ", name, " must have ", spatial_dims,
+                " entries (one per spatial dim), got ", values);
+  }
+  if (bias.has_value()) {
+    check_same_dtype_device(input, *bias, op, "bias");
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == weight.size(0), op, ": bias must be [", weight.size(0),
+                "], got shape ", bias->sizes());
+  }
+}
+
+at::Tensor convolve(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                    const ConvGeometry& conv) {
+  const std::vector<int64_t> no_output_padding(conv.stride.size(), 0);
+  return at::convolution(x, weight, bias, conv.stride, conv.padding, conv.dilation, /*transposed=*/false,
+                         no_output_padding, conv.groups);
+}
+
+// The per-sample output shape [out_channels, *out_spatial] of the convolution of `input`.
+std::vector<int64_t> conv_output_features(const at::Tensor& input, const at::Tensor& weight,
+                                          const ConvGeometry& conv, const char* op) {
+  std::vector<int64_t> shape{weight.size(0)};
+  for (size_t i = 0; i < conv.stride.size(); ++i) {
+    const int64_t extent = conv.dilation[i] * (weight.size(i + 2) - 1) + 1;
+    const int64_t padded = input.size(i + 2) + 2 * conv.padding[i];
+    TORCH_CHECK(conv.stride[i] >= 1 && conv.dilation[i] >= 1 && conv.padding[i] >= 0 && padded >= extent, op,
+                ": the (dilated) kernel of extent ", extent, " does not fit the padded input size ", padded,
+                " in spatial dim ", i, " (stride ", conv.stride, ", padding ", conv.padding, ", dilation ",
+                conv.dilation, ")");
+    shape.push_back((padded - extent) / conv.stride[i] + 1);
+  }
+  return shape;
+}
+
+// Cotangents [N, *out_features] -> [N, *in_features]: the transposed convolution, with the output
+// padding that restores exactly the input's spatial size (the rows the strided convolution skipped).
+at::Tensor transpose_convolve(const at::Tensor& g, const at::Tensor& weight, at::IntArrayRef in_spatial,
+                              const ConvGeometry& conv) {
+  std::vector<int64_t> output_padding;
+  for (size_t i = 0; i < conv.stride.size(); ++i) {
+    const int64_t reached = (g.size(i + 2) - 1) * conv.stride[i] - 2 * conv.padding[i] +
+                            conv.dilation[i] * (weight.size(i + 2) - 1) + 1;
+    output_padding.push_back(in_spatial[i] - reached);
+  }
+  return at::convolution(g, weight, std::nullopt, conv.stride, conv.padding, conv.dilation, /*transposed=*/true,
+                         output_padding, conv.groups);
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> conv_jac_forward(const at::Tensor& input, const std::optional<at::Tensor>& jac,
+                                                    const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                                                    at::IntArrayRef stride, at::IntArrayRef padding,
+                                                    at::IntArrayRef dilation, int64_t groups) {
+  const char* op = "jacext::conv_jac_forward";
+  const ConvGeometry conv{stride, padding, dilation, groups};
+  check_conv_args(input, weight, bias, conv, op);
+  conv_output_features(input, weight, conv, op);  // checks the geometry, naming this op
+  const std::optional<at::Tensor> tangents = tangents_nd_from_jac(jac, input, op);
+  at::Tensor output = convolve(input, weight, bias, conv).contiguous();
+  const at::Tensor tangents_out =
+      map_rows_shared(tangents, input.size(0), input.sizes().slice(1), input.options(),
+                      [&](const at::Tensor& rows) { return convolve(rows, weight, std::nullopt, conv); });
+  return {output, tangents_out.movedim(1, -1)};
+}
+
+at::Tensor conv_jac_reverse(const at::Tensor& input, const std::optional<at::Tensor>& cotangent,
+                            const at::Tensor& weight, at::IntArrayRef stride, at::IntArrayRef padding,
+                            at::IntArrayRef dilation, int64_t groups) {
+  const char* op = "jacext::conv_jac_reverse";
+  const ConvGeometry conv{stride, padding, dilation, groups};
+  check_conv_args(input, weight, std::nullopt, conv, op);
+  const std::vector<int64_t> out_features = conv_output_features(input, weight, conv, op);
+  const std::optional<at::Tensor> cotangents =
+      cotangents_nd_from_arg(cotangent, input.size(0), out_features, input, op);
+  const at::IntArrayRef in_spatial = input.sizes().slice(2);
+  return map_rows_shared(cotangents, input.size(0), out_features, input.options(), [&](const at::Tensor& rows) {
+    return transpose_convolve(rows, weight, in_spatial, conv);
+  });
+}
+
+}  // namespace jacext
