@@ -80,7 +80,8 @@ std::optional<at::Tensor> tangents_nd_from_jac(const std::optional<at::Tensor>& 
   const at::Tensor& j = *jac;
   check_same_dtype_device(input, j, op, "jac");
   TORCH_CHECK(j.dim() == input.dim() + 1 && j.sizes().slice(0, input.dim()) == input.sizes(), op, ": jac of shape ",
-              j.sizes(), " must be [batch, *features, D] = [", input.sizes(), ", D] to match the input");
+              j.sizes(), " must be [batch, *features, D] to match the input of shape [batch, *features] = ",
+              input.sizes());
   return j.movedim(-1, 1).contiguous();
 }
 

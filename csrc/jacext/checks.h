@@ -32,7 +32,7 @@ JacobianBlock cotangents_from_arg(const std::optional<at::Tensor>& cotangent, in
 at::Tensor tangents_to_jac(const JacobianBlock& block, int64_t batch, int64_t features,
                            const at::TensorOptions& options);
 
-// ---- Ops on N-d per-sample features (conv, pooling, normalisation; see the README's layout section) ----
+// ---- Ops on N-d per-sample features (conv, pooling, normalisation; block layout in nd_rows.h) ----
 
 // [B, *features] with min_feature_dims..max_feature_dims feature dims, dtype and device as above.
 void check_batched_features(const at::Tensor& input, int64_t min_feature_dims, int64_t max_feature_dims,

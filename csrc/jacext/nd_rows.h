@@ -10,6 +10,7 @@
 #include <c10/util/FunctionRef.h>
 
 #include <optional>
+#include <vector>
 
 namespace jacext {
 
