@@ -21,6 +21,7 @@ from torch.nn import functional as F
 
 from . import ops
 from . import rules as layer_rules
+from . import spatial_rules
 from .errors import GraphCaptureError
 
 
@@ -264,6 +265,43 @@ def _softmax_rule(log: bool, features: int) -> NodeRule:
     )
 
 
+class SpatialOpRule(NodeRule):
+    """A native op on N-d per-sample features (convolution, batch norm, pooling; spatial_rules.py):
+    the ops take tangents as [B, *shape, D] and cotangents as [B, C, *shape]. The op's parameters are
+    read from the module at every call, so updated weights are used."""
+
+    def __init__(self, module: nn.Module, input_shape, label: str, work_per_row: float):
+        super().__init__(work_per_row)
+        self.module, self.input_shape, self.label = module, tuple(input_shape), f"native {label}"
+
+    def _call(self):
+        call = spatial_rules.native_call(self.module, self.input_shape)
+        if call is None:
+            raise RuntimeError(f"{self.module} no longer has a native rule (its configuration changed after "
+                               "planning); compile the model again")
+        return call
+
+    def forward(self, plan, g, env, tangents):
+        jac = None if tangents[0] is IDENTITY else tangents[0].movedim(1, -1)
+        output, jac_out = self._call().forward(env[g.inputs[0]], jac)
+        return output, jac_out.movedim(-1, 1)
+
+    def reverse(self, plan, g, env, cotangent):
+        return [self._call().reverse(env[g.inputs[0]], None if cotangent is IDENTITY else cotangent)]
+
+
+def _spatial_rule(module: nn.Module, input_shape, out_numel: int) -> Optional[NodeRule]:
+    call = spatial_rules.native_call(module, input_shape)
+    if call is None:
+        return None
+    work = out_numel
+    if call.op == "conv":  # multiply-adds per output element: in_channels / groups x kernel volume
+        work *= module.in_channels // module.groups * math.prod(module.kernel_size)
+    elif call.op in ("max_pool2d", "avg_pool2d"):
+        work *= math.prod(call.params["kernel_size"])
+    return SpatialOpRule(module, input_shape, call.op, work)
+
+
 # ---------------------------------------------------------------------------------------------
 # Index maps: applied to the block itself
 # ---------------------------------------------------------------------------------------------
@@ -448,7 +486,7 @@ def prefers_graph(module: nn.Module) -> bool:
 
 
 # Layers with a graph rule but no fused-segment rule (rules.NATIVE_RULES).
-_GRAPH_ONLY_MODULES = ()
+_GRAPH_ONLY_MODULES = tuple(spatial_rules.SPATIAL_RULES)
 
 
 def rule_for(gm: fx.GraphModule, evaluator, node: fx.Node, values: Dict, carries: Dict) -> Tuple[NodeRule, List]:
@@ -491,6 +529,8 @@ def _module_rule(module: nn.Module, x: torch.Tensor, out_numel: int) -> Optional
     features = math.prod(input_shape)
     if type(module) is nn.Linear:
         return _linear_rule(module, input_shape)
+    if type(module) in spatial_rules.SPATIAL_RULES:
+        return _spatial_rule(module, input_shape, out_numel)
     spec = layer_rules.activation_spec(module)
     if spec is not None:
         return _activation_rule(spec, features)
