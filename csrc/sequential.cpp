@@ -4,10 +4,13 @@
 // it): `layers` holds one name per layer, `params` the flat list of their tensors. "linear" takes two
 // entries (weight, bias), "linear_no_bias" one (weight); "relu", "tanh", "sigmoid", "softmax" and
 // "log_softmax" take none. (No None entries: autograd wrappers only track all-tensor lists.)
+#include <ATen/Parallel.h>
+
 #include "jacext/checks.h"
 #include "jacext/ops.h"
 
 #include <cstdlib>
+#include <optional>
 #include <string>
 #include <utility>
 
@@ -67,32 +70,39 @@ struct SweepResult {
 
 // When to skip inactive units: the masked kernel (chain_masked_matrix) does work proportional to the
 // fraction of nonzero factor entries, the dense GEMM chain does all of it at a better FLOP rate; the
-// masked kernel wins below this fraction of active units in the batch.
-// Measured with bench/masked_linear.py (mnist shape B=256, 784-512-512-10, float32, AMD EPYC with
-// AVX2, one thread, CPU time, machine loaded by other jobs): dense / masked = 2.03x at 20% active,
-// 1.25x at 50%, 0.87x at 80%, 0.72x at 95%; even at about 65%.
+// masked kernel wins below this fraction of active units in the batch, thread for thread.
+// Measured with bench/masked_linear.py --threads 1 (B=256, 784-512-512-10 and B=64,
+// 784-1024x3-10, float32, 2-core AMD EPYC with AVX2): dense / masked = 1.95x at 20% active, 1.47x
+// (mnist) and 1.36x (deep) at 50%, 0.93x at 80%: even at about 70%; 0.65 keeps a margin.
 constexpr double kMaskedLinearCrossover = 0.65;
 
 // JACEXT_MASKED_LINEAR_CROSSOVER, read once, overrides it (tests force either branch with 0 or 2).
-double masked_linear_crossover() {
-  static const double crossover = [] {
+std::optional<double> crossover_override() {
+  static const std::optional<double> value = []() -> std::optional<double> {
     const char* text = std::getenv("JACEXT_MASKED_LINEAR_CROSSOVER");
-    if (text == nullptr || *text == '\0') return kMaskedLinearCrossover;
+    if (text == nullptr || *text == '\0') return std::nullopt;
     char* end = nullptr;
-    const double value = std::strtod(text, &end);
+    const double parsed = std::strtod(text, &end);
     TORCH_CHECK(*end == '\0', "JACEXT_MASKED_LINEAR_CROSSOVER must be a number (a fraction of active units), got '",
                 text, "'");
-    return value;
+    return parsed;
   }();
-  return crossover;
+  return value;
 }
 
 // The one decision between the masked kernel and the dense chain for rows @ diag(factor) @ matrix.
 // CPU only (CUDA has no masked kernel); counts the factor's nonzeros once for the whole batch.
 bool skip_inactive_units(const at::Tensor& factor) {
   if (!factor.device().is_cpu() || factor.numel() == 0) return false;
+  double crossover = crossover_override().value_or(kMaskedLinearCrossover);
+#ifndef INTRA_OP_PARALLEL
+  // Compiled without OpenMP, at::parallel_for runs serially here, while the dense GEMMs use every
+  // intra-op thread: the kernel then wins only below crossover / threads (2 threads, mnist shape:
+  // 1.73x at 20% active, 0.75x at 50%).
+  if (!crossover_override()) crossover /= at::get_num_threads();
+#endif
   const double active = static_cast<double>(factor.count_nonzero().item<int64_t>()) / factor.numel();
-  return active < masked_linear_crossover();
+  return active < crossover;
 }
 
 // A per-sample column factor (activation derivative) not yet applied to the block. Kept pending until

@@ -37,10 +37,17 @@ void masked_linear_kernel(at::Tensor& out, const at::Tensor& values, const at::T
   // A sample costs about rows * columns multiply-add chains; give each thread enough of them.
   const int64_t grain = std::max<int64_t>(1, kParallelGrainElements / std::max<int64_t>(1, rows * columns));
   AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "jacext_masked_linear_cpu", [&] {
+    // One copy of the weight per call (H * K elements, against B * R * active * K multiply-adds).
+    const int64_t panel_width = kPanelWidth<scalar_t>, panel_count = columns / panel_width;
+    const at::Tensor panels = matrix.narrow(1, 0, panel_count * panel_width)
+                                  .view({features, panel_count, panel_width})
+                                  .permute({1, 0, 2})
+                                  .contiguous();
     const MaskedRowsProblem<scalar_t> problem{values.const_data_ptr<scalar_t>(),
                                               values.dim() == 3 ? rows * features : 0,
                                               factor.const_data_ptr<scalar_t>(),
                                               matrix.const_data_ptr<scalar_t>(),
+                                              panels.const_data_ptr<scalar_t>(),
                                               out.data_ptr<scalar_t>(),
                                               rows,
                                               features,

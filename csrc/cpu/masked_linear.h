@@ -6,15 +6,21 @@
 
 namespace jacext::cpu {
 
+// Columns of a weight panel: one 64-byte cache line.
+template <typename scalar_t>
+constexpr int64_t kPanelWidth = 64 / sizeof(scalar_t);
+
 // out[b] = values[b] diag(factor[b]) matrix for every sample b, all row-major and contiguous:
 // values [R, H] shared by every sample (values_batch_stride 0) or [B, R, H] (stride R * H),
-// factor [B, H], matrix [H, K], out [B, R, K].
+// factor [B, H], matrix [H, K], out [B, R, K]; panels [K / P, H, P] (P = kPanelWidth) holds the
+// matrix's first K / P * P columns panel by panel.
 template <typename scalar_t>
 struct MaskedRowsProblem {
   const scalar_t* values;
   int64_t values_batch_stride;
   const scalar_t* factor;
   const scalar_t* matrix;
+  const scalar_t* panels;
   scalar_t* out;
   int64_t rows, features, columns;
 };
