@@ -20,6 +20,15 @@ JacobianBlock chain_matrix(const JacobianBlock& block, const at::Tensor& matrix)
   TORCH_INTERNAL_ASSERT(false, "unknown JacobianBlock kind");
 }
 
+JacobianBlock chain_masked_matrix(const JacobianBlock& block, const at::Tensor& factor, const at::Tensor& matrix) {
+  TORCH_INTERNAL_ASSERT(factor.device().is_cpu(), "chain_masked_matrix has only a CPU kernel");
+  const int64_t batch = factor.size(0), features = factor.size(1);
+  const at::Tensor values = block.explicit_values(features, factor.options());
+  at::Tensor out = at::empty({batch, values.size(-2), matrix.size(1)}, factor.options());
+  cpu::masked_linear_kernel(out, values, factor.contiguous(), matrix.contiguous());
+  return JacobianBlock::per_sample(out);
+}
+
 void check_linear_params(const at::Tensor& input, int64_t in_features, const at::Tensor& weight,
                          const std::optional<at::Tensor>& bias, const char* op) {
   check_same_dtype_device(input, weight, op, "weight");

@@ -45,6 +45,10 @@ Activation activation_from_name(const std::string& name);
 
 // rows @ matrix: the linear rule in both directions (forward: matrix = W^T, reverse: matrix = W).
 JacobianBlock chain_matrix(const JacobianBlock& block, const at::Tensor& matrix);
+// rows @ diag(factor[b]) @ matrix per sample, reading only the rows of `matrix` [H, K] whose factor
+// entry is nonzero (a ReLU mask's active units). CPU tensors only: the caller (the reverse walker)
+// decides when skipping beats the dense chain; CUDA stays on dense GEMMs.
+JacobianBlock chain_masked_matrix(const JacobianBlock& block, const at::Tensor& factor, const at::Tensor& matrix);
 // (output, derivative) of an activation, both [B, H].
 std::tuple<at::Tensor, at::Tensor> activation_with_derivative(const at::Tensor& input, Activation activation);
 // out[b, r, h] = block[b, r, h] * factor[b, h].
@@ -58,6 +62,9 @@ void activation_kernel(at::Tensor& output, at::Tensor& derivative, const at::Ten
 void scale_features_kernel(at::Tensor& out, const at::Tensor& values, const at::Tensor& factor);
 void softmax_rows_kernel(at::Tensor& out, const at::Tensor& values, const at::Tensor& probabilities,
                          SoftmaxVariant variant);
+// out [B, R, K] = values ([R, H] or [B, R, H]) diag(factor [B, H]) matrix [H, K], all contiguous.
+void masked_linear_kernel(at::Tensor& out, const at::Tensor& values, const at::Tensor& factor,
+                          const at::Tensor& matrix);
 }  // namespace cpu
 
 #ifdef JACEXT_WITH_CUDA

@@ -1,0 +1,137 @@
+"""python -m bench.masked_linear [--case mnist] [--fractions 0.2,0.5,0.8] [--rounds 7] [--runs 5] [--dtype float32]
+                               [--threads N]
+
+Micro-benchmark (not a test): the reverse-mode Jacobian of a suite case's model with its ReLU biases
+shifted so that a given fraction of hidden units is active, computed with the dense GEMM chain and
+with the masked kernel that skips inactive units (sequential.cpp, skip_inactive_units). Each branch
+runs in its own worker process, forced by JACEXT_MASKED_LINEAR_CROSSOVER (read once per process);
+the driver alternates between the workers round by round, so machine noise hits both alike, and
+prints the median time per call of each and their ratio: wall time, and the process's CPU time, which a
+loaded machine disturbs less (with --threads 1 it is the call's own compute time; with more threads
+it also counts OpenMP's spin-waiting)."""
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+BRANCHES = {"dense": "0", "masked": "2"}
+
+
+def shifted_model(case_name: str, active_fraction: float, dtype: torch.dtype, seed: int = 0):
+    """The case's model (PyTorch's default init) with each hidden unit's bias set so that it is active
+    on `active_fraction` of the inputs of a calibration batch; returns (model, input batch)."""
+    from bench.cases import CASES, build_model
+
+    case = CASES[case_name]
+    model = build_model(case, seed).to(dtype)
+    generator = torch.Generator().manual_seed(seed + 1)
+    hidden = torch.randn(max(case.batch, 256), case.in_features, generator=generator, dtype=dtype)
+    x = hidden[: case.batch]
+    linears = [m for m in model if isinstance(m, torch.nn.Linear)]
+    with torch.no_grad():
+        for linear in linears[:-1]:
+            pre = hidden @ linear.weight.T
+            linear.bias.copy_(-torch.quantile(pre.double(), 1.0 - active_fraction, dim=0).to(dtype))
+            hidden = torch.relu(pre + linear.bias)
+    return model, x
+
+
+def active_fraction_of(model, x) -> float:
+    active = total = 0
+    with torch.no_grad():
+        for layer in model:
+            x = layer(x)
+            if isinstance(layer, torch.nn.ReLU):
+                active += (x > 0).sum().item()
+                total += x.numel()
+    return active / total
+
+
+def worker(threads):
+    """Reads requests {"case", "fraction", "dtype", "runs"} from stdin, answers seconds per call."""
+    import jacobian_ext as jx
+
+    if threads:
+        torch.set_num_threads(threads)
+    models = {}
+    for line in sys.stdin:
+        request = json.loads(line)
+        key = (request["case"], request["fraction"], request["dtype"])
+        if key not in models:
+            model, x = shifted_model(request["case"], request["fraction"], getattr(torch, request["dtype"]))
+            compiled = jx.compile(model, mode="reverse")
+            with torch.no_grad():
+                compiled(x)  # warm-up: plan, allocator, threads
+            models[key] = (compiled, x, active_fraction_of(model, x))
+        compiled, x, active = models[key]
+        samples, cpu_samples = [], []
+        with torch.no_grad():
+            for _ in range(request["runs"]):
+                start, cpu_start = time.perf_counter(), time.process_time()
+                compiled(x)
+                samples.append(time.perf_counter() - start)
+                cpu_samples.append(time.process_time() - cpu_start)
+        print(json.dumps({"samples": samples, "cpu_samples": cpu_samples, "active": active}), flush=True)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m bench.masked_linear", description=__doc__.split("\n\n")[1])
+    parser.add_argument("--case", default="mnist", help="suite case whose shape is used (default %(default)s)")
+    parser.add_argument("--fractions", default="0.2,0.5,0.8", help="active fractions (default %(default)s)")
+    parser.add_argument("--rounds", type=int, default=7, help="alternations between the branches")
+    parser.add_argument("--runs", type=int, default=5, help="timed calls per branch per round")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    parser.add_argument("--threads", type=int, default=0, help="torch threads in the workers (default: torch's)")
+    arguments = parser.parse_args(argv)
+    fractions = [float(f) for f in arguments.fractions.split(",")]
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    workers = {
+        name: subprocess.Popen([sys.executable, "-m", "bench.masked_linear", "--worker", str(arguments.threads)], cwd=root, text=True,
+                               stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                               env=dict(os.environ, JACEXT_MASKED_LINEAR_CROSSOVER=value))
+        for name, value in BRANCHES.items()
+    }
+    threads = arguments.threads or torch.get_num_threads()
+    print(f"case {arguments.case}, {arguments.dtype}, torch threads {threads}, "
+          f"load average {os.getloadavg()[0]:.2f} at start")
+    print("| active (target) | active (measured) | dense | masked | dense / masked | dense CPU | masked CPU | "
+          "dense / masked (CPU) |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    try:
+        for fraction in fractions:
+            samples = {name: [] for name in workers}
+            cpu_samples = {name: [] for name in workers}
+            active = None
+            for round_index in range(arguments.rounds + 1):  # round 0 builds and warms up
+                for name, process in workers.items():
+                    request = {"case": arguments.case, "fraction": fraction, "dtype": arguments.dtype,
+                               "runs": arguments.runs}
+                    process.stdin.write(json.dumps(request) + "\n")
+                    process.stdin.flush()
+                    answer = json.loads(process.stdout.readline())
+                    active = answer["active"]
+                    if round_index > 0:
+                        samples[name] += answer["samples"]
+                        cpu_samples[name] += answer["cpu_samples"]
+            dense, masked = (statistics.median(samples[name]) for name in ("dense", "masked"))
+            dense_cpu, masked_cpu = (statistics.median(cpu_samples[name]) for name in ("dense", "masked"))
+            print(f"| {fraction:.0%} | {active:.1%} | {dense * 1e3:.2f} ms | {masked * 1e3:.2f} ms | "
+                  f"{dense / masked:.2f}x | {dense_cpu * 1e3:.2f} ms | {masked_cpu * 1e3:.2f} ms | "
+                  f"{dense_cpu / masked_cpu:.2f}x |", flush=True)
+    finally:
+        for process in workers.values():
+            process.stdin.close()
+            process.wait()
+    print(f"load average {os.getloadavg()[0]:.2f} at end")
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["--worker"]:
+        worker(int(sys.argv[2]))
+    else:
+        main()

@@ -1,0 +1,156 @@
+"""The masked Linear kernel of the reverse walker (ReLU mask, then a Linear: only the active units'
+weight rows are read) against torch.func, at active fractions on both sides of the crossover.
+
+Which branch runs depends on the batch's active fraction (sequential.cpp, skip_inactive_units):
+the fractions below cover both sides of the measured crossover in-process, and the subprocess tests
+force each branch for every fraction through JACEXT_MASKED_LINEAR_CROSSOVER (read once per process:
+0 = always dense, 2 = always masked)."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+import jacobian_ext as jx
+from conftest import assert_matches_reference, non_contiguous, reference_jacobian
+from jacobian_ext import ops
+
+ACTIVE_FRACTIONS = [0.0, 0.05, 0.2, 0.5, 0.8, 1.0]
+DTYPES = [torch.float64, torch.float32]
+# (D, hidden widths, C): widths off the vector widths (4, 8 lanes) and the 2-vector column blocks,
+# row counts off the register block (1 row; 7 = one block; 13 = 5 + 4 + 4 rows), and wide enough
+# ones to run the full 2 x 8 register blocks.
+SHAPES = [(29, (37, 21), 7), (70, (48, 33), 13), (16, (19,), 1), (64, (96, 64), 10)]
+SHAPE_IDS = ["odd-widths", "tails", "one-row", "vector-multiples"]
+
+
+def relu_mlp(in_features, hidden, out_features, active_fraction, dtype, head=None):
+    """ReLU MLP whose hidden units are each active on about `active_fraction` of standard normal inputs:
+    every bias is set from the pre-activation quantiles of a separate calibration batch."""
+    widths = [in_features, *hidden, out_features]
+    layers = []
+    calibration = torch.randn(512, in_features, dtype=dtype)
+    for i in range(len(widths) - 1):
+        linear = nn.Linear(widths[i], widths[i + 1]).to(dtype)
+        layers.append(linear)
+        if i < len(widths) - 2:
+            with torch.no_grad():
+                pre = calibration @ linear.weight.T
+                if active_fraction == 0.0:
+                    linear.bias.copy_(-pre.abs().amax(0) - 10.0)  # far beyond any input's reach: all off
+                elif active_fraction == 1.0:
+                    linear.bias.copy_(pre.abs().amax(0) + 10.0)  # all on
+                else:
+                    linear.bias.copy_(-torch.quantile(pre, 1.0 - active_fraction, dim=0))
+                calibration = torch.relu(pre + linear.bias)
+            layers.append(nn.ReLU())
+    if head is not None:
+        layers.append(head)
+    return nn.Sequential(*layers).eval()
+
+
+def measured_active_fraction(model, x):
+    """Fraction of ReLU outputs > 0 over all hidden layers (to check the construction)."""
+    active, total, hidden = 0, 0, x
+    for layer in model:
+        hidden = layer(hidden)
+        if isinstance(layer, nn.ReLU):
+            active += (hidden > 0).sum().item()
+            total += hidden.numel()
+    return active / max(total, 1)
+
+
+def inputs(batch, features, dtype):
+    """Standard normal inputs in a non-contiguous layout."""
+    return non_contiguous(torch.randn(batch, features, dtype=dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("active_fraction", ACTIVE_FRACTIONS)
+@pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
+@pytest.mark.parametrize("batch", [0, 1, 7, 64])
+def test_reverse_jacobian_at_each_active_fraction(dtype, active_fraction, shape, batch):
+    in_features, hidden, out_features = shape
+    model = relu_mlp(in_features, hidden, out_features, active_fraction, dtype)
+    x = inputs(batch, in_features, dtype)
+    y, jacobian = jx.batch_jacobian(model, x, mode="reverse", return_output=True)
+    assert_matches_reference(y, model(x), dtype)
+    assert_matches_reference(jacobian, reference_jacobian(model, x), dtype)
+    if batch == 64 and active_fraction in (0.0, 1.0):
+        assert measured_active_fraction(model, x) == active_fraction
+    elif batch == 64:
+        assert abs(measured_active_fraction(model, x) - active_fraction) < 0.1
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("active_fraction", [0.05, 0.5, 0.9])  # all-on biases saturate the softmax
+def test_softmax_head_and_explicit_cotangent(dtype, active_fraction):
+    """A per-sample block reaches the first mask (softmax head; a given [B, R, C] cotangent), and a
+    stored-transposed (non-contiguous) weight."""
+    model = relu_mlp(23, (41, 30), 11, active_fraction, dtype, head=nn.Softmax(-1))
+    with torch.no_grad():
+        model[2].weight = nn.Parameter(model[2].weight.detach().T.contiguous().T)
+    assert not model[2].weight.is_contiguous()
+    x = inputs(9, 23, dtype)
+    assert_matches_reference(jx.batch_jacobian(model, x, mode="reverse"), reference_jacobian(model, x), dtype)
+
+    layers, params = ["linear", "relu", "linear", "relu", "linear", "softmax"], []
+    for module in model:
+        if isinstance(module, nn.Linear):
+            params += [module.weight.detach(), module.bias.detach()]
+    cotangent = torch.randn(9, 3, 11, dtype=dtype)
+    output, result = ops.sequential_jac_reverse(x, cotangent, layers, params)
+    expected = torch.einsum("brc,bcd->brd", cotangent.double(), reference_jacobian(model, x))
+    assert_matches_reference(output, model(x), dtype)
+    assert_matches_reference(result, expected, dtype)
+
+
+FORCED_BRANCH_SCRIPT = r"""
+import json, sys, torch
+sys.path.insert(0, "tests")
+import jacobian_ext as jx
+from conftest import reference_jacobian
+from test_masked_linear import SHAPES, relu_mlp, inputs
+errors = []
+for dtype in (torch.float64, torch.float32):
+    for active_fraction in (0.0, 0.05, 0.5, 1.0):
+        for in_features, hidden, out_features in SHAPES:
+            for batch in (0, 1, 7):
+                model = relu_mlp(in_features, hidden, out_features, active_fraction, dtype)
+                x = inputs(batch, in_features, dtype)
+                expected = reference_jacobian(model, x)
+                actual = jx.batch_jacobian(model, x, mode="reverse").double()
+                scale = max(expected.abs().max().item(), 1e-300) if expected.numel() else 1.0
+                error = (actual - expected).abs().max().item() / scale if expected.numel() else 0.0
+                errors.append((str(dtype), active_fraction, batch, error))
+print(json.dumps(errors))
+"""
+
+
+@pytest.mark.parametrize("crossover", ["0", "2"], ids=["forced-dense", "forced-masked"])
+def test_each_branch_forced_for_every_active_fraction(crossover):
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, JACEXT_MASKED_LINEAR_CROSSOVER=crossover)
+    done = subprocess.run([sys.executable, "-c", FORCED_BRANCH_SCRIPT], cwd=root, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    errors = json.loads(done.stdout.strip().splitlines()[-1])
+    assert len(errors) == 2 * 4 * len(SHAPES) * 3
+    tolerance = {"torch.float64": 1e-10, "torch.float32": 1e-5}
+    bad = [e for e in errors if e[3] > tolerance[e[0]]]
+    assert not bad, bad
+
+
+def test_bad_crossover_override_is_rejected():
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, JACEXT_MASKED_LINEAR_CROSSOVER="half")
+    script = ("import torch, jacobian_ext as jx\n"
+              "m = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))\n"
+              "jx.batch_jacobian(m, torch.randn(2, 3), mode='reverse')\n")
+    done = subprocess.run([sys.executable, "-c", script], cwd=root, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode != 0
+    assert "JACEXT_MASKED_LINEAR_CROSSOVER must be a number" in done.stderr
