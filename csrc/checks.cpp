@@ -4,6 +4,10 @@ namespace jacext {
 
 void check_feature_matrix(const at::Tensor& input, const char* op, const char* arg) {
   TORCH_CHECK(input.dim() == 2, op, ": ", arg, " must be a [batch, features] matrix, got shape ", input.sizes());
+  check_supported_dtype_device(input, op, arg);
+}
+
+void check_supported_dtype_device(const at::Tensor& input, const char* op, const char* arg) {
   const at::ScalarType dtype = input.scalar_type();
   const bool reduced_precision = dtype == at::kHalf || dtype == at::kBFloat16;
   // The CPU kernels are built for float and double only; the CUDA kernels also take half and bfloat16.

@@ -18,6 +18,10 @@ TORCH_LIBRARY(jacext, m) {
   m.def("softmax_jac_reverse(Tensor output, Tensor? cotangent) -> Tensor");
   m.def("log_softmax_jac_forward(Tensor input, Tensor? jac) -> (Tensor output, Tensor jac_out)");
   m.def("log_softmax_jac_reverse(Tensor output, Tensor? cotangent) -> Tensor");
+  // Layer norm on N-d per-sample features (layout: /work/notes/ND_CONVENTION.md): input [B, *feat], feat
+  // ending in normalized_shape; jac [B, *feat, D] or None; cotangent [B, C, *feat] or None.
+  m.def("layer_norm_jac_forward(Tensor input, Tensor? jac, int[] normalized_shape, Tensor? weight, Tensor? bias, float eps) -> (Tensor output, Tensor jac_out)");
+  m.def("layer_norm_jac_reverse(Tensor input, Tensor? cotangent, int[] normalized_shape, Tensor? weight, float eps) -> Tensor");
   // A segment of native layers (see sequential.cpp for the plan encoding).
   m.def("sequential_jac_forward(Tensor input, Tensor? jac, str[] layers, Tensor[] params) -> (Tensor output, Tensor jac_out)");
   m.def("sequential_jac_reverse(Tensor input, Tensor? cotangent, str[] layers, Tensor[] params) -> (Tensor output, Tensor cotangent_in)");
@@ -31,6 +35,7 @@ constexpr const char* kOpNames[] = {
     "linear_jac_forward",    "linear_jac_reverse",      "pointwise_jac_forward",  "pointwise_jac_reverse",
     "softmax_jac_forward",   "softmax_jac_reverse",     "log_softmax_jac_forward", "log_softmax_jac_reverse",
     "sequential_jac_forward", "sequential_jac_reverse", "batch_jacobian",
+    "layer_norm_jac_forward", "layer_norm_jac_reverse",
 };
 
 void register_kernels(torch::Library& m) {
@@ -45,6 +50,8 @@ void register_kernels(torch::Library& m) {
   m.impl("sequential_jac_forward", TORCH_FN(jacext::sequential_jac_forward));
   m.impl("sequential_jac_reverse", TORCH_FN(jacext::sequential_jac_reverse));
   m.impl("batch_jacobian", TORCH_FN(jacext::batch_jacobian));
+  m.impl("layer_norm_jac_forward", TORCH_FN(jacext::layer_norm_jac_forward));
+  m.impl("layer_norm_jac_reverse", TORCH_FN(jacext::layer_norm_jac_reverse));
 }
 
 }  // namespace

@@ -2,11 +2,13 @@
 //
 // A plan is encoded with schema types only (so TorchScript, torch.export and C++ callers can build
 // it): `layers` holds one name per layer, `params` the flat list of their tensors. "linear" takes two
-// entries (weight, bias), "linear_no_bias" one (weight); "relu", "tanh", "sigmoid", "softmax" and
-// "log_softmax" take none. (No None entries: autograd wrappers only track all-tensor lists.)
+// entries (weight, bias), "linear_no_bias" one (weight); "softmax", "log_softmax" and the activations
+// take none (an activation's scalar parameters travel in its name, e.g. "leaky_relu:0.01"; grammar at
+// activation_from_name). (No None entries: autograd wrappers only track all-tensor lists.)
 #include "jacext/checks.h"
 #include "jacext/ops.h"
 
+#include <string>
 #include <utility>
 
 namespace jacext {
@@ -15,7 +17,7 @@ namespace {
 struct Layer {
   enum class Type { Linear, Activation, Softmax, LogSoftmax };
   Type type = Type::Linear;
-  Activation activation = Activation::ReLU;
+  Activation activation;
   at::Tensor weight;
   std::optional<at::Tensor> bias;
 };
@@ -44,12 +46,11 @@ std::vector<Layer> parse_plan(const at::Tensor& input, c10::ArrayRef<std::string
       layer.type = Layer::Type::Softmax;
     } else if (name == "log_softmax") {
       layer.type = Layer::Type::LogSoftmax;
-    } else if (name == "relu" || name == "tanh" || name == "sigmoid") {
-      layer.type = Layer::Type::Activation;
-      layer.activation = activation_from_name(name);
     } else {
-      TORCH_CHECK(false, op, ": layer ", i, " is '", name,
-                  "'; expected one of linear, linear_no_bias, relu, tanh, sigmoid, softmax, log_softmax");
+      layer.type = Layer::Type::Activation;
+      const std::string arg =
+          "layers[" + std::to_string(i) + "] (linear, linear_no_bias, softmax, log_softmax or an activation)";
+      layer.activation = activation_from_name(name, op, arg.c_str());
     }
     plan.push_back(std::move(layer));
   }

@@ -13,6 +13,9 @@ namespace jacext {
 // bfloat16 are accepted as well.
 void check_feature_matrix(const at::Tensor& input, const char* op, const char* arg);
 
+// The dtype and device part of check_feature_matrix, for inputs of any shape.
+void check_supported_dtype_device(const at::Tensor& input, const char* op, const char* arg);
+
 // `other` shares dtype and device with `input`.
 void check_same_dtype_device(const at::Tensor& input, const at::Tensor& other, const char* op, const char* arg);
 
