@@ -90,7 +90,8 @@ std::optional<Activation> parse_activation(std::string_view text) {
 
 Activation activation_from_name(std::string_view name, const char* op, const char* arg) {
   const std::optional<Activation> activation = parse_activation(name);
-  TORCH_CHECK(activation.has_value(), op, ": ", arg, " is '", name, "'; expected an activation: ", kAcceptedActivations);
+  TORCH_CHECK(activation.has_value(), op, ": ", arg, " is '", name, "'; expected an activation: ",
+              kAcceptedActivations);
   if (activation->kind == ActivationKind::Softplus) {
     TORCH_CHECK(activation->first != 0.0, op, ": ", arg, " is '", name, "'; softplus needs a nonzero beta");
   }

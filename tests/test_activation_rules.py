@@ -44,8 +44,8 @@ def test_value_is_torch_forward(device, dtype, spec):
 
 # Kinks and switches, with points just beside them (the derivative must take torch's branch exactly).
 def around(*points):
-    return [v for p in points for v in (p, math.nextafter(p, -math.inf), math.nextafter(p, math.inf))] + [-5.0, -3.0, 0.5,
-                                                                                                         8.0]
+    beside = [v for p in points for v in (p, math.nextafter(p, -math.inf), math.nextafter(p, math.inf))]
+    return beside + [-5.0, -3.0, 0.5, 8.0]
 
 
 KINK_POINTS = {
@@ -89,7 +89,8 @@ def test_kink_constants_explicitly():
     assert op_derivative(x[:, :2], "relu6")[1].tolist() == [[0.0, 0.0]]
     assert op_derivative(x[:, 2:4], "hardtanh:-0.5:1.25")[1].tolist() == [[0.0, 0.0]]
     # at beta * x == threshold softplus still takes its smooth branch, sigmoid(beta x) = sigmoid(3)
-    assert op_derivative(x[:, 4:], "softplus:2.0:3.0")[1].item() == pytest.approx(torch.sigmoid(torch.tensor(3.0)).item())
+    sigmoid_3 = torch.sigmoid(torch.tensor(3.0, dtype=torch.float64)).item()
+    assert op_derivative(x[:, 4:], "softplus:2.0:3.0")[1].item() == pytest.approx(sigmoid_3, rel=1e-15)
 
 
 def test_softplus_derivative_is_finite_for_a_large_threshold():
@@ -115,7 +116,8 @@ def test_defaults_and_number_forms(spec, equivalent):
     x = 4 * torch.randn(3, 9, dtype=torch.float64)
     cotangent = torch.randn(3, 2, 9, dtype=torch.float64)
     assert torch.equal(ops.pointwise_jac_forward(x, None, spec)[1], ops.pointwise_jac_forward(x, None, equivalent)[1])
-    assert torch.equal(ops.pointwise_jac_reverse(x, cotangent, spec), ops.pointwise_jac_reverse(x, cotangent, equivalent))
+    assert torch.equal(ops.pointwise_jac_reverse(x, cotangent, spec),
+                       ops.pointwise_jac_reverse(x, cotangent, equivalent))
 
 
 @pytest.mark.parametrize("spec", [
@@ -124,7 +126,8 @@ def test_defaults_and_number_forms(spec, equivalent):
 ])
 def test_bad_activation_strings_are_rejected(spec):
     x = torch.randn(2, 3)
-    accepted = r"expected an activation: relu, tanh, sigmoid, gelu, gelu_tanh, silu, relu6, leaky_relu\[:negative_slope\]"
+    accepted = (r"expected an activation: relu, tanh, sigmoid, gelu, gelu_tanh, silu, relu6, "
+                r"leaky_relu\[:negative_slope\]")
     reason = {"softplus:0": "nonzero beta", "hardtanh:1:-1": "min_val <= max_val"}.get(spec, accepted)
     with pytest.raises(RuntimeError, match=rf"jacext::pointwise_jac_forward: activation is '{spec}'.*{reason}"):
         ops.pointwise_jac_forward(x, None, spec)
@@ -200,8 +203,8 @@ def test_functional_activation_spec(fn, args, kwargs, spec):
 # ---- nn.Sequential models end to end ----
 
 ACTIVATION_MODULES = [
-    nn.GELU(), nn.GELU(approximate="tanh"), nn.SiLU(), nn.LeakyReLU(0.1), nn.ELU(alpha=0.5), nn.Softplus(beta=1.5, threshold=2.0),
-    nn.Hardtanh(-0.7, 0.9), nn.ReLU6(),
+    nn.GELU(), nn.GELU(approximate="tanh"), nn.SiLU(), nn.LeakyReLU(0.1), nn.ELU(alpha=0.5),
+    nn.Softplus(beta=1.5, threshold=2.0), nn.Hardtanh(-0.7, 0.9), nn.ReLU6(),
 ]
 
 

@@ -48,7 +48,9 @@ def test_forward_rule_matches_torch_func(device, dtype, features, normalized_sha
     feature_count = math.prod(features)
     columns = 11  # D != the feature count
     # The walker's storage: a contiguous T[B, D, *feat] passed as a view with D last.
-    jac = None if seed == "identity" else torch.randn(batch, columns, *features, dtype=dtype, device=device).movedim(1, -1)
+    jac = None
+    if seed == "per_sample":
+        jac = torch.randn(batch, columns, *features, dtype=dtype, device=device).movedim(1, -1)
 
     output, jac_out = ops.layer_norm_jac_forward(x, jac, normalized_shape, weight, bias, eps)
 
