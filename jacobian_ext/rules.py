@@ -42,12 +42,14 @@ def _number(value) -> str:
     return repr(float(value))
 
 
+_GELU_FORMS = {"none": "gelu", "tanh": "gelu_tanh"}  # approximate= -> activation string
+
 # Module type -> its activation string (the ops' grammar, see ops.py), read from the module's attributes.
 _MODULE_ACTIVATIONS: Dict[type, Callable[[nn.Module], Optional[str]]] = {
     nn.ReLU: lambda m: "relu",
     nn.Tanh: lambda m: "tanh",
     nn.Sigmoid: lambda m: "sigmoid",
-    nn.GELU: lambda m: {"none": "gelu", "tanh": "gelu_tanh"}.get(m.approximate),
+    nn.GELU: lambda m: _GELU_FORMS.get(m.approximate),
     nn.SiLU: lambda m: "silu",
     nn.ReLU6: lambda m: "relu6",
     nn.LeakyReLU: lambda m: f"leaky_relu:{_number(m.negative_slope)}",
@@ -105,7 +107,7 @@ def functional_activation_spec(fn, args: Sequence = (), kwargs: Optional[Mapping
     if kwargs:  # an argument this mapping does not know
         return None
     if name == "gelu":
-        return {"none": "gelu", "tanh": "gelu_tanh"}.get(values["approximate"])
+        return _GELU_FORMS.get(values["approximate"])
     if not all(isinstance(v, Real) and not isinstance(v, bool) for v in values.values()):
         return None
     return ":".join([name] + [_number(v) for v in values.values()])
