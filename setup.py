@@ -69,7 +69,10 @@ with_cuda = (
 )
 cpp_sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
 
-cxx_flags = ["-O3", "-std=c++20", "-fvisibility=hidden"]
+# -fopenmp: torch's at::parallel_for is inline and runs serially unless the including code is compiled
+# with OpenMP (ATen's OpenMP backend); linking it resolves to the libgomp.so.1 that torch already loads.
+cxx_flags = ["-O3", "-std=c++20", "-fvisibility=hidden", "-fopenmp"]
+link_flags = ["-fopenmp"]
 define_macros = [("Py_LIMITED_API", "0x030A0000")]
 if with_cuda:
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCHS)
@@ -81,6 +84,7 @@ if with_cuda:
         define_macros=define_macros,
         # C++20 for nvcc as for the host compiler: recent torch headers refuse anything older (ATen.h).
         extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++20", "--expt-relaxed-constexpr"]},
+        extra_link_args=link_flags,
         py_limited_api=True,
     )
 else:
@@ -90,6 +94,7 @@ else:
         include_dirs=[os.path.join(ROOT, "csrc")],
         define_macros=define_macros,
         extra_compile_args={"cxx": cxx_flags},
+        extra_link_args=link_flags,
         py_limited_api=True,
     )
 

@@ -1,5 +1,10 @@
 #include "jacext/jacobian_block.h"
 
+#include <cmath>
+#include <cstdlib>
+#include <optional>
+#include <string>
+
 namespace jacext {
 
 at::Tensor JacobianBlock::explicit_values(int64_t features, const at::TensorOptions& options) const {
@@ -21,11 +26,80 @@ at::Tensor JacobianBlock::dense(int64_t batch, int64_t features, const at::Tenso
   TORCH_INTERNAL_ASSERT(false, "unknown JacobianBlock kind");
 }
 
-Activation activation_from_name(const std::string& name) {
-  if (name == "relu") return Activation::ReLU;
-  if (name == "tanh") return Activation::Tanh;
-  if (name == "sigmoid") return Activation::Sigmoid;
-  TORCH_CHECK(false, "unknown activation '", name, "'; expected one of relu, tanh, sigmoid");
+namespace {
+
+constexpr const char* kAcceptedActivations =
+    "relu, tanh, sigmoid, gelu, gelu_tanh, silu, relu6, leaky_relu[:negative_slope], elu[:alpha], "
+    "softplus[:beta[:threshold]] or hardtanh[:min_val[:max_val]], with finite decimal parameters, e.g. "
+    "'leaky_relu:0.01', 'softplus:1.0:20.0'";
+
+struct ActivationForm {
+  std::string_view name;
+  ActivationKind kind;
+  int parameters;  // how many may follow the name
+  double first, second;  // torch's defaults
+};
+
+constexpr ActivationForm kActivationForms[] = {
+    {"relu", ActivationKind::ReLU, 0, 0.0, 0.0},
+    {"tanh", ActivationKind::Tanh, 0, 0.0, 0.0},
+    {"sigmoid", ActivationKind::Sigmoid, 0, 0.0, 0.0},
+    {"gelu", ActivationKind::Gelu, 0, 0.0, 0.0},
+    {"gelu_tanh", ActivationKind::GeluTanh, 0, 0.0, 0.0},
+    {"silu", ActivationKind::Silu, 0, 0.0, 0.0},
+    {"relu6", ActivationKind::Hardtanh, 0, 0.0, 6.0},
+    {"leaky_relu", ActivationKind::LeakyReLU, 1, 0.01, 0.0},
+    {"elu", ActivationKind::Elu, 1, 1.0, 0.0},
+    {"softplus", ActivationKind::Softplus, 2, 1.0, 20.0},
+    {"hardtanh", ActivationKind::Hardtanh, 2, -1.0, 1.0},
+};
+
+// The whole of `text` as a finite number, or nullopt.
+std::optional<double> parse_number(std::string_view text) {
+  if (text.empty()) return std::nullopt;
+  const std::string copy(text);  // strtod needs a terminated string
+  char* end = nullptr;
+  const double value = std::strtod(copy.c_str(), &end);
+  if (end != copy.c_str() + copy.size() || !std::isfinite(value)) return std::nullopt;
+  return value;
+}
+
+std::optional<Activation> parse_activation(std::string_view text) {
+  const size_t colon = text.find(':');
+  const std::string_view name = text.substr(0, colon);
+  for (const ActivationForm& form : kActivationForms) {
+    if (form.name != name) continue;
+    Activation activation{form.kind, form.first, form.second};
+    double* slots[] = {&activation.first, &activation.second};
+    std::string_view rest = colon == std::string_view::npos ? std::string_view() : text.substr(colon + 1);
+    for (int i = 0; colon != std::string_view::npos; ++i) {
+      if (i == form.parameters) return std::nullopt;  // one parameter too many
+      const size_t next = rest.find(':');
+      const std::optional<double> value = parse_number(rest.substr(0, next));
+      if (!value) return std::nullopt;
+      *slots[i] = *value;
+      if (next == std::string_view::npos) break;
+      rest = rest.substr(next + 1);
+    }
+    return activation;
+  }
+  return std::nullopt;
+}
+
+}  // namespace
+
+Activation activation_from_name(std::string_view name, const char* op, const char* arg) {
+  const std::optional<Activation> activation = parse_activation(name);
+  TORCH_CHECK(activation.has_value(), op, ": ", arg, " is '", name, "'; expected an activation: ",
+              kAcceptedActivations);
+  if (activation->kind == ActivationKind::Softplus) {
+    TORCH_CHECK(activation->first != 0.0, op, ": ", arg, " is '", name, "'; softplus needs a nonzero beta");
+  }
+  if (activation->kind == ActivationKind::Hardtanh) {
+    TORCH_CHECK(activation->first <= activation->second, op, ": ", arg, " is '", name,
+                "'; hardtanh needs min_val <= max_val");
+  }
+  return *activation;
 }
 
 }  // namespace jacext

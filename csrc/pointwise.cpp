@@ -1,11 +1,12 @@
-// Element-wise activations (ReLU, Tanh, Sigmoid): the Jacobian is diag(f'(z)) per sample, so each rule
-// scales the block's feature columns by f'(z[b]) in one fused pass; no diagonal matrix is formed.
+// Element-wise activations (the forms of activation_from_name: ReLU, Tanh, Sigmoid, GELU, SiLU, LeakyReLU,
+// ELU, Softplus, Hardtanh/ReLU6): the Jacobian is diag(f'(z)) per sample, so each rule scales the block's
+// feature columns by f'(z[b]) in one fused pass; no diagonal matrix is formed.
 #include "jacext/checks.h"
 #include "jacext/ops.h"
 
 namespace jacext {
 
-std::tuple<at::Tensor, at::Tensor> activation_with_derivative(const at::Tensor& input, Activation activation) {
+std::tuple<at::Tensor, at::Tensor> activation_with_derivative(const at::Tensor& input, const Activation& activation) {
   at::Tensor contiguous_input = input.contiguous();
   at::Tensor output = at::empty_like(contiguous_input);
   at::Tensor derivative = at::empty_like(contiguous_input);
@@ -26,8 +27,9 @@ std::tuple<at::Tensor, at::Tensor> pointwise_jac_forward(const at::Tensor& input
                                                          std::string_view activation) {
   const char* op = "jacext::pointwise_jac_forward";
   check_feature_matrix(input, op, "input");
+  const Activation parsed = activation_from_name(activation, op, "activation");
   const JacobianBlock tangents = tangents_from_jac(jac, input, op);
-  auto [output, derivative] = activation_with_derivative(input, activation_from_name(std::string(activation)));
+  auto [output, derivative] = activation_with_derivative(input, parsed);
   const JacobianBlock result = scale_features(tangents, derivative);
   return {output, result.values.transpose(1, 2)};
 }
@@ -36,8 +38,9 @@ at::Tensor pointwise_jac_reverse(const at::Tensor& input, const std::optional<at
                                  std::string_view activation) {
   const char* op = "jacext::pointwise_jac_reverse";
   check_feature_matrix(input, op, "input");
+  const Activation parsed = activation_from_name(activation, op, "activation");
   const JacobianBlock cotangents = cotangents_from_arg(cotangent, input.size(0), input.size(1), input, op);
-  at::Tensor derivative = std::get<1>(activation_with_derivative(input, activation_from_name(std::string(activation))));
+  at::Tensor derivative = std::get<1>(activation_with_derivative(input, parsed));
   return scale_features(cotangents, derivative).values;
 }
 

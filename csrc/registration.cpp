@@ -31,6 +31,10 @@ TORCH_LIBRARY(jacext, m) {
   m.def("avg_pool2d_jac_reverse(Tensor input, Tensor? cotangent, int[] kernel_size, int[] stride, int[] padding, bool ceil_mode, bool count_include_pad, int? divisor_override) -> Tensor");
   m.def("adaptive_avg_pool2d_jac_forward(Tensor input, Tensor? jac, int[] output_size) -> (Tensor output, Tensor jac_out)");
   m.def("adaptive_avg_pool2d_jac_reverse(Tensor input, Tensor? cotangent, int[] output_size) -> Tensor");
+  // Layer norm on N-d per-sample features (layout: /work/notes/ND_CONVENTION.md): input [B, *feat], feat
+  // ending in normalized_shape; jac [B, *feat, D] or None; cotangent [B, C, *feat] or None.
+  m.def("layer_norm_jac_forward(Tensor input, Tensor? jac, int[] normalized_shape, Tensor? weight, Tensor? bias, float eps) -> (Tensor output, Tensor jac_out)");
+  m.def("layer_norm_jac_reverse(Tensor input, Tensor? cotangent, int[] normalized_shape, Tensor? weight, float eps) -> Tensor");
   // A segment of native layers (see sequential.cpp for the plan encoding).
   m.def("sequential_jac_forward(Tensor input, Tensor? jac, str[] layers, Tensor[] params) -> (Tensor output, Tensor jac_out)");
   m.def("sequential_jac_reverse(Tensor input, Tensor? cotangent, str[] layers, Tensor[] params) -> (Tensor output, Tensor cotangent_in)");
@@ -48,6 +52,7 @@ constexpr const char* kOpNames[] = {
     "conv_jac_forward", "conv_jac_reverse", "batch_norm_jac_forward", "batch_norm_jac_reverse",
     "max_pool2d_jac_forward", "max_pool2d_jac_reverse", "avg_pool2d_jac_forward", "avg_pool2d_jac_reverse",
     "adaptive_avg_pool2d_jac_forward", "adaptive_avg_pool2d_jac_reverse",
+    "layer_norm_jac_forward", "layer_norm_jac_reverse",
 };
 
 void register_kernels(torch::Library& m) {
@@ -73,6 +78,8 @@ void register_kernels(torch::Library& m) {
   m.impl("avg_pool2d_jac_reverse", TORCH_FN(jacext::avg_pool2d_jac_reverse));
   m.impl("adaptive_avg_pool2d_jac_forward", TORCH_FN(jacext::adaptive_avg_pool2d_jac_forward));
   m.impl("adaptive_avg_pool2d_jac_reverse", TORCH_FN(jacext::adaptive_avg_pool2d_jac_reverse));
+  m.impl("layer_norm_jac_forward", TORCH_FN(jacext::layer_norm_jac_forward));
+  m.impl("layer_norm_jac_reverse", TORCH_FN(jacext::layer_norm_jac_reverse));
 }
 
 }  // namespace

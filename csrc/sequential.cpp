@@ -2,8 +2,9 @@
 //
 // A plan is encoded with schema types only (so TorchScript, torch.export and C++ callers can build
 // it): `layers` holds one name per layer, `params` the flat list of their tensors. "linear" takes two
-// entries (weight, bias), "linear_no_bias" one (weight); "relu", "tanh", "sigmoid", "softmax" and
-// "log_softmax" take none. (No None entries: autograd wrappers only track all-tensor lists.)
+// entries (weight, bias), "linear_no_bias" one (weight); "softmax", "log_softmax" and the activations
+// take none (an activation's scalar parameters travel in its name, e.g. "leaky_relu:0.01"; grammar at
+// activation_from_name). (No None entries: autograd wrappers only track all-tensor lists.)
 #include <ATen/Parallel.h>
 
 #include "jacext/checks.h"
@@ -20,7 +21,7 @@ namespace {
 struct Layer {
   enum class Type { Linear, Activation, Softmax, LogSoftmax };
   Type type = Type::Linear;
-  Activation activation = Activation::ReLU;
+  Activation activation;
   at::Tensor weight;
   std::optional<at::Tensor> bias;
 };
@@ -49,12 +50,11 @@ std::vector<Layer> parse_plan(const at::Tensor& input, c10::ArrayRef<std::string
       layer.type = Layer::Type::Softmax;
     } else if (name == "log_softmax") {
       layer.type = Layer::Type::LogSoftmax;
-    } else if (name == "relu" || name == "tanh" || name == "sigmoid") {
-      layer.type = Layer::Type::Activation;
-      layer.activation = activation_from_name(name);
     } else {
-      TORCH_CHECK(false, op, ": layer ", i, " is '", name,
-                  "'; expected one of linear, linear_no_bias, relu, tanh, sigmoid, softmax, log_softmax");
+      layer.type = Layer::Type::Activation;
+      const std::string arg =
+          "layers[" + std::to_string(i) + "] (linear, linear_no_bias, softmax, log_softmax or an activation)";
+      layer.activation = activation_from_name(name, op, arg.c_str());
     }
     plan.push_back(std::move(layer));
   }
@@ -94,13 +94,7 @@ std::optional<double> crossover_override() {
 // CPU only (CUDA has no masked kernel); counts the factor's nonzeros once for the whole batch.
 bool skip_inactive_units(const at::Tensor& factor) {
   if (!factor.device().is_cpu() || factor.numel() == 0) return false;
-  double crossover = crossover_override().value_or(kMaskedLinearCrossover);
-#ifndef INTRA_OP_PARALLEL
-  // Compiled without OpenMP, at::parallel_for runs serially here, while the dense GEMMs use every
-  // intra-op thread: the kernel then wins only below crossover / threads (2 threads, mnist shape:
-  // 1.73x at 20% active, 0.75x at 50%).
-  if (!crossover_override()) crossover /= at::get_num_threads();
-#endif
+  const double crossover = crossover_override().value_or(kMaskedLinearCrossover);
   const double active = static_cast<double>(factor.count_nonzero().item<int64_t>()) / factor.numel();
   return active < crossover;
 }

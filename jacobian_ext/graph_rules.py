@@ -265,17 +265,18 @@ def _softmax_rule(log: bool, features: int) -> NodeRule:
     )
 
 
-class SpatialOpRule(NodeRule):
-    """A native op on N-d per-sample features (convolution, batch norm, pooling; spatial_rules.py):
-    the ops take tangents as [B, *shape, D] and cotangents as [B, C, *shape]. The op's parameters are
-    read from the module at every call, so updated weights are used."""
+class NdOpRule(NodeRule):
+    """A native op on N-d per-sample features (convolution, batch norm, pooling, layer norm): the ops
+    take tangents as [B, *shape, D] and cotangents as [B, C, *shape]. `call_of(module, input_shape)`
+    gives an object with forward(input, jac) and reverse(input, cotangent), built at every call from
+    the module, so that updated weights are used."""
 
-    def __init__(self, module: nn.Module, input_shape, label: str, work_per_row: float):
+    def __init__(self, module: nn.Module, input_shape, call_of: Callable, label: str, work_per_row: float):
         super().__init__(work_per_row)
-        self.module, self.input_shape, self.label = module, tuple(input_shape), f"native {label}"
+        self.module, self.input_shape, self.call_of, self.label = module, tuple(input_shape), call_of, f"native {label}"
 
     def _call(self):
-        call = spatial_rules.native_call(self.module, self.input_shape)
+        call = self.call_of(self.module, self.input_shape)
         if call is None:
             raise RuntimeError(f"{self.module} no longer has a native rule (its configuration changed after "
                                "planning); compile the model again")
@@ -290,6 +291,28 @@ class SpatialOpRule(NodeRule):
         return [self._call().reverse(env[g.inputs[0]], None if cotangent is IDENTITY else cotangent)]
 
 
+class _LayerNormCall:
+    """nn.LayerNorm's native rule in the interface of spatial_rules.SpatialCall."""
+
+    def __init__(self, module: nn.LayerNorm):
+        self.module = module
+
+    def forward(self, input, jac):
+        m = self.module
+        return ops.layer_norm_jac_forward(input, jac, list(m.normalized_shape), m.weight, m.bias, m.eps)
+
+    def reverse(self, input, cotangent):
+        m = self.module
+        return ops.layer_norm_jac_reverse(input, cotangent, list(m.normalized_shape), m.weight, m.eps)
+
+
+def _layer_norm_rule(module: nn.LayerNorm, input_shape, out_numel: int) -> Optional[NodeRule]:
+    normalized = tuple(module.normalized_shape)
+    if tuple(input_shape[len(input_shape) - len(normalized):]) != normalized or len(normalized) > len(input_shape):
+        return None
+    return NdOpRule(module, input_shape, lambda m, shape: _LayerNormCall(m), "layer_norm", 8 * out_numel)
+
+
 def _spatial_rule(module: nn.Module, input_shape, out_numel: int) -> Optional[NodeRule]:
     call = spatial_rules.native_call(module, input_shape)
     if call is None:
@@ -299,7 +322,7 @@ def _spatial_rule(module: nn.Module, input_shape, out_numel: int) -> Optional[No
         work *= module.in_channels // module.groups * math.prod(module.kernel_size)
     elif call.op in ("max_pool2d", "avg_pool2d"):
         work *= math.prod(call.params["kernel_size"])
-    return SpatialOpRule(module, input_shape, call.op, work)
+    return NdOpRule(module, input_shape, spatial_rules.native_call, call.op, work)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -486,7 +509,7 @@ def prefers_graph(module: nn.Module) -> bool:
 
 
 # Layers with a graph rule but no fused-segment rule (rules.NATIVE_RULES).
-_GRAPH_ONLY_MODULES = tuple(spatial_rules.SPATIAL_RULES)
+_GRAPH_ONLY_MODULES = tuple(spatial_rules.SPATIAL_RULES) + (nn.LayerNorm,)
 
 
 def rule_for(gm: fx.GraphModule, evaluator, node: fx.Node, values: Dict, carries: Dict) -> Tuple[NodeRule, List]:
@@ -531,6 +554,8 @@ def _module_rule(module: nn.Module, x: torch.Tensor, out_numel: int) -> Optional
         return _linear_rule(module, input_shape)
     if type(module) in spatial_rules.SPATIAL_RULES:
         return _spatial_rule(module, input_shape, out_numel)
+    if type(module) is nn.LayerNorm:
+        return _layer_norm_rule(module, input_shape, out_numel)
     spec = layer_rules.activation_spec(module)
     if spec is not None:
         return _activation_rule(spec, features)

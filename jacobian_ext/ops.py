@@ -9,6 +9,17 @@ Layout conventions (shared with csrc/):
 - a plan for the sequential ops: ``layers`` (names) and ``params`` (flat list of tensors: "linear"
   takes its weight and bias, "linear_no_bias" its weight; the activations, "softmax" and
   "log_softmax" take nothing).
+- activation strings (``pointwise_jac_*``'s ``activation`` and activation entries of ``layers``)::
+
+      relu | tanh | sigmoid | gelu | gelu_tanh | silu | relu6
+      | leaky_relu[:negative_slope] | elu[:alpha] | softplus[:beta[:threshold]] | hardtanh[:min_val[:max_val]]
+
+  "gelu" is ``approximate='none'``, "gelu_tanh" ``approximate='tanh'``, "relu6" is "hardtanh:0:6";
+  parameters are decimal numbers (``repr(float)`` round-trips exactly), omitted trailing ones take
+  torch's defaults. ``rules.activation_spec(module)`` writes them for modules.
+- N-d layers (layer norm) keep the per-sample feature shape: ``jac`` ``[B, *feat, D]`` or ``None``,
+  returned as ``[B, *feat_out, D]`` (stored D-major: ``[B, D, *feat_out]`` moved); ``cotangent``
+  ``[B, C, *feat_out]`` or ``None``, returning ``[B, C, *feat_in]``.
 """
 from typing import List, Optional, Sequence, Tuple
 
@@ -20,7 +31,12 @@ from ._loader import load_library
 build_info = load_library()
 _ops = torch.ops.jacext
 
-ACTIVATIONS = ("relu", "tanh", "sigmoid")
+# One example of every activation form the ops accept (the grammar above); parameters in the parametrised
+# ones are chosen away from torch's defaults so that tests exercise them.
+ACTIVATIONS = (
+    "relu", "tanh", "sigmoid", "gelu", "gelu_tanh", "silu", "relu6",
+    "leaky_relu:0.2", "elu:1.5", "softplus:2.0:3.0", "hardtanh:-0.5:1.25",
+)
 LAYER_NAMES = ("linear", "linear_no_bias") + ACTIVATIONS + ("softmax", "log_softmax")
 OP_NAMES = (
     "linear_jac_forward",
@@ -44,6 +60,8 @@ OP_NAMES = (
     "avg_pool2d_jac_reverse",
     "adaptive_avg_pool2d_jac_forward",
     "adaptive_avg_pool2d_jac_reverse",
+    "layer_norm_jac_forward",
+    "layer_norm_jac_reverse",
 )
 
 
@@ -77,6 +95,27 @@ def log_softmax_jac_forward(input: Tensor, jac: Optional[Tensor]):
 
 def log_softmax_jac_reverse(output: Tensor, cotangent: Optional[Tensor]) -> Tensor:
     return _ops.log_softmax_jac_reverse.default(output, cotangent)
+
+
+def layer_norm_jac_forward(
+    input: Tensor,
+    jac: Optional[Tensor],
+    normalized_shape: Sequence[int],
+    weight: Optional[Tensor] = None,
+    bias: Optional[Tensor] = None,
+    eps: float = 1e-5,
+):
+    return _ops.layer_norm_jac_forward.default(input, jac, list(normalized_shape), weight, bias, float(eps))
+
+
+def layer_norm_jac_reverse(
+    input: Tensor,
+    cotangent: Optional[Tensor],
+    normalized_shape: Sequence[int],
+    weight: Optional[Tensor] = None,
+    eps: float = 1e-5,
+) -> Tensor:
+    return _ops.layer_norm_jac_reverse.default(input, cotangent, list(normalized_shape), weight, float(eps))
 
 
 def sequential_jac_forward(input: Tensor, jac: Optional[Tensor], layers: Sequence[str], params: Sequence[Tensor]):
@@ -209,6 +248,27 @@ for _name in ("pointwise", "softmax", "log_softmax"):
     torch.library.register_fake(f"jacext::{_name}_jac_reverse", _row_rule_reverse_fake)
 
 
+def _features_size(shape):
+    size = 1
+    for extent in shape:
+        size = size * extent
+    return size
+
+
+@torch.library.register_fake("jacext::layer_norm_jac_forward")
+def _layer_norm_jac_forward_fake(input, jac, normalized_shape, weight, bias, eps):
+    columns = _features_size(input.shape[1:]) if jac is None else jac.shape[-1]
+    # Stored as [B, D, *feat] and returned with D moved last.
+    jac_out = input.new_empty(input.shape[0], columns, *input.shape[1:]).movedim(1, -1)
+    return input.new_empty(input.shape), jac_out
+
+
+@torch.library.register_fake("jacext::layer_norm_jac_reverse")
+def _layer_norm_jac_reverse_fake(input, cotangent, normalized_shape, weight, eps):
+    rows = _features_size(input.shape[1:]) if cotangent is None else cotangent.shape[1]
+    return input.new_empty(input.shape[0], rows, *input.shape[1:])
+
+
 @torch.library.register_fake("jacext::sequential_jac_forward")
 def _sequential_jac_forward_fake(input, jac, layers, params):
     width = _plan_output_width(input.shape[1], layers, params)
@@ -224,10 +284,7 @@ def _sequential_jac_reverse_fake(input, cotangent, layers, params):
 
 @torch.library.register_fake("jacext::batch_jacobian")
 def _batch_jacobian_fake(input, layers, params, mode):
-    in_features = 1
-    for size in input.shape[1:]:
-        in_features = in_features * size
-    width = _plan_output_width(in_features, layers, params)
+    width = _plan_output_width(_features_size(input.shape[1:]), layers, params)
     return input.new_empty(input.shape[0], width), input.new_empty(input.shape[0], width, *input.shape[1:])
 
 

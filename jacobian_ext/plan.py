@@ -135,7 +135,11 @@ def short_repr(module) -> str:
 def flatten_sequential(model: nn.Module, prefix: str = "") -> List[Tuple[str, nn.Module]]:
     """The leaf layers of a (nested) nn.Sequential, with their dotted names."""
     layers = []
-    for name, child in model.named_children():
+    # Not named_children(): it skips a module instance met before, and nn.Sequential(act, lin, act) runs
+    # `act` twice.
+    for name, child in model._modules.items():
+        if child is None:
+            continue
         full_name = f"{prefix}{name}"
         if type(child) is nn.Sequential:
             layers += flatten_sequential(child, full_name + ".")

@@ -3,9 +3,11 @@
 Adding a native layer touches one kernel file per backend, one schema line and one entry here.
 """
 from dataclasses import dataclass
-from typing import Callable, Dict, Optional, Tuple
+from numbers import Real
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -35,8 +37,85 @@ def _linear(module: nn.Linear, input_shape) -> Optional[NativeRule]:
     return NativeRule("linear", lambda m: (m.weight, m.bias))
 
 
-def _activation(name: str):
-    return lambda module, input_shape: NativeRule(name)
+def _number(value) -> str:
+    # repr of a Python float is the shortest string that reads back as the same double (C++ strtod).
+    return repr(float(value))
+
+
+_GELU_FORMS = {"none": "gelu", "tanh": "gelu_tanh"}  # approximate= -> activation string
+
+# Module type -> its activation string (the ops' grammar, see ops.py), read from the module's attributes.
+_MODULE_ACTIVATIONS: Dict[type, Callable[[nn.Module], Optional[str]]] = {
+    nn.ReLU: lambda m: "relu",
+    nn.Tanh: lambda m: "tanh",
+    nn.Sigmoid: lambda m: "sigmoid",
+    nn.GELU: lambda m: _GELU_FORMS.get(m.approximate),
+    nn.SiLU: lambda m: "silu",
+    nn.ReLU6: lambda m: "relu6",
+    nn.LeakyReLU: lambda m: f"leaky_relu:{_number(m.negative_slope)}",
+    nn.ELU: lambda m: f"elu:{_number(m.alpha)}",
+    nn.Softplus: lambda m: f"softplus:{_number(m.beta)}:{_number(m.threshold)}",
+    nn.Hardtanh: lambda m: f"hardtanh:{_number(m.min_val)}:{_number(m.max_val)}",
+}
+
+
+def activation_spec(module: nn.Module) -> Optional[str]:
+    """The activation string of the pointwise ops for `module` (e.g. "leaky_relu:0.01"), or None when
+    it has no native element-wise rule. Exact types only, like NATIVE_RULES."""
+    spec = _MODULE_ACTIVATIONS.get(type(module))
+    return None if spec is None else spec(module)
+
+
+# Functional form -> (activation name, its parameters after the input as (name, default) pairs).
+_FUNCTIONAL_ACTIVATIONS: Dict[Any, Tuple[str, Tuple[Tuple[str, Any], ...]]] = {}
+for _fns, _name, _params in [
+    ((torch.relu, torch.relu_, F.relu, F.relu_, "relu", "relu_"), "relu", ()),
+    ((torch.tanh, torch.tanh_, F.tanh, "tanh", "tanh_"), "tanh", ()),
+    ((torch.sigmoid, torch.sigmoid_, F.sigmoid, "sigmoid", "sigmoid_"), "sigmoid", ()),
+    ((F.gelu,), "gelu", (("approximate", "none"),)),
+    ((F.silu,), "silu", ()),
+    ((F.relu6,), "relu6", ()),
+    ((F.leaky_relu, F.leaky_relu_), "leaky_relu", (("negative_slope", 0.01),)),
+    ((F.elu, F.elu_), "elu", (("alpha", 1.0),)),
+    ((F.softplus,), "softplus", (("beta", 1.0), ("threshold", 20.0))),
+    ((F.hardtanh, F.hardtanh_), "hardtanh", (("min_val", -1.0), ("max_val", 1.0))),
+]:
+    for _fn in _fns:
+        _FUNCTIONAL_ACTIVATIONS[_fn] = (_name, _params)
+
+
+def functional_activation_spec(fn, args: Sequence = (), kwargs: Optional[Mapping[str, Any]] = None) -> Optional[str]:
+    """The activation string for a functional call ``fn(input, *args[1:], **kwargs)`` — torch.relu,
+    F.gelu(approximate=...), F.leaky_relu(x, 0.2), ... or a Tensor method name ("relu", "tanh",
+    "sigmoid"); in-place variants included (the op computes a fresh output; whether the mutation
+    matters to other users of the input is the caller's concern). `args` includes the input.
+    None when `fn` is not a native activation or a parameter is not a plain number (e.g. a traced value)."""
+    entry = _FUNCTIONAL_ACTIVATIONS.get(fn)
+    if entry is None:
+        return None
+    name, params = entry
+    kwargs = dict(kwargs or {})
+    kwargs.pop("inplace", None)
+    extra = list(args[1:])
+    if len(extra) == len(params) + 1 and isinstance(extra[-1], bool):
+        extra.pop()  # a positional inplace flag
+    if len(extra) > len(params):
+        return None
+    values = {}
+    for i, (param, default) in enumerate(params):
+        values[param] = extra[i] if i < len(extra) else kwargs.pop(param, default)
+    if kwargs:  # an argument this mapping does not know
+        return None
+    if name == "gelu":
+        return _GELU_FORMS.get(values["approximate"])
+    if not all(isinstance(v, Real) and not isinstance(v, bool) for v in values.values()):
+        return None
+    return ":".join([name] + [_number(v) for v in values.values()])
+
+
+def _activation(module, input_shape) -> Optional[NativeRule]:
+    spec = activation_spec(module)
+    return None if spec is None else NativeRule(spec)
 
 
 def _softmax(name: str):
@@ -68,9 +147,7 @@ def _unflatten(module: nn.Unflatten, input_shape) -> Optional[NativeRule]:
 # the fallback, which is always correct.
 NATIVE_RULES: Dict[type, Callable[[nn.Module, Tuple[int, ...]], Optional[NativeRule]]] = {
     nn.Linear: _linear,
-    nn.ReLU: _activation("relu"),
-    nn.Tanh: _activation("tanh"),
-    nn.Sigmoid: _activation("sigmoid"),
+    **{activation_type: _activation for activation_type in _MODULE_ACTIVATIONS},
     nn.Softmax: _softmax("softmax"),
     nn.LogSoftmax: _softmax("log_softmax"),
     nn.Flatten: _flatten,
@@ -96,20 +173,3 @@ def has_native_rule(module: nn.Module) -> bool:
     """Whether `module`'s type has a rule at all (before shapes are known)."""
     return type(module) in NATIVE_RULES
 
-
-_MODULE_ACTIVATIONS = {nn.ReLU: "relu", nn.Tanh: "tanh", nn.Sigmoid: "sigmoid"}
-_FUNCTIONAL_ACTIVATIONS = {torch.relu: "relu", torch.nn.functional.relu: "relu", torch.tanh: "tanh",
-                           torch.sigmoid: "sigmoid", "relu": "relu", "tanh": "tanh", "sigmoid": "sigmoid"}
-
-
-def activation_spec(module: nn.Module) -> Optional[str]:
-    """The pointwise op's activation string for an activation module, or None."""
-    return _MODULE_ACTIVATIONS.get(type(module))
-
-
-def functional_activation_spec(fn, args, kwargs) -> Optional[str]:
-    """The activation string for a functional call (fn: a function, or a Tensor method's name), or None."""
-    try:
-        return _FUNCTIONAL_ACTIVATIONS.get(fn)
-    except TypeError:  # unhashable target
-        return None

@@ -177,3 +177,14 @@ def test_pending_activation_factor_paths(dtype, mode, layers):
     y, jacobian = jx.batch_jacobian(model, x, mode=mode, return_output=True)
     assert_matches_reference(y, model(x), dtype)
     assert_matches_reference(jacobian, reference_jacobian(model, x), dtype)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_module_instance_used_twice_runs_twice(mode):
+    # named_children() would list each instance once and drop the repeats from the plan.
+    activation, square = nn.Tanh(), nn.Linear(5, 5)
+    model = nn.Sequential(activation, square, activation, square, nn.Sequential(activation)).double()
+    x = torch.randn(3, 5, dtype=torch.float64)
+    y, jacobian = jx.batch_jacobian(model, x, mode=mode, return_output=True)
+    assert_matches_reference(y, model(x), torch.float64)
+    assert_matches_reference(jacobian, reference_jacobian(model, x), torch.float64)

@@ -86,7 +86,9 @@ def test_output_without_batch_dimension_is_rejected():
 @pytest.mark.parametrize("call, message", [
     (lambda: ops.batch_jacobian(torch.randn(2, 3), ["linear"], [torch.randn(4, 3), torch.randn(4)], "auto"),
      "mode must be 'forward' or 'reverse'"),
-    (lambda: ops.batch_jacobian(torch.randn(2, 3), ["conv"], [], "forward"), "layer 0 is 'conv'"),
+    (lambda: ops.batch_jacobian(torch.randn(2, 3), ["conv"], [], "forward"),
+     r"batch_jacobian: layers\[0\] \(linear, linear_no_bias, softmax, log_softmax or an activation\) is 'conv'; "
+     r"expected an activation: relu, .*hardtanh\[:min_val\[:max_val\]\]"),
     (lambda: ops.batch_jacobian(torch.randn(2, 3), ["linear"], [torch.randn(4, 3)], "forward"),
      r"layer 0 \(linear\) needs 2 entries"),
     (lambda: ops.batch_jacobian(torch.randn(2, 3), ["linear_no_bias"], [torch.randn(4, 5)], "forward"),
@@ -99,7 +101,8 @@ def test_output_without_batch_dimension_is_rejected():
     (lambda: ops.batch_jacobian(torch.ones(2, 3, dtype=torch.int32), [], [], "forward"), "float32 or float64"),
     (lambda: ops.batch_jacobian(torch.randn(2, 3, dtype=torch.bfloat16), [], [], "forward"),
      r"float32 or float64 \(float16 and bfloat16 on CUDA only\), got BFloat16"),
-    (lambda: ops.pointwise_jac_forward(torch.randn(2, 3), None, "gelu"), "unknown activation 'gelu'"),
+    (lambda: ops.pointwise_jac_forward(torch.randn(2, 3), None, "swish"),
+     r"pointwise_jac_forward: activation is 'swish'; expected an activation: relu, tanh, sigmoid, gelu, "),
     (lambda: ops.pointwise_jac_forward(torch.randn(2, 3), torch.randn(2, 4, 5), "relu"),
      r"jac of shape \[2, 4, 5\] must be \[2, 3, D\]"),
     (lambda: ops.softmax_jac_reverse(torch.randn(2, 3), torch.randn(2, 4, 5)), r"cotangent of shape .* must be"),

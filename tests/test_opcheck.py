@@ -45,6 +45,24 @@ def sample_inputs(device):
             ("pointwise_jac_reverse", (x, cot5, activation)),
             ("pointwise_jac_reverse", (x, None, activation)),
         ]
+    samples += [
+        ("sequential_jac_forward", (x, jac, ["gelu_tanh", "linear", "leaky_relu:0.2", "linear_no_bias", "softplus"],
+                                    params)),
+        ("batch_jacobian", (x, ["elu:0.5", "linear", "relu6", "linear_no_bias", "silu"], params, "reverse")),
+    ]
+    # Layer norm on N-d features: ViT tokens [B, T, E] normalised over E, and a 2-D normalized_shape.
+    tokens, tokens_empty = torch.randn(3, 4, 6, **options), torch.randn(0, 4, 6, **options)
+    ln_weight, ln_bias = torch.randn(6, **options), torch.randn(6, **options)
+    tokens_jac = torch.randn(3, 7, 4, 6, **options).movedim(1, -1)  # the walker's D-major storage
+    samples += [
+        ("layer_norm_jac_forward", (tokens, None, [6], ln_weight, ln_bias, 1e-5)),
+        ("layer_norm_jac_forward", (tokens, tokens_jac, [6], None, None, 1e-3)),
+        ("layer_norm_jac_forward", (tokens, tokens_jac, [4, 6], None, ln_bias.repeat(4, 1), 1e-5)),
+        ("layer_norm_jac_forward", (tokens_empty, None, [6], ln_weight, None, 1e-5)),
+        ("layer_norm_jac_reverse", (tokens, None, [6], ln_weight, 1e-5)),
+        ("layer_norm_jac_reverse", (tokens, torch.randn(3, 2, 4, 6, **options), [4, 6], None, 1e-5)),
+        ("layer_norm_jac_reverse", (tokens_empty, torch.randn(0, 2, 4, 6, **options), [6], ln_weight, 1e-5)),
+    ]
     for name in ("softmax", "log_softmax"):
         samples += [
             (f"{name}_jac_forward", (x, None)),

@@ -9,7 +9,26 @@ import torch.nn.functional as F
 from conftest import DEVICES, DTYPES, assert_matches_reference, non_contiguous, single_sample
 from jacobian_ext import ops
 
-ACTIVATION_FUNCTIONS = {"relu": torch.relu, "tanh": torch.tanh, "sigmoid": torch.sigmoid}
+# Every activation string of ops.ACTIVATIONS (parameters away from the defaults) and the parameterless
+# forms of the parametrised ones (torch's defaults), with the torch function it stands for.
+ACTIVATION_FUNCTIONS = {
+    "relu": torch.relu,
+    "tanh": torch.tanh,
+    "sigmoid": torch.sigmoid,
+    "gelu": F.gelu,
+    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "silu": F.silu,
+    "relu6": F.relu6,
+    "leaky_relu:0.2": lambda x: F.leaky_relu(x, 0.2),
+    "elu:1.5": lambda x: F.elu(x, 1.5),
+    "softplus:2.0:3.0": lambda x: F.softplus(x, 2.0, 3.0),
+    "hardtanh:-0.5:1.25": lambda x: F.hardtanh(x, -0.5, 1.25),
+    "leaky_relu": F.leaky_relu,
+    "elu": F.elu,
+    "softplus": F.softplus,
+    "hardtanh": F.hardtanh,
+}
+assert set(ops.ACTIVATIONS) <= set(ACTIVATION_FUNCTIONS)
 
 
 def layer_cases(features_in, features_out, dtype, device):
@@ -38,7 +57,7 @@ def layer_cases(features_in, features_out, dtype, device):
     return cases
 
 
-CASE_NAMES = ["linear", "linear_no_bias", "softmax", "log_softmax", "relu", "tanh", "sigmoid"]
+CASE_NAMES = ["linear", "linear_no_bias", "softmax", "log_softmax"] + list(ACTIVATION_FUNCTIONS)
 
 
 def pick_case(name, features_in, features_out, dtype, device):
@@ -67,7 +86,8 @@ def test_forward_rule_matches_torch_func(device, dtype, name, batch, block):
     features_out = 4 if name.startswith("linear") else features_in
     columns = features_in if block == "identity" else 9  # D != H
     fn, forward_op = pick_case(name, features_in, features_out, dtype, device)[1:3]
-    x = non_contiguous(torch.randn(batch, features_in, dtype=dtype, device=device))
+    # scaled so that the saturating activations (relu6, hardtanh, softplus) see both sides of their kinks
+    x = non_contiguous(2.5 * torch.randn(batch, features_in, dtype=dtype, device=device))
     jac = running_block(block, batch, features_in, columns, dtype, device)
 
     output, jac_out = forward_op(x, jac)
@@ -100,7 +120,8 @@ def test_reverse_rule_matches_torch_func(device, dtype, name, batch, block):
     features_out = 4 if name.startswith("linear") else features_in
     rows = features_out if block == "identity" else 3  # C != H
     fn, _, reverse_op = pick_case(name, features_in, features_out, dtype, device)[1:4]
-    x = non_contiguous(torch.randn(batch, features_in, dtype=dtype, device=device))
+    # scaled so that the saturating activations (relu6, hardtanh, softplus) see both sides of their kinks
+    x = non_contiguous(2.5 * torch.randn(batch, features_in, dtype=dtype, device=device))
     y = fn(x)
     cot = running_block(block, batch, rows, features_out, dtype, device)
 

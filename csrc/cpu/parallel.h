@@ -7,6 +7,12 @@
 #include <algorithm>
 #include <cstdint>
 
+// With ATen's OpenMP backend, at::parallel_for (inline) is parallel only in code compiled with OpenMP;
+// without it every kernel here would silently run on one thread.
+#if AT_PARALLEL_OPENMP && !defined(_OPENMP)
+#error "jacobian_ext's CPU kernels must be compiled with -fopenmp (torch uses the OpenMP backend)"
+#endif
+
 namespace jacext::cpu {
 
 // Elements a thread should own before a parallel region pays for its start-up (~a few microseconds).

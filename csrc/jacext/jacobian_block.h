@@ -8,7 +8,8 @@
 
 #include <ATen/ATen.h>
 
-#include <string>
+#include <string_view>
+#include <type_traits>
 #include <vector>
 
 #include "rule_math.h"
@@ -39,7 +40,34 @@ struct JacobianBlock {
 // Which row update a softmax-family rule applies (see rule_math.h).
 enum class SoftmaxVariant : int8_t { Softmax, LogSoftmaxForward, LogSoftmaxReverse };
 
-Activation activation_from_name(const std::string& name);
+// Parses an activation string of the operators' schemas:
+//   relu | tanh | sigmoid | gelu | gelu_tanh | silu | relu6
+//   | leaky_relu[:negative_slope] | elu[:alpha] | softplus[:beta[:threshold]] | hardtanh[:min_val[:max_val]]
+// Parameters are decimal numbers as C's strtod reads them (Python's repr(float) round-trips exactly);
+// omitted trailing ones take torch's defaults (0.01; 1.0; 1.0, 20.0; -1.0, 1.0). "gelu" is
+// approximate='none', "gelu_tanh" approximate='tanh', "relu6" is hardtanh:0:6. A bad string throws an
+// error naming `op` and `arg` and listing the accepted forms.
+Activation activation_from_name(std::string_view name, const char* op, const char* arg);
+
+// Calls fn(std::integral_constant<ActivationKind, kind>{}), so that a kernel instantiates one loop per
+// kind and the switches of rule_math.h fold away in each.
+template <typename Fn>
+decltype(auto) visit_activation_kind(ActivationKind kind, const Fn& fn) {
+  using K = ActivationKind;
+  switch (kind) {
+    case K::ReLU: return fn(std::integral_constant<K, K::ReLU>{});
+    case K::Tanh: return fn(std::integral_constant<K, K::Tanh>{});
+    case K::Sigmoid: return fn(std::integral_constant<K, K::Sigmoid>{});
+    case K::Gelu: return fn(std::integral_constant<K, K::Gelu>{});
+    case K::GeluTanh: return fn(std::integral_constant<K, K::GeluTanh>{});
+    case K::Silu: return fn(std::integral_constant<K, K::Silu>{});
+    case K::LeakyReLU: return fn(std::integral_constant<K, K::LeakyReLU>{});
+    case K::Elu: return fn(std::integral_constant<K, K::Elu>{});
+    case K::Softplus: return fn(std::integral_constant<K, K::Softplus>{});
+    case K::Hardtanh: return fn(std::integral_constant<K, K::Hardtanh>{});
+  }
+  TORCH_INTERNAL_ASSERT(false, "unknown ActivationKind");
+}
 
 // ---- Rules (device-generic; element-wise work goes to the backend kernels below) ----
 
@@ -50,7 +78,7 @@ JacobianBlock chain_matrix(const JacobianBlock& block, const at::Tensor& matrix)
 // decides when skipping beats the dense chain; CUDA stays on dense GEMMs.
 JacobianBlock chain_masked_matrix(const JacobianBlock& block, const at::Tensor& factor, const at::Tensor& matrix);
 // (output, derivative) of an activation, both [B, H].
-std::tuple<at::Tensor, at::Tensor> activation_with_derivative(const at::Tensor& input, Activation activation);
+std::tuple<at::Tensor, at::Tensor> activation_with_derivative(const at::Tensor& input, const Activation& activation);
 // out[b, r, h] = block[b, r, h] * factor[b, h].
 JacobianBlock scale_features(const JacobianBlock& block, const at::Tensor& factor);
 // Row update of softmax / log-softmax given the probabilities s [B, H].
@@ -58,7 +86,8 @@ JacobianBlock softmax_rows(const JacobianBlock& block, const at::Tensor& probabi
 
 // ---- Backend kernels: write `out` [B, R, H] from explicit block values ([R, H] or [B, R, H]) ----
 namespace cpu {
-void activation_kernel(at::Tensor& output, at::Tensor& derivative, const at::Tensor& input, Activation activation);
+void activation_kernel(at::Tensor& output, at::Tensor& derivative, const at::Tensor& input,
+                       const Activation& activation);
 void scale_features_kernel(at::Tensor& out, const at::Tensor& values, const at::Tensor& factor);
 void softmax_rows_kernel(at::Tensor& out, const at::Tensor& values, const at::Tensor& probabilities,
                          SoftmaxVariant variant);
@@ -69,7 +98,8 @@ void masked_linear_kernel(at::Tensor& out, const at::Tensor& values, const at::T
 
 #ifdef JACEXT_WITH_CUDA
 namespace cuda {
-void activation_kernel(at::Tensor& output, at::Tensor& derivative, const at::Tensor& input, Activation activation);
+void activation_kernel(at::Tensor& output, at::Tensor& derivative, const at::Tensor& input,
+                       const Activation& activation);
 void scale_features_kernel(at::Tensor& out, const at::Tensor& values, const at::Tensor& factor);
 void softmax_rows_kernel(at::Tensor& out, const at::Tensor& values, const at::Tensor& probabilities,
                          SoftmaxVariant variant);

@@ -78,6 +78,14 @@ std::tuple<at::Tensor, at::Tensor> adaptive_avg_pool2d_jac_forward(const at::Ten
 at::Tensor adaptive_avg_pool2d_jac_reverse(const at::Tensor& input, const std::optional<at::Tensor>& cotangent,
                                            at::IntArrayRef output_size);
 
+std::tuple<at::Tensor, at::Tensor> layer_norm_jac_forward(const at::Tensor& input, const std::optional<at::Tensor>& jac,
+                                                          at::IntArrayRef normalized_shape,
+                                                          const std::optional<at::Tensor>& weight,
+                                                          const std::optional<at::Tensor>& bias, double eps);
+at::Tensor layer_norm_jac_reverse(const at::Tensor& input, const std::optional<at::Tensor>& cotangent,
+                                  at::IntArrayRef normalized_shape, const std::optional<at::Tensor>& weight,
+                                  double eps);
+
 using LayerParams = at::TensorList;
 
 std::tuple<at::Tensor, at::Tensor> sequential_jac_forward(const at::Tensor& input, const std::optional<at::Tensor>& jac,

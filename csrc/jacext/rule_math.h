@@ -16,34 +16,106 @@
 namespace jacext {
 
 // Element-wise activations with a native rule. The integer values are part of no ABI: the schema
-// passes activations by name (see activation_from_name in jacobian_block.h).
-enum class Activation : int8_t { ReLU, Tanh, Sigmoid };
+// passes activations as strings (grammar and parser: activation_from_name in jacobian_block.h).
+enum class ActivationKind : int8_t { ReLU, Tanh, Sigmoid, Gelu, GeluTanh, Silu, LeakyReLU, Elu, Softplus, Hardtanh };
+
+// An activation with its scalar parameters, parsed once per operator call:
+//   LeakyReLU: first = negative_slope;  Elu: first = alpha;
+//   Softplus: first = beta, second = threshold;  Hardtanh: first = min_val, second = max_val.
+// Parameters are kept in double and rounded to the computation type T where used, as torch's kernels
+// round their Scalar arguments, so float32 results match torch's bit for bit where the formula does.
+struct Activation {
+  ActivationKind kind = ActivationKind::ReLU;
+  double first = 0.0;
+  double second = 0.0;
+};
+
+// Constants of torch's GELU kernels: 1/sqrt(2), 1/sqrt(2 pi), sqrt(2/pi) and the tanh form's cubic term.
+constexpr double kGeluSqrtHalf = 0.70710678118654752440;
+constexpr double kGeluInvSqrtTwoPi = 0.39894228040143267794;
+constexpr double kGeluSqrtTwoOverPi = 0.79788456080286535588;
+constexpr double kGeluCubicCoefficient = 0.044715;
 
 template <typename T>
-JACEXT_HOST_DEVICE inline T activation_value(Activation activation, T z) {
-  switch (activation) {
-    case Activation::ReLU:
+JACEXT_HOST_DEVICE inline T stable_sigmoid(T z) {
+  return T(1) / (T(1) + exp(-z));
+}
+
+// activation(z). The CPU kernels take the values of the non-ReLU activations from ATen (vectorised and
+// equal to torch's by construction); the CUDA kernel evaluates them here, with the formulas of torch's
+// CUDA kernels, in at::opmath_type.
+template <typename T>
+JACEXT_HOST_DEVICE inline T activation_value(const Activation& activation, T z) {
+  switch (activation.kind) {
+    case ActivationKind::ReLU:
       return z > T(0) ? z : T(0);
-    case Activation::Tanh:
+    case ActivationKind::Tanh:
       return tanh(z);
-    case Activation::Sigmoid:
-      return T(1) / (T(1) + exp(-z));
+    case ActivationKind::Sigmoid:
+      return stable_sigmoid(z);
+    case ActivationKind::Gelu:
+      return z * T(0.5) * (T(1) + erf(z * T(kGeluSqrtHalf)));
+    case ActivationKind::GeluTanh:
+      return T(0.5) * z * (T(1) + tanh(T(kGeluSqrtTwoOverPi) * (z + T(kGeluCubicCoefficient) * z * z * z)));
+    case ActivationKind::Silu:
+      return z * stable_sigmoid(z);
+    case ActivationKind::LeakyReLU:
+      return z > T(0) ? z : z * T(activation.first);
+    case ActivationKind::Elu:
+      return z > T(0) ? z : T(activation.first) * expm1(z);
+    case ActivationKind::Softplus: {
+      const T scaled = z * T(activation.first);
+      return scaled > T(activation.second) ? z : log1p(exp(scaled)) / T(activation.first);
+    }
+    case ActivationKind::Hardtanh:
+      return z < T(activation.first) ? T(activation.first) : (z > T(activation.second) ? T(activation.second) : z);
   }
   return z;
 }
 
 // d activation(z) / dz, given the input z and the already computed output y = activation(z), so that
 // tanh and sigmoid reuse y instead of evaluating the transcendental function twice.
-// ReLU'(0) is taken as 0, the convention of torch's autograd (threshold_backward uses z > 0).
+// At the kinks the value is torch autograd's (its backward kernels' comparisons, copied exactly):
+//   ReLU'(0) = 0 (threshold_backward: z > 0),  LeakyReLU'(0) = negative_slope (z > 0),
+//   ELU'(0) = alpha (elu_backward: z <= 0 takes alpha * exp(z)),
+//   Hardtanh' = 0 at min_val and max_val (hardtanh_backward: z <= min || z >= max), so ReLU6'(0) = ReLU6'(6) = 0,
+//   Softplus' = 1 only where z * beta > threshold, the forward's switch.
+// Softplus' below the switch is sigmoid(beta z), torch's exp(beta z) / (exp(beta z) + 1) in a form that
+// does not overflow to inf / inf for a large threshold.
 template <typename T>
-JACEXT_HOST_DEVICE inline T activation_derivative(Activation activation, T z, T y) {
-  switch (activation) {
-    case Activation::ReLU:
+JACEXT_HOST_DEVICE inline T activation_derivative(const Activation& activation, T z, T y) {
+  switch (activation.kind) {
+    case ActivationKind::ReLU:
       return z > T(0) ? T(1) : T(0);
-    case Activation::Tanh:
+    case ActivationKind::Tanh:
       return T(1) - y * y;
-    case Activation::Sigmoid:
+    case ActivationKind::Sigmoid:
       return y * (T(1) - y);
+    case ActivationKind::Gelu: {
+      const T cdf = T(0.5) * (T(1) + erf(z * T(kGeluSqrtHalf)));
+      const T pdf = T(kGeluInvSqrtTwoPi) * exp(T(-0.5) * z * z);
+      return cdf + z * pdf;
+    }
+    case ActivationKind::GeluTanh: {
+      const T z_squared = z * z;
+      const T tanh_inner = tanh(T(kGeluSqrtTwoOverPi) * (z + T(kGeluCubicCoefficient) * z_squared * z));
+      const T inner_derivative = T(kGeluSqrtTwoOverPi) * (T(1) + T(3 * kGeluCubicCoefficient) * z_squared);
+      return T(0.5) * (T(1) + tanh_inner) + T(0.5) * z * (T(1) - tanh_inner * tanh_inner) * inner_derivative;
+    }
+    case ActivationKind::Silu: {
+      const T s = stable_sigmoid(z);
+      return s * (T(1) + z * (T(1) - s));
+    }
+    case ActivationKind::LeakyReLU:
+      return z > T(0) ? T(1) : T(activation.first);
+    case ActivationKind::Elu:
+      return z <= T(0) ? T(activation.first) * exp(z) : T(1);
+    case ActivationKind::Softplus: {
+      const T scaled = z * T(activation.first);
+      return scaled > T(activation.second) ? T(1) : stable_sigmoid(scaled);
+    }
+    case ActivationKind::Hardtanh:
+      return (z <= T(activation.first) || z >= T(activation.second)) ? T(0) : T(1);
   }
   return T(0);
 }
