@@ -23,7 +23,7 @@ template <typename T>
 JACEXT_HOST_DEVICE inline T activation_value(Activation activation, T z) {
   switch (activation) {
     case Activation::ReLU:
-      return z > T(0) ? z : T(0);
+      return z <= T(0) ? T(0) : z;  // NaN stays NaN, as in torch.relu
     case Activation::Tanh:
       return tanh(z);
     case Activation::Sigmoid:
@@ -34,12 +34,13 @@ JACEXT_HOST_DEVICE inline T activation_value(Activation activation, T z) {
 
 // d activation(z) / dz, given the input z and the already computed output y = activation(z), so that
 // tanh and sigmoid reuse y instead of evaluating the transcendental function twice.
-// ReLU'(0) is taken as 0, the convention of torch's autograd (threshold_backward uses z > 0).
+// ReLU' follows torch's autograd (threshold_backward: z <= 0 ? 0 : 1): 0 at z = 0, and 1 at NaN, so a
+// NaN input gives the same Jacobian as the reference.
 template <typename T>
 JACEXT_HOST_DEVICE inline T activation_derivative(Activation activation, T z, T y) {
   switch (activation) {
     case Activation::ReLU:
-      return z > T(0) ? T(1) : T(0);
+      return z <= T(0) ? T(0) : T(1);
     case Activation::Tanh:
       return T(1) - y * y;
     case Activation::Sigmoid:
