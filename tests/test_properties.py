@@ -3,7 +3,7 @@ torch.func.vmap(jacrev) in float64 within the error bound of tests/error_bound.p
 alike: the bound is derived from the model and the working precision), y matches model(x), and the
 modes agree. HYPOTHESIS_PROFILE picks the number of examples (tests/hypothesis_profiles.py)."""
 import torch
-from hypothesis import example, given
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
@@ -51,6 +51,7 @@ def test_every_mode_matches_torch_func_within_the_error_bound(case):
     assert torch.equal(auto, results["forward"][1]) or torch.equal(auto, results["reverse"][1])
 
 
+@settings(max_examples=max(1, settings.default.max_examples // 2))  # half the profile's count
 @given(case=model_cases(max_depth=4), mode=st.sampled_from(MODES), data=st.data())
 def test_compiled_module_reuses_its_plan_across_batch_sizes(case, mode, data):
     jm = jx.compile(case.model, mode=mode)

@@ -57,21 +57,31 @@ def test_threads_share_one_compiled_module(make_model, mode):
     assert not failures, failures[:5]
 
 
+@pytest.fixture
+def one_thread():
+    """Intra-op threads off: on a loaded machine, waking a second thread for each tiny GEMM can cost
+    milliseconds per call (measured: 27 ms instead of 0.3 ms), and memory does not depend on it."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def resident_bytes() -> int:
     with open("/proc/self/statm") as statm:
         return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-# A leak of the smallest tensor per call (TensorImpl, storage and allocation: several hundred bytes)
-# over 10,000 calls is several MB; a leaked Python object per call (a cache entry, a closure) is at
-# least ~100 bytes, 1 MB. After warm-up, steady calls reuse freed memory and RSS stays within a few
-# pages (measured: 0-40 KiB), so 1 MiB separates noise from a per-call leak.
+# Measured here (glibc, torch 2.14.1): after warm-up, 10,000 calls of the native model grow RSS by 0 KiB
+# and 500 calls of the mixed one by about 50 KiB, while keeping one [2, 1] tensor per call alive grows
+# it by about 3.5 KiB per call (35 MiB over 10,000 calls, 1.7 MiB over 500). 1 MiB sits between the
+# noise and the smallest per-call leak either loop can show.
 RSS_GROWTH_LIMIT = 1 << 20
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="needs Linux /proc")
-@pytest.mark.parametrize("calls, make_model", [(10_000, native_model), (1_000, mixed_model)], ids=["native", "mixed"])
-def test_repeated_calls_do_not_grow_memory(calls, make_model):
+@pytest.mark.parametrize("calls, make_model", [(10_000, native_model), (500, mixed_model)], ids=["native", "mixed"])
+def test_repeated_calls_do_not_grow_memory(calls, make_model, one_thread):
     model = make_model()
     jm = jx.compile(model)
     inputs = [torch.randn(batch, 6) for batch in (2, 5)]
