@@ -41,7 +41,8 @@ fuzz: build
 # build/temp-sanitize, package in build/sanitize; the normal build is untouched), then the core tests
 # against it. Python itself leaks by design, hence detect_leaks=0; any sanitizer report fails the run.
 # triton's bundled LLVM aborts under a preloaded libasan: a stub that raises ImportError hides it (torch
-# then runs without triton).
+# then runs without triton). libstdc++ is preloaded too, or ASan's __cxa_throw interceptor finds no real
+# __cxa_throw (python does not link libstdc++) and aborts on the first C++ exception.
 SANITIZE_LIB := build/sanitize
 SANITIZE_TESTS := test_build.py test_rules.py test_errors.py test_opcheck.py test_api.py test_hostile.py
 sanitize: setup
@@ -49,7 +50,7 @@ sanitize: setup
 		build_ext --build-lib $(SANITIZE_LIB)
 	mkdir -p $(SANITIZE_LIB)/triton
 	echo 'raise ImportError("triton is disabled under the sanitizers")' > $(SANITIZE_LIB)/triton/__init__.py
-	cd $(SANITIZE_LIB) && LD_PRELOAD="$$(c++ -print-file-name=libasan.so)" \
+	cd $(SANITIZE_LIB) && LD_PRELOAD="$$(c++ -print-file-name=libasan.so) $$(c++ -print-file-name=libstdc++.so)" \
 		ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
 		$(abspath $(PY)) -m pytest -q -p no:cacheprovider --rootdir=$(CURDIR) \
 		$(addprefix $(CURDIR)/tests/,$(SANITIZE_TESTS))
