@@ -7,11 +7,11 @@ PY := $(VENV)/bin/python
 # A CUDA build of torch, so that the CUDA sources compile even on a machine without a GPU.
 TORCH_SPEC ?= torch==2.14.1
 BUILD_TOOLS := ninja setuptools
-TEST_TOOLS := pytest numpy torchvision
+TEST_TOOLS := pytest numpy torchvision hypothesis
 LIBRARY := jacobian_ext/_C.abi3.so
 SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -name '*.cuh') setup.py
 
-.PHONY: setup build demo test bench bench-peers clean
+.PHONY: setup build demo test fuzz sanitize bench bench-peers clean
 
 setup: $(VENV)/.deps-installed
 
@@ -32,6 +32,28 @@ demo: build
 
 test: build
 	$(PY) -m pytest -q tests
+
+# Long property-based run (tests/hypothesis_profiles.py): thousands of random models per property.
+fuzz: build
+	HYPOTHESIS_PROFILE=fuzz $(PY) -m pytest -q tests/test_properties.py
+
+# The extension built with AddressSanitizer + UndefinedBehaviorSanitizer (CPU only, objects in
+# build/temp-sanitize, package in build/sanitize; the normal build is untouched), then the core tests
+# against it. Python itself leaks by design, hence detect_leaks=0; any sanitizer report fails the run.
+# triton's bundled LLVM aborts under a preloaded libasan: a stub that raises ImportError hides it (torch
+# then runs without triton). libstdc++ is preloaded too, or ASan's __cxa_throw interceptor finds no real
+# __cxa_throw (python does not link libstdc++) and aborts on the first C++ exception.
+SANITIZE_LIB := build/sanitize
+SANITIZE_TESTS := test_build.py test_rules.py test_errors.py test_opcheck.py test_api.py test_hostile.py
+sanitize: setup
+	JACEXT_SANITIZE=1 MAX_JOBS=$${MAX_JOBS:-1} $(PY) setup.py -q build_py --build-lib $(SANITIZE_LIB) \
+		build_ext --build-lib $(SANITIZE_LIB)
+	mkdir -p $(SANITIZE_LIB)/triton
+	echo 'raise ImportError("triton is disabled under the sanitizers")' > $(SANITIZE_LIB)/triton/__init__.py
+	cd $(SANITIZE_LIB) && LD_PRELOAD="$$(c++ -print-file-name=libasan.so) $$(c++ -print-file-name=libstdc++.so)" \
+		ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
+		$(abspath $(PY)) -m pytest -q -p no:cacheprovider --rootdir=$(CURDIR) \
+		$(addprefix $(CURDIR)/tests/,$(SANITIZE_TESTS))
 
 # The benchmark suite (bench/README.md): about 5-10 minutes, writes bench/RESULTS.md and results.png.
 bench: build

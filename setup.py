@@ -5,6 +5,9 @@ otherwise the build is CPU-only. Environment knobs:
   JACEXT_FORCE_CPU=1       build without CUDA even when it is available
   TORCH_CUDA_ARCH_LIST     GPU architectures (default: Ampere and Hopper, "8.0;9.0")
   CUDA_HOME                the CUDA toolkit (default: found from nvcc, see find_cuda_home)
+  JACEXT_SANITIZE=1        CPU-only build with AddressSanitizer and UndefinedBehaviorSanitizer, objects in
+                           build/temp-sanitize (`make sanitize`: use with build_ext --build-lib DIR so the
+                           normal in-place library and its build record stay untouched)
 """
 import glob
 import os
@@ -60,12 +63,14 @@ if cuda_home:
 import torch  # noqa: E402
 from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
 
+sanitize = os.environ.get("JACEXT_SANITIZE", "0") == "1"
 cuda_sources = sorted(glob.glob("csrc/cuda/*.cu"))
 with_cuda = (
     torch.version.cuda is not None
     and cuda_home is not None
     and bool(cuda_sources)
     and os.environ.get("JACEXT_FORCE_CPU", "0") != "1"
+    and not sanitize
 )
 cpp_sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
 
@@ -73,6 +78,10 @@ cpp_sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
 # with OpenMP (ATen's OpenMP backend); linking it resolves to the libgomp.so.1 that torch already loads.
 cxx_flags = ["-O3", "-std=c++20", "-fvisibility=hidden", "-fopenmp"]
 link_flags = ["-fopenmp"]
+if sanitize:
+    sanitizers = ["-fsanitize=address,undefined", "-fno-omit-frame-pointer"]
+    cxx_flags = ["-O1", "-g", "-std=c++20", "-fvisibility=hidden", "-fopenmp"] + sanitizers
+    link_flags = ["-fopenmp"] + sanitizers
 define_macros = [("Py_LIMITED_API", "0x030A0000")]
 if with_cuda:
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCHS)
@@ -107,10 +116,13 @@ class BuildWithInfo(BuildExtension):
         super().finalize_options()
         # A fixed object folder (pip's editable builds otherwise use a fresh temporary one), so that
         # ninja recompiles only the sources that changed.
-        self.build_temp = os.path.join(ROOT, "build", "temp")
+        self.build_temp = os.path.join(ROOT, "build", "temp-sanitize" if sanitize else "temp")
 
     def run(self):
-        info = os.path.join(ROOT, "jacobian_ext", "_build_info.py")
+        # The sanitizer build records itself next to its own library, never over the normal build's record.
+        package = os.path.join(self.build_lib, "jacobian_ext") if sanitize else os.path.join(ROOT, "jacobian_ext")
+        os.makedirs(package, exist_ok=True)
+        info = os.path.join(package, "_build_info.py")
         with open(info, "w") as f:
             f.write("# Written by setup.py at build time; not tracked by git.\n")
             f.write(f"TORCH_VERSION = {torch.__version__!r}\n")

@@ -1,5 +1,6 @@
 """Public API: batch_jacobian, compile and JacobianModule."""
-from typing import Callable, Dict, List, Tuple
+import operator
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -30,8 +31,8 @@ def batch_jacobian(model: Callable, x: torch.Tensor, mode: str = "auto", return_
 
 def compile(model: Callable, mode: str = "auto") -> "JacobianModule":
     """A module whose call jm(x) returns (model(x), J), caching the plan per input shape, dtype and device.
-    Parameters are read at every call; layers are captured in the plan, so compile again after
-    replacing a layer."""
+    Parameters are read at every call; a replaced layer, or a parameter of another shape, dtype or device,
+    is detected and the plan rebuilt."""
     return JacobianModule(model, mode=mode)
 
 
@@ -47,11 +48,7 @@ class JacobianModule(nn.Module):
             raise ValueError(f"mode must be one of {', '.join(repr(m) for m in MODES)}; got {mode!r}")
         self.model = model
         self.mode = mode
-        self._coupled_modules = (
-            [(n, m) for n, m in model.named_modules() if isinstance(m, _BATCH_COUPLED)]
-            if isinstance(model, nn.Module)
-            else []
-        )
+        self._layout = None  # the model's structure the plans were built for (see _forget_stale_plans)
         self._plans: Dict[tuple, Plan] = {}
         # Plain attribute holders: nn.Module.__setattr__ is slow on the per-call path, and the captured
         # graph module must not become a submodule (it would duplicate the model's parameters).
@@ -60,10 +57,26 @@ class JacobianModule(nn.Module):
 
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         _check_input(x)
+        self._forget_stale_plans()
         self._check_eval_mode()
         plan = self.plan_for(x)
         self._last["plan"] = plan
         return run_plan(plan, x, plan.choose_mode(x.shape[0], self.mode))
+
+    def _forget_stale_plans(self):
+        """Plans capture the layers and the parameter shapes: after a layer is replaced, or a parameter
+        or buffer changes shape, dtype or device, they are rebuilt on this call, never reused. (New
+        values need nothing: parameters are read on every call.)"""
+        layout = _layout(self.model)
+        if not _same_layout(self._layout, layout):
+            self._layout = layout
+            self._plans.clear()
+            self._capture.clear()
+            self._coupled_modules = (
+                [(n, m) for n, m in self.model.named_modules() if isinstance(m, _BATCH_COUPLED)]
+                if isinstance(self.model, nn.Module)
+                else []
+            )
 
     def plan_for(self, x: torch.Tensor) -> Plan:
         """The plan for inputs shaped like x (built on first use, with one probe forward)."""
@@ -129,11 +142,31 @@ class JacobianModule(nn.Module):
         return "\n".join(lines) + "\n)"
 
 
+def _layout(model) -> Tuple[list, list]:
+    """Every module of the model (as objects: a replaced layer is a new object; holding them, not their
+    ids, keeps ids from being reused) and the shape, dtype and device of every parameter and buffer."""
+    modules, tensors, pending = [], [], [model] if isinstance(model, nn.Module) else []
+    while pending:
+        module = pending.pop()
+        modules.append(module)
+        for tensor in (*module._parameters.values(), *module._buffers.values()):
+            tensors.append(None if tensor is None else (tensor.shape, tensor.dtype, tensor.device))
+        pending += (child for child in module._modules.values() if child is not None)
+    return modules, tensors
+
+
+def _same_layout(first: Optional[Tuple[list, list]], second: Tuple[list, list]) -> bool:
+    return (first is not None and len(first[0]) == len(second[0]) and all(map(operator.is_, first[0], second[0]))
+            and first[1] == second[1])
+
+
 def _check_input(x):
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
     if not x.is_floating_point():
         raise TypeError(f"x must be a floating-point tensor (float32 or float64 run natively), got dtype {x.dtype}")
+    if x.is_meta:
+        raise ValueError("x is on the meta device, which holds no values: a Jacobian needs real tensors")
     if x.dim() < 2:
         raise ValueError(
             f"x must be [B, *in_shape]: a batch dimension and at least one feature dimension, got shape {list(x.shape)}"
@@ -144,6 +177,9 @@ def _check_parameters(model, x):
     if not isinstance(model, nn.Module):
         return
     for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
+        if tensor.is_meta:
+            raise ValueError(f"the model's '{name}' is on the meta device, which holds no values; materialise the "
+                             "model first (model.to_empty(device=...) and load its weights)")
         if not tensor.is_floating_point():
             continue
         if tensor.device != x.device:

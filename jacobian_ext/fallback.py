@@ -1,10 +1,16 @@
 """The fallback rule for any module without a native rule: its per-sample Jacobian contribution,
 computed with torch.func (vmap over jvp in forward mode, over vjp in reverse mode) and chained with
 the running block exactly like a native rule."""
+import threading
 from typing import Callable, Optional, Tuple
 
 import torch
 from torch.func import jacfwd, jacrev, jvp, vjp, vmap
+
+# torch.func's forward mode (jvp, jacfwd) uses process-wide forward-AD levels: two threads in it at once
+# raise "no level exists" or, worse, return wrong tangents (seen with 8 threads on one compiled module).
+# Forward-mode fallbacks therefore run one thread at a time; the reverse mode is thread-safe.
+FORWARD_AD_LOCK = threading.Lock()
 
 
 def _single_sample(fn: Callable) -> Callable:
@@ -33,7 +39,8 @@ def forward_rule(fn: Callable, x: torch.Tensor, jac: Optional[torch.Tensor]) -> 
     output = fn(x)
     single = _single_sample(fn)
     try:
-        return output, _forward_rule_vmapped(single, x, output, jac)
+        with FORWARD_AD_LOCK:
+            return output, _forward_rule_vmapped(single, x, output, jac)
     except RuntimeError as error:
         if not _is_data_dependent(error):
             raise

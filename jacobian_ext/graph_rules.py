@@ -23,6 +23,7 @@ from . import ops
 from . import rules as layer_rules
 from . import spatial_rules
 from .errors import GraphCaptureError
+from .fallback import FORWARD_AD_LOCK
 
 
 class _Identity:
@@ -100,7 +101,9 @@ class TorchFuncRule(NodeRule):
         value = function(*primals)
         if not self.forward_via_reverse:
             try:
-                return value, vmap(lambda *column: jvp(function, primals, column)[1], in_dims=1, out_dims=1)(*columns)
+                with FORWARD_AD_LOCK:  # forward AD is not thread-safe (fallback.py)
+                    push = vmap(lambda *column: jvp(function, primals, column)[1], in_dims=1, out_dims=1)
+                    return value, push(*columns)
             except NotImplementedError:  # an op without a forward-mode derivative (e.g. CPU flash attention)
                 self.forward_via_reverse = True
         return value, self._forward_via_reverse(function, primals, value, columns)

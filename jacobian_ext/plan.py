@@ -149,10 +149,11 @@ def flatten_sequential(model: nn.Module, prefix: str = "") -> List[Tuple[str, nn
 
 
 def _check_linear_input(name: str, module: nn.Module, input_shape: Tuple[int, ...]):
-    if isinstance(module, nn.Linear) and (not input_shape or input_shape[-1] != module.in_features):
+    # The weight's width, not module.in_features, which a replaced weight leaves stale.
+    if isinstance(module, nn.Linear) and (not input_shape or input_shape[-1] != module.weight.shape[-1]):
         got = input_shape[-1] if input_shape else "no"
         raise ValueError(
-            f"layer '{name}' ({module}) expects {module.in_features} input features, but its input has "
+            f"layer '{name}' ({module}) expects {module.weight.shape[-1]} input features, but its input has "
             f"{got} (per-sample input shape {list(input_shape)})"
         )
 

@@ -5,6 +5,8 @@ import random
 import pytest
 import torch
 
+import hypothesis_profiles  # noqa: F401  (registers and loads the hypothesis profile)
+
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 DTYPES = [torch.float64, torch.float32]
 # Max abs error allowed, relative to the reference's largest entry.

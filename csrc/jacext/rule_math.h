@@ -48,7 +48,7 @@ template <typename T>
 JACEXT_HOST_DEVICE inline T activation_value(const Activation& activation, T z) {
   switch (activation.kind) {
     case ActivationKind::ReLU:
-      return z > T(0) ? z : T(0);
+      return z <= T(0) ? T(0) : z;  // NaN stays NaN, as in torch.relu
     case ActivationKind::Tanh:
       return tanh(z);
     case ActivationKind::Sigmoid:
@@ -76,7 +76,7 @@ JACEXT_HOST_DEVICE inline T activation_value(const Activation& activation, T z) 
 // d activation(z) / dz, given the input z and the already computed output y = activation(z), so that
 // tanh and sigmoid reuse y instead of evaluating the transcendental function twice.
 // At the kinks the value is torch autograd's (its backward kernels' comparisons, copied exactly):
-//   ReLU'(0) = 0 (threshold_backward: z > 0),  LeakyReLU'(0) = negative_slope (z > 0),
+//   ReLU'(0) = 0 and ReLU'(NaN) = 1 (threshold_backward: z <= 0 ? 0 : 1),  LeakyReLU'(0) = negative_slope (z > 0),
 //   ELU'(0) = alpha (elu_backward: z <= 0 takes alpha * exp(z)),
 //   Hardtanh' = 0 at min_val and max_val (hardtanh_backward: z <= min || z >= max), so ReLU6'(0) = ReLU6'(6) = 0,
 //   Softplus' = 1 only where z * beta > threshold, the forward's switch.
@@ -86,7 +86,7 @@ template <typename T>
 JACEXT_HOST_DEVICE inline T activation_derivative(const Activation& activation, T z, T y) {
   switch (activation.kind) {
     case ActivationKind::ReLU:
-      return z > T(0) ? T(1) : T(0);
+      return z <= T(0) ? T(0) : T(1);
     case ActivationKind::Tanh:
       return T(1) - y * y;
     case ActivationKind::Sigmoid:

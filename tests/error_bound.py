@@ -1,0 +1,126 @@
+"""A first-order, entrywise error bound for a Jacobian computed in a working precision, derived from the
+problem instead of a blanket tolerance.
+
+For a chain y = f_L ∘ … ∘ f_1, J = J_L ⋯ J_1 with per-sample layer Jacobians J_l. If each factor is
+computed with an entrywise error |ΔJ_l| ≤ A_l and every product rounds like a dot product of its inner
+length n (|fl(AB) − AB| ≤ n·u·|A||B|, to first order), then
+
+    |Ĵ − J| ≤ Σ_l |J_L| ⋯ |J_{l+1}| · A_l · |J_{l−1}| ⋯ |J_1|,
+
+whatever order the products are taken in (forward or reverse sweep). The absolute-value products make
+this the condition of the chain: where the entries of J cancel, the bound grows with the cancelled
+terms, not with |J|. The per-layer allowance A_l has three parts, all computed generically from
+per-layer torch.func Jacobians (so a new layer type needs no code here):
+
+- max |J_l^work(ĥ) − J_l^64(h)| over torch.func's reverse (jacrev) and forward (jacfwd) layer
+  Jacobians in the working dtype, at the working-dtype forward values ĥ: what evaluating this layer's
+  derivative in this precision costs anyone. It carries the sensitivity of the derivative to the
+  rounding of its input (tanh' = 1 − tanh², softmax saturation, a ReLU whose pre-activation rounds
+  across 0) and cancellation inside the layer that |J_l| does not show (the Jacobian of a LayerNorm
+  over 2 features is a difference of O(1/σ) terms that nearly cancel). In float64, where no wider
+  reference exists, the jacfwd-versus-jacrev difference alone measures it.
+- (n_l + 8)·u·|J_l|: rounding of the rule itself and of the product with the running block, where n_l
+  is the layer's widest row or column of nonzeros (the inner length of either sweep's product).
+- 4·u·max(1, max|J_l|) on J_l's nonzero pattern: a derivative formed as a difference of O(1) terms
+  (1 − t² for tanh, s − s² for sigmoid and softmax) has an absolute error of a few u even where it is
+  tiny (a saturated softmax: s₀ = 1 − 4e-9 is stored to within u of 1).
+
+The chain is propagated in float64 as two blocks, P = |J_l| ⋯ |J_1| and the bound E, both [B, H_l, D].
+"""
+import copy
+import math
+from typing import List
+
+import torch
+from hypothesis import note
+from hypothesis.control import currently_in_test_context
+from torch.func import jacfwd, jacrev, vmap
+
+UNIT_ROUNDOFF = {torch.float32: 2.0**-24, torch.float64: 2.0**-53}
+
+
+def _single_sample(fn):
+    return lambda sample: fn(sample.unsqueeze(0)).squeeze(0)
+
+
+def layer_jacobian(layer, h: torch.Tensor, transform=jacrev) -> torch.Tensor:
+    """[B, out_features, in_features] (flattened per-sample shapes) of one layer at h [B, *in], float64."""
+    with torch.no_grad():
+        out_features = layer(h[:1]).numel()
+        jacobian = vmap(transform(_single_sample(layer)))(h)
+    return jacobian.reshape(h.shape[0], out_features, math.prod(h.shape[1:])).double()
+
+
+def chained_bounds(layers: List[torch.nn.Module], layers64: List[torch.nn.Module], x: torch.Tensor):
+    """(Jacobian bound [B, C, D], output bound [B, C]): entrywise first-order bounds on the error of a
+    working-dtype (x.dtype) computation of J and y, against the float64 values of the same model."""
+    u = UNIT_ROUNDOFF[x.dtype]
+    hidden, hidden64 = x, x.double()
+    product = bound = None  # P and E of the module docstring; None: the lazy identity
+    value_bound = torch.zeros(x.shape[0], math.prod(x.shape[1:]), dtype=torch.float64)
+    for layer, layer64 in zip(layers, layers64):
+        jacobian64 = layer_jacobian(layer64, hidden64)
+        magnitude = jacobian64.abs()
+        own_error = (layer_jacobian(layer, hidden, jacfwd) - jacobian64).abs()
+        if x.dtype != torch.float64:
+            own_error = torch.maximum(own_error, (layer_jacobian(layer, hidden) - jacobian64).abs())
+        nonzero = (jacobian64 != 0) | (own_error != 0)
+        inner = max(int(nonzero.sum(2).max()), int(nonzero.sum(1).max())) if nonzero.numel() else 0
+        floor = 4 * u * magnitude.amax((1, 2), keepdim=True).clamp_min(1.0) * nonzero
+        allowance = own_error + (inner + 8) * u * magnitude + floor
+
+        with torch.no_grad():
+            next_hidden, next_hidden64 = layer(hidden), layer64(hidden64)
+        # Values: the rounding of this layer's output and of its inner products, plus what the
+        # working dtype's own forward of this layer does differently, then carried on by |J_l|.
+        flat64 = next_hidden64.reshape(x.shape[0], -1)
+        in_abs = hidden64.reshape(x.shape[0], -1).abs()
+        rounding = (inner + 8) * u * (flat64.abs() + torch.einsum("boi,bi->bo", magnitude, in_abs))
+        value_bound = torch.einsum("boi,bi->bo", magnitude, value_bound) + rounding
+        if x.dtype != torch.float64:
+            value_bound = value_bound + (layer(hidden64.to(x.dtype)).double() - next_hidden64).abs().reshape_as(flat64)
+
+        if product is None:
+            product, bound = magnitude, allowance
+        else:
+            bound = magnitude @ bound + allowance @ product
+            product = magnitude @ product
+        hidden, hidden64 = next_hidden, next_hidden64
+    return bound, value_bound
+
+
+# The bound is first order (it drops products of two rounding errors); a factor 2 covers the rest.
+SAFETY = 2.0
+
+
+def assert_within(actual, expected, bound, what):
+    actual = actual.detach().double().reshape(expected.shape)
+    error = (actual - expected).abs()
+    allowed = SAFETY * bound.reshape(expected.shape)
+    both_nan = actual.isnan() & expected.isnan()
+    bad = ~(error <= allowed) & ~both_nan & ~(actual == expected)  # == covers matching infinities
+    if bad.any():
+        index = tuple(bad.nonzero()[0].tolist())
+        ratio = (error / allowed.clamp_min(1e-300))[~both_nan].max().item()
+        raise AssertionError(f"{what}: {int(bad.sum())} entries outside the bound; first at {index}: "
+                             f"got {actual[index].item()!r}, expected {expected[index].item()!r}, "
+                             f"bound {allowed[index].item():.3e}; worst error/bound {ratio:.3g}")
+    if currently_in_test_context() and error.numel():
+        note(f"{what}: worst error/bound {(error / allowed.clamp_min(1e-300)).max().item():.3g}")
+
+
+class Reference:
+    """float64 values for a model and input: model64(x), vmap(jacrev) and the error bounds of chained_bounds;
+    check() compares a working-precision (y, J) against them."""
+
+    def __init__(self, model: torch.nn.Sequential, x: torch.Tensor):
+        model64 = copy.deepcopy(model).double()
+        x64 = x.double()
+        with torch.no_grad():
+            self.output = model64(x64)
+        self.jacobian = vmap(jacrev(_single_sample(model64)))(x64)
+        self.jacobian_bound, self.output_bound = chained_bounds(list(model), list(model64), x)
+
+    def check(self, output, jacobian, what, rows=slice(None)):
+        assert_within(output, self.output[rows], self.output_bound[rows], f"{what} output")
+        assert_within(jacobian, self.jacobian[rows], self.jacobian_bound[rows], f"{what} Jacobian")

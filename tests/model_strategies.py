@@ -1,0 +1,204 @@
+"""Hypothesis strategies that draw random models and inputs for the property tests.
+
+Every layer the models may contain is one entry of LAYERS (a flat [B, H] input) or ND_LAYERS (an
+N-d per-sample input, before the Flatten): a name, whether jacobian_ext should run it natively, and a
+`build(draw, width, max_width)` that draws its options and returns (constructor, output width).
+Constructors run later, all under one drawn torch seed, so that hypothesis shrinks the structure
+(layer kinds, widths, batch) while the weights stay reproducible. Adding a layer is one entry here.
+"""
+import math
+from dataclasses import dataclass
+from typing import Callable, List, Optional, Tuple
+
+import torch
+from hypothesis import strategies as st
+from torch import nn
+
+# Per-example work budget: batch x in_features x sum of (w_in x w_out) over the layers bounds the cost
+# of the reference, the error bound (a chain of per-layer Jacobians) and our own sweeps; with batch 1
+# a 300 x 300 layer fits, and a batch of 64 then has narrow layers (about 0.3 s per example).
+WORK_BUDGET = 400_000
+MAX_WIDTH = 300
+
+
+class Sin(nn.Module):
+    """A custom module: no native rule, so it runs on the torch.func fallback."""
+
+    def forward(self, x):
+        return torch.sin(x)
+
+
+class ScaledLinear(nn.Linear):
+    """A subclass of a native layer with its own forward (LoRA-like): must run on the fallback."""
+
+    def forward(self, x):
+        return 0.5 * super().forward(x)
+
+
+def randomized_affine(norm: nn.LayerNorm) -> nn.LayerNorm:
+    with torch.no_grad():
+        norm.weight.uniform_(-2, 2)
+        norm.bias.uniform_(-1, 1)
+    return norm
+
+
+@dataclass(frozen=True)
+class LayerFactory:
+    name: str
+    native: bool  # expected path in float32/float64
+    build: Callable  # (draw, width, max_width) -> (constructor () -> nn.Module, output width)
+
+
+def widths(max_width: int):
+    """Mostly narrow layers (fast, shrink well), sometimes wide ones up to MAX_WIDTH."""
+    max_width = max(1, min(MAX_WIDTH, max_width))
+    narrow = st.integers(1, min(16, max_width))
+    return st.one_of(narrow, narrow, narrow, st.integers(1, max_width))
+
+
+def same_width(constructor):
+    return lambda draw, width, max_width: (constructor, width)
+
+
+def _linear(cls):
+    def build(draw, width, max_width):
+        out = draw(widths(max_width), label="out_features")
+        bias = draw(st.booleans(), label="bias")
+        return (lambda: cls(width, out, bias=bias)), out
+
+    return build
+
+
+def _softmax(cls):
+    def build(draw, width, max_width):
+        dim = draw(st.sampled_from([-1, 1, None]) if cls is nn.Softmax else st.sampled_from([-1, 1]), label="dim")
+        return (lambda: cls(dim=dim)), width
+
+    return build
+
+
+def _layer_norm(draw, width, max_width):
+    return (lambda: randomized_affine(nn.LayerNorm(width))), width
+
+
+LAYERS: List[LayerFactory] = [
+    LayerFactory("linear", True, _linear(nn.Linear)),
+    LayerFactory("relu", True, same_width(nn.ReLU)),
+    LayerFactory("tanh", True, same_width(nn.Tanh)),
+    LayerFactory("sigmoid", True, same_width(nn.Sigmoid)),
+    LayerFactory("softmax", True, _softmax(nn.Softmax)),
+    LayerFactory("log_softmax", True, _softmax(nn.LogSoftmax)),
+    LayerFactory("identity", True, same_width(nn.Identity)),
+    LayerFactory("dropout", True, same_width(lambda: nn.Dropout(0.3).eval())),
+    LayerFactory("flatten", True, same_width(nn.Flatten)),
+    # No native rule: the torch.func fallback, mixed freely with native layers.
+    LayerFactory("sin", False, same_width(Sin)),
+    LayerFactory("gelu", False, same_width(nn.GELU)),
+    LayerFactory("layer_norm", False, _layer_norm),
+    LayerFactory("scaled_linear", False, _linear(ScaledLinear)),
+]
+# Heads close the model (None: the last layer is the output); they are LAYERS too, drawn more often here.
+HEADS: List[Optional[str]] = [None, "softmax", "log_softmax", "sin"]
+
+
+def _last_axis_linear(draw, shape, max_width):
+    out = draw(st.integers(1, 6), label="out_features")
+    return (lambda: nn.Linear(shape[-1], out)), (*shape[:-1], out)
+
+
+def _same_shape(constructor):
+    return lambda draw, shape, max_width: (constructor, shape)
+
+
+# Layers on an N-d per-sample input (rank 3-4 inputs, before the Flatten).
+ND_LAYERS: List[LayerFactory] = [
+    LayerFactory("relu", True, _same_shape(nn.ReLU)),
+    LayerFactory("tanh", True, _same_shape(nn.Tanh)),
+    LayerFactory("identity", True, _same_shape(nn.Identity)),
+    LayerFactory("sin", False, _same_shape(Sin)),
+    LayerFactory("linear_last_axis", False, _last_axis_linear),
+]
+FACTORIES = {factory.name: factory for factory in LAYERS}
+
+
+@dataclass(repr=False)
+class ModelCase:
+    """A drawn model and input; repr() is what hypothesis prints for a failing example."""
+
+    layers: List[Tuple[str, nn.Module, bool]]  # (factory name, module, expected native)
+    in_shape: Tuple[int, ...]
+    batch: int
+    dtype: torch.dtype
+    seed: int
+    weight_gain: float
+    input_scale: float
+
+    @property
+    def model(self) -> nn.Sequential:
+        return self._model
+
+    def __post_init__(self):
+        self._model = nn.Sequential(*[module for _, module, _ in self.layers])
+        generator = torch.Generator().manual_seed(self.seed)
+        self.x = (torch.randn(self.batch, *self.in_shape, generator=generator, dtype=torch.float64)
+                  * self.input_scale).to(self.dtype)
+
+    @property
+    def expected_fallbacks(self) -> List[str]:
+        return [str(i) for i, (_, _, native) in enumerate(self.layers) if not native]
+
+    def __repr__(self):
+        names = ", ".join(name for name, _, _ in self.layers)
+        return (f"ModelCase(x=[{self.batch}, {', '.join(map(str, self.in_shape))}] {self.dtype}, seed={self.seed}, "
+                f"weight_gain={self.weight_gain}, input_scale={self.input_scale}, layers=[{names}])\n{self._model}")
+
+
+@st.composite
+def model_cases(draw, dtypes=(torch.float64, torch.float32), max_depth: int = 6, max_batch: int = 64) -> ModelCase:
+    """A random nn.Sequential of depth 1..max_depth (plus an optional head, and a Flatten for rank 3-4
+    inputs), with an input of batch 0..max_batch."""
+    seed = draw(st.integers(0, 2**31 - 1), label="seed")
+    rank = draw(st.integers(2, 4), label="input rank")
+    specs = []  # (factory name, constructor, native)
+    if rank == 2:
+        in_shape = (draw(widths(MAX_WIDTH), label="in_features"),)
+        shape = in_shape
+    else:
+        in_shape = tuple(draw(st.integers(1, 6), label="in_shape") for _ in range(rank - 1))
+        shape = in_shape
+        for _ in range(draw(st.integers(0, 2), label="N-d layers")):
+            factory = draw(st.sampled_from(ND_LAYERS), label="N-d layer")
+            constructor, shape = factory.build(draw, shape, MAX_WIDTH)
+            specs.append((factory.name, constructor, factory.native))
+        specs.append(("flatten", nn.Flatten, True))
+    width = math.prod(shape)
+    in_features = math.prod(in_shape)
+
+    work = max(width, 1) * in_features
+    depth = draw(st.integers(1, max_depth), label="depth")
+    head = draw(st.sampled_from(HEADS), label="head")
+    names = [draw(st.sampled_from(LAYERS), label="layer").name for _ in range(depth)] + ([head] if head else [])
+    for name in names:
+        factory = FACTORIES[name]
+        # The widest layer that keeps batch 1 within the budget.
+        max_width = max(1, (WORK_BUDGET - work) // max(1, width * in_features))
+        constructor, out_width = factory.build(draw, width, max_width)
+        work += max(width, 1) * max(out_width, 1) * in_features
+        specs.append((name, constructor, factory.native))
+        width = out_width
+
+    # B = 0 in about one example in five (hypothesis would otherwise favour it as the simplest batch).
+    some = st.integers(1, max(1, min(max_batch, WORK_BUDGET // work)))
+    batch = draw(st.one_of(st.just(0), some, some, some, some), label="batch")
+    dtype = draw(st.sampled_from(dtypes), label="dtype")
+    weight_gain = draw(st.sampled_from([1.0, 0.2, 3.0]), label="weight gain")
+    input_scale = draw(st.sampled_from([1.0, 1e-3, 10.0]), label="input scale")
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        layers = [(name, constructor(), native) for name, constructor, native in specs]
+    model = nn.Sequential(*[module for _, module, _ in layers]).to(dtype).eval()
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.mul_(weight_gain)
+    return ModelCase(layers, in_shape, batch, dtype, seed, weight_gain, input_scale)
