@@ -92,8 +92,11 @@ std::optional<double> crossover_override() {
 
 // The one decision between the masked kernel and the dense chain for rows @ diag(factor) @ matrix.
 // CPU only (CUDA has no masked kernel); counts the factor's nonzeros once for the whole batch.
-bool skip_inactive_units(const at::Tensor& factor) {
+// Non-finite weights or block entries go dense too: there 0 * inf = NaN reaches the result, as in the
+// reference (autograd multiplies by every zero), while skipping the inactive units would hide it.
+bool skip_inactive_units(const at::Tensor& factor, const at::Tensor& block_values, const at::Tensor& matrix) {
   if (!factor.device().is_cpu() || factor.numel() == 0) return false;
+  if (!at::isfinite(matrix).all().item<bool>() || !at::isfinite(block_values).all().item<bool>()) return false;
   const double crossover = crossover_override().value_or(kMaskedLinearCrossover);
   const double active = static_cast<double>(factor.count_nonzero().item<int64_t>()) / factor.numel();
   return active < crossover;
@@ -111,7 +114,7 @@ class PendingScale {
   explicit PendingScale(bool masked_kernel) : masked_kernel_(masked_kernel) {}
 
   void push(JacobianBlock& block, const at::Tensor& factor, Activation activation) {
-    const bool maskable = masked_kernel_ && activation == Activation::ReLU;
+    const bool maskable = masked_kernel_ && activation.kind == ActivationKind::ReLU;
     if (block.kind == JacobianBlock::Kind::PerSample && !maskable && !maskable_) {
       block = scale_features(block, factor);  // nothing to gain by waiting
       return;
@@ -127,7 +130,7 @@ class PendingScale {
     const bool maskable = std::exchange(maskable_, false);
     const bool identity = block.kind == JacobianBlock::Kind::Identity;
     // The identity needs no GEMM at all (below); otherwise skip what the mask zeroes when it pays.
-    if (!identity && maskable && skip_inactive_units(factor)) return chain_masked_matrix(block, factor, matrix);
+    if (!identity && maskable && skip_inactive_units(factor, block.values, matrix)) return chain_masked_matrix(block, factor, matrix);
     if (block.kind == JacobianBlock::Kind::PerSample) return chain_matrix(scale_features(block, factor), matrix);
     const int64_t batch = factor.size(0), features = matrix.size(0), narrow = matrix.size(1);
     if (!identity) {

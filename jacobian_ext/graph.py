@@ -19,6 +19,7 @@ from torch import fx, nn
 from . import graph_rules
 from .errors import GraphCaptureError
 from .graph_rules import IDENTITY, accumulate, explicit_block
+from .plan import short_repr
 
 # Tracing retries: each failed trace marks the innermost module that failed as a leaf.
 _MAX_TRACE_ATTEMPTS = 16
@@ -80,6 +81,7 @@ class GraphNode:
     rule: Optional["graph_rules.NodeRule"]
     inputs: Tuple[fx.Node, ...] = ()
     shape: Tuple[int, ...] = ()
+    owner: str = ""  # path of the module the node belongs to ("" at the top level)
 
     def describe(self) -> str:
         return self.rule.label if self.rule is not None else "value only"
@@ -132,16 +134,33 @@ class Evaluator:
         kwargs = fx.node.map_arg(node.kwargs, env.__getitem__)
         return self.call(node, args, kwargs)
 
-    def run(self, x: torch.Tensor) -> Dict[fx.Node, object]:
+    def run(self, x: torch.Tensor, name_failures: bool = False) -> Dict[fx.Node, object]:
+        """Every node's value for the model input x; with name_failures, a node that raises is named
+        in a ValueError (planning probes: the user learns which layer rejects the input)."""
         env: Dict[fx.Node, object] = {}
         for node in self.gm.graph.nodes:
             if node.op == "placeholder":
                 env[node] = x if not env else node.args[0] if node.args else None
             elif node.op == "output":
                 env[node] = fx.node.map_arg(node.args[0], env.__getitem__)
-            else:
+            elif not name_failures:
                 env[node] = self.evaluate(node, env)
+            else:
+                try:
+                    env[node] = self.evaluate(node, env)
+                except Exception as error:
+                    raise ValueError(f"{self._describe(node)} failed on per-sample inputs of shape "
+                                     f"{_input_shapes(node, env)}: {error}") from error
         return env
+
+    def _describe(self, node: fx.Node) -> str:
+        if node.op == "call_module":
+            return f"layer '{node.target}' ({short_repr(self.modules[node.target])})"
+        return f"node '{node.name}'"
+
+
+def _input_shapes(node: fx.Node, env) -> List[List[int]]:
+    return [list(env[a].shape[1:]) for a in node.all_input_nodes if isinstance(env.get(a), torch.Tensor)]
 
 
 _OUT_OF_PLACE = {
@@ -189,7 +208,10 @@ class GraphPlan:
 
     @property
     def fallbacks(self) -> List[str]:
-        return [g.name for g in self.nodes if g.rule is not None and not g.rule.native]
+        """The modules holding fallback nodes (a torch layer, or the user module a functional call was
+        traced in), or the node's name at the top level; each once, in graph order."""
+        names = [g.owner or g.name for g in self.nodes if g.rule is not None and not g.rule.native]
+        return list(dict.fromkeys(names))
 
     def describe(self) -> List[str]:
         lines = []
@@ -288,7 +310,7 @@ def _input_node(gm: fx.GraphModule) -> fx.Node:
 
 def _probe_values(evaluator: Evaluator, x: torch.Tensor) -> Dict[fx.Node, object]:
     with torch.no_grad():
-        return evaluator.run(x)
+        return evaluator.run(x, name_failures=True)
 
 
 def _check_per_sample(node: fx.Node, pair, singles, name: str):
@@ -350,10 +372,17 @@ def build_graph_plan(model: Callable, x: torch.Tensor, captured=None) -> GraphPl
         _check_per_sample(node, value, [s[node] for s in singles], name)
         carries[node] = True
         rule, inputs = graph_rules.rule_for(gm, evaluator, node, values, carries)
-        nodes.append(GraphNode(node, name, rule, tuple(inputs), tuple(value.shape[1:])))
+        owner = node.target if node.op == "call_module" else _owner(node)
+        nodes.append(GraphNode(node, name, rule, tuple(inputs), tuple(value.shape[1:]), owner))
 
     return GraphPlan(gm, nodes, input_node, output_node, tuple(x.shape[1:]), tuple(out_value.shape[1:]),
                      x.dtype, x.device, opaque)
+
+
+def _owner(node: fx.Node) -> str:
+    """The path of the innermost module whose forward a traced call came from ("" at the top level)."""
+    stack = node.meta.get("nn_module_stack")
+    return next(reversed(stack.values()))[0] if stack else ""
 
 
 def _display_names(gm: fx.GraphModule) -> Dict[fx.Node, str]:
@@ -362,10 +391,9 @@ def _display_names(gm: fx.GraphModule) -> Dict[fx.Node, str]:
     for node in gm.graph.nodes:
         if node.op == "call_module":
             names[node] = node.target
-            continue
-        stack = node.meta.get("nn_module_stack")
-        owner = next(reversed(stack.values()))[0] if stack else ""
-        names[node] = f"{owner}:{node.name}" if owner else node.name
+        else:
+            owner = _owner(node)
+            names[node] = f"{owner}:{node.name}" if owner else node.name
     return names
 
 

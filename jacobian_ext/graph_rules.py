@@ -253,16 +253,14 @@ def _activation_rule(spec: str, features: int) -> NodeRule:
 
 
 def _softmax_rule(log: bool, features: int) -> NodeRule:
-    if log:
-        forward_op, reverse_op = ops.log_softmax_jac_forward, ops.log_softmax_jac_reverse
-    else:
-        forward_op, reverse_op = ops.softmax_jac_forward, ops.softmax_jac_reverse
-    # The log-softmax reverse rule takes the probabilities, the softmax one the output (the same).
-    probabilities = (lambda out: out.exp()) if log else (lambda out: out)
+    forward_op, reverse_op = (
+        (ops.log_softmax_jac_forward, ops.log_softmax_jac_reverse) if log else (ops.softmax_jac_forward, ops.softmax_jac_reverse)
+    )
+    # Both reverse rules take the layer's own output (log-probabilities for log-softmax).
     return FeatureOpRule(
         "log_softmax" if log else "softmax",
         forward_op,
-        lambda x, out, cot: reverse_op(probabilities(out), cot),
+        lambda x, out, cot: reverse_op(out, cot),
         needs_output=True,
         work_per_row=3 * features,
     )

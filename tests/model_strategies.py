@@ -91,10 +91,11 @@ LAYERS: List[LayerFactory] = [
     LayerFactory("identity", True, same_width(nn.Identity)),
     LayerFactory("dropout", True, same_width(lambda: nn.Dropout(0.3).eval())),
     LayerFactory("flatten", True, same_width(nn.Flatten)),
+    LayerFactory("gelu", True, same_width(nn.GELU)),
+    # Native on the graph path: a model with it is captured as a graph.
+    LayerFactory("layer_norm", True, _layer_norm),
     # No native rule: the torch.func fallback, mixed freely with native layers.
     LayerFactory("sin", False, same_width(Sin)),
-    LayerFactory("gelu", False, same_width(nn.GELU)),
-    LayerFactory("layer_norm", False, _layer_norm),
     LayerFactory("scaled_linear", False, _linear(ScaledLinear)),
 ]
 # Heads close the model (None: the last layer is the output); they are LAYERS too, drawn more often here.

@@ -50,6 +50,26 @@ def test_residual_mlp_is_all_native(device, dtype, mode, batch, shape):
     check(model, x, mode, dtype, expect_fallbacks=[])
 
 
+class ClassifierHead(nn.Module):
+    """Softmax-family heads on the graph path (a non-Sequential model)."""
+
+    def __init__(self, head):
+        super().__init__()
+        self.linear, self.head = nn.Linear(5, 4), head
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.linear(x)) * 3.0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("head", [nn.Softmax(dim=-1), nn.LogSoftmax(dim=1)], ids=str)
+def test_softmax_heads_on_the_graph_path(dtype, mode, head):
+    model = ClassifierHead(head).to(dtype)
+    x = torch.randn(6, 5, dtype=dtype)
+    check(model, x, mode, dtype, expect_fallbacks=[])
+
+
 class IndexMaps(nn.Module):
     """Views, permutes, slicing, concatenation with a constant, x + x and x - x."""
 
