@@ -94,7 +94,7 @@ def main(argv=None):
         fallbacks = jm.fallbacks
         rows.append((name, mode, ours_s, peer_s, error, fallbacks))
         print(f"{name:<20} {mode:<8} ours {ours_s * 1e3:9.1f} ms  vmap(jacrev) {peer_s * 1e3:9.1f} ms  "
-              f"x{peer_s / ours_s:5.2f}  rel. err {error:.1e}  fallback nodes {len(fallbacks)}", file=sys.stderr)
+              f"x{peer_s / ours_s:5.2f}  rel. err {error:.1e}  modules with fallback nodes {len(fallbacks)}", file=sys.stderr)
 
     lines = [
         "# Real models on the graph path (CPU)",
@@ -103,7 +103,7 @@ def main(argv=None):
         f"Python {platform.python_version()}; `python -m bench.models --batch {args.batch} --dtype {args.dtype}`; "
         f"input [{args.batch}, 3, 32, 32], random weights, median of interleaved runs.",
         "",
-        "| model | mode | ours | vmap(jacrev) | speed-up | max rel. error | fallback nodes |",
+        "| model | mode | ours | vmap(jacrev) | speed-up | max rel. error | modules holding fallback nodes |",
         "| --- | --- | ---: | ---: | ---: | ---: | --- |",
     ]
     for name, mode, ours_s, peer_s, error, fallbacks in rows:

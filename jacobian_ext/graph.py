@@ -19,7 +19,7 @@ from torch import fx, nn
 from . import graph_rules
 from .errors import GraphCaptureError
 from .graph_rules import IDENTITY, accumulate, explicit_block
-from .plan import short_repr
+from .plan import FlatWidths, short_repr
 
 # Tracing retries: each failed trace marks the innermost module that failed as a leaf.
 _MAX_TRACE_ATTEMPTS = 16
@@ -179,7 +179,7 @@ def _fetch_attr(module: nn.Module, target: str):
 
 
 @dataclass
-class GraphPlan:
+class GraphPlan(FlatWidths):
     """The captured graph with a rule per node, planned for one per-sample input shape."""
 
     gm: fx.GraphModule
@@ -197,14 +197,6 @@ class GraphPlan:
     def __post_init__(self):
         self.evaluator = Evaluator(self.gm)
         self._by_node = {g.node: g for g in self.nodes}
-
-    @property
-    def in_features(self) -> int:
-        return math.prod(self.input_shape)
-
-    @property
-    def out_features(self) -> int:
-        return math.prod(self.output_shape)
 
     @property
     def fallbacks(self) -> List[str]:
@@ -241,11 +233,11 @@ class GraphPlan:
         batch = x.shape[0]
         if mode == "forward":
             output, block = self._forward_sweep(x)
-            jacobian = explicit_block(block, batch, self.output_shape, x, rows=self.in_features, row_shape=self.input_shape)
+            jacobian = explicit_block(block, batch, self.output_shape, x)  # the identity: output == input
             jacobian = jacobian.reshape(batch, self.in_features, self.out_features).transpose(1, 2)
         else:
             output, block = self._reverse_sweep(x)
-            jacobian = explicit_block(block, batch, self.input_shape, x, rows=self.out_features, row_shape=self.output_shape)
+            jacobian = explicit_block(block, batch, self.input_shape, x)
         jacobian = jacobian.reshape(batch, *self.output_shape, *self.input_shape)
         return output, jacobian.contiguous()
 

@@ -17,7 +17,6 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import fx, nn
 from torch.func import jvp, vjp, vmap
-from torch.nn import functional as F
 
 from . import ops
 from . import rules as layer_rules
@@ -34,7 +33,7 @@ class _Identity:
 IDENTITY = _Identity()
 
 
-def explicit_block(block, batch: int, shape: Sequence[int], like: torch.Tensor, **_) -> torch.Tensor:
+def explicit_block(block, batch: int, shape: Sequence[int], like: torch.Tensor) -> torch.Tensor:
     """The block as a tensor [B, R, *shape]; the identity becomes eye(R) expanded over the batch
     (R = prod(shape)), one copy for all samples."""
     if block is not IDENTITY:

@@ -75,8 +75,20 @@ class Segment:
         return items
 
 
+class FlatWidths:
+    """in_features and out_features (D and C) of a plan with per-sample input_shape and output_shape."""
+
+    @property
+    def in_features(self) -> int:
+        return math.prod(self.input_shape)
+
+    @property
+    def out_features(self) -> int:
+        return math.prod(self.output_shape)
+
+
 @dataclass
-class Plan:
+class Plan(FlatWidths):
     steps: List[Step]
     input_shape: Tuple[int, ...]
     output_shape: Tuple[int, ...]
@@ -109,14 +121,6 @@ class Plan:
     def describe(self) -> List[str]:
         """One line per layer: its name, the module and its path."""
         return [f"{step.name:<12} {short_repr(step.module):<48} {step.describe()}" for step in self.steps]
-
-    @property
-    def in_features(self) -> int:
-        return math.prod(self.input_shape)
-
-    @property
-    def out_features(self) -> int:
-        return math.prod(self.output_shape)
 
     def choose_mode(self, batch: int, requested: str) -> str:
         """The sweep to run: `requested` unless it is "auto", then the cost model's choice (cached per batch)."""
