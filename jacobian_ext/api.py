@@ -8,7 +8,7 @@ from torch import nn
 from .errors import GraphCaptureError
 from .graph import build_graph_plan, capture, warn_whole_model_fallback
 from .graph_rules import prefers_graph
-from .plan import Plan, build_plan, flatten_sequential, short_repr
+from .plan import NATIVE_DTYPES, Plan, build_plan, flatten_sequential, short_repr
 from .rules import has_native_rule
 from .walker import run_plan
 
@@ -93,7 +93,7 @@ class JacobianModule(nn.Module):
         captured runs whole on the fallback, with a warning that says why."""
         if type(self.model) is nn.Sequential and not any(prefers_graph(m) for _, m in flatten_sequential(self.model)):
             return build_plan(self.model, x)
-        if x.dtype in (torch.float32, torch.float64):
+        if x.dtype in NATIVE_DTYPES:
             try:
                 if "graph" not in self._capture:
                     self._capture["graph"] = capture(self.model)

@@ -140,7 +140,7 @@ class Evaluator:
         env: Dict[fx.Node, object] = {}
         for node in self.gm.graph.nodes:
             if node.op == "placeholder":
-                env[node] = x if not env else node.args[0] if node.args else None
+                env[node] = x if not env else placeholder_default(node)
             elif node.op == "output":
                 env[node] = fx.node.map_arg(node.args[0], env.__getitem__)
             elif not name_failures:
@@ -161,6 +161,11 @@ class Evaluator:
 
 def _input_shapes(node: fx.Node, env) -> List[List[int]]:
     return [list(env[a].shape[1:]) for a in node.all_input_nodes if isinstance(env.get(a), torch.Tensor)]
+
+
+def placeholder_default(node: fx.Node):
+    """The value of an optional model argument after the input: its default (None when it has none)."""
+    return node.args[0] if node.args else None
 
 
 _OUT_OF_PLACE = {
@@ -191,11 +196,10 @@ class GraphPlan(FlatWidths):
     dtype: torch.dtype
     device: torch.device
     opaque_modules: List[str]
-    evaluator: Evaluator = field(init=False)
+    evaluator: "Evaluator"
     decisions: Dict[int, Tuple[str, dict]] = field(default_factory=dict, init=False)
 
     def __post_init__(self):
-        self.evaluator = Evaluator(self.gm)
         self._by_node = {g.node: g for g in self.nodes}
 
     @property
@@ -248,7 +252,7 @@ class GraphPlan(FlatWidths):
             if node in env or node.op == "output":
                 continue
             if node.op == "placeholder":
-                env[node] = node.args[0] if node.args else None
+                env[node] = placeholder_default(node)
                 continue
             g = self._by_node[node]
             if g.rule is None:
@@ -363,12 +367,12 @@ def build_graph_plan(model: Callable, x: torch.Tensor, captured=None) -> GraphPl
             continue
         _check_per_sample(node, value, [s[node] for s in singles], name)
         carries[node] = True
-        rule, inputs = graph_rules.rule_for(gm, evaluator, node, values, carries)
+        rule, inputs = graph_rules.rule_for(gm, node, values, carries)
         owner = node.target if node.op == "call_module" else _owner(node)
         nodes.append(GraphNode(node, name, rule, tuple(inputs), tuple(value.shape[1:]), owner))
 
     return GraphPlan(gm, nodes, input_node, output_node, tuple(x.shape[1:]), tuple(out_value.shape[1:]),
-                     x.dtype, x.device, opaque)
+                     x.dtype, x.device, opaque, evaluator)
 
 
 def _owner(node: fx.Node) -> str:

@@ -512,7 +512,7 @@ def prefers_graph(module: nn.Module) -> bool:
 _GRAPH_ONLY_MODULES = tuple(spatial_rules.SPATIAL_RULES) + (nn.LayerNorm,)
 
 
-def rule_for(gm: fx.GraphModule, evaluator, node: fx.Node, values: Dict, carries: Dict) -> Tuple[NodeRule, List]:
+def rule_for(gm: fx.GraphModule, node: fx.Node, values: Dict, carries: Dict) -> Tuple[NodeRule, List]:
     """(rule, input nodes that carry a derivative) for a node whose value carries one."""
     inputs = [a for a in node.all_input_nodes if carries.get(a, False)]
     is_pick = node.op == "call_function" and node.target is operator.getitem
