@@ -11,7 +11,7 @@ TEST_TOOLS := pytest numpy torchvision hypothesis
 LIBRARY := jacobian_ext/_C.abi3.so
 SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -name '*.cuh') setup.py
 
-.PHONY: setup build demo test fuzz sanitize bench bench-peers clean
+.PHONY: setup build demo test test-slow fuzz sanitize bench bench-peers clean
 
 setup: $(VENV)/.deps-installed
 
@@ -31,7 +31,11 @@ demo: build
 	$(PY) examples/demo.py
 
 test: build
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -m "not slow" tests
+
+# Tests that take minutes (AOTInductor packaging of the exported Jacobian).
+test-slow: build
+	$(PY) -m pytest -q -m slow tests
 
 # Long property-based run (tests/hypothesis_profiles.py): thousands of random models per property.
 fuzz: build

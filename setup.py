@@ -63,6 +63,24 @@ if cuda_home:
 import torch  # noqa: E402
 from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
 
+
+def cxx_runtime_link_args():
+    """Links the C++ runtime that torch runs on, the shared libstdc++ this process has loaded, by its path.
+    A toolchain may otherwise link a static copy into our library (seen on a GPU server, whose Python's g++
+    wrapper did, so that even -lstdc++ found only the archive): that copy keeps its own locale state, and
+    formatting a number into an error message segfaulted in it. A library named by its path is linked
+    dynamically whatever -Bstatic or -static-libstdc++ the toolchain adds."""
+    try:
+        with open("/proc/self/maps") as maps:
+            for line in maps:
+                path = line.split()[-1]
+                if os.path.basename(path).startswith("libstdc++.so"):
+                    return [path]
+    except OSError:  # not Linux
+        pass
+    return ["-lstdc++"]
+
+
 sanitize = os.environ.get("JACEXT_SANITIZE", "0") == "1"
 cuda_sources = sorted(glob.glob("csrc/cuda/*.cu"))
 with_cuda = (
@@ -77,11 +95,11 @@ cpp_sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
 # -fopenmp: torch's at::parallel_for is inline and runs serially unless the including code is compiled
 # with OpenMP (ATen's OpenMP backend); linking it resolves to the libgomp.so.1 that torch already loads.
 cxx_flags = ["-O3", "-std=c++20", "-fvisibility=hidden", "-fopenmp"]
-link_flags = ["-fopenmp"]
+link_flags = ["-fopenmp", *cxx_runtime_link_args()]
 if sanitize:
     sanitizers = ["-fsanitize=address,undefined", "-fno-omit-frame-pointer"]
     cxx_flags = ["-O1", "-g", "-std=c++20", "-fvisibility=hidden", "-fopenmp"] + sanitizers
-    link_flags = ["-fopenmp"] + sanitizers
+    link_flags = ["-fopenmp", *cxx_runtime_link_args()] + sanitizers
 define_macros = [("Py_LIMITED_API", "0x030A0000")]
 if with_cuda:
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCHS)

@@ -9,7 +9,7 @@
 # A benchmark that succeeds is also copied to bench/GPU_RESULTS.md, to be committed (it names the card and
 # the date).
 #
-# Environment: PYTHON (default python3), TORCH_CUDA_ARCH_LIST (default: the visible card's
+# Environment: PYTHON (default python3), TEST_TIMEOUT_S and BENCH_TIMEOUT_S (step limits; 0 skips the benchmark), TORCH_CUDA_ARCH_LIST (default: the visible card's
 # architecture only, which halves the .cu compile time against a multi-architecture build), MAX_JOBS.
 set -uo pipefail
 
@@ -17,8 +17,8 @@ OUTDIR=${1:?usage: bench/gpu_check.sh OUTDIR}
 PYTHON=${PYTHON:-python3}
 TOTAL_LIMIT_S=570  # the script's own limit: 30 s inside the ten minutes, for a kill's grace and the summary
 BUILD_TIMEOUT_S=300
-TEST_TIMEOUT_S=150
-BENCH_TIMEOUT_S=240
+TEST_TIMEOUT_S=${TEST_TIMEOUT_S:-150}
+BENCH_TIMEOUT_S=${BENCH_TIMEOUT_S:-240}  # 0 skips the benchmark (a correctness-only run)
 BENCH_MIN_S=90  # with less time left the benchmark would time too few cases to be worth starting
 BENCH_MARGIN_S=60  # of the benchmark's time, left over by --max-seconds: Python's start, the last case, the report
 PROBE_TIMEOUT_S=60  # the short Python and driver queries
@@ -104,6 +104,8 @@ bench_rc=-1
 bench_limit_s=$(seconds_for "$BENCH_TIMEOUT_S")
 if [ "$build_rc" -ne 0 ]; then
   bench_line="not run (the build failed)"
+elif [ "$BENCH_TIMEOUT_S" -eq 0 ]; then
+  bench_line="not run (BENCH_TIMEOUT_S=0)"
 elif [ "$bench_limit_s" -lt "$BENCH_MIN_S" ]; then
   bench_line="not run (only ${bench_limit_s}s left)"
 else

@@ -4,6 +4,8 @@
 #include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <torch/library.h>
 
+#include <string_view>
+
 #include "jacext/ops.h"
 
 TORCH_LIBRARY(jacext, m) {
@@ -86,11 +88,14 @@ void register_kernels(torch::Library& m) {
 
 TORCH_LIBRARY_IMPL(jacext, CPU, m) { register_kernels(m); }
 
-// The Jacobian is not differentiable yet. This C++ fallback records a node that raises "not
-// implemented" on backward whenever an input (a weight included) requires grad: never a silently
-// wrong gradient, and no Python on the call path.
+// The whole-plan op batch_jacobian is differentiable: jacobian_ext/differentiable.py registers its
+// backward (torch.library.register_autograd). The per-layer rules are not: this C++ fallback records a
+// node that raises "not implemented" on backward whenever an input (a weight included) requires grad,
+// never a silently wrong gradient, and no Python on the call path.
 TORCH_LIBRARY_IMPL(jacext, Autograd, m) {
-  for (const char* name : kOpNames) m.impl(name, torch::autograd::autogradNotImplementedFallback());
+  for (const char* name : kOpNames) {
+    if (std::string_view(name) != "batch_jacobian") m.impl(name, torch::autograd::autogradNotImplementedFallback());
+  }
 }
 
 #ifdef JACEXT_WITH_CUDA

@@ -5,6 +5,8 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
+from . import deploy
+from .differentiable import differentiable_call, needs_grad
 from .errors import GraphCaptureError
 from .graph import build_graph_plan, capture, warn_whole_model_fallback
 from .graph_rules import prefers_graph
@@ -54,14 +56,45 @@ class JacobianModule(nn.Module):
         # graph module must not become a submodule (it would duplicate the model's parameters).
         self._last = {"plan": None}
         self._capture = {}
+        self._encodings = {}  # input signature -> deploy.FusedEncoding, for traced calls
 
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         _check_input(x)
+        if torch.compiler.is_compiling():  # torch.compile or torch.export tracing this call
+            encoding = self._fused_encoding(tuple(x.shape[1:]), x.dtype, x.device)
+            return deploy.call_fused(encoding, deploy.read_params(self.model, encoding), x)
         self._forget_stale_plans()
         self._check_eval_mode()
         plan = self.plan_for(x)
         self._last["plan"] = plan
-        return run_plan(plan, x, plan.choose_mode(x.shape[0], self.mode))
+        mode = plan.choose_mode(x.shape[0], self.mode)
+        # The fused op has its own backward; every other plan gets torch.func's gradients this way.
+        if not getattr(plan, "all_native", False) and needs_grad(self.model, x):
+            return differentiable_call(lambda inputs: run_plan(plan, inputs, mode), self.model, x)
+        return run_plan(plan, x, mode)
+
+    @torch.compiler.assume_constant_result
+    def _fused_encoding(self, input_shape: Tuple[int, ...], dtype: torch.dtype, device: torch.device):
+        """The single-op encoding for a traced call, computed eagerly once per input signature: the tracer
+        treats the result as a constant, so the graph holds one op call and no planning."""
+        key = (input_shape, dtype, device)
+        if key not in self._encodings:
+            self._forget_stale_plans()
+            self._check_eval_mode()
+            self._encodings[key] = deploy.fused_encoding(self.model, input_shape, dtype, device, self.mode)
+        return self._encodings[key]
+
+    def __prepare_scriptable__(self):
+        """torch.jit.script(jm) scripts the single op call (see deploy.ScriptableJacobian)."""
+        self._forget_stale_plans()
+        self._check_eval_mode()
+        plan = self._last["plan"]
+        input_shape = deploy.scripting_input_shape(self.model, plan)
+        parameter = next(self.model.parameters(), None) if isinstance(self.model, nn.Module) else None
+        dtype = plan.dtype if plan is not None else getattr(parameter, "dtype", torch.float32)
+        device = plan.device if plan is not None else getattr(parameter, "device", torch.device("cpu"))
+        encoding = deploy.fused_encoding(self.model, input_shape, dtype, device, self.mode)
+        return deploy.ScriptableJacobian(encoding, deploy.read_params(self.model, encoding))
 
     def _forget_stale_plans(self):
         """Plans capture the layers and the parameter shapes: after a layer is replaced, or a parameter
@@ -72,6 +105,7 @@ class JacobianModule(nn.Module):
             self._layout = layout
             self._plans.clear()
             self._capture.clear()
+            self._encodings.clear()
             self._coupled_modules = (
                 [(n, m) for n, m in self.model.named_modules() if isinstance(m, _BATCH_COUPLED)]
                 if isinstance(self.model, nn.Module)

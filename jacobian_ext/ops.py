@@ -385,3 +385,7 @@ def _adaptive_avg_pool2d_jac_forward_fake(input, jac, output_size):
 @torch.library.register_fake("jacext::adaptive_avg_pool2d_jac_reverse")
 def _adaptive_avg_pool2d_jac_reverse_fake(input, cotangent, output_size):
     return _nd_reverse_result(input, cotangent, (*input.shape[1:-2], *output_size))
+
+
+# The whole-plan op's backward (gradients of the Jacobian), registered once the op is loaded.
+from . import differentiable  # noqa: E402,F401

@@ -79,3 +79,15 @@ def non_contiguous(t: torch.Tensor) -> torch.Tensor:
     view = wide[..., ::2]
     assert not view.is_contiguous() or t.numel() <= 1
     return view
+
+
+def penalty_gradients(model, x: torch.Tensor, penalty):
+    """(d penalty(J)/dx, {name: d penalty(J)/dparam}) computed with torch.func alone: the reference for
+    the gradients of our Jacobians."""
+    params = {name: p.detach() for name, p in model.named_parameters()}
+
+    def penalty_of(inputs, weights):
+        per_sample = lambda s: torch.func.functional_call(model, weights, (s.unsqueeze(0),)).squeeze(0)  # noqa: E731
+        return penalty(torch.func.vmap(torch.func.jacrev(per_sample))(inputs))
+
+    return torch.func.grad(penalty_of, argnums=(0, 1))(x.detach(), params)

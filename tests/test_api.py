@@ -4,6 +4,7 @@ import torch
 from torch import nn
 
 import jacobian_ext as jx
+from jacobian_ext import ops
 from conftest import DEVICES, DTYPES, assert_matches_reference, loop_jacobian, non_contiguous, reference_jacobian
 
 MODES = ["auto", "forward", "reverse"]
@@ -151,12 +152,13 @@ def test_output_matches_the_model_and_jacobian_is_not_an_alias_of_the_input():
 
 
 @pytest.mark.parametrize("bias", [True, False])
-def test_differentiating_through_the_native_op_raises_instead_of_a_wrong_gradient(bias):
-    model = nn.Sequential(nn.Linear(4, 5, bias=bias), nn.ReLU(), nn.Linear(4 + 1, 3, bias=bias))
-    jacobian = jx.batch_jacobian(model, torch.randn(2, 4))  # only the weights require grad
-    assert jacobian.requires_grad
-    with pytest.raises(RuntimeError, match="derivative for jacext::batch_jacobian is not implemented"):
-        jacobian.sum().backward()
+def test_differentiating_through_a_per_layer_rule_raises_instead_of_a_wrong_gradient(bias):
+    # The whole-plan op and the API are differentiable (tests/test_deploy.py); a per-layer rule op is not.
+    linear = nn.Linear(4, 5, bias=bias)
+    _, block = ops.linear_jac_forward(torch.randn(2, 4), None, linear.weight, linear.bias)
+    assert block.requires_grad
+    with pytest.raises(RuntimeError, match="derivative for jacext::linear_jac_forward is not implemented"):
+        block.sum().backward()
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

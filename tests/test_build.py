@@ -1,5 +1,8 @@
 """The built library: its build record, and a kernel for every op on every backend it was built for."""
 import importlib
+import os
+import shutil
+import subprocess
 import sys
 
 import pytest
@@ -37,3 +40,12 @@ def test_every_native_layer_name_is_accepted_by_the_op():
         params = {"linear": [weight, bias], "linear_no_bias": [weight]}.get(layer, [])
         _, jacobian = ops.batch_jacobian(x, [layer], params, "reverse")
         assert jacobian.shape == (2, 3, 3)
+
+
+@pytest.mark.skipif(shutil.which("readelf") is None or not sys.platform.startswith("linux"), reason="needs readelf")
+def test_library_uses_the_shared_cxx_runtime():
+    # A static copy of libstdc++ inside our library (a toolchain's -static-libstdc++) keeps its own locale
+    # state and crashed formatting numbers into error messages; setup.py links the shared one by its path.
+    library = os.path.join(os.path.dirname(jacobian_ext.__file__), "_C.abi3.so")
+    dynamic = subprocess.run(["readelf", "-d", library], capture_output=True, text=True, check=True).stdout
+    assert "[libstdc++.so" in dynamic, dynamic

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import jacobian_ext as jx
-from conftest import assert_matches_reference, reference_jacobian, single_sample
+from conftest import assert_matches_reference, penalty_gradients, reference_jacobian, single_sample
 from error_bound import Reference
 
 MODES = ["auto", "forward", "reverse"]
@@ -254,10 +254,9 @@ def test_input_requiring_grad(fallback, mode):
     assert_matches_reference(jacobian, reference_jacobian(model, x), torch.float64)
     assert_matches_reference(y, model(x), torch.float64)
     assert x.grad is None
-    if not fallback:
-        # The native ops have no derivative yet: backward must fail, never return a wrong gradient.
-        with pytest.raises(RuntimeError, match="not implemented"):
-            jacobian.sum().backward()
+    jacobian.sum().backward()  # differentiable: torch.func's gradient (tests/test_deploy.py has more)
+    expected_x_grad, _ = penalty_gradients(model, x, torch.sum)
+    assert_matches_reference(x.grad, expected_x_grad, torch.float64)
 
 
 @pytest.mark.parametrize("mode", MODES)

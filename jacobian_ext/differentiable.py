@@ -1,0 +1,162 @@
+"""Gradients of the Jacobian, for training with Jacobian penalties (Jacobian regularisation, PINNs,
+contractive autoencoders): d<grad_J, J> / d(x, weights).
+
+The forward pass runs our rules. The backward pass recomputes (y, J) with torch.func
+(vmap over jacrev of the same function, per sample) and pulls the incoming cotangents back through that
+computation, so the gradients are torch.func's by construction; the backward costs what torch.func's
+Jacobian plus one backward through it costs. Two entry points:
+
+- ``torch.ops.jacext.batch_jacobian`` itself, through ``torch.library.register_autograd``: the function
+  is the op's layer encoding, replayed in plain PyTorch by ``encoded_forward``;
+- ``JacobianFunction`` for every other plan of the Python API (graph capture, fallback segments): the
+  function is the model, called through ``torch.func.functional_call`` so that its parameters are
+  inputs of the recomputation.
+
+The per-layer rule ops (linear_jac_forward, ...) keep a backward that raises "not implemented": their
+outputs are intermediate blocks whose derivative nobody needs outside a whole Jacobian.
+"""
+import math
+from typing import Callable, Dict, List, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, jacrev, vjp, vmap
+
+# Activation name (ops.py's grammar) -> the function; its parameters follow the input positionally.
+_ACTIVATIONS: Dict[str, Callable] = {
+    "relu": F.relu,
+    "tanh": torch.tanh,
+    "sigmoid": torch.sigmoid,
+    "gelu": lambda x: F.gelu(x, approximate="none"),
+    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "silu": F.silu,
+    "relu6": F.relu6,
+    "leaky_relu": F.leaky_relu,
+    "elu": F.elu,
+    "softplus": F.softplus,
+    "hardtanh": F.hardtanh,
+}
+
+
+def encoded_forward(x: torch.Tensor, layers: Sequence[str], params: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The model that the op encoding (layers, params) describes, in plain PyTorch: [B, D] -> [B, C]."""
+    params = list(params)
+    hidden = x
+    for layer in layers:
+        if layer == "linear":
+            hidden = F.linear(hidden, params.pop(0), params.pop(0))
+        elif layer == "linear_no_bias":
+            hidden = F.linear(hidden, params.pop(0))
+        elif layer == "softmax":
+            hidden = torch.softmax(hidden, dim=-1)
+        elif layer == "log_softmax":
+            hidden = torch.log_softmax(hidden, dim=-1)
+        else:
+            name, *arguments = layer.split(":")
+            hidden = _ACTIVATIONS[name](hidden, *map(float, arguments))
+    return hidden
+
+
+def per_sample_outputs_and_jacobians(fn: Callable, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(fn(x), J) with torch.func, differentiably: fn maps [B, *in] to [B, *out], samples independent."""
+    if x.shape[0] == 0:
+        output = fn(x)
+        return output, x.new_zeros(0, *output.shape[1:], *x.shape[1:])
+
+    def single(sample):
+        output = fn(sample.unsqueeze(0)).squeeze(0)
+        return output, output
+
+    jacobian, output = vmap(jacrev(single, has_aux=True))(x)
+    return output, jacobian
+
+
+def _pull_back(fn_of_inputs: Callable, inputs: Tuple[torch.Tensor, ...], grad_output, grad_jacobian):
+    """Cotangents of `inputs` for the cotangents of (y, J) = fn_of_inputs(*inputs)."""
+    with torch.enable_grad():
+        (output, jacobian), pullback = vjp(fn_of_inputs, *inputs)
+    grad_output = torch.zeros_like(output) if grad_output is None else grad_output
+    grad_jacobian = torch.zeros_like(jacobian) if grad_jacobian is None else grad_jacobian
+    return pullback((grad_output, grad_jacobian))
+
+
+# ---- the op: torch.ops.jacext.batch_jacobian(input, layers, params, mode) ----
+
+def _setup_batch_jacobian(ctx, inputs, output):
+    x, layers, params, _mode = inputs
+    ctx.layers = list(layers)
+    ctx.save_for_backward(x, *params)
+
+
+def _backward_batch_jacobian(ctx, grad_output, grad_jacobian):
+    x, *params = ctx.saved_tensors
+    flat = x.reshape(x.shape[0], math.prod(x.shape[1:]))  # explicit width: -1 is ambiguous for B = 0
+
+    def outputs(flat_x, *weights):
+        output, jacobian = per_sample_outputs_and_jacobians(lambda v: encoded_forward(v, ctx.layers, weights), flat_x)
+        return output, jacobian.reshape(*jacobian.shape[:2], *x.shape[1:])
+
+    grads = _pull_back(outputs, (flat, *params), grad_output, grad_jacobian)
+    return grads[0].reshape(x.shape), None, list(grads[1:]), None
+
+
+torch.library.register_autograd("jacext::batch_jacobian", _backward_batch_jacobian, setup_context=_setup_batch_jacobian)
+
+
+# ---- the Python API's other plans ----
+
+def needs_grad(model: Callable, x: torch.Tensor) -> bool:
+    """Whether a Jacobian of `model` at `x` must be differentiable: grad mode on and x or a parameter
+    requiring grad."""
+    if not torch.is_grad_enabled():
+        return False
+    if x.requires_grad:
+        return True
+    return isinstance(model, nn.Module) and any(p.requires_grad for p in model.parameters())
+
+
+class JacobianFunction(torch.autograd.Function):
+    """(y, J) from `compute` (our rules, no graph) in forward; torch.func's gradients in backward.
+    The trainable parameters travel as inputs, so autograd routes their gradients."""
+
+    @staticmethod
+    def forward(ctx, compute: Callable, model: nn.Module, names: List[str], x: torch.Tensor, *params):
+        ctx.model, ctx.names = model, names
+        ctx.save_for_backward(x, *params)
+        with torch.no_grad():
+            return compute(x)
+
+    @staticmethod
+    def backward(ctx, grad_output, grad_jacobian):
+        x, *params = ctx.saved_tensors
+        model, names = ctx.model, ctx.names
+
+        def outputs(sample_x, *weights):
+            replaced = dict(zip(names, weights))
+            return per_sample_outputs_and_jacobians(lambda v: functional_call(model, replaced, (v,)), sample_x)
+
+        grads = _pull_back(outputs, (x, *params), grad_output, grad_jacobian)
+        return (None, None, None, *grads)
+
+
+def differentiable_call(compute: Callable, model: Callable, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """compute(x) = (y, J) with gradients for x and the model's trainable parameters."""
+    if isinstance(model, nn.Module):
+        named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    else:
+        named = []
+    names = [name for name, _ in named]
+    wrapped = model if isinstance(model, nn.Module) else _CallableModule(model)
+    return JacobianFunction.apply(compute, wrapped, names, x, *(p for _, p in named))
+
+
+class _CallableModule(nn.Module):
+    """A plain function as a module without parameters, for functional_call."""
+
+    def __init__(self, fn: Callable):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x):
+        return self.fn(x)
