@@ -140,7 +140,8 @@ def samples_per_chunk(plan, mode: str, batch: int, budget_bytes: int, keep_resul
 
 def run_within_budget(plan, x: torch.Tensor, mode: str, max_memory: Optional[int]):
     """(y, J) of run_plan on the whole batch when it fits the budget, else in chunks that
-    fill one preallocated y and J (the same mode for every chunk, so results equal the whole call's)."""
+    fill one preallocated y and J. Every chunk runs the mode resolved for the whole batch, so results
+    equal the whole call's up to rounding: BLAS may round the forward pass differently by batch size."""
     batch = x.shape[0]
     result, work = bytes_per_sample(plan, mode)
     if batch * (result + work) <= budget(max_memory, x.device):
