@@ -123,13 +123,15 @@ def _graph_work(plan: GraphPlan, mode: str) -> int:
 
 
 def samples_per_chunk(plan, mode: str, batch: int, budget_bytes: int, keep_result: bool = True) -> int:
-    """The largest chunk whose work, with the whole batch's result when keep_result, fits the budget;
-    raises MemoryError naming the bytes needed when not even one sample fits."""
+    """The largest chunk whose work fits the budget beside the whole batch's y and J (keep_result) or
+    beside the chunk's own (a caller that stores each chunk away); raises MemoryError naming the bytes
+    needed when not even one sample fits."""
     result, work = bytes_per_sample(plan, mode)
     kept = batch * result if keep_result else 0
+    work = work if keep_result else work + result
     if kept + work > budget_bytes:
         what = (f"y and J for {batch} samples ({_size(kept)}) and the working memory of one sample ({_size(work)})"
-                if keep_result else f"the working memory of one sample ({_size(work)})")
+                if keep_result else f"y, J and the working memory of one sample ({_size(work)})")
         raise MemoryError(
             f"jacobian_ext needs at least {_size(kept + work)} ({what}) but the budget max_memory is "
             f"{_size(budget_bytes)}; raise max_memory, or stream the results with jacobian_ext.jacobians_to_disk"
