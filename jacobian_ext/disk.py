@@ -150,18 +150,25 @@ class _Job:
         chunk = memory.samples_per_chunk(self.plan, self.resolved_mode, size,
                                          memory.budget(self.max_memory, x.device), keep_result=False)
         temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        array = None
         try:
-            with torch.no_grad():
+            # Chunks arrive in order, so the .npy is written as a stream: the header (once the first
+            # chunk gives the per-sample shape), then each chunk's bytes, then fsync and rename.
+            with open(temporary, "wb") as file, torch.no_grad():
+                per_sample = None
                 for start in range(0, size, chunk):
                     _, jacobian = self.jm(x[start:start + chunk])
                     result = self._reduce(jacobian).to(device="cpu", dtype=self.storage_dtype or jacobian.dtype)
-                    if array is None:
-                        array = np.lib.format.open_memmap(temporary, mode="w+", dtype=_numpy_dtype(result.dtype),
-                                                          shape=(size, *result.shape[1:]))
-                    array[start:start + result.shape[0]] = result.numpy()
-            array.flush()
-            del array
+                    if per_sample is None:
+                        per_sample = tuple(result.shape[1:])
+                        np.lib.format.write_array_header_1_0(file, {
+                            "descr": np.lib.format.dtype_to_descr(_numpy_dtype(result.dtype)),
+                            "fortran_order": False, "shape": (size, *per_sample)})
+                    elif tuple(result.shape[1:]) != per_sample:
+                        raise ValueError(f"reduce returned {list(result.shape[1:])} per sample on one chunk and "
+                                         f"{list(per_sample)} on another: it must return the same shape on every chunk")
+                    file.write(result.contiguous().numpy().data)
+                file.flush()
+                os.fsync(file.fileno())
             os.replace(temporary, path)
         except BaseException:
             temporary.unlink(missing_ok=True)
