@@ -96,20 +96,26 @@ def bytes_per_sample(plan, mode: str) -> Tuple[int, int]:
 
 
 def _segment_work(plan, mode: str) -> int:
-    """Fused segments: one block of rows x width at a time (held as the input and output of a rule)."""
-    rows = plan.in_features if mode == "forward" else plan.out_features
-    widths = [plan.in_features] + [math.prod(step.output_shape) for step in plan.steps]
-    return 2 * rows * max(widths) + sum(widths)
+    """Fused segments: one block of rows x width at a time (held as the input and output of a rule).
+    The seed is a lazy identity, never a [D, D] or [C, C] block: forward blocks have the widths of the
+    layers' outputs, reverse blocks those of their inputs."""
+    activations = [plan.in_features] + [math.prod(step.output_shape) for step in plan.steps]
+    if mode == "forward":
+        rows, widths = plan.in_features, activations[1:]
+    else:
+        rows, widths = plan.out_features, [math.prod(step.input_shape) for step in plan.steps]
+    return 2 * rows * max(widths, default=0) + sum(activations)
 
 
 def _graph_work(plan: GraphPlan, mode: str) -> int:
+    """Graph path: the seed counts as a full block, since index-map rules (reshape, scale, slicing)
+    materialise the identity they receive."""
     widths = {g.node: math.prod(g.shape) for g in plan.nodes if g.rule is not None}
     widths[plan.input_node] = plan.in_features
     activations = sum(widths.values())
-    if mode == "forward":  # the forward walker keeps every node's tangent until the end
-        rows = plan.in_features
-        return rows * (activations + max(widths.values())) + activations
-    rows = plan.out_features
+    largest = max(widths.values())
+    if mode == "forward":  # the walker keeps every node's tangent to the end
+        return plan.in_features * (activations + largest) + activations
     live = {plan.output_node: widths.get(plan.output_node, plan.out_features)}
     peak = 0
     for g in reversed(plan.nodes):
@@ -119,7 +125,7 @@ def _graph_work(plan: GraphPlan, mode: str) -> int:
         pulled = {source: widths[source] for source in g.inputs if source not in live}
         peak = max(peak, sum(live.values()) + own + sum(pulled.values()))
         live.update(pulled)
-    return rows * (peak + max(widths.values())) + activations
+    return plan.out_features * (peak + largest) + activations
 
 
 def samples_per_chunk(plan, mode: str, batch: int, budget_bytes: int, keep_result: bool = True) -> int:

@@ -121,6 +121,19 @@ def test_estimate_covers_the_result_and_is_cached():
     assert set(plan._bytes_per_sample) == {"forward"}
 
 
+@pytest.mark.parametrize("mode", ["forward", "reverse"])
+def test_segment_estimate_never_counts_the_lazy_identity_seed(mode):
+    # The fused segments never build a [D, D] forward seed or [C, C] reverse seed; counting one would
+    # make a wide input (D = 100,000: 40 GB) or a tall output look impossible. (The graph path counts
+    # it: its index-map rules materialise the identity they receive.)
+    wide = nn.Sequential(nn.Linear(100_000, 8), nn.ReLU(), nn.Linear(8, 3))
+    tall = nn.Sequential(nn.Linear(3, 16), nn.Tanh(), nn.Linear(16, 100_000))
+    for model, in_features in ((wide, 100_000), (tall, 3)):
+        plan = jx.compile(model).plan_for(torch.randn(2, in_features))
+        result, work = memory.bytes_per_sample(plan, mode)
+        assert work <= 8 * result + 4 * 10**6
+
+
 @pytest.mark.parametrize("text, expected", [
     (1000, 1000), (2.5e3, 2500), ("1000", 1000), ("2GB", 2 * 10**9), ("2 gb", 2 * 10**9), ("512MiB", 512 * 2**20),
     ("1.5 GB", 1_500_000_000), ("1.5GiB", 3 * 2**29), ("64kB", 64_000), ("3 KiB", 3072), ("7b", 7), (" 1TB ", 10**12),
