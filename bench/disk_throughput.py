@@ -6,7 +6,8 @@
 Rows: the direct call on the whole data at once (J in memory), the direct call batch by batch
 (jx.compile, the job's unit of work), and jacobians_to_disk into a fresh directory (full J; the
 Frobenius reduction; float16 storage), plus load_jacobians of the full-J result. Median of --runs,
-each job into a new directory under --dir (default: a temporary one), after one warm-up of each.
+interleaved, each job into a new directory under --dir (default: a temporary one), after one warm-up
+of each.
 """
 import argparse
 import shutil
@@ -22,14 +23,18 @@ import jacobian_ext as jx
 from .cases import CASES, build_model
 
 
-def _median_seconds(call, runs: int) -> float:
-    call()  # warm-up: planning, first-touch of the pages
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
+def _interleaved_medians(calls, runs: int):
+    """Median seconds of each call, the calls taking turns (a busy neighbour slows all alike), after
+    one warm-up each (planning, first touch of the pages)."""
+    times = [[] for _ in calls]
+    for call in calls:
         call()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    for _ in range(runs):
+        for call, record in zip(calls, times):
+            start = time.perf_counter()
+            call()
+            record.append(time.perf_counter() - start)
+    return [statistics.median(record) for record in times]
 
 
 def main():
@@ -76,11 +81,11 @@ def main():
         ("load_jacobians (full J) + read", load),
     ]
     bytes_j = args.samples * case.out_features * case.in_features * 4
-    print(f"case {case.name}: {case.in_features}-{'-'.join(map(str, case.hidden))}-{case.out_features}, {args.samples} samples, "
+    widths = "-".join(map(str, (case.in_features, *case.hidden, case.out_features)))
+    print(f"case {case.name}: {widths}, {args.samples} samples, "
           f"float32, J = {bytes_j / 2**20:.0f} MiB, {torch.get_num_threads()} threads, median of {args.runs}")
     print("| method | seconds | samples/s |\n| --- | --- | --- |")
-    for name, call in rows:
-        seconds = _median_seconds(call, args.runs)
+    for (name, _), seconds in zip(rows, _interleaved_medians([call for _, call in rows], args.runs)):
         print(f"| {name} | {seconds:.3f} | {args.samples / seconds:,.0f} |")
     if args.dir is None:
         shutil.rmtree(root)

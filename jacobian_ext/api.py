@@ -25,8 +25,8 @@ def batch_jacobian(model: Callable, x: torch.Tensor, mode: str = "auto", return_
     mode: "auto" (cost model), "forward" (propagate [B, H, D] from the input) or "reverse"
     (propagate [B, C, H] from the output). With return_output=True returns (model(x), J).
     max_memory: bytes (int) or a size string ("2GB", "512MiB"); a batch whose estimated need exceeds it
-    (default: half the available RAM, or of the free CUDA memory) runs in chunks (the same result up to rounding);
-    MemoryError when y and J plus one sample's working memory do not fit (see memory.py).
+    (default: half the available RAM, or of the free CUDA memory) runs in chunks, with the same result
+    up to rounding; MemoryError when y and J plus one sample's working memory do not fit (memory.py).
     The plan is rebuilt on every call; use jacobian_ext.compile(model) to reuse it.
     """
     output, jacobian = JacobianModule(model, mode=mode, max_memory=max_memory)(x)

@@ -32,9 +32,10 @@ REDUCTIONS = ("frobenius", "per_class_norm")
 STORAGE_DTYPES = {"float16": torch.float16, "float32": torch.float32, "float64": torch.float64}
 
 
-def jacobians_to_disk(model: Callable, data, out_dir: Union[str, os.PathLike], *, targets: Optional[Sequence[int]] = None,
-                      reduce: Union[None, str, Callable] = None, batch_size: Optional[int] = None, max_memory=None,
-                      dtype=None, mode: str = "auto", progress: bool = True) -> Path:
+def jacobians_to_disk(model: Callable, data, out_dir: Union[str, os.PathLike], *,
+                      targets: Optional[Sequence[int]] = None, reduce: Union[None, str, Callable] = None,
+                      batch_size: Optional[int] = None, max_memory=None, dtype=None, mode: str = "auto",
+                      progress: bool = True) -> Path:
     """Computes the per-sample Jacobians of model over data and stores them in out_dir; returns out_dir.
 
     data: a tensor [N, *in_shape], a map-style Dataset of samples (an item that is a tuple or list, such
@@ -64,7 +65,7 @@ def jacobians_to_disk(model: Callable, data, out_dir: Union[str, os.PathLike], *
     try:
         settings = {
             "format": FORMAT, "version": FORMAT_VERSION, "model": _fingerprint(model), "targets": targets,
-            "reduce": reduce_label, "dtype": None if storage_dtype is None else str(storage_dtype).replace("torch.", ""),
+            "reduce": reduce_label, "dtype": None if storage_dtype is None else _dtype_name(storage_dtype),
             "batch_size": source.batch_size, "mode": mode, "num_samples": source.num_samples,
         }
         ranks.check_same(settings, "job")
@@ -182,11 +183,13 @@ class _Job:
             return torch.linalg.vector_norm(jacobian.reshape(rows, -1), dim=1)
         out_shape = self.plan.output_shape
         if self.reduce == "per_class_norm":
-            return torch.linalg.vector_norm(jacobian.reshape(rows, math.prod(out_shape), -1), dim=2).reshape(rows, *out_shape)
+            rows_of_j = jacobian.reshape(rows, math.prod(out_shape), -1)
+            return torch.linalg.vector_norm(rows_of_j, dim=2).reshape(rows, *out_shape)
         result = self.reduce(jacobian)
         if not isinstance(result, torch.Tensor) or result.dim() == 0 or result.shape[0] != rows:
             got = list(result.shape) if isinstance(result, torch.Tensor) else type(result).__name__
-            raise ValueError(f"reduce must map J [n, ...] to a tensor [n, ...] (one row per sample); for n={rows} it returned {got}")
+            raise ValueError(f"reduce must map J [n, ...] to a tensor [n, ...] (one row per sample); "
+                             f"for n={rows} it returned {got}")
         return result
 
 
@@ -219,7 +222,7 @@ class _Source:
     """The shards of the data: (index, size, load) in order, where load() gives the batch [size, *in]."""
 
     def __init__(self, data, batch_size: Optional[int]):
-        if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
+        if batch_size is not None and (type(batch_size) is not int or batch_size < 1):
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
         if isinstance(data, DataLoader):
             if batch_size is not None:
@@ -315,7 +318,8 @@ def _fingerprint(model) -> str:
 def _callable_label(function) -> str:
     code = getattr(function, "__code__", None)
     code_hash = hashlib.sha256(code.co_code + repr(code.co_consts).encode()).hexdigest()[:16] if code else ""
-    return f"{getattr(function, '__module__', '')}.{getattr(function, '__qualname__', type(function).__name__)}:{code_hash}"
+    name = getattr(function, "__qualname__", type(function).__name__)
+    return f"{getattr(function, '__module__', '')}.{name}:{code_hash}"
 
 
 def _reduce_label(reduce) -> Optional[str]:
@@ -338,10 +342,14 @@ def _check_targets(targets) -> Optional[List[int]]:
     return values
 
 
+def _dtype_name(dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
 def _storage_dtype(dtype) -> Optional[torch.dtype]:
     if dtype is None:
         return None
-    name = str(dtype).replace("torch.", "")
+    name = _dtype_name(dtype)
     if name not in STORAGE_DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(STORAGE_DTYPES)} (or None: the model's), got {dtype!r}")
     return STORAGE_DTYPES[name]

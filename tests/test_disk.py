@@ -66,7 +66,8 @@ class Pairs(Dataset):
 @pytest.mark.parametrize("kind", ["tensor", "dataset", "dataloader"])
 def test_inputs_give_the_direct_jacobians_in_order(tmp_path, kind):
     model, x = mlp(), torch.randn(23, 5, dtype=F64)
-    data = {"tensor": x, "dataset": Pairs(x), "dataloader": DataLoader(TensorDataset(x, torch.zeros(23)), batch_size=7)}[kind]
+    loader = DataLoader(TensorDataset(x, torch.zeros(23)), batch_size=7)
+    data = {"tensor": x, "dataset": Pairs(x), "dataloader": loader}[kind]
     batch_size = None if kind == "dataloader" else 7
     assert jx.jacobians_to_disk(model, data, tmp_path, batch_size=batch_size, progress=False) == tmp_path
     loaded = jx.load_jacobians(tmp_path)
@@ -113,6 +114,26 @@ def test_bad_reduce(tmp_path):
     assert not [name for name in files(tmp_path / "b") if name != "manifest.json"]  # no shard, no temporary
 
 
+def test_a_reduction_of_changing_shape_is_refused(tmp_path):
+    model, x = mlp(), torch.randn(4, 5, dtype=F64)
+    plan = jx.compile(model).plan_for(x)
+    result, work = memory.bytes_per_sample(plan, plan.choose_mode(4, "auto"))
+    with pytest.raises(ValueError, match="same shape on every chunk"):  # chunks of 3 and 1
+        jx.jacobians_to_disk(model, x, tmp_path, reduce=lambda j: j[:, : j.shape[0]], max_memory=3 * (result + work),
+                             progress=False)
+    with pytest.raises(ValueError, match="same shape per sample on every chunk"):  # shards of 3 and 1
+        jx.jacobians_to_disk(model, x, tmp_path / "b", reduce=lambda j: j[:, : j.shape[0]], batch_size=3,
+                             progress=False)
+
+
+def test_loading_more_than_memory_asks_for_shards(tmp_path, monkeypatch):
+    jx.jacobians_to_disk(mlp(), torch.randn(4, 5, dtype=F64), tmp_path, batch_size=2, progress=False)
+    monkeypatch.setattr(memory, "available_memory", lambda device: 100)
+    with pytest.raises(MemoryError, match="as_shards=True"):
+        jx.load_jacobians(tmp_path)
+    assert len(jx.load_jacobians(tmp_path, as_shards=True)) == 2
+
+
 @pytest.mark.parametrize("model", [mlp, lambda: Residual().double()], ids=["sequential", "graph"])
 def test_targets_compute_only_the_selected_rows_natively(tmp_path, model):
     model, x = model(), torch.randn(9, 5, dtype=F64)
@@ -126,8 +147,9 @@ def test_targets_compute_only_the_selected_rows_natively(tmp_path, model):
     assert jm.fallbacks == []
     with pytest.raises(ValueError, match=r"targets must be flat output indices in \[0, 4\)"):
         jx.jacobians_to_disk(mlp(), x, tmp_path / "bad", targets=[4], progress=False)
-    with pytest.raises(ValueError, match="targets must be a non-empty list"):
-        jx.jacobians_to_disk(mlp(), x, tmp_path / "bad", targets=[], progress=False)
+    for bad in ([], [1.5], ["1"], [True]):
+        with pytest.raises(ValueError, match="targets must be a non-empty list"):
+            jx.jacobians_to_disk(mlp(), x, tmp_path / "bad", targets=bad, progress=False)
 
 
 def test_storage_dtype(tmp_path):
@@ -153,7 +175,8 @@ def test_shards_run_in_chunks_under_max_memory(tmp_path, monkeypatch):
     result, work = memory.bytes_per_sample(plan, mode)
     chunks = []
     original = disk.JacobianModule.forward
-    monkeypatch.setattr(disk.JacobianModule, "forward", lambda self, part: chunks.append(part.shape[0]) or original(self, part))
+    monkeypatch.setattr(disk.JacobianModule, "forward",
+                        lambda self, part: chunks.append(part.shape[0]) or original(self, part))
     jx.jacobians_to_disk(model, x, tmp_path, max_memory=3 * (result + work), batch_size=10, progress=False)
     assert chunks == [3, 3, 3, 1]
     assert_matches_reference(jx.load_jacobians(tmp_path), jx.batch_jacobian(model, x), F64)
@@ -258,7 +281,8 @@ def test_progress_without_tqdm(tmp_path, monkeypatch, capsys):
     assert "jacobians_to_disk: 5/5 samples" in capsys.readouterr().err
 
 
-@pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()), reason="torch.distributed with gloo is unavailable")
+@pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
+                    reason="torch.distributed with gloo is unavailable")
 def test_torchrun_with_two_processes_matches_one(tmp_path):
     job = str(REPO / "tests" / "disk_job.py")
     two = _run(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", job, str(tmp_path / "two")],

@@ -143,7 +143,8 @@ def test_max_memory_parsing(text, expected):
     assert memory.parse_max_memory(text) == expected
 
 
-@pytest.mark.parametrize("bad", ["", "abc", "2XB", "GB", "1.2.3GB", "-1GB", "0", 0, -5, 0.4, float("nan"), float("inf")])
+@pytest.mark.parametrize("bad", ["", "abc", "2XB", "GB", "1.2.3GB", "-1GB", "0", 0, -5, 0.4, float("nan"),
+                                 float("inf")])
 def test_max_memory_garbage_zero_or_negative_is_a_value_error(bad):
     with pytest.raises(ValueError, match="max_memory"):
         jx.compile(nn.Linear(2, 2), max_memory=bad)
