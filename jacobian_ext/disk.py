@@ -136,8 +136,8 @@ class _Job:
             with torch.no_grad():
                 out_shape = model(x[:1]).shape[1:]
             model = _select_rows(model, self.targets, math.prod(out_shape), x)
-        # The sweep is chosen once, for a whole shard, and every chunk of every shard runs it: results do
-        # not depend on the memory available at the time (which sets the chunk size).
+        # The sweep is chosen once, for a whole shard, and every chunk of every shard runs it: the sweep
+        # must not depend on the memory available at the time, which sets the chunk size.
         plan = JacobianModule(model, mode=self.mode).plan_for(x)
         self.resolved_mode = plan.choose_mode(self.batch_size or x.shape[0], self.mode)
         self.jm = JacobianModule(model, mode=self.resolved_mode, max_memory=self.max_memory)
