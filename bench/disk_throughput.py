@@ -1,7 +1,7 @@
 """Throughput (samples/s) of a dataset job with jacobians_to_disk against the direct call.
 
     python -m bench.disk_throughput                     # mnist shape (784-512-512-10), 4096 samples
-    python -m bench.disk_throughput --samples 8192 --batch-size 512 --runs 5
+    python -m bench.disk_throughput --samples 8192 --batch-size 512 --runs 5 --threads 1
 
 Rows: the direct call on the whole data at once (J in memory), the direct call batch by batch
 (jx.compile, the job's unit of work), and jacobians_to_disk into a fresh directory (full J; the
@@ -44,7 +44,10 @@ def main():
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--dir", default=None, help="where the jobs write (default: a temporary directory)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     case = CASES[args.case]
     model = build_model(case)

@@ -3,7 +3,8 @@ manifest, resumable, and split across the ranks of a torchrun job.
 
 Layout of out_dir: shard_000000.npy, shard_000001.npy, ... (shard i holds the results of the i-th
 batch of the data, in order) and manifest.json. A shard is written under a hidden temporary name and
-renamed when complete, so a shard file that exists is whole; a rerun skips those. Rank r of a world of
+renamed when complete, so a shard file that exists is whole; a rerun skips those (after checking
+each one's length, which only a crash of the machine before its fsync can cut short). Rank r of a world of
 N processes computes the shards i with i % N == r, so the layout does not depend on N.
 """
 import hashlib
@@ -12,6 +13,7 @@ import math
 import os
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Iterator, List, Optional, Sequence, Tuple, Union
 
@@ -77,14 +79,14 @@ def jacobians_to_disk(model: Callable, data, out_dir: Union[str, os.PathLike], *
                 stale.unlink()
             _write_json(out_dir / MANIFEST, {**settings, "complete": False})
         ranks.barrier()
-        job = _Job(model, targets, reduce, storage_dtype, mode, max_memory, source.batch_size)
         mine = lambda index: index % ranks.world_size == ranks.rank
-        with _Progress(source.pending_samples(out_dir, mine), enabled=progress and ranks.rank == 0) as bar:
+        with _Job(model, targets, reduce, storage_dtype, mode, max_memory, source.batch_size) as job, \
+                _Progress(source.pending_samples(out_dir, mine), enabled=progress and ranks.rank == 0) as bar:
             shards_seen = 0
             for index, size, load in source.shards():
                 shards_seen += 1
                 path = out_dir / _shard_name(index)
-                if not mine(index) or path.exists():
+                if not mine(index) or (path.exists() and _is_whole_shard(path, size)):
                     continue
                 job.write_shard(load(), path)
                 bar.update(size)
@@ -129,6 +131,17 @@ class _Job:
         self.model, self.targets, self.reduce = model, targets, reduce
         self.storage_dtype, self.mode, self.max_memory, self.batch_size = storage_dtype, mode, max_memory, batch_size
         self.jm = None
+        self._syncer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="jacobians_to_disk")
+        self._sync = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        try:
+            self.wait_for_sync()
+        finally:
+            self._syncer.shutdown()
 
     def _plan(self, x: torch.Tensor):
         model = self.model
@@ -153,7 +166,7 @@ class _Job:
         temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         try:
             # Chunks arrive in order, so the .npy is written as a stream: the header (once the first
-            # chunk gives the per-sample shape), then each chunk's bytes, then fsync and rename.
+            # chunk gives the per-sample shape), then each chunk's bytes, then the rename.
             with open(temporary, "wb") as file, torch.no_grad():
                 per_sample = None
                 for start in range(0, size, chunk):
@@ -168,12 +181,20 @@ class _Job:
                         raise ValueError(f"reduce returned {list(result.shape[1:])} per sample on one chunk and "
                                          f"{list(per_sample)} on another: it must return the same shape on every chunk")
                     file.write(result.contiguous().numpy().data)
-                file.flush()
-                os.fsync(file.fileno())
             os.replace(temporary, path)
         except BaseException:
             temporary.unlink(missing_ok=True)
             raise
+        # A killed process leaves the page cache behind, so the shard is safe once renamed; the fsync,
+        # against a crash of the machine, runs beside the next shard's computation.
+        self.wait_for_sync()
+        self._sync = self._syncer.submit(_fsync, path)
+
+    def wait_for_sync(self):
+        """Waits for the last shard's fsync, raising its error if it failed."""
+        if self._sync is not None:
+            sync, self._sync = self._sync, None
+            sync.result()
 
     def _reduce(self, jacobian: torch.Tensor) -> torch.Tensor:
         rows = jacobian.shape[0]
@@ -191,6 +212,20 @@ class _Job:
             raise ValueError(f"reduce must map J [n, ...] to a tensor [n, ...] (one row per sample); "
                              f"for n={rows} it returned {got}")
         return result
+
+
+def _fsync(path: Path):
+    with open(path, "rb") as file:
+        os.fsync(file.fileno())
+
+
+def _is_whole_shard(path: Path, size: int) -> bool:
+    """Whether a shard file holds `size` samples: a crash of the machine before its fsync can leave a
+    renamed file empty or short (a killed process cannot)."""
+    try:
+        return np.load(path, mmap_mode="r").shape[0] == size
+    except (OSError, ValueError):
+        return False
 
 
 class _RowSelection(nn.Module):

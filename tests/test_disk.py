@@ -208,6 +208,18 @@ def test_a_failing_shard_leaves_no_file_and_the_rerun_completes(tmp_path, monkey
     assert_matches_reference(jx.load_jacobians(tmp_path), jx.batch_jacobian(model, x), F64)
 
 
+def test_a_shard_cut_short_is_recomputed(tmp_path):
+    model, x = mlp(), torch.randn(10, 5, dtype=F64)
+    jx.jacobians_to_disk(model, x, tmp_path, batch_size=4, progress=False)
+    expected = jx.load_jacobians(tmp_path).clone()
+    shard = tmp_path / "shard_000001.npy"
+    shard.write_bytes(shard.read_bytes()[:200])  # as a crash before the fsync may leave it
+    untouched = (tmp_path / "shard_000000.npy").stat().st_mtime_ns
+    jx.jacobians_to_disk(model, x, tmp_path, batch_size=4, progress=False)
+    assert torch.equal(jx.load_jacobians(tmp_path), expected)
+    assert (tmp_path / "shard_000000.npy").stat().st_mtime_ns == untouched
+
+
 def _run(args, **kwargs):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")])}
     return subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True, **kwargs)
