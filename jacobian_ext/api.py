@@ -10,39 +10,43 @@ from .differentiable import differentiable_call, needs_grad
 from .errors import GraphCaptureError
 from .graph import build_graph_plan, capture, warn_whole_model_fallback
 from .graph_rules import prefers_graph
+from .memory import parse_max_memory, run_within_budget
 from .plan import NATIVE_DTYPES, Plan, build_plan, flatten_sequential, short_repr
 from .rules import has_native_rule
-from .walker import run_plan
 
 MODES = ("auto", "forward", "reverse")
 # Modules whose training-mode output couples or randomises samples: no per-sample Jacobian exists.
 _BATCH_COUPLED = (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutNd)
 
 
-def batch_jacobian(model: Callable, x: torch.Tensor, mode: str = "auto", return_output: bool = False):
+def batch_jacobian(model: Callable, x: torch.Tensor, mode: str = "auto", return_output: bool = False,
+                   max_memory=None):
     """Per-sample Jacobian J[b, *o, *i] = d model(x)[b, *o] / d x[b, *i], shape [B, *out_shape, *in_shape].
 
     model: an nn.Module or callable mapping [B, *in_shape] to [B, *out_shape], samples independent.
     mode: "auto" (cost model), "forward" (propagate [B, H, D] from the input) or "reverse"
     (propagate [B, C, H] from the output). With return_output=True returns (model(x), J).
+    max_memory: bytes (int) or a size string ("2GB", "512MiB"); a batch whose estimated need exceeds it
+    (default: half the available RAM, or of the free CUDA memory) runs in chunks, with the same result
+    up to rounding; MemoryError when y and J plus one sample's working memory do not fit (memory.py).
     The plan is rebuilt on every call; use jacobian_ext.compile(model) to reuse it.
     """
-    output, jacobian = JacobianModule(model, mode=mode)(x)
+    output, jacobian = JacobianModule(model, mode=mode, max_memory=max_memory)(x)
     return (output, jacobian) if return_output else jacobian
 
 
-def compile(model: Callable, mode: str = "auto") -> "JacobianModule":
+def compile(model: Callable, mode: str = "auto", max_memory=None) -> "JacobianModule":
     """A module whose call jm(x) returns (model(x), J), caching the plan per input shape, dtype and device.
     Parameters are read at every call; a replaced layer, or a parameter of another shape, dtype or device,
-    is detected and the plan rebuilt."""
-    return JacobianModule(model, mode=mode)
+    is detected and the plan rebuilt. max_memory: as in batch_jacobian."""
+    return JacobianModule(model, mode=mode, max_memory=max_memory)
 
 
 class JacobianModule(nn.Module):
     """jm(x) -> (y, J) for a wrapped model; see batch_jacobian. print(jm) shows every layer with its
     path (native rule or torch.func fallback) and the accumulation order chosen."""
 
-    def __init__(self, model: Callable, mode: str = "auto"):
+    def __init__(self, model: Callable, mode: str = "auto", max_memory=None):
         super().__init__()
         if not callable(model):
             raise TypeError(f"model must be an nn.Module or a callable, got {type(model).__name__}")
@@ -50,6 +54,7 @@ class JacobianModule(nn.Module):
             raise ValueError(f"mode must be one of {', '.join(repr(m) for m in MODES)}; got {mode!r}")
         self.model = model
         self.mode = mode
+        self.max_memory = parse_max_memory(max_memory)
         self._layout = None  # the model's structure the plans were built for (see _forget_stale_plans)
         self._plans: Dict[tuple, Plan] = {}
         # Plain attribute holders: nn.Module.__setattr__ is slow on the per-call path, and the captured
@@ -70,8 +75,9 @@ class JacobianModule(nn.Module):
         mode = plan.choose_mode(x.shape[0], self.mode)
         # The fused op has its own backward; every other plan gets torch.func's gradients this way.
         if not getattr(plan, "all_native", False) and needs_grad(self.model, x):
-            return differentiable_call(lambda inputs: run_plan(plan, inputs, mode), self.model, x)
-        return run_plan(plan, x, mode)
+            return differentiable_call(lambda inputs: run_within_budget(plan, inputs, mode, self.max_memory),
+                                       self.model, x)
+        return run_within_budget(plan, x, mode, self.max_memory)
 
     @torch.compiler.assume_constant_result
     def _fused_encoding(self, input_shape: Tuple[int, ...], dtype: torch.dtype, device: torch.device):
