@@ -11,7 +11,7 @@ TEST_TOOLS := pytest numpy torchvision hypothesis tqdm
 LIBRARY := jacobian_ext/_C.abi3.so
 SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -name '*.cuh') setup.py
 
-.PHONY: setup build demo test test-slow fuzz sanitize bench bench-peers clean
+.PHONY: setup build cpp demo test test-slow fuzz sanitize bench bench-peers clean
 
 setup: $(VENV)/.deps-installed
 
@@ -30,8 +30,18 @@ $(LIBRARY): $(VENV)/.deps-installed $(SOURCES)
 demo: build
 	$(PY) examples/demo.py
 
-test: build
+test: build cpp
 	$(PY) -m pytest -q -m "not slow" tests
+
+# The C++ library and examples/cpp/jacobian_demo with CMake against the .venv's LibTorch (README "Deploying";
+# tests/test_cpp.py runs the program). The system's cmake, else one pip-installed into the .venv (< 3.28, the
+# releases that torch's CMake files are written for).
+CPP_BUILD := build/cpp
+CMAKE := $(shell command -v cmake || echo $(VENV)/bin/cmake)
+cpp: setup
+	test -x "$(CMAKE)" || $(PY) -m pip install -q "cmake<3.28"
+	"$(CMAKE)" -S . -B $(CPP_BUILD) -DCMAKE_PREFIX_PATH="$$($(PY) -c 'import torch;print(torch.utils.cmake_prefix_path)')"
+	"$(CMAKE)" --build $(CPP_BUILD) -j $$(nproc)
 
 # Tests that take minutes (AOTInductor packaging of the exported Jacobian).
 test-slow: build

@@ -36,11 +36,11 @@ def test_cpp_program_matches_python(demo, tmp_path, mode, dtype):
     assert run.returncode == 0, run.stderr
     assert "jacobian [4, 3, 5]" in run.stdout
 
-    result = torch.load(tmp_path / "result.pt")
+    result_output, result_jacobian = torch.load(tmp_path / "result.pt")
     with torch.no_grad():
         output, jacobian = jx.compile(model, mode=mode)(x)
-    assert_matches_reference(result["jacobian"], jacobian, dtype)
-    assert_matches_reference(result["output"], output, dtype)
+    assert_matches_reference(result_jacobian, jacobian, dtype)
+    assert_matches_reference(result_output, output, dtype)
 
 
 def test_cpp_program_reports_the_ops_errors(demo, tmp_path):

@@ -4,7 +4,7 @@
 //
 // MODEL.pt is written by Python (examples/cpp/export_model.py): a dict with the op's plan, "layers"
 // (list of str) and "params" (list of tensors), an input "x" and the sweep "mode". Prints the output and
-// the Jacobian, and writes {"output", "jacobian"} to RESULT.pt, which torch.load reads.
+// the Jacobian, and writes the tuple (output, jacobian) to RESULT.pt, which torch.load reads.
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/serialize.h>
 #include <torch/torch.h>
@@ -43,7 +43,12 @@ int main(int argc, char** argv) {
     // Boxed call: the arguments travel as IValues checked against the op's schema, so this program needs
     // no C++ signature of the kernel, only the library's registrations (see CMakeLists.txt).
     const auto op = c10::Dispatcher::singleton().findSchemaOrThrow("jacext::batch_jacobian", "");
-    torch::jit::Stack stack{x, entry(model, "layers"), entry(model, "params"), entry(model, "mode")};
+    // Unpickled lists are generic (lists of IValues); the schema's str[] and Tensor[] want typed ones.
+    c10::List<std::string> layers;
+    for (const c10::IValue& layer : entry(model, "layers").toListRef()) layers.push_back(layer.toStringRef());
+    c10::List<at::Tensor> params;
+    for (const c10::IValue& param : entry(model, "params").toListRef()) params.push_back(param.toTensor());
+    torch::jit::Stack stack{x, layers, params, entry(model, "mode")};
     op.callBoxed(&stack);
     const at::Tensor output = stack.at(0).toTensor();
     const at::Tensor jacobian = stack.at(1).toTensor();
@@ -52,10 +57,8 @@ int main(int argc, char** argv) {
               << "output " << output.sizes() << ":\n" << output << "\n"
               << "jacobian " << jacobian.sizes() << ":\n" << jacobian << "\n";
     if (argc == 3) {
-      c10::Dict<std::string, at::Tensor> result;
-      result.insert("output", output);
-      result.insert("jacobian", jacobian);
-      const std::vector<char> bytes = torch::pickle_save(result);
+      // A tuple: typed containers would carry TorchScript type tags that torch.load refuses by default.
+      const std::vector<char> bytes = torch::pickle_save(c10::ivalue::Tuple::create({output, jacobian}));
       std::ofstream(argv[2], std::ios::binary).write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
     }
   } catch (const std::exception& error) {
