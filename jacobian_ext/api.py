@@ -66,7 +66,7 @@ class JacobianModule(nn.Module):
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         _check_input(x)
         if torch.compiler.is_compiling():  # torch.compile or torch.export tracing this call
-            encoding = self._fused_encoding(tuple(x.shape[1:]), x.dtype, x.device)
+            encoding = self._fused_encoding(self._traced_input_shape(x), x.dtype, x.device)
             return deploy.call_fused(encoding, deploy.read_params(self.model, encoding), x)
         self._forget_stale_plans()
         self._check_eval_mode()
@@ -78,6 +78,25 @@ class JacobianModule(nn.Module):
             return differentiable_call(lambda inputs: run_within_budget(plan, inputs, mode, self.max_memory),
                                        self.model, x)
         return run_within_budget(plan, x, mode, self.max_memory)
+
+    def _traced_input_shape(self, x: torch.Tensor) -> Tuple[int, ...]:
+        """x's per-sample shape as plain ints. torch.compile marks a dimension dynamic once the forward code,
+        which every JacobianModule shares, has met two sizes of it, even in two modules of different widths:
+        symbolic feature sizes are then matched against this model's known input shapes, which specialises
+        them (with a guard) to constants."""
+        shape = tuple(x.shape[1:])
+        for known in self._known_input_shapes():
+            if len(known) == len(shape) and all(size == expected for size, expected in zip(shape, known)):
+                return known
+        return shape
+
+    def _known_input_shapes(self) -> List[Tuple[int, ...]]:
+        shapes = [key[0] for key in self._encodings] + [key[0] for key in self._plans]
+        try:
+            shapes.append(deploy.scripting_input_shape(self.model, None))
+        except (ValueError, NotImplementedError):
+            pass
+        return shapes
 
     @torch.compiler.assume_constant_result
     def _fused_encoding(self, input_shape: Tuple[int, ...], dtype: torch.dtype, device: torch.device):

@@ -59,6 +59,21 @@ def test_torch_compile_fullgraph_with_a_dynamic_batch(mode):
     assert counter.op_count > 0
 
 
+def test_torch_compile_of_modules_of_different_widths_in_one_process():
+    # torch.compile shares its record of seen sizes between the modules (one forward code object), so that
+    # the second module's feature size arrives symbolic; it must be specialised, not fail.
+    models = [nn.Sequential(nn.Linear(width, 3), nn.Tanh()).double().eval() for width in (6, 10)]
+    models.append(nn.Sequential(nn.Flatten(), nn.Linear(12, 2)).double().eval())
+    inputs = [torch.randn(4, 6), torch.randn(5, 10), torch.randn(3, 3, 4)]
+    with torch.no_grad():
+        flatten_first = jx.compile(models[2])
+        flatten_first(inputs[2].double())  # its input shape is not fixed by the model: seen once eagerly
+        modules = [jx.compile(models[0]), jx.compile(models[1]), flatten_first]
+        for model, jm, x in zip(models, modules, inputs):
+            x = x.double()
+            check_against_reference(model, x, *torch.compile(jm, fullgraph=True, backend="eager")(x))
+
+
 def test_torch_compile_of_a_training_step_with_the_module_inside():
     model = fused_model(head=nn.Softmax(-1))
     jm = jx.compile(model)
