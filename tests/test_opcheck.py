@@ -37,6 +37,11 @@ def sample_inputs(device):
         ("batch_jacobian", (x.reshape(3, 5, 1), layers, params, "reverse")),
         ("batch_jacobian", (x_empty, layers, params, "forward")),
         ("batch_jacobian", (x, [], [], "forward")),
+        # Inputs requiring grad: the registered backward (gradients of the Jacobian) is exercised too.
+        ("batch_jacobian", (x.clone().requires_grad_(), ["linear", "tanh", "linear_no_bias", "softmax"],
+                            [weight.clone().requires_grad_(), bias, weight2.clone().requires_grad_()], "forward")),
+        ("batch_jacobian", (x.clone().requires_grad_(), layers, [weight, bias, weight2.clone().requires_grad_()],
+                            "reverse")),
     ]
     for activation in ops.ACTIVATIONS:
         samples += [
