@@ -3,6 +3,7 @@ with a selection head, a bias-free nn.Linear whose weight is the one-hot matrix 
 sweep starts from K rows instead of C (and the cost model sees a K-output model). An nn.Sequential model
 gets the head appended as one more layer (flattened, so a fused model stays fused); any other model is
 wrapped in a module that calls it and then the head, which graph capture traces through."""
+import threading
 from collections import OrderedDict
 from typing import Callable, Optional, Tuple
 
@@ -19,7 +20,7 @@ from .targets import TargetSpec
 # per sample is estimated by the parameter count (the multiply-adds of a dense layer; a convolution does
 # more, which only makes grouping win sooner), the call overhead as multiply-adds in that time.
 CALL_OVERHEAD_MACS = 2e6
-# Compiled (model + head) modules kept per model: each holds its plans.
+# Compiled modules kept per model (one per number of selected rows, dtype and device), each with its plans.
 MAX_CACHED_SELECTIONS = 16
 
 
@@ -47,6 +48,7 @@ class JacobianRows:
         self.mode = mode
         self._compiled: "OrderedDict[tuple, JacobianModule]" = OrderedDict()
         self._widths = {}
+        self._lock = threading.Lock()
 
     def num_outputs(self, x: torch.Tensor) -> int:
         """C of a model mapping [B, *in] to [B, C], from a probe forward of one sample (cached per input
@@ -73,7 +75,7 @@ class JacobianRows:
             self.num_outputs(x)  # still checks the model
             rows = x.new_zeros(x.shape[0], *(() if spec.squeezes_row_axis else (0,)), *x.shape[1:])
             return x.new_zeros(rows.shape[:2 - spec.squeezes_row_axis]), rows
-        with torch.no_grad():
+        with torch.no_grad(), self._lock:
             if spec.kind == "per_sample" and len(spec.rows) > 1:
                 return self._per_sample_rows(x, spec)
             outputs, rows = self._compiled_for(spec.rows, x)(x)
@@ -102,23 +104,30 @@ class JacobianRows:
         return outputs, rows
 
     def _compiled_for(self, selected: Optional[Tuple[int, ...]], x: torch.Tensor) -> JacobianModule:
-        key = (selected, x.dtype, x.device)
+        """The compiled model (selected None) or model + head for these rows. One compiled module serves
+        every selection of K rows: its head's weight is overwritten with the selection (same shape, so the
+        plan is kept; parameters are read at every call). The caller holds self._lock until the call is
+        done, so that a concurrent call cannot change the selection in between."""
+        key = (None if selected is None else len(selected), x.dtype, x.device)
         compiled = self._compiled.get(key)
         if compiled is None:
-            model = self.model if selected is None else self._with_head(selected, self.num_outputs(x), x)
+            model = self.model if selected is None else self._with_head(len(selected), self.num_outputs(x), x)
             compiled = self._compiled[key] = JacobianModule(model, mode=self.mode)
             if len(self._compiled) > MAX_CACHED_SELECTIONS:
                 self._compiled.popitem(last=False)
         else:
             self._compiled.move_to_end(key)
-        return compiled
-
-    def _with_head(self, selected, num_outputs, x):
-        head = nn.Linear(num_outputs, len(selected), bias=False).to(dtype=x.dtype, device=x.device)
-        head.requires_grad_(False)
-        with torch.no_grad():
+        if selected is not None:
+            head = compiled.model.head if isinstance(compiled.model, _SelectedOutputs) else compiled.model[-1]
             head.weight.zero_()
             head.weight[torch.arange(len(selected)), torch.tensor(selected)] = 1
+        return compiled
+
+    def _with_head(self, rows: int, num_outputs: int, x: torch.Tensor) -> nn.Module:
+        # Made on the meta device: nn.Linear's random initialisation would draw from torch's global
+        # generator and change the user's random stream (e.g. a NoiseTunnel's noise after the first call).
+        head = nn.Linear(num_outputs, rows, bias=False, device="meta", dtype=x.dtype).to_empty(device=x.device)
+        head.requires_grad_(False)
         if type(self.model) is nn.Sequential:
             return nn.Sequential(self.model, head)
         return _SelectedOutputs(self.model, head)
