@@ -27,7 +27,7 @@ def cnn():
 
 
 def resnet18():
-    return torchvision.models.resnet18(num_classes=C), (3, 32, 32)
+    return torchvision.models.resnet18(num_classes=3), (3, 32, 32)
 
 
 MODELS = {"mlp": mlp, "cnn": cnn, "resnet18": resnet18}
@@ -50,7 +50,8 @@ def assert_close(actual, expected, dtype, scale=None):
 
 def captum_all_classes(attribute, **kwargs):
     """Captum's attributions for every class, stacked into [B, C, *in] (deltas into [B, C])."""
-    results = [attribute(target=k, **kwargs) for k in range(C)]
+    classes = attribute.__self__.forward_func(kwargs["inputs"][:1]).shape[1]
+    results = [attribute(target=k, **kwargs) for k in range(classes)]
     if isinstance(results[0], tuple):
         return torch.stack([r[0] for r in results], 1), torch.stack([r[1] for r in results], 1)
     return torch.stack(results, 1)
@@ -86,17 +87,20 @@ def test_saliency_and_input_x_gradient(model_name, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_resnet18_saliency_all_classes_and_per_sample(dtype):
+def test_resnet18(dtype):
+    """The graph path (BatchNorm, residual adds, pooling) on a real architecture; few calls: it is slow here."""
     model, x = model_and_input("resnet18", dtype, 2)
-    ours, theirs = explain.Saliency(model), captum_attr.Saliency(model)
-    all_classes = ours.attribute(x, abs=False)
-    assert_close(all_classes, captum_all_classes(theirs.attribute, inputs=x, abs=False), dtype)
-    assert_close(explain.input_x_gradient(model, x, [3, 0]),
-                 captum_attr.InputXGradient(model).attribute(x, target=[3, 0]), dtype)
+    assert_close(explain.Saliency(model).attribute(x, abs=False),
+                 captum_all_classes(captum_attr.Saliency(model).attribute, inputs=x, abs=False), dtype)
+    kwargs = dict(target=[1, 2], n_steps=2, method="riemann_trapezoid", return_convergence_delta=True)
+    attributions, delta = explain.IntegratedGradients(model).attribute(x, **kwargs)
+    expected, expected_delta = captum_attr.IntegratedGradients(model).attribute(x, **kwargs)
+    assert_close(attributions, expected, dtype)
+    assert_close(delta, expected_delta, dtype, scale=expected.abs().sum().item())
 
 
 IG_CASES = [("mlp", method, 8) for method in explain.METHODS] + [
-    ("cnn", "gausslegendre", 6), ("cnn", "riemann_trapezoid", 5)]
+    ("cnn", "gausslegendre", 4)]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -114,16 +118,6 @@ def test_integrated_gradients_and_convergence_deltas(dtype, model_name, method, 
         assert_close(delta, expected_delta, dtype, scale=expected.abs().sum().item())
     attributions, delta = ours.attribute(x, internal_batch_size=2, **kwargs)  # every class, chunked by steps
     expected, expected_delta = captum_all_classes(theirs.attribute, inputs=x, **kwargs)
-    assert_close(attributions, expected, dtype)
-    assert_close(delta, expected_delta, dtype, scale=expected.abs().sum().item())
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_resnet18_integrated_gradients_all_classes(dtype):
-    model, x = model_and_input("resnet18", dtype, 2)
-    kwargs = dict(n_steps=2, method="riemann_trapezoid", return_convergence_delta=True)
-    attributions, delta = explain.IntegratedGradients(model).attribute(x, **kwargs)
-    expected, expected_delta = captum_all_classes(captum_attr.IntegratedGradients(model).attribute, inputs=x, **kwargs)
     assert_close(attributions, expected, dtype)
     assert_close(delta, expected_delta, dtype, scale=expected.abs().sum().item())
 
