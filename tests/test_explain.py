@@ -280,3 +280,25 @@ def test_bad_inputs_raise_clear_errors():
         explain.Saliency(model).attribute(x, additional_forward_args=(1,))
     with pytest.raises(TypeError, match="attribution_method"):
         explain.NoiseTunnel(model)
+
+
+def test_integrated_gradients_sum_before_the_leading_affine_layers():
+    """A Sequential starting with affine layers has its rows summed over the steps and pulled back through
+    them once (prefix.py); a replaced layer is seen on the next call."""
+    from jacobian_ext.explain.prefix import split_affine_prefix
+    model = nn.Sequential(nn.Flatten(), nn.Linear(2 * 3 * 3, H), nn.Linear(H, H), nn.Tanh(), nn.Linear(H, C)).double()
+    prefix, rest = split_affine_prefix(model)
+    assert len(prefix) == 3 and len(rest) == 2
+    assert split_affine_prefix(nn.Sequential(nn.Flatten(), nn.ReLU(), nn.Linear(4, 2))) is None  # no weights
+    assert split_affine_prefix(nn.Sequential(nn.Linear(4, 2), nn.Linear(2, 2))) is None  # all affine
+    assert split_affine_prefix(ResidualMLP()) is None
+    x = torch.randn(3, 2, 3, 3, dtype=torch.float64)
+    ig = explain.IntegratedGradients(model)
+    for target, select in (TARGET_FORMS["all"], TARGET_FORMS["per-sample list"], TARGET_FORMS["int"]):
+        assert_matches_reference(ig.attribute(x, target=target, n_steps=5),
+                                 reference_integrated_gradients(model, x, torch.zeros(1, 2, 3, 3), "gausslegendre", 5,
+                                                                select), torch.float64)
+    model[1] = nn.Linear(2 * 3 * 3, H).double()
+    assert_matches_reference(ig.attribute(x, n_steps=5),
+                             reference_integrated_gradients(model, x, torch.zeros(1, 2, 3, 3), "gausslegendre", 5,
+                                                            lambda j: j), torch.float64)

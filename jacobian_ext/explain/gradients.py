@@ -7,6 +7,7 @@ from typing import Callable, Optional
 import torch
 
 from .budget import rows_per_call
+from .prefix import pull_back
 from .progress import Progress
 from .quadrature import points_and_weights
 from .rows import JacobianRows
@@ -52,7 +53,8 @@ def integrated_gradients(rows: JacobianRows, x: torch.Tensor, spec: TargetSpec, 
     """Captum's integrated gradients for every requested row at once: the path points of all steps and
     samples (step-major, as Captum orders them) go through the model in chunks of rows; each chunk's
     Jacobian rows are weighted by their step's weight and summed into their sample's total at once, so
-    memory holds one chunk, never steps x batch x classes."""
+    memory holds one chunk, never steps x batch x classes. A model that starts with affine layers has its
+    rows summed before them and pulled back through them once (prefix.py)."""
     alphas, weights = (t.to(dtype=x.dtype, device=x.device) for t in points_and_weights(method, n_steps))
     baseline = baseline_tensor(baselines, x)
     batch, path = x.shape[0], x - baseline
@@ -60,6 +62,8 @@ def integrated_gradients(rows: JacobianRows, x: torch.Tensor, spec: TargetSpec, 
     total_rows = n_steps * batch
     bytes_per_row = (rows_width(rows, x, spec) + 2) * x[:1].numel() * x.element_size()
     chunk = rows_per_call(total_rows, batch, bytes_per_row, x.device, internal_batch_size)
+    split = rows.affine_split() if total_rows else None
+    prefix, sweep = split if split is not None else (None, rows)
     spec_of_all_rows = spec.repeat(n_steps)
     total = None
     bar = Progress(math.ceil(total_rows / chunk), "integrated gradients", progress)
@@ -67,14 +71,16 @@ def integrated_gradients(rows: JacobianRows, x: torch.Tensor, spec: TargetSpec, 
         row = torch.arange(start, min(start + chunk, total_rows), device=x.device)
         step, sample = row // batch, row % batch
         points = baseline[sample] + _per_row(alphas[step], x) * path[sample]
-        jacobian = rows(points, spec_of_all_rows.take(row))[1]
+        jacobian = sweep(points if prefix is None else prefix(points), spec_of_all_rows.take(row))[1]
         weighted = jacobian * _per_row(weights[step], jacobian)
         if total is None:
-            total = x.new_zeros((batch, *jacobian.shape[1:]))
+            total = x.new_zeros((batch, *weighted.shape[1:]))
         total.index_add_(0, sample, weighted)
         bar.update()
     if total is None:  # an empty batch
         total = rows(x, spec)[1]
+    elif prefix is not None:
+        total = pull_back(prefix, total, not spec.squeezes_row_axis, x.shape[1:])
     attributions = total * per_sample_factor(path, spec) if multiply_by_inputs else total
     if not return_convergence_delta:
         return attributions

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from ..api import JacobianModule
+from .prefix import split_affine_prefix
 from .targets import TargetSpec
 
 # Per-sample targets with several distinct classes: one call per distinct class computes B rows in all,
@@ -49,6 +50,19 @@ class JacobianRows:
         self._compiled: "OrderedDict[tuple, JacobianModule]" = OrderedDict()
         self._widths = {}
         self._lock = threading.Lock()
+        self._suffix: Optional[JacobianRows] = None
+
+    def affine_split(self) -> Optional[Tuple[nn.Module, "JacobianRows"]]:
+        """(leading affine layers, JacobianRows of the rest) when the model starts with affine layers
+        (prefix.py), else None. Re-split on every call, so a replaced layer is seen; the rest's compiled
+        modules are kept while its layers are the same objects."""
+        parts = split_affine_prefix(self.model)
+        if parts is None:
+            return None
+        prefix, suffix = parts
+        if self._suffix is None or not _same_layers(self._suffix.model, suffix):
+            self._suffix = JacobianRows(suffix, self.mode)
+        return prefix, self._suffix
 
     def num_outputs(self, x: torch.Tensor) -> int:
         """C of a model mapping [B, *in] to [B, C], from a probe forward of one sample (cached per input
@@ -137,6 +151,10 @@ class JacobianRows:
 
     def _parameter_shapes(self):
         return tuple(p.shape for p in self._parameters())
+
+
+def _same_layers(first: nn.Sequential, second: nn.Sequential) -> bool:
+    return len(first) == len(second) and all(a is b for a, b in zip(first, second))
 
 
 def _check_input(x):
