@@ -51,6 +51,7 @@ class JacobianRows:
         self._widths = {}
         self._lock = threading.Lock()
         self._suffix: Optional[JacobianRows] = None
+        self._selections = {}  # key of a compiled module with a head -> the rows its head selects now
 
     def affine_split(self) -> Optional[Tuple[nn.Module, "JacobianRows"]]:
         """(leading affine layers, JacobianRows of the rest) when the model starts with affine layers
@@ -122,19 +123,23 @@ class JacobianRows:
         every selection of K rows: its head's weight is overwritten with the selection (same shape, so the
         plan is kept; parameters are read at every call). The caller holds self._lock until the call is
         done, so that a concurrent call cannot change the selection in between."""
-        key = (None if selected is None else len(selected), x.dtype, x.device)
+        # The model's width C is in the key: a replaced last layer of another width needs another head.
+        width = None if selected is None else self.num_outputs(x)
+        key = (None if selected is None else len(selected), width, x.dtype, x.device)
         compiled = self._compiled.get(key)
         if compiled is None:
-            model = self.model if selected is None else self._with_head(len(selected), self.num_outputs(x), x)
+            model = self.model if selected is None else self._with_head(len(selected), width, x)
             compiled = self._compiled[key] = JacobianModule(model, mode=self.mode)
+            self._selections.pop(key, None)
             if len(self._compiled) > MAX_CACHED_SELECTIONS:
                 self._compiled.popitem(last=False)
         else:
             self._compiled.move_to_end(key)
-        if selected is not None:
+        if selected is not None and self._selections.get(key) != selected:
             head = compiled.model.head if isinstance(compiled.model, _SelectedOutputs) else compiled.model[-1]
             head.weight.zero_()
             head.weight[torch.arange(len(selected)), torch.tensor(selected)] = 1
+            self._selections[key] = selected
         return compiled
 
     def _with_head(self, rows: int, num_outputs: int, x: torch.Tensor) -> nn.Module:
