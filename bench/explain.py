@@ -105,7 +105,9 @@ def markdown(rows, budget_name):
         "",
         f"{datetime.datetime.now():%Y-%m-%d %H:%M}, {cpu_model()}, {os.cpu_count()} cores, "
         f"torch.get_num_threads() = {torch.get_num_threads()}, torch {torch.__version__}, captum {captum.__version__}, "
-        f"Python {platform.python_version()}; `python -m bench.explain{' --quick' if budget_name == 'quick' else ''}`; "
+        f"Python {platform.python_version()}; load average at the end {os.getloadavg()[0]:.1f} (other jobs on the "
+        f"machine); `python -m bench.explain{' --quick' if budget_name == 'quick' else ''}"
+        f"{' --threads %d' % torch.get_num_threads() if torch.get_num_threads() == 1 else ''}`; "
         "float32, random weights, eval mode. Captum loops over the targets (one call per class); ours computes "
         "the rows of all classes in one sweep (`target=None`). Median of interleaved runs; the last column is "
         "Captum's time over ours (above 1 we are faster); the error is the largest difference to Captum's "
@@ -125,9 +127,12 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="fewer runs (a smoke test of the script)")
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "EXPLAIN.md"))
     parser.add_argument("--cases", help="comma-separated case numbers (0-based), default all")
+    parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's)")
     arguments = parser.parse_args(argv)
     warnings.simplefilter("ignore", UserWarning)  # Captum: "Input Tensor 0 did not already require gradients"
     budget = QUICK if arguments.quick else FULL
+    if arguments.threads:
+        torch.set_num_threads(arguments.threads)
     cases = CASES if not arguments.cases else [CASES[int(i)] for i in arguments.cases.split(",")]
     rows = run(cases, budget)
     Path(arguments.out).write_text(markdown(rows, "quick" if arguments.quick else "full"))
