@@ -282,6 +282,13 @@ def test_bad_inputs_raise_clear_errors():
         explain.Saliency(model).attribute(x, additional_forward_args=(1,))
     with pytest.raises(TypeError, match="attribution_method"):
         explain.NoiseTunnel(model)
+    training = nn.Sequential(nn.Linear(D, H), nn.Dropout(0.5), nn.Linear(H, C))
+    state = torch.get_rng_state()
+    with pytest.raises(ValueError, match=r"model.eval\(\)"):
+        explain.saliency(training, x)
+    assert torch.equal(state, torch.get_rng_state())  # no probe ran
+    with pytest.raises(ValueError, match=r"model.eval\(\)"):
+        explain.Saliency(nn.Sequential(nn.Linear(D, H), nn.BatchNorm1d(H), nn.Linear(H, C))).attribute(x)
 
 
 def test_integrated_gradients_sum_before_the_leading_affine_layers():
@@ -307,3 +314,11 @@ def test_integrated_gradients_sum_before_the_leading_affine_layers():
                                                             lambda j: j[:, C + 1]), torch.float64)
     assert_matches_reference(explain.Saliency(model).attribute(x, target=[0, C + 1, 2], abs=False),
                              reference_jacobian(model, x)[[0, 1, 2], [0, C + 1, 2]], torch.float64)
+
+
+def test_demo_picture(tmp_path):
+    pytest.importorskip("matplotlib")
+    from jacobian_ext.explain.demo import draw
+    path = tmp_path / "out" / "demo.png"
+    draw(str(path), steps=3)  # a short training: this checks the drawing, not the picture
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -2,6 +2,8 @@
 orientation of a bar, and the attribution maps of every class for one test image per class, from one call
 of explain.integrated_gradients(model, images) (target=None: all classes at once). Signed maps: red pixels
 raise that class's score, blue ones lower it. No downloads; needs matplotlib."""
+import os
+
 import torch
 from torch import nn
 
@@ -73,8 +75,9 @@ def draw(path: str, steps: int = 600):
     images, labels = make_images(256, generator)
     with torch.no_grad():
         correct = model(images).argmax(1) == labels
-    # One test image per class, the first the model gets right (the titles show the predictions).
-    picked = [int((correct & (labels == label)).nonzero()[0]) for label in range(len(CLASSES))]
+    # One test image per class, the first the model gets right if any (the titles show the predictions).
+    picked = [int(torch.cat([(correct & (labels == label)).nonzero(), (labels == label).nonzero()])[0])
+              for label in range(len(CLASSES))]
     images, labels = images[picked], labels[picked]
     # Every class at once: [4 images, 4 classes, 1, SIZE, SIZE], from a black image to the input.
     maps = integrated_gradients(model, images, n_steps=32)[:, :, 0]
@@ -108,6 +111,7 @@ def draw(path: str, steps: int = 600):
     figure.tight_layout(rect=(0, 0, 0.9, 0.95))
     bar_axis = figure.add_axes((0.91, 0.12, 0.015, 0.7))
     figure.colorbar(heat, cax=bar_axis, label="contribution (scaled per input)")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     figure.savefig(path, dpi=90)
     plt.close(figure)
     return path

@@ -10,7 +10,7 @@ from typing import Callable, Optional, Tuple
 import torch
 from torch import nn
 
-from ..api import JacobianModule
+from ..api import _BATCH_COUPLED, JacobianModule
 from .prefix import split_affine_prefix
 from .targets import TargetSpec
 
@@ -71,6 +71,7 @@ class JacobianRows:
         _check_input(x)
         key = (tuple(x.shape[1:]), x.dtype, x.device, self._parameter_shapes())
         if key not in self._widths:
+            self._check_eval_mode()  # before the probe, which would update BatchNorm statistics or draw dropout
             probe = x[:1] if x.shape[0] > 0 else x.new_zeros((1, *x.shape[1:]))
             with torch.no_grad():
                 output = self.model(probe)
@@ -150,6 +151,15 @@ class JacobianRows:
         if type(self.model) is nn.Sequential:
             return nn.Sequential(self.model, head)
         return _SelectedOutputs(self.model, head)
+
+    def _check_eval_mode(self):
+        if not isinstance(self.model, nn.Module):
+            return
+        for name, module in self.model.named_modules():
+            if isinstance(module, _BATCH_COUPLED) and module.training and getattr(module, "p", 1) != 0:
+                raise ValueError(f"layer '{name or 'model'}' ({type(module).__name__}) is in training mode, where "
+                                 "it couples or randomises the samples and no attribution is well defined; call "
+                                 "model.eval() first")
 
     def _parameters(self):
         return list(self.model.parameters()) if isinstance(self.model, nn.Module) else []
