@@ -89,13 +89,13 @@ def draw(path: str, steps: int = 600):
     figure, axes = plt.subplots(rows, cols, figsize=(2.2 * cols + 1.0, 2.2 * rows + 1.6), squeeze=False)
     for row in range(rows):
         predicted = int(probabilities[row].argmax())
-        axes[row, 0].imshow(images[row, 0], cmap="gray")
+        axes[row, 0].imshow(images[row, 0].numpy(), cmap="gray")
         axes[row, 0].set_ylabel(f"input {row + 1}", fontsize=10)
         axes[row, 0].set_title(f"a {CLASSES[labels[row]]}; model says\n{CLASSES[predicted]} "
                                f"({probabilities[row, predicted]:.0%})", fontsize=9)
         for label in range(len(CLASSES)):
             axis = axes[row, 1 + label]
-            heat = axis.imshow(maps[row, label], cmap="RdBu_r", vmin=-1, vmax=1)
+            heat = axis.imshow(maps[row, label].numpy(), cmap="RdBu_r", vmin=-1, vmax=1)
             axis.set_title(f"class '{CLASSES[label]}'" + ("\n(predicted)" if label == predicted else "\n"),
                            fontsize=9, fontweight="bold" if label == predicted else "normal")
             if label == predicted:
