@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 # A CUDA build of torch, so that the CUDA sources compile even on a machine without a GPU.
 TORCH_SPEC ?= torch==2.14.1
 BUILD_TOOLS := ninja setuptools
-TEST_TOOLS := pytest numpy torchvision hypothesis tqdm
+TEST_TOOLS := pytest numpy torchvision hypothesis tqdm captum
 LIBRARY := jacobian_ext/_C.abi3.so
 SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -name '*.cuh') setup.py
 
@@ -29,6 +29,7 @@ $(LIBRARY): $(VENV)/.deps-installed $(SOURCES)
 
 demo: build
 	$(PY) examples/demo.py
+	$(PY) -m jacobian_ext.explain --demo build/explain_demo.png
 
 test: build cpp
 	$(PY) -m pytest -q -m "not slow" tests

@@ -1,0 +1,12 @@
+"""Attributions for every class in one pass: saliency, input x gradient, integrated gradients and
+SmoothGrad from the per-sample Jacobian rows of the targeted classes, as functions and as drop-in
+replacements for Captum's classes. `python -m jacobian_ext.explain --demo OUT.png` draws an example."""
+from .captum_api import InputXGradient, IntegratedGradients, NoiseTunnel, Saliency
+from .functions import input_x_gradient, integrated_gradients, saliency, smoothgrad
+from .quadrature import METHODS, points_and_weights
+from .targets import classes
+
+__all__ = [
+    "saliency", "input_x_gradient", "integrated_gradients", "smoothgrad", "classes",
+    "Saliency", "InputXGradient", "IntegratedGradients", "NoiseTunnel", "METHODS", "points_and_weights",
+]
