@@ -66,6 +66,7 @@ class JacobianModule(nn.Module):
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         _check_input(x)
         if torch.compiler.is_compiling():  # torch.compile or torch.export tracing this call
+            self._check_layer_types()
             encoding = self._fused_encoding(self._traced_input_shape(x), x.dtype, x.device)
             return deploy.call_fused(encoding, deploy.read_params(self.model, encoding), x)
         self._forget_stale_plans()
@@ -94,9 +95,14 @@ class JacobianModule(nn.Module):
         shapes = [key[0] for key in self._encodings] + [key[0] for key in self._plans]
         try:
             shapes.append(deploy.scripting_input_shape(self.model, None))
-        except (ValueError, NotImplementedError):
+        except ValueError:  # the model does not fix its input shape
             pass
         return shapes
+
+    @torch.compiler.assume_constant_result
+    def _check_layer_types(self) -> bool:
+        """Raises, at trace time, for a model that is off the single-op path whatever its input shape."""
+        return deploy.check_layer_types(self.model)
 
     @torch.compiler.assume_constant_result
     def _fused_encoding(self, input_shape: Tuple[int, ...], dtype: torch.dtype, device: torch.device):

@@ -35,15 +35,26 @@ class FusedEncoding:
     mode: str
 
 
-def fused_encoding(model, input_shape: Tuple[int, ...], dtype: torch.dtype, device: torch.device,
-                   mode: str) -> FusedEncoding:
-    """The encoding of `model` for per-sample inputs of `input_shape`, or NotImplementedError naming what
-    keeps it off the single-op path."""
+def check_layer_types(model) -> bool:
+    """NotImplementedError unless `model` is an nn.Sequential of layer types with fused rules (the check
+    that needs no input shape); True otherwise."""
     if type(model) is not nn.Sequential:
         raise NotImplementedError(
             f"torch.compile, torch.export and TorchScript run the Jacobian as one operator call, which needs an "
             f"nn.Sequential whose layers all have fused rules; got a {type(model).__name__}. Call the "
             "JacobianModule eagerly, or compute its Jacobian outside the traced code")
+    unfused = [name for name, layer in flatten_sequential(model) if not has_native_rule(layer)]
+    if unfused:
+        raise NotImplementedError(f"layers {unfused} have no fused rule, so the Jacobian is not one operator call "
+                                  "and cannot be traced or scripted; call the JacobianModule eagerly instead")
+    return True
+
+
+def fused_encoding(model, input_shape: Tuple[int, ...], dtype: torch.dtype, device: torch.device,
+                   mode: str) -> FusedEncoding:
+    """The encoding of `model` for per-sample inputs of `input_shape`, or NotImplementedError naming what
+    keeps it off the single-op path."""
+    check_layer_types(model)
     if dtype not in NATIVE_DTYPES:
         raise NotImplementedError(f"the single-op path runs float32 and float64, got {dtype}")
     # Under torch.export this runs inside the trace: the probe forward, and the grad-mode switch around it,
@@ -102,11 +113,8 @@ def scripting_input_shape(model, last_plan) -> Tuple[int, ...]:
     """The per-sample input shape to script for: that of the last call, or a first Linear's width."""
     if last_plan is not None:
         return tuple(last_plan.input_shape)
-    layers = flatten_sequential(model) if type(model) is nn.Sequential else []
-    unfused = [name for name, layer in layers if not has_native_rule(layer)]
-    if unfused:  # no input shape would put them on the single-op path
-        raise NotImplementedError(f"layers {unfused} have no fused rule, so the Jacobian is not one operator call "
-                                  "and cannot be scripted; call the JacobianModule eagerly instead")
+    check_layer_types(model)
+    layers = flatten_sequential(model)
     if layers and isinstance(layers[0][1], nn.Linear):
         return (layers[0][1].weight.shape[1],)
     raise ValueError("torch.jit.script needs the per-sample input shape, which this model does not fix: call the "

@@ -37,11 +37,13 @@ def pytest_runtest_makereport(item, call):
         report.sections.append(("random seed", f"JACEXT_TEST_SEED={item.jacext_seed}"))
 
 
-def assert_matches_reference(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype):
+def assert_matches_reference(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, scale: float = 0.0):
+    """Max abs error within RELATIVE_TOLERANCE[dtype] x the reference's largest entry, or x `scale` when that
+    is larger: the size of the quantities the computation rounds, where they exceed the result's."""
     assert tuple(actual.shape) == tuple(expected.shape), f"shape {tuple(actual.shape)} != {tuple(expected.shape)}"
     if expected.numel() == 0:
         return
-    scale = max(expected.abs().max().item(), 1e-300)
+    scale = max(expected.abs().max().item(), scale, 1e-300)
     error = (actual.detach().double().cpu() - expected.detach().double().cpu()).abs().max().item()
     assert error <= RELATIVE_TOLERANCE[dtype] * scale, (
         f"max abs error {error:.3e} exceeds {RELATIVE_TOLERANCE[dtype]:.0e} x reference max {scale:.3e}"

@@ -76,6 +76,15 @@ def running_block(kind, batch, rows, cols, dtype, device):
     return non_contiguous(torch.randn(batch, rows, cols, dtype=dtype, device=device))
 
 
+def rounding_scale(name, block):
+    """The softmax family's rule s * (r - <r, s>) rounds terms as large as the block's entries (1 for the
+    identity) even where the result is tiny (a peaked softmax: s near 1, J entries s(1 - s) of 1e-4):
+    errors are relative to that, not to the largest entry of J."""
+    if name not in ("softmax", "log_softmax"):
+        return 0.0
+    return 1.0 if block is None or block.numel() == 0 else block.abs().max().item()
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("name", CASE_NAMES)
@@ -107,7 +116,7 @@ def test_forward_rule_matches_torch_func(device, dtype, name, batch, block):
         if batch == 0:
             assert tuple(jac_out.shape) == (features_out, columns)
             return
-    assert_matches_reference(jac_out, expected, dtype)
+    assert_matches_reference(jac_out, expected, dtype, scale=rounding_scale(name, jac))
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -140,7 +149,7 @@ def test_reverse_rule_matches_torch_func(device, dtype, name, batch, block):
             assert tuple(cot_in.shape) == (rows, features_in)
             return
         expected = expected[0]
-    assert_matches_reference(cot_in, expected, dtype)
+    assert_matches_reference(cot_in, expected, dtype, scale=rounding_scale(name, cot))
 
 
 @pytest.mark.parametrize("device", DEVICES)
