@@ -1,4 +1,5 @@
-// CPU kernels of the element-wise activation rule: value and derivative (one pass for ReLU), then the fused
+// CPU kernels of the element-wise activation rule: value and derivative (one pass for ReLU; ATen's backward
+// kernels for the transcendental derivatives), then the fused
 // column scaling out[b, r, h] = values[b | shared, r, h] * factor[b, h].
 #include <ATen/Dispatch.h>
 
@@ -11,11 +12,16 @@ namespace {
 // The kind is a template argument so that the switch in rule_math.h folds away and the loop
 // vectorises. With kValueGiven the output already holds activation(input) and only the derivative
 // is written.
+// Everything the loop reads is captured by value: through captured references GCC reloaded the pointers
+// and the activation's kind (an int8_t, which every store may alias) after each store, so the switch
+// stayed a jump per element and nothing vectorised (ReLU's reverse rule ran 20x slower than autograd's
+// threshold_backward).
 template <ActivationKind kKind, bool kValueGiven, typename scalar_t>
 void activation_loop(scalar_t* output, scalar_t* derivative, const scalar_t* input, int64_t count,
                      const Activation& parameters) {
-  const Activation activation{kKind, parameters.first, parameters.second};
-  at::parallel_for(0, count, kParallelGrainElements, [&](int64_t begin, int64_t end) {
+  const double first = parameters.first, second = parameters.second;
+  at::parallel_for(0, count, kParallelGrainElements, [=](int64_t begin, int64_t end) {
+    const Activation activation{kKind, first, second};
     for (int64_t i = begin; i < end; ++i) {
       const scalar_t y = kValueGiven ? output[i] : activation_value(activation, input[i]);
       if constexpr (!kValueGiven) output[i] = y;
@@ -60,6 +66,30 @@ void aten_activation_value(at::Tensor& output, const at::Tensor& input, const Ac
   }
 }
 
+// Writes the derivative with autograd's own backward kernel (grad_output = 1, so grad * f' is f' exactly)
+// for the activations whose derivative needs erf/exp: ATen's kernels are vectorised, the formulas of
+// rule_math.h call scalar libm per element (GELU's rule took 2.0 ms where gelu_backward takes 0.2 ms,
+// [4, 16384] float32, one thread). False for the others, whose derivative the element loop computes.
+bool aten_activation_derivative(at::Tensor& derivative, const at::Tensor& input, const Activation& activation) {
+  const at::Tensor ones = at::scalar_tensor(1, input.options()).expand(input.sizes());
+  switch (activation.kind) {
+    case ActivationKind::Gelu:
+      at::gelu_backward_out(derivative, ones, input, "none");
+      return true;
+    case ActivationKind::GeluTanh:
+      at::gelu_backward_out(derivative, ones, input, "tanh");
+      return true;
+    case ActivationKind::Silu:
+      at::silu_backward_out(derivative, ones, input);
+      return true;
+    case ActivationKind::Elu:
+      at::elu_backward_out(derivative, ones, activation.first, 1.0, 1.0, /*is_result=*/false, input);
+      return true;
+    default:  // Softplus too: its backward kernel overflows to inf / inf = NaN for a large threshold, ours not
+      return false;
+  }
+}
+
 }  // namespace
 
 void activation_kernel(at::Tensor& output, at::Tensor& derivative, const at::Tensor& input,
@@ -67,6 +97,7 @@ void activation_kernel(at::Tensor& output, at::Tensor& derivative, const at::Ten
   // Values from ATen's vectorised (SLEEF) kernels: libm's scalar tanh/exp made the value pass, not the
   // Jacobian, the cost of a tanh network (pinn case: 6.2 ms, 37x its floor).
   aten_activation_value(output, input, activation);
+  if (aten_activation_derivative(derivative, input, activation)) return;
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "jacext_activation_cpu", [&] {
     auto* out = output.data_ptr<scalar_t>();
     auto* deriv = derivative.data_ptr<scalar_t>();

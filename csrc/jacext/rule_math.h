@@ -9,8 +9,10 @@
 
 #if defined(__CUDACC__) || defined(__HIPCC__)
 #define JACEXT_HOST_DEVICE __host__ __device__
+#define JACEXT_ALWAYS_INLINE __forceinline__
 #else
 #define JACEXT_HOST_DEVICE
+#define JACEXT_ALWAYS_INLINE inline __attribute__((always_inline))
 #endif
 
 namespace jacext {
@@ -44,8 +46,11 @@ JACEXT_HOST_DEVICE inline T stable_sigmoid(T z) {
 // activation(z). The CPU kernels take the values of the non-ReLU activations from ATen (vectorised and
 // equal to torch's by construction); the CUDA kernel evaluates them here, with the formulas of torch's
 // CUDA kernels, in at::opmath_type.
+// Always inlined, here and in activation_derivative: the kernels call them with a compile-time kind, and
+// only an inlined switch folds away and lets the element loop vectorise (GCC had kept
+// activation_derivative out of line, one call per element).
 template <typename T>
-JACEXT_HOST_DEVICE inline T activation_value(const Activation& activation, T z) {
+JACEXT_HOST_DEVICE JACEXT_ALWAYS_INLINE T activation_value(const Activation& activation, T z) {
   switch (activation.kind) {
     case ActivationKind::ReLU:
       return z <= T(0) ? T(0) : z;  // NaN stays NaN, as in torch.relu
@@ -83,7 +88,7 @@ JACEXT_HOST_DEVICE inline T activation_value(const Activation& activation, T z) 
 // Softplus' below the switch is sigmoid(beta z), torch's exp(beta z) / (exp(beta z) + 1) in a form that
 // does not overflow to inf / inf for a large threshold.
 template <typename T>
-JACEXT_HOST_DEVICE inline T activation_derivative(const Activation& activation, T z, T y) {
+JACEXT_HOST_DEVICE JACEXT_ALWAYS_INLINE T activation_derivative(const Activation& activation, T z, T y) {
   switch (activation.kind) {
     case ActivationKind::ReLU:
       return z <= T(0) ? T(0) : T(1);
