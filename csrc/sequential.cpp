@@ -75,6 +75,10 @@ struct SweepResult {
 // 784-1024x3-10, float32, 2-core AMD EPYC with AVX2): dense / masked = 1.95x at 20% active, 1.47x
 // (mnist) and 1.36x (deep) at 50%, 0.93x at 80%: even at about 70%; 0.65 keeps a margin.
 constexpr double kMaskedLinearCrossover = 0.65;
+// Below this many dense multiply-adds (about 10 us of GEMM) the dense chain is kept without counting
+// active units: the kernel's per-call work (counting, finiteness checks, packing) would not pay off.
+// JACEXT_MASKED_LINEAR_CROSSOVER, when set, decides alone (the tests force either kernel on small shapes).
+constexpr double kMaskedLinearMinimumMacs = 1 << 20;
 
 // JACEXT_MASKED_LINEAR_CROSSOVER, read once, overrides it (tests force either branch with 0 or 2).
 std::optional<double> crossover_override() {
@@ -94,12 +98,19 @@ std::optional<double> crossover_override() {
 // CPU only (CUDA has no masked kernel); counts the factor's nonzeros once for the whole batch.
 // Non-finite weights or block entries go dense too: there 0 * inf = NaN reaches the result, as in the
 // reference (autograd multiplies by every zero), while skipping the inactive units would hide it.
+// The cheap tests come first: on a small product the checks alone (finiteness of the weight and the
+// block, the count of active units) cost more than skipping could save (tiny case: 4 isfinite passes were
+// a third of the op's time).
 bool skip_inactive_units(const at::Tensor& factor, const at::Tensor& block_values, const at::Tensor& matrix) {
   if (!factor.device().is_cpu() || factor.numel() == 0) return false;
-  if (!at::isfinite(matrix).all().item<bool>() || !at::isfinite(block_values).all().item<bool>()) return false;
-  const double crossover = crossover_override().value_or(kMaskedLinearCrossover);
+  const std::optional<double> override = crossover_override();
+  // The dense chain's multiply-adds: per-sample rows x features x outputs.
+  const double dense_macs = static_cast<double>(factor.size(0)) * static_cast<double>(block_values.size(-2)) *
+                            static_cast<double>(matrix.size(0)) * static_cast<double>(matrix.size(1));
+  if (!override && dense_macs < kMaskedLinearMinimumMacs) return false;
   const double active = static_cast<double>(factor.count_nonzero().item<int64_t>()) / factor.numel();
-  return active < crossover;
+  if (active >= override.value_or(kMaskedLinearCrossover)) return false;
+  return at::isfinite(matrix).all().item<bool>() && at::isfinite(block_values).all().item<bool>();
 }
 
 // A per-sample column factor (activation derivative) not yet applied to the block. Kept pending until
