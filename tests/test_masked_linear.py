@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 import jacobian_ext as jx
-from conftest import assert_matches_reference, non_contiguous, reference_jacobian
+from conftest import assert_matches_reference, non_contiguous, reference_jacobian, single_sample
 from jacobian_ext import ops
 
 ACTIVE_FRACTIONS = [0.0, 0.05, 0.2, 0.5, 0.8, 1.0]
@@ -63,6 +63,17 @@ def measured_active_fraction(model, x):
     return active / max(total, 1)
 
 
+def same_masks_reference(model, x):
+    """torch.func's Jacobian in float64, or for float32 in float32: the biases put many pre-activations
+    near zero, and a unit whose float32 and float64 pre-activations fall on either side of it switches
+    off in one and on in the other, an O(1) difference in J that no kernel error causes (seen at 5%
+    active, B=64). In float32 both sides then see the same ReLU masks."""
+    if x.dtype == torch.float64:
+        return reference_jacobian(model, x)
+    with torch.no_grad():
+        return torch.func.vmap(torch.func.jacrev(single_sample(model)))(x)
+
+
 def inputs(batch, features, dtype):
     """Standard normal inputs in a non-contiguous layout."""
     return non_contiguous(torch.randn(batch, features, dtype=dtype))
@@ -78,7 +89,7 @@ def test_reverse_jacobian_at_each_active_fraction(dtype, active_fraction, shape,
     x = inputs(batch, in_features, dtype)
     y, jacobian = jx.batch_jacobian(model, x, mode="reverse", return_output=True)
     assert_matches_reference(y, model(x), dtype)
-    assert_matches_reference(jacobian, reference_jacobian(model, x), dtype)
+    assert_matches_reference(jacobian, same_masks_reference(model, x), dtype)
     if batch == 64 and active_fraction in (0.0, 1.0):
         assert measured_active_fraction(model, x) == active_fraction
     elif batch == 64:
@@ -112,8 +123,7 @@ FORCED_BRANCH_SCRIPT = r"""
 import json, sys, torch
 sys.path.insert(0, "tests")
 import jacobian_ext as jx
-from conftest import reference_jacobian
-from test_masked_linear import SHAPES, relu_mlp, inputs
+from test_masked_linear import SHAPES, relu_mlp, inputs, same_masks_reference
 errors = []
 for dtype in (torch.float64, torch.float32):
     for active_fraction in (0.0, 0.05, 0.5, 1.0):
@@ -121,7 +131,7 @@ for dtype in (torch.float64, torch.float32):
             for batch in (0, 1, 7):
                 model = relu_mlp(in_features, hidden, out_features, active_fraction, dtype)
                 x = inputs(batch, in_features, dtype)
-                expected = reference_jacobian(model, x)
+                expected = same_masks_reference(model, x).double()
                 actual = jx.batch_jacobian(model, x, mode="reverse").double()
                 scale = max(expected.abs().max().item(), 1e-300) if expected.numel() else 1.0
                 error = (actual - expected).abs().max().item() / scale if expected.numel() else 0.0
