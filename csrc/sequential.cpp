@@ -10,6 +10,7 @@
 #include "jacext/checks.h"
 #include "jacext/ops.h"
 
+#include <cmath>
 #include <cstdlib>
 #include <optional>
 #include <string>
@@ -110,7 +111,11 @@ bool skip_inactive_units(const at::Tensor& factor, const at::Tensor& block_value
   if (!override && dense_macs < kMaskedLinearMinimumMacs) return false;
   const double active = static_cast<double>(factor.count_nonzero().item<int64_t>()) / factor.numel();
   if (active >= override.value_or(kMaskedLinearCrossover)) return false;
-  return at::isfinite(matrix).all().item<bool>() && at::isfinite(block_values).all().item<bool>();
+  // One summing pass per tensor instead of isfinite's four (on mnist-sized weights these checks were
+  // ~0.3 ms a call): a non-finite entry makes the sum non-finite. A finite tensor whose sum overflows
+  // (float32 entries summing past 3e38) goes dense too, which is only slower.
+  const auto all_finite = [](const at::Tensor& tensor) { return std::isfinite(tensor.sum().item<double>()); };
+  return all_finite(matrix) && all_finite(block_values);
 }
 
 // A per-sample column factor (activation derivative) not yet applied to the block. Kept pending until
