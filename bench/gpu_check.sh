@@ -79,7 +79,8 @@ test_rc=-1
 test_s=0
 if [ "$build_rc" -eq 0 ]; then
   test_start=$SECONDS
-  within "$TEST_TIMEOUT_S" "$PYTHON" -m pytest -q -rfEs -p no:cacheprovider tests \
+  # Not the minutes-long AOTInductor test, nor the CMake-built C++ example (make test covers it on the CPU).
+  within "$TEST_TIMEOUT_S" "$PYTHON" -m pytest -q -rfEs -p no:cacheprovider -m "not slow" --ignore=tests/test_cpp.py tests \
     --junitxml="$OUTDIR/tests.xml" > "$OUTDIR/tests.log" 2>&1
   test_rc=$?
   test_s=$((SECONDS - test_start))
