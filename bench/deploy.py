@@ -10,6 +10,7 @@ torch.no_grad(), float32, on the CPU; the traced paths are checked against eager
 import argparse
 import datetime
 import platform
+import statistics
 
 import torch
 from torch import nn
@@ -77,7 +78,7 @@ def main():
                 first_call_s[path] = seconds_of(run, "cpu")
                 torch.testing.assert_close(run()[1], expected, rtol=1e-5, atol=1e-6)
             timings = time_interleaved(runners, first_call_s, FULL, "cpu")
-            medians = {path: sorted(t.samples)[len(t.samples) // 2] for path, t in timings.items()}
+            medians = {path: statistics.median(t.samples) for path, t in timings.items()}
             for path, seconds in medians.items():
                 lines.append(f"| {name} (B={batch}, {'-'.join(map(str, widths))}) | {path} | {seconds * 1e6:,.0f} µs | "
                              f"{medians['eager jx.compile'] / seconds:.2f}× |")

@@ -67,8 +67,7 @@ def fused_encoding(model, input_shape: Tuple[int, ...], dtype: torch.dtype, devi
             "cannot be traced or scripted; call the JacobianModule eagerly instead")
     where = {id(p): name for name, p in model.named_parameters(remove_duplicate=False)}
     params = plan.native_params()
-    missing = [i for i, p in enumerate(params) if id(p) not in where]
-    if missing:
+    if any(id(p) not in where for p in params):
         raise NotImplementedError("a fused layer's weight is not an nn.Parameter of the model, so the traced "
                                   "graph could not read it at call time")
     return FusedEncoding(tuple(plan.native_layers), tuple(where[id(p)] for p in params), tuple(input_shape),

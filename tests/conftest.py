@@ -37,6 +37,13 @@ def pytest_runtest_makereport(item, call):
         report.sections.append(("random seed", f"JACEXT_TEST_SEED={item.jacext_seed}"))
 
 
+class Sin(torch.nn.Module):
+    """A custom module: no native rule anywhere, so it runs on the torch.func fallback."""
+
+    def forward(self, x):
+        return torch.sin(x)
+
+
 def assert_matches_reference(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, scale: float = 0.0):
     """Max abs error within RELATIVE_TOLERANCE[dtype] x the reference's largest entry, or x `scale` when that
     is larger: the size of the quantities the computation rounds, where they exceed the result's."""

@@ -14,18 +14,13 @@ import torch
 from hypothesis import strategies as st
 from torch import nn
 
+from conftest import Sin
+
 # Per-example work budget: batch x in_features x sum of (w_in x w_out) over the layers bounds the cost
 # of the reference, the error bound (a chain of per-layer Jacobians) and our own sweeps; with batch 1
 # a 300 x 300 layer fits, and a batch of 64 then has narrow layers (about 0.3 s per example).
 WORK_BUDGET = 400_000
 MAX_WIDTH = 300
-
-
-class Sin(nn.Module):
-    """A custom module: no native rule, so it runs on the torch.func fallback."""
-
-    def forward(self, x):
-        return torch.sin(x)
 
 
 class ScaledLinear(nn.Linear):

@@ -5,16 +5,9 @@ from torch import nn
 
 import jacobian_ext as jx
 from jacobian_ext import ops
-from conftest import DEVICES, DTYPES, assert_matches_reference, loop_jacobian, non_contiguous, reference_jacobian
+from conftest import DEVICES, DTYPES, Sin, assert_matches_reference, loop_jacobian, non_contiguous, reference_jacobian
 
 MODES = ["auto", "forward", "reverse"]
-
-
-class Sin(nn.Module):
-    """A module with no native rule."""
-
-    def forward(self, x):
-        return torch.sin(x)
 
 
 def random_mlp(depth, in_features, out_features, head=None, activation=nn.ReLU):

@@ -9,18 +9,13 @@ import torch._dynamo.testing
 from torch import nn
 
 import jacobian_ext as jx
-from conftest import assert_matches_reference, penalty_gradients, reference_jacobian
+from conftest import Sin, assert_matches_reference, penalty_gradients, reference_jacobian
 from jacobian_ext import ops
 
 
-def fused_model(head=nn.LogSoftmax(-1)):
-    """All layers on the fused op: the single-op path that deployment needs."""
-    return nn.Sequential(nn.Linear(6, 9), nn.Tanh(), nn.Linear(9, 4), head).double().eval()
-
-
-class Sin(nn.Module):
-    def forward(self, x):
-        return torch.sin(x)
+def fused_model(head=None):
+    """All layers on the fused op: the single-op path that deployment needs (LogSoftmax head by default)."""
+    return nn.Sequential(nn.Linear(6, 9), nn.Tanh(), nn.Linear(9, 4), head or nn.LogSoftmax(-1)).double().eval()
 
 
 class Residual(nn.Module):

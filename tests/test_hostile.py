@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import jacobian_ext as jx
-from conftest import assert_matches_reference, penalty_gradients, reference_jacobian, single_sample
+from conftest import Sin, assert_matches_reference, penalty_gradients, reference_jacobian, single_sample
 from error_bound import Reference
 
 MODES = ["auto", "forward", "reverse"]
@@ -16,13 +16,6 @@ MODES = ["auto", "forward", "reverse"]
 # its result is exactly that sweep's), so it adds nothing there but time.
 SWEEPS = ["forward", "reverse"]
 NAN, INF = float("nan"), float("inf")
-
-
-class Sin(nn.Module):
-    """No native rule: the fallback."""
-
-    def forward(self, x):
-        return torch.sin(x)
 
 
 def forward_reference(model, x):

@@ -8,13 +8,9 @@ import torch
 from torch import nn
 
 import jacobian_ext as jx
+from conftest import Sin
 
 THREADS = 8
-
-
-class Sin(nn.Module):
-    def forward(self, x):
-        return torch.sin(x)
 
 
 def native_model():

@@ -5,12 +5,7 @@ from torch import nn
 
 import jacobian_ext as jx
 from jacobian_ext import memory
-from conftest import DEVICES, assert_matches_reference, non_contiguous, reference_jacobian
-
-
-class Sin(nn.Module):
-    def forward(self, x):
-        return torch.sin(x)
+from conftest import DEVICES, Sin, assert_matches_reference, non_contiguous, reference_jacobian
 
 
 class Residual(nn.Module):
