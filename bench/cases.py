@@ -34,7 +34,8 @@ SUITE = [
     Case("pinn", 1024, 2, (64, 64, 64), 1, activation="tanh", note="tanh, narrow input"),
     Case("square", 256, 32, (256, 256, 256), 64, note="forward mode wins"),
     Case("cifar", 128, 3072, (512, 512), 100, softmax_head=True, note="softmax head"),
-    Case("bottleneck", 64, 512, (32, 512), 512, note="narrow middle layer, wide input and output"),
+    Case("bottleneck", 64, 512, (32, 512), 512, note="narrow first layer: reverse already multiplies by it last"),
+    Case("hourglass", 64, 512, (512, 32, 512), 512, note="narrow middle layer: a split order wins"),
     # A batch that fills a GPU; left out of CPU runs, where a forward-mode call takes minutes.
     Case("gpu-large", 4096, 784, (1024, 1024, 1024), 10, note="GEMM-bound at GPU scale", default_devices=("cuda",)),
 ]

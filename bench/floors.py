@@ -1,5 +1,5 @@
 """Lower bounds on the time of computing J on this machine: the FLOPs of the cheapest accumulation
-order over the measured GEMM rate, and the bytes of J over the measured memory bandwidth."""
+order (either sweep, or the best split into a forward and a reverse part) over the measured GEMM rate, and the bytes of J over the measured memory bandwidth."""
 import statistics
 from dataclasses import dataclass
 from typing import Dict, List, Optional
@@ -97,9 +97,17 @@ def _sweep_macs(factors: List[_Factor], rows: int, active_only: bool) -> float:
     return macs
 
 
+def _split_macs(factors: List[_Factor], split: int, in_features: int, out_features: int, active_only: bool) -> float:
+    """A forward sweep over factors[:split], a reverse sweep over factors[split:], and the per-sample join
+    [C, H] x [H, D] over the H units between them (only the active ones after a ReLU, with active_only)."""
+    join = out_features * in_features * float(factors[split].in_units.sum())
+    return (_sweep_macs(factors[:split], in_features, active_only)
+            + _sweep_macs(list(reversed(factors[split:])), out_features, active_only) + join)
+
+
 @dataclass(frozen=True)
 class CaseFloor:
-    macs: Dict[str, float]  # "forward"/"reverse" over all units
+    macs: Dict[str, float]  # "forward"/"reverse"/"split" (the best single split) over all units
     active_macs: Dict[str, float]  # the same, counting only active ReLU units of this input
     output_bytes: int
     active_fraction: Optional[float]  # of all ReLU units over the batch; None without ReLU
@@ -126,6 +134,8 @@ def case_floor(model: nn.Sequential, x: torch.Tensor) -> CaseFloor:
         counts[active_only] = {
             "forward": _sweep_macs(factors, in_features, active_only),
             "reverse": _sweep_macs(list(reversed(factors)), out_features, active_only),
+            "split": min((_split_macs(factors, split, in_features, out_features, active_only)
+                          for split in range(1, len(factors))), default=float("inf")),
         }
     output_bytes = x.shape[0] * out_features * in_features * x.element_size()
     return CaseFloor(counts[False], counts[True], output_bytes, _active_fraction(model, x))

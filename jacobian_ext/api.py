@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from . import deploy
+from .cost import Bracketing
 from .differentiable import differentiable_call, needs_grad
 from .errors import GraphCaptureError
 from .graph import build_graph_plan, capture, warn_whole_model_fallback
@@ -14,7 +15,7 @@ from .memory import parse_max_memory, run_within_budget
 from .plan import NATIVE_DTYPES, Plan, build_plan, flatten_sequential, short_repr
 from .rules import has_native_rule
 
-MODES = ("auto", "forward", "reverse")
+MODES = ("auto", "forward", "reverse", "mixed")
 # Modules whose training-mode output couples or randomises samples: no per-sample Jacobian exists.
 _BATCH_COUPLED = (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutNd)
 
@@ -24,8 +25,11 @@ def batch_jacobian(model: Callable, x: torch.Tensor, mode: str = "auto", return_
     """Per-sample Jacobian J[b, *o, *i] = d model(x)[b, *o] / d x[b, *i], shape [B, *out_shape, *in_shape].
 
     model: an nn.Module or callable mapping [B, *in_shape] to [B, *out_shape], samples independent.
-    mode: "auto" (cost model), "forward" (propagate [B, H, D] from the input) or "reverse"
-    (propagate [B, C, H] from the output). With return_output=True returns (model(x), J).
+    mode: "auto" (cost model), "forward" (propagate [B, H, D] from the input), "reverse" (propagate
+    [B, C, H] from the output) or "mixed" (the bracketing of the per-sample chain product with the fewest
+    multiply-adds: sweeps over parts of an nn.Sequential joined by batched GEMMs; on the graph path, the
+    cheaper sweep). "auto" runs "mixed"'s split when it saves enough, else the cheaper sweep. With
+    return_output=True returns (model(x), J).
     max_memory: bytes (int) or a size string ("2GB", "512MiB"); a batch whose estimated need exceeds it
     (default: half the available RAM, or of the free CUDA memory) runs in chunks, with the same result
     up to rounding; MemoryError when y and J plus one sample's working memory do not fit (memory.py).
@@ -198,10 +202,12 @@ class JacobianModule(nn.Module):
         else:
             lines.append(f"  plan for per-sample input {list(plan.input_shape)} -> output {list(plan.output_shape)}, "
                          f"{str(plan.dtype).replace('torch.', '')} on {plan.device}")
-            for batch, (mode, costs) in sorted(plan.decisions.items()):
-                chosen = mode if self.mode == "auto" else self.mode
-                lines.append(f"  B={batch}: {chosen} sweep ({'cost model' if self.mode == 'auto' else 'requested'}; "
-                             f"forward {costs['forward']:.3g} MAC, reverse {costs['reverse']:.3g} MAC)")
+            for batch, (auto, costs, *_) in sorted(plan.decisions.items()):
+                chosen = plan.choose_mode(batch, self.mode)
+                how = f"split {chosen} (step ranges)" if isinstance(chosen, Bracketing) else f"{chosen} sweep"
+                macs = ", ".join(f"{name} {value:.3g}" for name, value in costs.items())
+                lines.append(f"  B={batch}: {how} ({'cost model' if self.mode == 'auto' else 'requested'}; "
+                             f"MACs: {macs})")
             lines += [f"    {line}" for line in plan.describe()]
         lines.append(f"  fallbacks: {self.fallbacks}")
         return "\n".join(lines) + "\n)"

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from torch.fx.experimental.proxy_tensor import disable_proxy_modes_tracing
 
+from .cost import choose_mode
 from .plan import NATIVE_DTYPES, build_plan, flatten_sequential
 from .rules import has_native_rule
 
@@ -70,8 +71,11 @@ def fused_encoding(model, input_shape: Tuple[int, ...], dtype: torch.dtype, devi
     if any(id(p) not in where for p in params):
         raise NotImplementedError("a fused layer's weight is not an nn.Parameter of the model, so the traced "
                                   "graph could not read it at call time")
+    # One op call runs one sweep: where the cost model would split the chain, the cheaper sweep.
+    chosen = plan.choose_mode(TRACE_BATCH, mode)
+    sweep = chosen if isinstance(chosen, str) else choose_mode(plan.decisions[TRACE_BATCH][1])
     return FusedEncoding(tuple(plan.native_layers), tuple(where[id(p)] for p in params), tuple(input_shape),
-                         tuple(plan.output_shape), plan.choose_mode(TRACE_BATCH, mode))
+                         tuple(plan.output_shape), sweep)
 
 
 def call_fused(encoding: FusedEncoding, params: List[torch.Tensor], x: torch.Tensor):

@@ -153,7 +153,9 @@ class _Job:
         # must not depend on the memory available at the time, which sets the chunk size.
         plan = JacobianModule(model, mode=self.mode).plan_for(x)
         self.resolved_mode = plan.choose_mode(self.batch_size or x.shape[0], self.mode)
-        self.jm = JacobianModule(model, mode=self.resolved_mode, max_memory=self.max_memory)
+        # A split bracketing is no mode name: "mixed" finds it again per chunk, the same for equal chunks.
+        chunk_mode = self.resolved_mode if isinstance(self.resolved_mode, str) else "mixed"
+        self.jm = JacobianModule(model, mode=chunk_mode, max_memory=self.max_memory)
         self.plan = plan
 
     def write_shard(self, x: torch.Tensor, path: Path):

@@ -229,7 +229,8 @@ class GraphPlan(FlatWidths):
                 "reverse": batch * self.out_features * work,
             }
             self.decisions[batch] = ("forward" if costs["forward"] < costs["reverse"] else "reverse", costs)
-        return self.decisions[batch][0] if requested == "auto" else requested
+        # A graph is not a chain: "mixed" (a split of the chain product) is the cheaper sweep here.
+        return self.decisions[batch][0] if requested in ("auto", "mixed") else requested
 
     # ---- execution ----
 

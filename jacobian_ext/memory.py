@@ -18,6 +18,7 @@ from typing import Optional, Tuple, Union
 
 import torch
 
+from .cost import Bracketing
 from .graph import GraphPlan
 from .walker import run_plan
 
@@ -95,16 +96,30 @@ def bytes_per_sample(plan, mode: str) -> Tuple[int, int]:
     return cache[mode]
 
 
-def _segment_work(plan, mode: str) -> int:
+def _segment_work(plan, mode) -> int:
     """Fused segments: one block of rows x width at a time (held as the input and output of a rule).
     The seed is a lazy identity, never a [D, D] or [C, C] block: forward blocks have the widths of the
-    layers' outputs, reverse blocks those of their inputs."""
+    layers' outputs, reverse blocks those of their inputs. A split bracketing holds every part's J and
+    every join's product, and runs one part at a time."""
+    if isinstance(mode, Bracketing):
+        parts = [(plan.part(sweep.start, sweep.stop), sweep.mode) for sweep in mode.sweeps()]
+        held = sum(part.out_features * part.in_features for part, _ in parts)
+        return held + _joined_sizes(plan, mode) + max(_segment_work(part, sweep_mode) for part, sweep_mode in parts)
     activations = [plan.in_features] + [math.prod(step.output_shape) for step in plan.steps]
     if mode == "forward":
         rows, widths = plan.in_features, activations[1:]
     else:
         rows, widths = plan.out_features, [math.prod(step.input_shape) for step in plan.steps]
     return 2 * rows * max(widths, default=0) + sum(activations)
+
+
+def _joined_sizes(plan, node) -> int:
+    """Entries of every product that the joins of a bracketing create."""
+    if node.is_sweep:
+        return 0
+    rows = math.prod(plan.steps[node.stop - 1].output_shape)
+    columns = math.prod(plan.steps[node.start].input_shape)
+    return rows * columns + _joined_sizes(plan, node.earlier) + _joined_sizes(plan, node.later)
 
 
 def _graph_work(plan: GraphPlan, mode: str) -> int:

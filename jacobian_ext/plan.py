@@ -2,7 +2,7 @@
 into segments, with the per-sample shapes recorded by one probe forward."""
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -26,6 +26,16 @@ class Step:
     @property
     def native(self) -> bool:
         return self.rule is not None
+
+    def cost_items(self) -> List[cost.CostItem]:
+        if self.rule is None:
+            macs = sum(p.numel() for p in self.module.parameters()) if isinstance(self.module, nn.Module) else 0
+            return [cost.CostItem("fallback", math.prod(self.input_shape), math.prod(self.output_shape), macs)]
+        if self.rule.is_reshape:
+            return []
+        kind = "linear" if self.rule.layer.startswith("linear") else "rowwise"
+        passes = cost.SOFTMAX_PASSES if self.rule.layer in ("softmax", "log_softmax") else 1.0
+        return [cost.CostItem(kind, math.prod(self.input_shape), math.prod(self.output_shape), passes)]
 
     def describe(self) -> str:
         if self.rule is None:
@@ -61,20 +71,6 @@ class Segment:
             x = step.module(x)
         return x
 
-    def cost_items(self) -> List[cost.CostItem]:
-        if not self.native:
-            macs = sum(p.numel() for s in self.steps if isinstance(s.module, nn.Module) for p in s.module.parameters())
-            return [cost.CostItem("fallback", math.prod(self.input_shape), math.prod(self.output_shape), macs)]
-        items = []
-        for step in self.steps:
-            if step.rule.is_reshape:
-                continue
-            kind = "linear" if step.rule.layer.startswith("linear") else "rowwise"
-            passes = cost.SOFTMAX_PASSES if step.rule.layer in ("softmax", "log_softmax") else 1.0
-            items.append(cost.CostItem(kind, math.prod(step.input_shape), math.prod(step.output_shape), passes))
-        return items
-
-
 class FlatWidths:
     """in_features and out_features (D and C) of a plan with per-sample input_shape and output_shape."""
 
@@ -97,7 +93,10 @@ class Plan(FlatWidths):
     segments: List[Segment] = field(init=False)
     all_native: bool = field(init=False)
     native_layers: List[str] = field(init=False)
-    decisions: Dict[int, Tuple[str, dict]] = field(default_factory=dict, init=False)  # batch -> (mode, costs)
+    # batch -> (auto's choice, {"forward": MACs, "reverse": MACs, "mixed": MACs}, cheapest bracketing)
+    decisions: Dict[int, Tuple[Union[str, cost.Bracketing], dict, cost.Bracketing]] = field(
+        default_factory=dict, init=False)
+    _parts: Dict[Tuple[int, int], "Plan"] = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self):
         self.segments = []
@@ -122,13 +121,34 @@ class Plan(FlatWidths):
         """One line per layer: its name, the module and its path."""
         return [f"{step.name:<12} {short_repr(step.module):<48} {step.describe()}" for step in self.steps]
 
-    def choose_mode(self, batch: int, requested: str) -> str:
-        """The sweep to run: `requested` unless it is "auto", then the cost model's choice (cached per batch)."""
+    def choose_mode(self, batch: int, requested: str) -> Union[str, cost.Bracketing]:
+        """What to run: "forward" or "reverse" (one sweep), or a cost.Bracketing that splits the chain.
+        "auto" takes the cheapest bracketing when it is a split that saves enough (cost.SPLIT_MARGIN), else
+        the cheaper sweep; "mixed" takes the cheapest bracketing, which may be a sweep. Cached per batch."""
         if batch not in self.decisions:
-            items = [item for segment in self.segments for item in segment.cost_items()]
-            costs = cost.mode_costs(items, self.in_features, self.out_features, batch)
-            self.decisions[batch] = (cost.choose_mode(costs), costs)
-        return self.decisions[batch][0] if requested == "auto" else requested
+            step_items = [step.cost_items() for step in self.steps]
+            costs = cost.mode_costs([item for items in step_items for item in items], self.in_features,
+                                    self.out_features, batch)
+            widths = [self.in_features] + [math.prod(step.output_shape) for step in self.steps]
+            best = cost.best_bracketing(step_items, widths, batch)
+            costs["mixed"] = best.cost
+            sweep = cost.choose_mode(costs)
+            auto = best if not best.is_sweep and best.cost <= cost.SPLIT_MARGIN * costs[sweep] else sweep
+            self.decisions[batch] = (auto, costs, best)
+        auto, _, best = self.decisions[batch]
+        if requested == "auto":
+            return auto
+        if requested == "mixed":
+            return best.mode if best.is_sweep else best
+        return requested
+
+    def part(self, start: int, stop: int) -> "Plan":
+        """The plan of steps [start, stop) alone (a part of a split bracketing)."""
+        if (start, stop) not in self._parts:
+            steps = self.steps[start:stop]
+            self._parts[start, stop] = Plan(steps, steps[0].input_shape, steps[-1].output_shape, self.dtype,
+                                            self.device)
+        return self._parts[start, stop]
 
 
 def short_repr(module) -> str:

@@ -1,18 +1,22 @@
 """Runs a plan: the whole-plan operator when every layer is native, otherwise one sweep over the
-segments, native segments through the C++ segment operators and fallback segments through torch.func."""
+segments, native segments through the C++ segment operators and fallback segments through torch.func;
+a split bracketing runs each of its parts so, and joins them with batched GEMMs."""
 import math
-from typing import Tuple
+from typing import Tuple, Union
 
 import torch
 
 from . import fallback, ops
+from .cost import Bracketing
 from .graph import GraphPlan
 from .plan import Plan
 
 
-def run_plan(plan: Plan, x: torch.Tensor, mode: str) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(y [B, *out], J [B, *out, *in]) for a resolved mode ("forward" or "reverse")."""
+def run_plan(plan: Plan, x: torch.Tensor, mode: Union[str, Bracketing]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(y [B, *out], J [B, *out, *in]) for a resolved mode ("forward", "reverse" or a split Bracketing)."""
     batch = x.shape[0]
+    if isinstance(mode, Bracketing):
+        return _run_bracketing(plan, x, mode)
     if isinstance(plan, GraphPlan):
         if batch == 0:
             return x.new_empty(0, *plan.output_shape), x.new_empty(0, *plan.output_shape, *plan.input_shape)
@@ -68,3 +72,21 @@ def _reverse_sweep(plan: Plan, x: torch.Tensor):
                 segment_input.reshape(batch, _flat_width(segment.input_shape)), cotangent, segment.layers, segment.params()
             )
     return hidden, cotangent
+
+
+def _run_bracketing(plan: Plan, x: torch.Tensor, bracketing: Bracketing):
+    """Each sweep of the bracketing on its own part of the chain, in input order (a part's output is the
+    next part's input), then the parts' Jacobians multiplied out as the bracketing nests them."""
+    batch = x.shape[0]
+    hidden, parts = x, {}
+    for sweep in bracketing.sweeps():
+        part = plan.part(sweep.start, sweep.stop)
+        hidden, jacobian = run_plan(part, hidden, sweep.mode)
+        parts[sweep.start] = jacobian.reshape(batch, part.out_features, part.in_features)
+
+    def multiplied_out(node: Bracketing) -> torch.Tensor:
+        if node.is_sweep:
+            return parts[node.start]
+        return torch.matmul(multiplied_out(node.later), multiplied_out(node.earlier))
+
+    return hidden, multiplied_out(bracketing).reshape(batch, *plan.output_shape, *plan.input_shape)

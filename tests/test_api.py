@@ -7,7 +7,7 @@ import jacobian_ext as jx
 from jacobian_ext import ops
 from conftest import DEVICES, DTYPES, Sin, assert_matches_reference, loop_jacobian, non_contiguous, reference_jacobian
 
-MODES = ["auto", "forward", "reverse"]
+MODES = ["auto", "forward", "reverse", "mixed"]
 
 
 def random_mlp(depth, in_features, out_features, head=None, activation=nn.ReLU):

@@ -46,7 +46,7 @@ def test_device_mismatch_between_input_and_weights():
 
 
 def test_unknown_mode():
-    with pytest.raises(ValueError, match="mode must be one of 'auto', 'forward', 'reverse'; got 'sideways'"):
+    with pytest.raises(ValueError, match="mode must be one of 'auto', 'forward', 'reverse', 'mixed'; got 'sideways'"):
         jx.batch_jacobian(mlp(), torch.randn(2, 8), mode="sideways")
 
 

@@ -9,7 +9,7 @@ from torch.nn import functional as F
 import jacobian_ext as jx
 from conftest import DEVICES, DTYPES, assert_matches_reference, loop_jacobian, reference_jacobian
 
-MODES = ["auto", "forward", "reverse"]
+MODES = ["auto", "forward", "reverse", "mixed"]
 
 
 def check(model, x, mode, dtype, expect_fallbacks=None, reference=reference_jacobian):

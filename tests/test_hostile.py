@@ -11,7 +11,7 @@ import jacobian_ext as jx
 from conftest import Sin, assert_matches_reference, penalty_gradients, reference_jacobian, single_sample
 from error_bound import Reference
 
-MODES = ["auto", "forward", "reverse"]
+MODES = ["auto", "forward", "reverse", "mixed"]
 # For the large parametrised grids: auto runs one of the two sweeps (test_properties.py checks that
 # its result is exactly that sweep's), so it adds nothing there but time.
 SWEEPS = ["forward", "reverse"]
