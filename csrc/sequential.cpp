@@ -7,6 +7,7 @@
 // activation_from_name). (No None entries: autograd wrappers only track all-tensor lists.)
 #include <ATen/Parallel.h>
 
+#include "jacext/chain_plan.h"
 #include "jacext/checks.h"
 #include "jacext/ops.h"
 
@@ -17,17 +18,7 @@
 #include <utility>
 
 namespace jacext {
-namespace {
 
-struct Layer {
-  enum class Type { Linear, Activation, Softmax, LogSoftmax };
-  Type type = Type::Linear;
-  Activation activation;
-  at::Tensor weight;
-  std::optional<at::Tensor> bias;
-};
-
-// Decodes and validates a plan for `input` [B, H]: dtype, device and every width along the chain.
 std::vector<Layer> parse_plan(const at::Tensor& input, c10::ArrayRef<std::string> layers, const LayerParams& params,
                               const char* op) {
   std::vector<Layer> plan;
@@ -63,6 +54,8 @@ std::vector<Layer> parse_plan(const at::Tensor& input, c10::ArrayRef<std::string
               next_param);
   return plan;
 }
+
+namespace {
 
 struct SweepResult {
   at::Tensor output;
@@ -302,7 +295,9 @@ std::tuple<at::Tensor, at::Tensor> batch_jacobian(const at::Tensor& input, c10::
   const int64_t in_features = flat_input.size(1);
 
   at::Tensor output, jacobian;  // jacobian: [B, C, D]
-  if (mode == "forward") {
+  if (auto small = cpu::small_chain_jacobian(flat_input, plan, mode == "reverse")) {
+    std::tie(output, jacobian) = *small;
+  } else if (mode == "forward") {
     SweepResult result = forward_sweep(flat_input, JacobianBlock::identity(), plan);
     output = result.output;
     jacobian = result.block.dense(batch, output.size(1), input.options()).transpose(1, 2).contiguous();

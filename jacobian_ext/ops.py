@@ -129,7 +129,13 @@ def sequential_jac_reverse(
 
 
 def batch_jacobian(input: Tensor, layers: Sequence[str], params: Sequence[Tensor], mode: str):
-    return _ops.batch_jacobian.default(input, list(layers), list(params), mode)
+    if torch.is_grad_enabled() and (input.requires_grad or any(p.requires_grad for p in params)):
+        return _ops.batch_jacobian.default(input, list(layers), list(params), mode)
+    # Nothing to differentiate: call the kernel below the Autograd key. The op's autograd kernel
+    # (differentiable.py, torch.library.register_autograd) is Python, and its no-grad redispatch alone
+    # cost 80 us per call, twice the kernel's time on the `tiny` bench case.
+    with torch._C._AutoDispatchBelowAutograd():
+        return _ops.batch_jacobian.default(input, list(layers), list(params), mode)
 
 
 # ---- ops on N-d per-sample features: input [B, *features]; jac None or [B, *features, D] -> jac_out

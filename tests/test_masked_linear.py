@@ -4,7 +4,8 @@ weight rows are read) against torch.func, at active fractions on both sides of t
 Which branch runs depends on the batch's active fraction (sequential.cpp, skip_inactive_units):
 the fractions below cover both sides of the measured crossover in-process, and the subprocess tests
 force each branch for every fraction through JACEXT_MASKED_LINEAR_CROSSOVER (read once per process:
-0 = always dense, 2 = always masked)."""
+0 = always dense, 2 = always masked), with the small-chain kernel (which takes small plans before the
+walker sees them) switched off by JACEXT_SMALL_CHAIN_MAX_MACS=0."""
 import json
 import os
 import subprocess
@@ -143,7 +144,7 @@ print(json.dumps(errors))
 @pytest.mark.parametrize("crossover", ["0", "2"], ids=["forced-dense", "forced-masked"])
 def test_each_branch_forced_for_every_active_fraction(crossover):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, JACEXT_MASKED_LINEAR_CROSSOVER=crossover)
+    env = dict(os.environ, JACEXT_MASKED_LINEAR_CROSSOVER=crossover, JACEXT_SMALL_CHAIN_MAX_MACS="0")
     done = subprocess.run([sys.executable, "-c", FORCED_BRANCH_SCRIPT], cwd=root, env=env, capture_output=True,
                           text=True, timeout=600)
     assert done.returncode == 0, done.stderr
@@ -156,7 +157,7 @@ def test_each_branch_forced_for_every_active_fraction(crossover):
 
 def test_bad_crossover_override_is_rejected():
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, JACEXT_MASKED_LINEAR_CROSSOVER="half")
+    env = dict(os.environ, JACEXT_MASKED_LINEAR_CROSSOVER="half", JACEXT_SMALL_CHAIN_MAX_MACS="0")
     script = ("import torch, jacobian_ext as jx\n"
               "m = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))\n"
               "jx.batch_jacobian(m, torch.randn(2, 3), mode='reverse')\n")

@@ -1,0 +1,151 @@
+"""The CPU small-chain kernel (csrc/cpu/small_chain.cpp), which batch_jacobian runs for plans under
+JACEXT_SMALL_CHAIN_MAX_MACS multiply-adds (default 2^18), against the ATen walker and torch.func.
+
+Every small CPU model in the other tests already runs on it; here the same models run on both paths
+(the limit is read once per process, so the other path runs in a subprocess), and wide models are
+forced onto it."""
+import json
+import os
+import subprocess
+import sys
+
+import torch
+from torch import nn
+
+from conftest import assert_matches_reference, reference_jacobian
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+HEADS = {"none": None, "softmax": lambda: nn.Softmax(-1), "log_softmax": lambda: nn.LogSoftmax(-1)}
+ACTIVATIONS = [nn.ReLU, nn.Tanh, nn.Sigmoid, nn.GELU, lambda: nn.GELU("tanh"), nn.SiLU, nn.ReLU6,
+               lambda: nn.LeakyReLU(0.1), lambda: nn.ELU(0.7), lambda: nn.Softplus(2.0, 5.0), nn.Hardtanh]
+
+
+def build_case(seed, widths, head, dtype, batch, special):
+    """An MLP cycling through the activations, with a non-contiguous first weight and input."""
+    torch.manual_seed(seed)
+    layers = []
+    for i in range(len(widths) - 1):
+        layers.append(nn.Linear(widths[i], widths[i + 1], bias=i % 2 == 0))
+        if i < len(widths) - 2:
+            layers.append(ACTIVATIONS[(seed + i) % len(ACTIVATIONS)]())
+    if HEADS[head] is not None:
+        layers.append(HEADS[head]())
+    model = nn.Sequential(*layers).to(dtype).eval()
+    with torch.no_grad():
+        model[0].weight = nn.Parameter(model[0].weight.detach().T.contiguous().T)
+    x = (3 * torch.randn(batch, 2 * widths[0], dtype=dtype))[:, ::2]
+    if special == "nan":
+        x[0, 0] = float("nan")
+    elif special == "inf":
+        x[0, -1] = float("inf")
+    return model, x
+
+
+# Runs every case on the op in both modes in a fresh process (the limit is read once) and prints them.
+CASES_SCRIPT = r"""
+import json, sys, torch
+sys.path.insert(0, "tests")
+import jacobian_ext as jx
+from test_small_chain import build_case
+results = []
+for spec in json.loads(sys.argv[1]):
+    model, x = build_case(**dict(spec, dtype=getattr(torch, spec["dtype"])))
+    for mode in ("forward", "reverse"):
+        with torch.no_grad():
+            y, J = jx.batch_jacobian(model, x, mode=mode, return_output=True)
+        results.append({"y": y.double().tolist(), "J": J.double().tolist()})
+print(json.dumps(results))
+"""
+
+SPECS = [
+    {"seed": seed, "widths": widths, "head": head, "dtype": dtype, "batch": batch, "special": special}
+    for seed, (widths, head, dtype, batch, special) in enumerate([
+        ([5, 7, 3], "none", "float64", 4, ""),
+        ([6, 9, 9, 4], "softmax", "float64", 3, ""),
+        ([3, 8, 8, 8, 5], "log_softmax", "float64", 2, ""),
+        ([1, 4, 1], "none", "float64", 5, ""),
+        ([7, 5], "softmax", "float64", 1, ""),
+        ([4, 6, 2], "none", "float64", 0, ""),
+        ([5, 7, 3], "softmax", "float32", 6, ""),
+        ([9, 12, 4], "log_softmax", "float32", 3, ""),
+        ([4, 6, 3], "none", "float64", 3, "nan"),
+        ([4, 6, 3], "softmax", "float64", 3, "inf"),
+    ])
+] + [  # every activation at least once, in both positions of a two-activation chain
+    {"seed": seed, "widths": [4, 6, 5, 3], "head": "none", "dtype": "float64", "batch": 3, "special": ""}
+    for seed in range(20, 31)
+]
+
+
+def run_cases(specs, max_macs):
+    env = dict(os.environ, JACEXT_SMALL_CHAIN_MAX_MACS=max_macs)
+    done = subprocess.run([sys.executable, "-c", CASES_SCRIPT, json.dumps(specs)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def as_tensor(values):
+    return torch.tensor(values, dtype=torch.float64)
+
+
+def test_small_chain_equals_the_aten_walker_and_torch_func():
+    """Both paths against torch.func; against each other where the input is finite. With a NaN or an
+    infinity in the input the walker can differ from the reference: ATen's vectorised ELU backward
+    kernel gives NaN at a NaN input where autograd's scalar tail (and rule_math.h) gives 1."""
+    small, walker = run_cases(SPECS, "1e12"), run_cases(SPECS, "0")
+    assert len(small) == len(walker) == 2 * len(SPECS)
+    for index, (ours, theirs) in enumerate(zip(small, walker)):
+        spec = SPECS[index // 2]
+        dtype = getattr(torch, spec["dtype"])
+        model, x = build_case(**dict(spec, dtype=dtype))
+        reference = reference_jacobian(model, x)
+        with torch.no_grad():
+            output = model(x)
+        shapes = {"y": output.shape, "J": reference.shape}  # JSON keeps no shape for B = 0
+        jacobian = as_tensor(ours["J"]).reshape(reference.shape)
+        assert torch.equal(jacobian.isnan(), reference.isnan()), spec
+        assert_matches_reference(jacobian.nan_to_num(), reference.nan_to_num(), dtype)
+        assert_matches_reference(as_tensor(ours["y"]).reshape(output.shape).nan_to_num(), output.nan_to_num(), dtype)
+        if not spec["special"]:
+            for key in ("y", "J"):
+                assert_matches_reference(as_tensor(ours[key]).reshape(shapes[key]),
+                                         as_tensor(theirs[key]).reshape(shapes[key]), dtype)
+
+
+WIDE_SCRIPT = r"""
+import json, torch
+from torch import nn
+import jacobian_ext as jx
+torch.manual_seed(0)
+model = nn.Sequential(nn.Linear(300, 257), nn.ReLU(), nn.Linear(257, 130), nn.Tanh(), nn.Linear(130, 17),
+                      nn.Softmax(-1)).double().eval()
+x = torch.randn(5, 300, dtype=torch.float64)
+torch.save((model, x), "MODEL_PATH")
+out = {mode: jx.batch_jacobian(model, x, mode=mode) for mode in ("forward", "reverse")}
+torch.save(out, "OUT_PATH")
+"""
+
+
+def test_wide_model_forced_onto_the_small_chain_kernel(tmp_path):
+    """Widths beyond any vector length and block the loops might assume, on the kernel by force."""
+    script = WIDE_SCRIPT.replace("MODEL_PATH", str(tmp_path / "model.pt")).replace("OUT_PATH", str(tmp_path / "j.pt"))
+    env = dict(os.environ, JACEXT_SMALL_CHAIN_MAX_MACS="1e12")
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr
+    model, x = torch.load(tmp_path / "model.pt", weights_only=False)
+    expected = reference_jacobian(model, x)
+    for mode, jacobian in torch.load(tmp_path / "j.pt").items():
+        assert_matches_reference(jacobian, expected, torch.float64)
+
+
+def test_bad_limit_is_rejected():
+    env = dict(os.environ, JACEXT_SMALL_CHAIN_MAX_MACS="lots")
+    script = ("import torch, jacobian_ext as jx\n"
+              "jx.batch_jacobian(torch.nn.Sequential(torch.nn.Linear(3, 2)), torch.randn(2, 3))\n")
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode != 0
+    assert "JACEXT_SMALL_CHAIN_MAX_MACS must be a non-negative number" in done.stderr
