@@ -123,7 +123,7 @@ def floor_table(results: List[CaseResult], rates: MachineRates) -> List[str]:
 
 
 def memory_table(results: List[CaseResult], methods: List[Method]) -> List[str]:
-    header = ["case"] + [m.label for m in methods]
+    header = ["case"] + [m.label for m in methods] + ["J + largest block", "ours auto / that", "ours auto / vmap jacrev"]
     lines = [_row(header), _row(["---"] * len(header))]
     for result in results:
         cells = []
@@ -133,6 +133,12 @@ def memory_table(results: List[CaseResult], methods: List[Method]) -> List[str]:
             else:
                 growth = result.peak_memory[method.name]
                 cells.append("failed" if growth is None else f"{growth / 2**20:.1f}")
+        ours, peer = result.peak_memory.get("ours (auto)"), result.peak_memory.get("torch.func vmap(jacrev)")
+        cells.append(f"{result.memory_bound / 2**20:.1f}")
+        # Below a MiB the bound is under the resolution of peak RSS (pages, the allocator's arenas).
+        measurable = result.memory_bound >= 2**20
+        cells.append(f"{ours / result.memory_bound:.2f}x" if ours is not None and measurable else "below RSS resolution")
+        cells.append(f"{ours / peer:.2f}x" if ours is not None and peer else "—")
         lines.append(_row([result.case.name] + cells))
     return lines
 
@@ -145,7 +151,9 @@ TIME_MEASURED = {
 }
 MEMORY_MEASURED = {
     "cpu": "MiB of peak-RSS growth in a fresh process from running the method once, over the baseline after "
-           "building model and input (`failed`: the process errored or timed out).",
+           "building model and input (`failed`: the process errored or timed out). `J + largest block`: bytes "
+           "of J plus the largest intermediate Jacobian block of auto's order ([B, C, H] reverse, [B, D, H] "
+           "forward), the issue's target being at most 1.25x that.",
     "cuda": "MiB by which torch.cuda.max_memory_allocated rose above the memory allocated before one warm call "
             "of the method (model, input and what the method keeps between calls); memory the caching "
             "allocator holds in reserve does not count (`failed`: the call errored).",
@@ -172,7 +180,8 @@ def render(results: List[CaseResult], methods: List[Method], rates: MachineRates
     lines += [
         "", "## Against the floor",
         "",
-        "FLOP floor: 2 x the multiply-adds of the cheaper of forward and reverse accumulation with lazy identity "
+        "FLOP floor: 2 x the multiply-adds of the cheapest of forward accumulation, reverse accumulation and the "
+        "best split into a forward and a reverse part joined per sample, with lazy identity "
         "seeds (a Linear applied to the identity is free), over the measured GEMM rate; once over all units, once "
         "counting only the ReLU units active on this input. Output-bytes floor: bytes of J over the measured "
         "bandwidth. ours / floor uses the larger of the FLOP and bytes floors.",

@@ -1,4 +1,5 @@
 """Measures one case: checks every method's J against the reference, then times the correct ones."""
+import math
 import statistics
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
@@ -25,6 +26,7 @@ class CaseResult:
     failures: Dict[str, str] = field(default_factory=dict)  # method name -> why it was not timed
     # Bytes (None: failed); on a CPU the peak-RSS growth with --memory, on a GPU the allocator's, always.
     peak_memory: Dict[str, Optional[int]] = field(default_factory=dict)
+    memory_bound: int = 0  # bytes of J plus the largest Jacobian block of auto's order (target: peak <= 1.25x)
 
     def seconds(self, method_name: str) -> Optional[float]:
         timing = self.timings.get(method_name)
@@ -63,6 +65,19 @@ def _checked_runners(methods: List[Method], model, x, failures: Dict[str, str], 
     return runners, first_call_s
 
 
+def memory_bound(model, x) -> int:
+    """Bytes of J [B, C, D] plus the largest intermediate Jacobian block of the order auto runs: [B, C, H]
+    over the hidden widths H in reverse, [B, D, H] in forward, the larger of the two for a split."""
+    jm = jx.compile(model)
+    plan = jm.plan_for(x)
+    mode = plan.choose_mode(x.shape[0], "auto")
+    hidden = [math.prod(step.output_shape) for step in plan.steps[:-1]] or [0]
+    rows = {"forward": [plan.in_features], "reverse": [plan.out_features]}.get(mode, [plan.in_features,
+                                                                                   plan.out_features])
+    batch, size = x.shape[0], x.element_size()
+    return size * batch * (plan.out_features * plan.in_features + max(rows) * max(hidden))
+
+
 def auto_mode(model, x) -> str:
     jm = jx.compile(model)
     with torch.no_grad():
@@ -83,7 +98,7 @@ def warm_up_process(methods: List[Method], case: Case, device: str):
 
 def run_case(case: Case, methods: List[Method], budget: Budget, device: str) -> CaseResult:
     model, x = build_model_and_input(case, device)
-    result = CaseResult(case, auto_mode(model, x), case_floor(model, x))
+    result = CaseResult(case, auto_mode(model, x), case_floor(model, x), memory_bound=memory_bound(model, x))
     runners, first_call_s = _checked_runners(methods, model, x, result.failures, device)
     result.timings = time_interleaved(runners, first_call_s, budget, device)
     if device == "cuda":  # after timing, so that every call measured is a warm one
