@@ -137,13 +137,18 @@ def test_integrated_gradients_scalar_baseline_and_without_inputs_factor(dtype):
 def test_noise_tunnel_with_the_same_seed(dtype, model_name):
     model, x = model_and_input(model_name, dtype, 3)
     target = [0, 3, 1]
+    mean_square = None
     for nt_type, batch_size in (("smoothgrad", None), ("smoothgrad_sq", 2), ("vargrad", 4)):
         kwargs = dict(nt_type=nt_type, nt_samples=5, nt_samples_batch_size=batch_size, stdevs=0.3, target=target)
         torch.manual_seed(7)
         ours = explain.NoiseTunnel(explain.Saliency(model)).attribute(x, **kwargs)
         torch.manual_seed(7)
         theirs = captum_attr.NoiseTunnel(captum_attr.Saliency(model)).attribute(x, **kwargs)
-        assert_close(ours, theirs, dtype)
+        # vargrad = mean(g^2) - mean(g)^2 cancels: its rounding error scales with mean(g^2), not with the
+        # (smaller) variance (float32, seen: 1.2e-10 on a variance of 8.5e-6; the mean squares of this model are 3e-4 to 6e-4).
+        assert_close(ours, theirs, dtype, scale=mean_square if nt_type == "vargrad" else None)
+        if nt_type == "smoothgrad_sq":
+            mean_square = theirs.abs().max().item()
     torch.manual_seed(3)
     ours = explain.smoothgrad(model, x, target, nt_samples=4, stdevs=0.2)
     torch.manual_seed(3)
