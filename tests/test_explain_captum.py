@@ -145,7 +145,8 @@ def test_noise_tunnel_with_the_same_seed(dtype, model_name):
         torch.manual_seed(7)
         theirs = captum_attr.NoiseTunnel(captum_attr.Saliency(model)).attribute(x, **kwargs)
         # vargrad = mean(g^2) - mean(g)^2 cancels: its rounding error scales with mean(g^2), not with the
-        # (smaller) variance (float32, seen: 1.2e-10 on a variance of 8.5e-6; the mean squares of this model are 3e-4 to 6e-4).
+        # (smaller) variance (float32, seen: 1.2e-10 on a variance of 8.5e-6, where this model's mean
+        # squares are 3e-4 to 6e-4).
         assert_close(ours, theirs, dtype, scale=mean_square if nt_type == "vargrad" else None)
         if nt_type == "smoothgrad_sq":
             mean_square = theirs.abs().max().item()
