@@ -222,3 +222,11 @@ def test_traced_graphs_run_the_cheaper_sweep_for_mixed():
     ops = [node.target for node in exported.graph.nodes if node.op == "call_function"]
     assert torch.ops.jacext.batch_jacobian.default in ops
     assert_matches_reference(exported.module()(x)[1], reference_jacobian(model, x), torch.float32)
+
+
+def test_jacobians_to_disk_with_a_split_bracketing(tmp_path):
+    model = hourglass().double()
+    x = torch.randn(10, 48, dtype=torch.float64)
+    assert isinstance(jx.compile(model).plan_for(x).choose_mode(4, "auto"), Bracketing)
+    jx.jacobians_to_disk(model, x, tmp_path / "out", batch_size=4, max_memory="64KiB")  # chunks within shards
+    assert_matches_reference(jx.load_jacobians(tmp_path / "out"), reference_jacobian(model, x), torch.float64)
