@@ -202,7 +202,7 @@ class JacobianModule(nn.Module):
         else:
             lines.append(f"  plan for per-sample input {list(plan.input_shape)} -> output {list(plan.output_shape)}, "
                          f"{str(plan.dtype).replace('torch.', '')} on {plan.device}")
-            for batch, (auto, costs, *_) in sorted(plan.decisions.items()):
+            for batch, (_, costs, *_) in sorted(plan.decisions.items()):
                 chosen = plan.choose_mode(batch, self.mode)
                 how = f"split {chosen} (step ranges)" if isinstance(chosen, Bracketing) else f"{chosen} sweep"
                 macs = ", ".join(f"{name} {value:.3g}" for name, value in costs.items())

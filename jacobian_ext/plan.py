@@ -71,6 +71,7 @@ class Segment:
             x = step.module(x)
         return x
 
+
 class FlatWidths:
     """in_features and out_features (D and C) of a plan with per-sample input_shape and output_shape."""
 
