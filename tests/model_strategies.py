@@ -130,23 +130,33 @@ class ModelCase:
     input_scale: float
 
     @property
-    def model(self) -> nn.Sequential:
+    def model(self) -> nn.Module:
         return self._model
 
     def __post_init__(self):
-        self._model = nn.Sequential(*[module for _, module, _ in self.layers])
+        self._model = self.build_model()
         generator = torch.Generator().manual_seed(self.seed)
-        self.x = (torch.randn(self.batch, *self.in_shape, generator=generator, dtype=torch.float64)
-                  * self.input_scale).to(self.dtype)
+        self.x = self.arrange_input((torch.randn(self.batch, *self.in_shape, generator=generator, dtype=torch.float64)
+                                     * self.input_scale).to(self.dtype))
+
+    # Hooks for other model shapes (tests/graph_strategies.GraphCase).
+    def build_model(self) -> nn.Module:
+        return nn.Sequential(*[module for _, module, _ in self.layers])
+
+    def arrange_input(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def describe(self) -> str:
+        return f"layers=[{', '.join(name for name, _, _ in self.layers)}]"
 
     @property
     def expected_fallbacks(self) -> List[str]:
         return [str(i) for i, (_, _, native) in enumerate(self.layers) if not native]
 
     def __repr__(self):
-        names = ", ".join(name for name, _, _ in self.layers)
-        return (f"ModelCase(x=[{self.batch}, {', '.join(map(str, self.in_shape))}] {self.dtype}, seed={self.seed}, "
-                f"weight_gain={self.weight_gain}, input_scale={self.input_scale}, layers=[{names}])\n{self._model}")
+        return (f"{type(self).__name__}(x=[{self.batch}, {', '.join(map(str, self.in_shape))}] {self.dtype}, "
+                f"seed={self.seed}, weight_gain={self.weight_gain}, input_scale={self.input_scale}, "
+                f"{self.describe()})\n{self._model}")
 
 
 @st.composite
