@@ -8,7 +8,8 @@ and returns (constructor, expected native). `keep` asks for a layer that keeps t
 ("all": a residual branch) or its spatial size ("spatial": a concatenated branch). As in
 model_strategies, constructors run later under one drawn torch seed; output shapes are found by
 running each layer on zeros. The model's forward goes through user modules (GraphModel, Fork, Scale,
-...), so that fx traces into them and torch's layers and functions become the graph's nodes.
+IndexMap, ...), so that fx traces into them and torch's layers, functions and methods become the
+graph's nodes (views, slices and sums by constants included).
 """
 import math
 from dataclasses import dataclass
@@ -84,6 +85,29 @@ class Functional(nn.Module):
 
     def extra_repr(self):
         return f"{getattr(self.function, '__name__', self.function)}, {self.kwargs}"
+
+
+class IndexMap(nn.Module):
+    """A view, a slice, a negation or a shift by a constant: index maps on the graph path."""
+
+    MAPS = {
+        "transpose": lambda x: x.transpose(-1, -2),
+        "drop_first": lambda x: x[..., 1:],
+        "every_other": lambda x: x[:, :, ::2],
+        "merge_spatial": lambda x: x.flatten(2),
+        "neg": lambda x: -x,
+        "shift": lambda x: x + 1.5,
+    }
+
+    def __init__(self, kind: str):
+        super().__init__()
+        self.kind = kind
+
+    def forward(self, x):
+        return self.MAPS[self.kind](x)
+
+    def extra_repr(self):
+        return self.kind
 
 
 class FlattenMethod(nn.Module):
@@ -219,6 +243,16 @@ def _last_axis_linear(draw, shape, keep):
     return (lambda: nn.Linear(shape[-1], out)), True
 
 
+def _index_map(draw, shape, keep):
+    kinds = ["neg", "shift"]
+    if len(shape) == 3 and (not keep or shape[1] == shape[2]):
+        kinds.append("transpose")
+    if not keep:
+        kinds += ["every_other"] + (["drop_first"] if shape[-1] > 1 else []) + (["merge_spatial"] if len(shape) == 3 else [])
+    kind = draw(st.sampled_from(kinds), label="index map")
+    return (lambda: IndexMap(kind)), True
+
+
 def _sin(draw, shape, keep):
     return Sin, False  # no native rule: the node runs alone on the torch.func fallback
 
@@ -233,6 +267,7 @@ STAGES: List[StageFactory] = [
     StageFactory("adaptive_avg_pool", _adaptive_avg_pool),
     StageFactory("scale", _scale),
     StageFactory("linear_last_axis", _last_axis_linear),
+    StageFactory("index_map", _index_map),
     StageFactory("sin", _sin),
 ]
 
