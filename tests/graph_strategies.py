@@ -1,7 +1,8 @@
 """Hypothesis strategies that draw random graph models (the torch.fx path of jacobian_ext): an image
 [B, C, H, W] or signal [B, C, L] through a chain of stages, where a stage is a layer or a fork of two
 branches joined by a residual sum, a difference or a channel concatenation, then a head (flatten, a
-Linear and an optional softmax, log-softmax or Sin; sometimes no head at all: an N-d output).
+Linear and an optional softmax, log-softmax, BatchNorm1d or Sin; sometimes no head at all: an N-d
+output).
 
 Every layer kind is one entry of STAGES: a name and a `build(draw, shape, keep)` that draws its options
 and returns (constructor, expected native). `keep` asks for a layer that keeps the per-sample shape
@@ -220,8 +221,10 @@ def _avg_pool(draw, shape, keep):
     kernel, stride, padding = _pool_geometry(draw, shape[1:], keep)
     ceil_mode = not keep and draw(st.booleans(), label="ceil_mode")
     count_include_pad = draw(st.booleans(), label="count_include_pad")
-    cls = _by_rank(shape, nn.AvgPool1d, nn.AvgPool2d)
-    return (lambda: cls(kernel, stride, padding, ceil_mode=ceil_mode, count_include_pad=count_include_pad)), True
+    if len(shape) == 2:
+        return (lambda: nn.AvgPool1d(kernel, stride, padding, ceil_mode, count_include_pad)), True
+    divisor_override = draw(st.sampled_from([None, None, 2]), label="divisor_override")
+    return (lambda: nn.AvgPool2d(kernel, stride, padding, ceil_mode, count_include_pad, divisor_override)), True
 
 
 def _adaptive_avg_pool(draw, shape, keep):
@@ -337,9 +340,10 @@ def _draw_head(draw, shape) -> List[StageSpec]:
     if head == "linear":
         features, out = math.prod(shape), draw(st.integers(1, 6), label="out_features")
         specs.append(StageSpec("linear", lambda: nn.Linear(features, out)))
-        last = draw(st.sampled_from([None, "softmax", "log_softmax", "sin"]), label="output layer")
+        last = draw(st.sampled_from([None, "softmax", "log_softmax", "sin", "batch_norm"]), label="output layer")
         if last is not None:
-            constructor = {"softmax": lambda: nn.Softmax(-1), "log_softmax": lambda: nn.LogSoftmax(-1), "sin": Sin}[last]
+            constructor = {"softmax": lambda: nn.Softmax(-1), "log_softmax": lambda: nn.LogSoftmax(-1), "sin": Sin,
+                           "batch_norm": lambda: randomized_batch_norm(nn.BatchNorm1d(out))}[last]
             specs.append(StageSpec(last, constructor, native=last != "sin"))
     return specs
 
