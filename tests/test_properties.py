@@ -90,6 +90,22 @@ def test_compiled_module_reuses_its_plan_across_batch_sizes(case, mode, data):
     reference.check(output_rows, jacobian_rows, f"compiled {mode}, rows {rows}", rows)
 
 
+
+# Found by `make fuzz` after 412 examples: a LayerNorm sends a chain to the graph path, where an nn.Linear
+# on an N-d input is native; model_cases expected the fused chain's fallback for it (now
+# LayerFactory.native_on_graph). An explicit test: a strategy with st.data() takes no @example.
+LAST_AXIS_LINEAR_BEFORE_LAYER_NORM = regression_case(
+    [("linear_last_axis", lambda: nn.Linear(1, 1), True), ("relu", nn.ReLU, True), ("flatten", nn.Flatten, True),
+     ("layer_norm", lambda: randomized_affine(nn.LayerNorm(1)), True)], (1, 1, 1), 2)
+
+
+def test_a_layer_norm_puts_the_chain_on_the_graph_path_where_a_last_axis_linear_is_native():
+    case = LAST_AXIS_LINEAR_BEFORE_LAYER_NORM
+    jm = jx.compile(case.model)
+    output, jacobian = jm(case.x)
+    assert jm.fallbacks == case.expected_fallbacks == []
+    Reference(case.model, case.x).check(output, jacobian, "compiled")
+
 GRAPH_MODES = ("auto", "forward", "reverse")
 
 
