@@ -73,6 +73,9 @@ class Scale(nn.Module):
     def forward(self, x):
         return x / self.factor if self.divide else x * self.factor
 
+    def extra_repr(self):
+        return f"{'/' if self.divide else '*'} {self.factor}"
+
 
 class Functional(nn.Module):
     """A torch function called in forward (F.silu, torch.tanh, ...): a call_function node."""
