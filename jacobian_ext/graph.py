@@ -134,9 +134,10 @@ class Evaluator:
         kwargs = fx.node.map_arg(node.kwargs, env.__getitem__)
         return self.call(node, args, kwargs)
 
-    def run(self, x: torch.Tensor, name_failures: bool = False) -> Dict[fx.Node, object]:
+    def run(self, x: torch.Tensor, name_failures: bool = False, feed: Optional[Callable] = None) -> Dict[fx.Node, object]:
         """Every node's value for the model input x; with name_failures, a node that raises is named
-        in a ValueError (planning probes: the user learns which layer rejects the input)."""
+        in a ValueError (planning probes: the user learns which layer rejects the input). `feed(node,
+        value)`, when given, returns the value that later nodes receive instead."""
         env: Dict[fx.Node, object] = {}
         for node in self.gm.graph.nodes:
             if node.op == "placeholder":
@@ -151,6 +152,8 @@ class Evaluator:
                 except Exception as error:
                     raise ValueError(f"{self._describe(node)} failed on per-sample inputs of shape "
                                      f"{_input_shapes(node, env)}: {error}") from error
+            if feed is not None and node.op not in ("placeholder", "output"):
+                env[node] = feed(node, env[node])
         return env
 
     def _describe(self, node: fx.Node) -> str:
@@ -274,7 +277,7 @@ class GraphPlan(FlatWidths):
                 continue
             pulled = g.rule.reverse(self, g, env, cotangents.pop(g.node))
             for source, cotangent in zip(g.inputs, pulled):
-                accumulate(cotangents, source, cotangent, self._by_node[source].shape if source in self._by_node else self.input_shape)
+                accumulate(cotangents, source, cotangent, env[source])
         block = cotangents.get(self.input_node)
         if block is None:
             block = torch.zeros(x.shape[0], self.out_features, *self.input_shape, dtype=x.dtype, device=x.device)
@@ -310,6 +313,26 @@ def _probe_values(evaluator: Evaluator, x: torch.Tensor) -> Dict[fx.Node, object
         return evaluator.run(x, name_failures=True)
 
 
+def _probe_single(evaluator: Evaluator, pair_values: Dict[fx.Node, object], pair: torch.Tensor, index: int):
+    """Every node's value for sample `index` of the probe pair alone, each node computed from the pair's
+    values of its inputs (that sample's rows): a node is judged on exactly the inputs it had in the pair,
+    so last-bit differences upstream (a batched kernel rounds differently) that an ill-conditioned node
+    amplifies (a LayerNorm over nearly equal features) do not count against it."""
+    own: Dict[fx.Node, object] = {}
+
+    def feed(node, value):
+        own[node] = value
+        paired = pair_values[node]
+        if (_is_float_tensor(value) and _is_float_tensor(paired) and value.dim() > 0 and paired.dim() > 0
+                and value.shape[0] == 1 and paired.shape == (2, *value.shape[1:])):
+            return paired[index:index + 1]
+        return value
+
+    with torch.no_grad():
+        evaluator.run(pair[index:index + 1], name_failures=True, feed=feed)
+    return own
+
+
 def _check_per_sample(node: fx.Node, pair, singles, name: str):
     """A node must map each sample on its own: its value on two samples equals its values on each."""
     if not _is_float_tensor(pair) or pair.dim() == 0 or pair.shape[0] != 2:
@@ -336,7 +359,7 @@ def build_graph_plan(model: Callable, x: torch.Tensor, captured=None) -> GraphPl
     second = x[1:2] if x.shape[0] > 1 else first * 0.5 + 0.25
     pair = torch.cat([first, second])
     values = _probe_values(evaluator, pair)
-    singles = [_probe_values(evaluator, first), _probe_values(evaluator, second)]
+    singles = [_probe_single(evaluator, values, pair, index) for index in range(2)]
 
     out_value = values[output_node]
     if not isinstance(out_value, torch.Tensor) or out_value.dim() < 1 or out_value.shape[0] != 2:

@@ -43,15 +43,15 @@ def explicit_block(block, batch: int, shape: Sequence[int], like: torch.Tensor) 
     return eye.reshape(1, rows, *shape).expand(batch, rows, *shape)
 
 
-def accumulate(store: Dict, node, block, shape):
-    """Adds a cotangent contribution (fan-out: a value used by several nodes)."""
+def accumulate(store: Dict, node, block, value: torch.Tensor):
+    """Adds a cotangent contribution (fan-out: a value used by several nodes). `value` is the node's value
+    [B, *shape]: it sizes the identity when both contributions are the lazy identity (the output is
+    e.g. (x + 1) + x)."""
     if node not in store:
         store[node] = block
         return
-    previous = store[node]
-    reference = block if block is not IDENTITY else previous
-    batch = reference.shape[0]
-    store[node] = explicit_block(previous, batch, shape, reference) + explicit_block(block, batch, shape, reference)
+    batch, shape = value.shape[0], value.shape[1:]
+    store[node] = explicit_block(store[node], batch, shape, value) + explicit_block(block, batch, shape, value)
 
 
 class NodeRule:

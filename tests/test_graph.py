@@ -95,6 +95,28 @@ def test_index_maps_are_native(device, mode, batch):
     check(model, x, mode, torch.float64, expect_fallbacks=[])
 
 
+class FanOutToTheOutput(nn.Module):
+    """The output sums three uses of h through index maps that pass the lazy identity seed on, so all of
+    h's reverse-mode cotangents are the identity (found by the graph property test)."""
+
+    def __init__(self, first: nn.Module):
+        super().__init__()
+        self.first = first
+
+    def forward(self, x):
+        h = self.first(x)
+        return (h + 1.5) + h.contiguous() + h
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("batch", [0, 1, 3])
+@pytest.mark.parametrize("first", [nn.Identity, lambda: nn.Linear(3, 3)], ids=["at the input", "inside"])
+def test_identity_cotangents_meeting_at_a_fan_out(device, mode, batch, first):
+    model = FanOutToTheOutput(first()).to(device=device, dtype=torch.float64)
+    check(model, torch.randn(batch, 3, device=device, dtype=torch.float64), mode, torch.float64, expect_fallbacks=[])
+
+
 class WithUnsupportedNode(nn.Module):
     def __init__(self):
         super().__init__()
