@@ -200,9 +200,9 @@ def model_cases(draw, dtypes=(torch.float64, torch.float32), max_depth: int = 6,
         specs.append((factory, constructor))
         width = out_width
 
-    # B = 0 in about one example in five (hypothesis would otherwise favour it as the simplest batch).
-    some = st.integers(1, max(1, min(max_batch, WORK_BUDGET // work)))
-    batch = draw(st.one_of(st.just(0), some, some, some, some), label="batch")
+    # B >= 1: the property tests run B = 0 on every model as case.x[:0]. (Drawing 0 as one choice of five
+    # gave B = 0 in 55% of the examples, which hypothesis favours as the simplest, and those checked no values.)
+    batch = draw(st.integers(1, max(1, min(max_batch, WORK_BUDGET // work))), label="batch")
     dtype = draw(st.sampled_from(dtypes), label="dtype")
     weight_gain = draw(st.sampled_from([1.0, 0.2, 3.0]), label="weight gain")
     input_scale = draw(st.sampled_from([1.0, 1e-3, 10.0]), label="input scale")
