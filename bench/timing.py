@@ -73,8 +73,15 @@ def time_interleaved(runners: Dict[str, Callable[[], object]], first_call_s: Dic
     gc.collect()
     gc.disable()  # a collection inside one timed call would be charged to whichever method ran
     try:
+        names = list(counts)
         for round_index in range(rounds):
-            for name, count in counts.items():
+            # The order rotates every round, so that no method always runs first after the previous round's
+            # last method: in a fixed order `ours (auto)`, first after JAX, ran 1.2-1.5x slower than `ours
+            # (reverse)`, the same computation two places later (tiny, small, pinn; 2026-11-26), likely the
+            # other library's threads still busy on the two cores.
+            shift = round_index % len(names)
+            for name in names[shift:] + names[:shift]:
+                count = counts[name]
                 # Runs are spread evenly: this method runs in the rounds where its share steps up.
                 if (round_index + 1) * count // rounds > round_index * count // rounds:
                     samples[name].append(seconds_of(runners[name], device))
