@@ -2,6 +2,7 @@
 machine noise hits all methods alike instead of whichever happened to run then."""
 import gc
 import math
+import random
 import time
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Tuple
@@ -73,14 +74,14 @@ def time_interleaved(runners: Dict[str, Callable[[], object]], first_call_s: Dic
     gc.collect()
     gc.disable()  # a collection inside one timed call would be charged to whichever method ran
     try:
-        names = list(counts)
+        names, order = list(counts), random.Random(0)
         for round_index in range(rounds):
-            # The order rotates every round, so that no method always runs first after the previous round's
-            # last method: in a fixed order `ours (auto)`, first after JAX, ran 1.2-1.5x slower than `ours
-            # (reverse)`, the same computation two places later (tiny, small, pinn; 2026-11-26), likely the
-            # other library's threads still busy on the two cores.
-            shift = round_index % len(names)
-            for name in names[shift:] + names[:shift]:
+            # A fresh order every round (seeded), so that no method always runs right after the same other
+            # one: in a fixed order, and in a rotated one (which keeps every method's predecessor), `ours
+            # (auto)`, always after JAX jacfwd, ran 1.15-1.35x slower than `ours (reverse)`, the same
+            # computation (tiny, small, pinn, cifar; 2026-11-26).
+            order.shuffle(names)
+            for name in names:
                 count = counts[name]
                 # Runs are spread evenly: this method runs in the rounds where its share steps up.
                 if (round_index + 1) * count // rounds > round_index * count // rounds:
