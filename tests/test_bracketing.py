@@ -11,7 +11,7 @@ from torch import nn
 import jacobian_ext as jx
 from jacobian_ext import cost
 from jacobian_ext.cost import Bracketing, CostItem
-from jacobian_ext.memory import run_within_budget
+from jacobian_ext.memory import bytes_per_sample, run_within_budget
 from jacobian_ext.walker import run_plan
 from conftest import (DEVICES, DTYPES, Sin, assert_matches_reference, non_contiguous, penalty_gradients,
                       reference_jacobian)
@@ -207,7 +207,6 @@ def test_a_split_bracketing_runs_in_chunks_under_a_memory_budget():
     plan = jx.compile(model).plan_for(x)
     bracketing = plan.choose_mode(9, "mixed")
     whole = run_plan(plan, x, bracketing)
-    from jacobian_ext.memory import bytes_per_sample
     result, work = bytes_per_sample(plan, bracketing)
     assert work >= 48 * 48 * 8  # holds at least the parts' and the joins' Jacobians
     chunked = run_within_budget(plan, x, bracketing, max_memory=4 * (result + work))
