@@ -38,8 +38,8 @@ def runners_for(batch, widths):
     model = model_of(widths)
     x = torch.randn(batch, widths[0])
     jm = jx.compile(model)
-    encoding = deploy.fused_encoding(model, tuple(x.shape[1:]), x.dtype, x.device, "auto")
-    params = deploy.read_params(model, encoding)
+    encoding = jm.fused_encoding(x)
+    params = deploy.read_params(jm.parameter_owner, encoding)
     compiled = torch.compile(jm, fullgraph=True)
     example = torch.randn(2, widths[0])  # export specialises a batch of 1 to a constant
     program = torch.export.export(jm, (example,), dynamic_shapes={"x": {0: torch.export.Dim("batch")}}).module()

@@ -33,7 +33,7 @@ TORCH_LIBRARY(jacext, m) {
   m.def("avg_pool2d_jac_reverse(Tensor input, Tensor? cotangent, int[] kernel_size, int[] stride, int[] padding, bool ceil_mode, bool count_include_pad, int? divisor_override) -> Tensor");
   m.def("adaptive_avg_pool2d_jac_forward(Tensor input, Tensor? jac, int[] output_size) -> (Tensor output, Tensor jac_out)");
   m.def("adaptive_avg_pool2d_jac_reverse(Tensor input, Tensor? cotangent, int[] output_size) -> Tensor");
-  // Layer norm on N-d per-sample features (layout: /work/notes/ND_CONVENTION.md): input [B, *feat], feat
+  // Layer norm on N-d per-sample features (layout: the N-d conventions in jacobian_ext/ops.py): input [B, *feat], feat
   // ending in normalized_shape; jac [B, *feat, D] or None; cotangent [B, C, *feat] or None.
   m.def("layer_norm_jac_forward(Tensor input, Tensor? jac, int[] normalized_shape, Tensor? weight, Tensor? bias, float eps) -> (Tensor output, Tensor jac_out)");
   m.def("layer_norm_jac_reverse(Tensor input, Tensor? cotangent, int[] normalized_shape, Tensor? weight, float eps) -> Tensor");

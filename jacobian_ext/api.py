@@ -1,21 +1,27 @@
 """Public API: batch_jacobian, compile and JacobianModule."""
 import operator
+import threading
+import weakref
+from types import FunctionType
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
+from torch.fx.experimental.proxy_tensor import disable_proxy_modes_tracing
 
 from . import deploy
 from .cost import Bracketing
 from .differentiable import differentiable_call, needs_grad
 from .errors import GraphCaptureError
-from .graph import build_graph_plan, capture, warn_whole_model_fallback
-from .graph_rules import prefers_graph
+from .fusion import chain_plan, fuse_interior_chains
+from .graph import FunctionRoot, build_graph_plan, capture, capture_root, closed_over_modules, warn_whole_model_fallback
 from .memory import parse_max_memory, run_within_budget
-from .plan import NATIVE_DTYPES, Plan, build_plan, flatten_sequential, short_repr
-from .rules import has_native_rule
+from .plan import NATIVE_DTYPES, Plan, whole_model_plan
 
 MODES = ("auto", "forward", "reverse", "mixed")
+# torch.fx tracing patches nn.Module.__call__ for the whole process while it runs, so two captures (or a
+# capture and another thread's planning probes) must not overlap; plans are built under this lock.
+_PLANNING_LOCK = threading.RLock()
 # Modules whose training-mode output couples or randomises samples: no per-sample Jacobian exists.
 _BATCH_COUPLED = (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutNd)
 
@@ -27,16 +33,55 @@ def batch_jacobian(model: Callable, x: torch.Tensor, mode: str = "auto", return_
     model: an nn.Module or callable mapping [B, *in_shape] to [B, *out_shape], samples independent.
     mode: "auto" (cost model), "forward" (propagate [B, H, D] from the input), "reverse" (propagate
     [B, C, H] from the output) or "mixed" (the bracketing of the per-sample chain product with the fewest
-    multiply-adds: sweeps over parts of an nn.Sequential joined by batched GEMMs; on the graph path, the
-    cheaper sweep). "auto" runs "mixed"'s split when it saves enough, else the cheaper sweep. With
+    multiply-adds: sweeps over parts of the chain joined by batched GEMMs; on a graph that is not a chain,
+    the cheaper sweep). "auto" runs "mixed"'s split when it saves enough, else the cheaper sweep. With
     return_output=True returns (model(x), J).
     max_memory: bytes (int) or a size string ("2GB", "512MiB"); a batch whose estimated need exceeds it
     (default: half the available RAM, or of the free CUDA memory) runs in chunks, with the same result
     up to rounding; MemoryError when y and J plus one sample's working memory do not fit (memory.py).
-    The plan is rebuilt on every call; use jacobian_ext.compile(model) to reuse it.
+    The plan is cached with the model (as jacobian_ext.compile(model) caches it) and rebuilt when a layer
+    or a parameter's shape, dtype or device changes.
     """
-    output, jacobian = JacobianModule(model, mode=mode, max_memory=max_memory)(x)
+    output, jacobian = _cached_module(model, mode, max_memory)(x)
     return (output, jacobian) if return_output else jacobian
+
+
+class _PlanCache(dict):
+    """batch_jacobian's JacobianModules of one model, by (mode, max_memory). Stored in the model's own
+    __dict__, so it lives and dies with the model; a copy or a pickle of the model starts empty (the
+    modules hold the original; a shallow copy shares the dict, so the cache also records its owner)."""
+
+    def __init__(self, owner=None):
+        super().__init__()
+        self.owner = weakref.ref(owner) if owner is not None else None
+
+    def __copy__(self):
+        return _PlanCache()
+
+    def __deepcopy__(self, memo):
+        return _PlanCache()
+
+    def __reduce__(self):
+        return (_PlanCache, ())
+
+
+_CACHE_ATTRIBUTE = "_jacobian_ext_plans"
+
+
+def _cached_module(model: Callable, mode: str, max_memory) -> "JacobianModule":
+    holder = getattr(model, "__dict__", None)
+    if not isinstance(model, nn.Module) and not isinstance(model, FunctionType):
+        holder = None  # a bound method or a callable object: its __dict__ is not its own
+    if holder is None:
+        return JacobianModule(model, mode=mode, max_memory=max_memory)
+    cache = holder.get(_CACHE_ATTRIBUTE)
+    if cache is None or cache.owner is None or cache.owner() is not model:
+        cache = holder[_CACHE_ATTRIBUTE] = _PlanCache(model)
+    key = (mode, parse_max_memory(max_memory))
+    module = cache.get(key)
+    if module is None:
+        module = cache[key] = JacobianModule(model, mode=mode, max_memory=max_memory)
+    return module
 
 
 def compile(model: Callable, mode: str = "auto", max_memory=None) -> "JacobianModule":
@@ -61,27 +106,32 @@ class JacobianModule(nn.Module):
         self.max_memory = parse_max_memory(max_memory)
         self._layout = None  # the model's structure the plans were built for (see _forget_stale_plans)
         self._plans: Dict[tuple, Plan] = {}
-        # Plain attribute holders: nn.Module.__setattr__ is slow on the per-call path, and the captured
-        # graph module must not become a submodule (it would duplicate the model's parameters).
+        # Plain attribute holders: nn.Module.__setattr__ is slow on the per-call path, and neither the
+        # captured graph module nor a function's root may become a submodule (they would duplicate the
+        # model's parameters).
         self._last = {"plan": None}
+        self._holder = {"root": capture_root(model)}  # the module that is captured and read for parameters
         self._capture = {}
         self._encodings = {}  # input signature -> deploy.FusedEncoding, for traced calls
+
+    @property
+    def _root(self) -> nn.Module:
+        return self._holder["root"]
 
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         _check_input(x)
         if torch.compiler.is_compiling():  # torch.compile or torch.export tracing this call
-            self._check_layer_types()
             encoding = self._fused_encoding(self._traced_input_shape(x), x.dtype, x.device)
-            return deploy.call_fused(encoding, deploy.read_params(self.model, encoding), x)
+            return deploy.call_fused(encoding, deploy.read_params(self._root, encoding), x)
         self._forget_stale_plans()
         self._check_eval_mode()
         plan = self.plan_for(x)
         self._last["plan"] = plan
         mode = plan.choose_mode(x.shape[0], self.mode)
         # The fused op has its own backward; every other plan gets torch.func's gradients this way.
-        if not getattr(plan, "all_native", False) and needs_grad(self.model, x):
+        if not getattr(plan, "all_native", False) and needs_grad(self._root, x):
             return differentiable_call(lambda inputs: run_within_budget(plan, inputs, mode, self.max_memory),
-                                       self.model, x)
+                                       self._root, x)
         return run_within_budget(plan, x, mode, self.max_memory)
 
     def _traced_input_shape(self, x: torch.Tensor) -> Tuple[int, ...]:
@@ -97,16 +147,18 @@ class JacobianModule(nn.Module):
 
     def _known_input_shapes(self) -> List[Tuple[int, ...]]:
         shapes = [key[0] for key in self._encodings] + [key[0] for key in self._plans]
-        try:
-            shapes.append(deploy.scripting_input_shape(self.model, None))
-        except ValueError:  # the model does not fix its input shape
-            pass
-        return shapes
+        fixed = self._fixed_input_shape()
+        return shapes + [fixed] if fixed else shapes
 
     @torch.compiler.assume_constant_result
-    def _check_layer_types(self) -> bool:
-        """Raises, at trace time, for a model that is off the single-op path whatever its input shape."""
-        return deploy.check_layer_types(self.model)
+    def _fixed_input_shape(self) -> Optional[Tuple[int, ...]]:
+        """The input shape the model fixes by itself (deploy.fixed_input_shape), or None; exceptions do not
+        leave a function that torch.compile treats as constant, so an untraceable model gives None too."""
+        with disable_proxy_modes_tracing():
+            try:
+                return deploy.fixed_input_shape(self._capture_graph())
+            except GraphCaptureError:
+                return None
 
     @torch.compiler.assume_constant_result
     def _fused_encoding(self, input_shape: Tuple[int, ...], dtype: torch.dtype, device: torch.device):
@@ -116,73 +168,120 @@ class JacobianModule(nn.Module):
         if key not in self._encodings:
             self._forget_stale_plans()
             self._check_eval_mode()
-            self._encodings[key] = deploy.fused_encoding(self.model, input_shape, dtype, device, self.mode)
+            plan = self._traceable_plan(input_shape, dtype, device)
+            self._encodings[key] = deploy.fused_encoding(plan, self._root, self.mode)
         return self._encodings[key]
+
+    def fused_encoding(self, x: torch.Tensor) -> "deploy.FusedEncoding":
+        """The single-op encoding (layer names, parameter names, sweep) for inputs shaped like x, as traced
+        and scripted calls use it; NotImplementedError when the model is not one op call (deploy.py).
+        deploy.read_params(jm.parameter_owner, encoding) reads its parameters."""
+        self._forget_stale_plans()
+        return deploy.fused_encoding(self.plan_for(x), self._root, self.mode)
+
+    @property
+    def parameter_owner(self) -> nn.Module:
+        """The module the encoding's parameter names are relative to: the model, or for a function the
+        module holding the modules it closes over."""
+        return self._root
+
+    def _traceable_plan(self, input_shape: Tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Plan:
+        """The plan for a traced call's signature. Under torch.export this runs inside the trace: capture,
+        probe forwards and their grad-mode switches must not be recorded into the exported graph (fx's own
+        tracing needs torch functions, so only the probes run with them disabled)."""
+        with disable_proxy_modes_tracing():
+            self._capture_graph()
+            with torch._C.DisableTorchFunction():
+                return self.plan_for(torch.zeros((1, *input_shape), dtype=dtype, device=device))
 
     def __prepare_scriptable__(self):
         """torch.jit.script(jm) scripts the single op call (see deploy.ScriptableJacobian)."""
         self._forget_stale_plans()
         self._check_eval_mode()
         plan = self._last["plan"]
-        input_shape = deploy.scripting_input_shape(self.model, plan)
-        parameter = next(self.model.parameters(), None) if isinstance(self.model, nn.Module) else None
-        dtype = plan.dtype if plan is not None else getattr(parameter, "dtype", torch.float32)
-        device = plan.device if plan is not None else getattr(parameter, "device", torch.device("cpu"))
-        encoding = deploy.fused_encoding(self.model, input_shape, dtype, device, self.mode)
-        return deploy.ScriptableJacobian(encoding, deploy.read_params(self.model, encoding))
+        if plan is None:
+            parameter = next(self._root.parameters(), None)
+            dtype = getattr(parameter, "dtype", torch.float32)
+            device = getattr(parameter, "device", torch.device("cpu"))
+            input_shape = deploy.fixed_input_shape(self._capture_graph())
+            if input_shape is None:
+                raise ValueError("torch.jit.script needs the per-sample input shape, which this model does not fix: "
+                                 "call the JacobianModule once on an example input first")
+            plan = self.plan_for(torch.zeros((1, *input_shape), dtype=dtype, device=device))
+        encoding = deploy.fused_encoding(plan, self._root, self.mode)
+        return deploy.ScriptableJacobian(encoding, deploy.read_params(self._root, encoding))
 
     def _forget_stale_plans(self):
         """Plans capture the layers and the parameter shapes: after a layer is replaced, or a parameter
         or buffer changes shape, dtype or device, they are rebuilt on this call, never reused. (New
-        values need nothing: parameters are read on every call.)"""
-        layout = _layout(self.model)
+        values need nothing: parameters are read on every call.) A function's closed-over modules are
+        looked up again: a name rebound to another module counts as a replaced layer."""
+        if isinstance(self._root, FunctionRoot):
+            modules = closed_over_modules(self.model)
+            if modules.keys() != self._root._modules.keys() or any(
+                    module is not self._root._modules[name] for name, module in modules.items()):
+                self._holder["root"] = capture_root(self.model)
+        layout = _layout(self._root)
         if not _same_layout(self._layout, layout):
             self._layout = layout
             self._plans.clear()
             self._capture.clear()
             self._encodings.clear()
-            self._coupled_modules = (
-                [(n, m) for n, m in self.model.named_modules() if isinstance(m, _BATCH_COUPLED)]
-                if isinstance(self.model, nn.Module)
-                else []
-            )
+            self._last["plan"] = None
+            self._coupled_modules = [(n, m) for n, m in self._root.named_modules() if isinstance(m, _BATCH_COUPLED)]
 
     def plan_for(self, x: torch.Tensor) -> Plan:
         """The plan for inputs shaped like x (built on first use, with one probe forward)."""
         key = (tuple(x.shape[1:]), x.dtype, x.device)
         plan = self._plans.get(key)
         if plan is None:
-            _check_parameters(self.model, x)
-            plan = self._plans[key] = self._build_plan(x)
+            with _PLANNING_LOCK:
+                plan = self._plans.get(key)
+                if plan is None:
+                    _check_parameters(self._root, x)
+                    plan = self._plans[key] = self._build_plan(x)
         return plan
 
-    def _build_plan(self, x: torch.Tensor):
-        """An nn.Sequential whose layers all run on the fused ops (or have no native rule anywhere)
-        keeps the segment plan; every other model is captured as a graph, and a model that cannot be
-        captured runs whole on the fallback, with a warning that says why."""
-        if type(self.model) is nn.Sequential and not any(prefers_graph(m) for _, m in flatten_sequential(self.model)):
-            return build_plan(self.model, x)
-        if x.dtype in NATIVE_DTYPES:
+    def _capture_graph(self):
+        """The model's fx capture, cached until the layout changes; GraphCaptureError (cached too) when the
+        model's own forward cannot be traced."""
+        with _PLANNING_LOCK:
+            return self._captured_or_raise()
+
+    def _captured_or_raise(self):
+        if "graph" not in self._capture:
             try:
-                if "graph" not in self._capture:
-                    self._capture["graph"] = capture(self.model)
-                return build_graph_plan(self.model, x, self._capture["graph"])
+                self._capture["graph"] = capture(self._root)
             except GraphCaptureError as error:
+                self._capture["graph"] = error
+        captured = self._capture["graph"]
+        if isinstance(captured, GraphCaptureError):
+            raise captured
+        return captured
+
+    def _build_plan(self, x: torch.Tensor):
+        """Every model is captured as a graph; one whose derivative-carrying nodes form a chain becomes a
+        chain plan (the fused op, the chain kernels, bracketing), any other a graph plan. A model that
+        cannot be captured runs whole on the fallback, with a warning that says why."""
+        native = x.dtype in NATIVE_DTYPES
+        try:
+            graph_plan = build_graph_plan(self._capture_graph(), x)
+        except GraphCaptureError as error:
+            if native:
                 warn_whole_model_fallback(str(error))
-        return build_plan(self.model, x)
+            return whole_model_plan(self.model, x)
+        chain = chain_plan(graph_plan, native)
+        if chain is not None:
+            return chain
+        return fuse_interior_chains(graph_plan) if native else whole_model_plan(self.model, x)
 
     @property
     def fallbacks(self) -> List[str]:
-        """Names of the layers on the fallback path ([] when all are native). Before the first call
-        this is judged from the layer types alone; afterwards from the plan of the last input."""
-        if self._last["plan"] is not None:
-            return self._last["plan"].fallbacks
-        return [name for name, module in self._layers() if not has_native_rule(module)]
-
-    def _layers(self):
-        if type(self.model) is nn.Sequential:
-            return flatten_sequential(self.model)
-        return [("model", self.model)]
+        """Names of the layers on the fallback path of the last call's plan ([] when all are native)."""
+        if self._last["plan"] is None:
+            raise RuntimeError("nothing is planned yet: a plan is built for an input shape on the first call, "
+                               "jm(x); call it once, then read fallbacks (or print(jm))")
+        return self._last["plan"].fallbacks
 
     def _check_eval_mode(self):
         for name, module in self._coupled_modules:
@@ -193,12 +292,11 @@ class JacobianModule(nn.Module):
                 )
 
     def __repr__(self) -> str:
-        lines = [f"JacobianModule(mode={self.mode!r}, model={type(self.model).__name__}"]
+        lines = [f"JacobianModule(mode={self.mode!r}, model={_model_name(self.model)}"]
         plan = self._last["plan"]
         if plan is None:
-            lines.append("  no plan yet: built on the first call; layer paths judged by type:")
-            for name, module in self._layers():
-                lines.append(f"    {name:<12} {short_repr(module):<48} {'native' if has_native_rule(module) else 'fallback'}")
+            lines.append("  no plan yet: the plan (each layer's path, the accumulation order) is built for an "
+                         "input shape on the first call")
         else:
             lines.append(f"  plan for per-sample input {list(plan.input_shape)} -> output {list(plan.output_shape)}, "
                          f"{str(plan.dtype).replace('torch.', '')} on {plan.device}")
@@ -209,8 +307,12 @@ class JacobianModule(nn.Module):
                 lines.append(f"  B={batch}: {how} ({'cost model' if self.mode == 'auto' else 'requested'}; "
                              f"MACs: {macs})")
             lines += [f"    {line}" for line in plan.describe()]
-        lines.append(f"  fallbacks: {self.fallbacks}")
+            lines.append(f"  fallbacks: {plan.fallbacks}")
         return "\n".join(lines) + "\n)"
+
+
+def _model_name(model) -> str:
+    return type(model).__name__ if isinstance(model, nn.Module) else getattr(model, "__name__", type(model).__name__)
 
 
 def _layout(model) -> Tuple[list, list]:
@@ -244,9 +346,7 @@ def _check_input(x):
         )
 
 
-def _check_parameters(model, x):
-    if not isinstance(model, nn.Module):
-        return
+def _check_parameters(model: nn.Module, x):
     for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
         if tensor.is_meta:
             raise ValueError(f"the model's '{name}' is on the meta device, which holds no values; materialise the "

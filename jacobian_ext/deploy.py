@@ -5,19 +5,20 @@ Those paths cannot run our planner (probe forwards, Python objects, per-batch mo
 traced graph. A model whose layers all have fused rules needs none of it at run time: its Jacobian is
 `torch.ops.jacext.batch_jacobian(x, layers, params, mode)` with a layer encoding that depends only on the
 per-sample input shape. That encoding is computed once, outside the trace, and the graph holds the single
-op call. Models that need graph capture or the fallback are not traceable this way and say so.
+op call. Any model whose captured graph fuses into one chain of native rules (fusion.py) qualifies, however
+it is written; models that keep a graph plan or a fallback step are not traceable this way and say so.
 """
 import operator
 from dataclasses import dataclass
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 from torch import nn
-from torch.fx.experimental.proxy_tensor import disable_proxy_modes_tracing
 
 from .cost import choose_mode
-from .plan import NATIVE_DTYPES, build_plan, flatten_sequential
-from .rules import has_native_rule
+from .fusion import FusedChainRule
+from .graph_rules import FeatureOpRule, ReshapeRule
+from .plan import NATIVE_DTYPES, Plan
 
 # The batch size at which mode="auto" is resolved for a traced graph, which must serve every batch size:
 # per-sample work dominates from a few samples on, so the choice holds for any batch but the tiniest.
@@ -36,37 +37,24 @@ class FusedEncoding:
     mode: str
 
 
-def check_layer_types(model) -> bool:
-    """NotImplementedError unless `model` is an nn.Sequential of layer types with fused rules (the check
-    that needs no input shape); True otherwise."""
-    if type(model) is not nn.Sequential:
+def fused_encoding(plan, root: nn.Module, mode: str) -> FusedEncoding:
+    """The single-op encoding of a planned model (`root`: the module whose parameters the plan reads), or
+    NotImplementedError naming what keeps it off the single-op path."""
+    if plan.dtype not in NATIVE_DTYPES:
+        raise NotImplementedError(f"the single-op path runs float32 and float64, got {plan.dtype}")
+    if not isinstance(plan, Plan):
+        unfused = [g.owner or g.name for g in plan.nodes if g.rule is not None
+                   and not isinstance(g.rule, (FeatureOpRule, ReshapeRule, FusedChainRule))]
         raise NotImplementedError(
-            f"torch.compile, torch.export and TorchScript run the Jacobian as one operator call, which needs an "
-            f"nn.Sequential whose layers all have fused rules; got a {type(model).__name__}. Call the "
+            "torch.compile, torch.export and TorchScript run the Jacobian as one operator call, which needs a "
+            "model whose graph is a chain of fused rules; this model's graph is not (nodes "
+            f"{list(dict.fromkeys(unfused))} have no fused rule, or values fan out to several nodes). Call the "
             "JacobianModule eagerly, or compute its Jacobian outside the traced code")
-    unfused = [name for name, layer in flatten_sequential(model) if not has_native_rule(layer)]
-    if unfused:
-        raise NotImplementedError(f"layers {unfused} have no fused rule, so the Jacobian is not one operator call "
-                                  "and cannot be traced or scripted; call the JacobianModule eagerly instead")
-    return True
-
-
-def fused_encoding(model, input_shape: Tuple[int, ...], dtype: torch.dtype, device: torch.device,
-                   mode: str) -> FusedEncoding:
-    """The encoding of `model` for per-sample inputs of `input_shape`, or NotImplementedError naming what
-    keeps it off the single-op path."""
-    check_layer_types(model)
-    if dtype not in NATIVE_DTYPES:
-        raise NotImplementedError(f"the single-op path runs float32 and float64, got {dtype}")
-    # Under torch.export this runs inside the trace: the probe forward, and the grad-mode switch around it,
-    # must not be recorded into the exported graph.
-    with disable_proxy_modes_tracing(), torch._C.DisableTorchFunction():
-        plan = build_plan(model, torch.zeros((1, *input_shape), dtype=dtype, device=device))
     if not plan.all_native:
         raise NotImplementedError(
             f"layers {plan.fallbacks} have no fused rule, so the Jacobian is not one operator call and "
             "cannot be traced or scripted; call the JacobianModule eagerly instead")
-    where = {id(p): name for name, p in model.named_parameters(remove_duplicate=False)}
+    where = {id(p): name for name, p in root.named_parameters(remove_duplicate=False)}
     params = plan.native_params()
     if any(id(p) not in where for p in params):
         raise NotImplementedError("a fused layer's weight is not an nn.Parameter of the model, so the traced "
@@ -74,7 +62,7 @@ def fused_encoding(model, input_shape: Tuple[int, ...], dtype: torch.dtype, devi
     # One op call runs one sweep: where the cost model would split the chain, the cheaper sweep.
     chosen = plan.choose_mode(TRACE_BATCH, mode)
     sweep = chosen if isinstance(chosen, str) else choose_mode(plan.decisions[TRACE_BATCH][1])
-    return FusedEncoding(tuple(plan.native_layers), tuple(where[id(p)] for p in params), tuple(input_shape),
+    return FusedEncoding(tuple(plan.native_layers), tuple(where[id(p)] for p in params), tuple(plan.input_shape),
                          tuple(plan.output_shape), sweep)
 
 
@@ -112,13 +100,16 @@ class ScriptableJacobian(nn.Module):
                                                                               + self.input_shape)
 
 
-def scripting_input_shape(model, last_plan) -> Tuple[int, ...]:
-    """The per-sample input shape to script for: that of the last call, or a first Linear's width."""
-    if last_plan is not None:
-        return tuple(last_plan.input_shape)
-    check_layer_types(model)
-    layers = flatten_sequential(model)
-    if layers and isinstance(layers[0][1], nn.Linear):
-        return (layers[0][1].weight.shape[1],)
-    raise ValueError("torch.jit.script needs the per-sample input shape, which this model does not fix: call the "
-                     "JacobianModule once on an example input first")
+def fixed_input_shape(captured) -> Optional[Tuple[int, ...]]:
+    """The per-sample input shape a captured model fixes by itself: that of an nn.Linear applied directly
+    to the model input; None when the model fixes none."""
+    gm, _ = captured
+    modules = dict(gm.named_modules())
+    for node in gm.graph.nodes:
+        if node.op == "placeholder":
+            users = [user for user in node.users if user.op == "call_module"]
+            for user in users:
+                if type(modules[user.target]) is nn.Linear and user.args[:1] == (node,):
+                    return (modules[user.target].weight.shape[1],)
+            break
+    return None

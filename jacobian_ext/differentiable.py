@@ -106,14 +106,12 @@ torch.library.register_autograd("jacext::batch_jacobian", _backward_batch_jacobi
 
 # ---- the Python API's other plans ----
 
-def needs_grad(model: Callable, x: torch.Tensor) -> bool:
+def needs_grad(model: nn.Module, x: torch.Tensor) -> bool:
     """Whether a Jacobian of `model` at `x` must be differentiable: grad mode on and x or a parameter
     requiring grad."""
     if not torch.is_grad_enabled():
         return False
-    if x.requires_grad:
-        return True
-    return isinstance(model, nn.Module) and any(p.requires_grad for p in model.parameters())
+    return x.requires_grad or any(p.requires_grad for p in model.parameters())
 
 
 class JacobianFunction(torch.autograd.Function):
@@ -140,23 +138,9 @@ class JacobianFunction(torch.autograd.Function):
         return (None, None, None, *grads)
 
 
-def differentiable_call(compute: Callable, model: Callable, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """compute(x) = (y, J) with gradients for x and the model's trainable parameters."""
-    if isinstance(model, nn.Module):
-        named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
-    else:
-        named = []
+def differentiable_call(compute: Callable, model: nn.Module, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """compute(x) = (y, J) with gradients for x and the trainable parameters of `model` (the model itself,
+    or the graph.FunctionRoot that holds the modules a function closes over)."""
+    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     names = [name for name, _ in named]
-    wrapped = model if isinstance(model, nn.Module) else _CallableModule(model)
-    return JacobianFunction.apply(compute, wrapped, names, x, *(p for _, p in named))
-
-
-class _CallableModule(nn.Module):
-    """A plain function as a module without parameters, for functional_call."""
-
-    def __init__(self, fn: Callable):
-        super().__init__()
-        self.fn = fn
-
-    def forward(self, x):
-        return self.fn(x)
+    return JacobianFunction.apply(compute, model, names, x, *(p for _, p in named))

@@ -7,14 +7,16 @@ their values only. Blocks keep the feature axes of the node intact:
   forward mode: tangents   T[b, d, *shape]  (d over the model's input features, D)
   reverse mode: cotangents G[b, c, *shape]  (c over the model's output features, C)
 """
-import math
+import functools
 import operator
 import warnings
 from dataclasses import dataclass, field
+from types import FunctionType
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import fx, nn
+from torch._subclasses.fake_tensor import FakeTensor
 
 from . import graph_rules
 from .errors import GraphCaptureError
@@ -37,6 +39,23 @@ class _Tracer(fx.Tracer):
         super().__init__()
         self.opaque = set(opaque)
         self.failed_module: Optional[str] = None
+        self._function_root: Optional["FunctionRoot"] = None
+
+    def trace(self, root, concrete_args=None):
+        if isinstance(root, FunctionRoot):
+            # fx traces a function against an empty root module; create_args_for_root puts ours back.
+            self._function_root = root
+            return super().trace(root.traced_function, concrete_args)
+        return super().trace(root, concrete_args)
+
+    def create_args_for_root(self, root_fn, is_module, concrete_args=None):
+        if self._function_root is not None:
+            self.root = self._function_root
+            self.submodule_paths = {module: name for name, module in self.root.named_modules()}
+            self.tensor_attrs = {value: f"{name}.{key}" if name else key
+                                 for name, module in self.root.named_modules()
+                                 for key, value in module.__dict__.items() if isinstance(value, torch.Tensor)}
+        return super().create_args_for_root(root_fn, is_module, concrete_args)
 
     def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
         return qualified_name in self.opaque or super().is_leaf_module(module, qualified_name)
@@ -50,24 +69,77 @@ class _Tracer(fx.Tracer):
             raise
 
 
-def capture(model: Callable) -> Tuple[fx.GraphModule, List[str]]:
-    """(graph module, user modules kept opaque). Raises GraphCaptureError when the model's own
-    forward cannot be traced."""
+class FunctionRoot(nn.Module):
+    """A plain function or lambda as a module, holding the modules it closes over (closure cells, the
+    globals it names, a bound method's object) as submodules under those names: fx traces the
+    function and sees those modules' calls as layers, parameters and all, like a model's own."""
+
+    def __init__(self, fn: Callable, modules: Dict[str, nn.Module]):
+        super().__init__()
+        self.fn = fn
+        for name, module in modules.items():
+            self.add_module(name, module)
+        # fx traces a plain function with its own signature (extra arguments keep their defaults); any
+        # other callable (a bound method, a partial, an object with __call__) as a function of one input.
+        self.traced_function = fn if isinstance(fn, FunctionType) else (lambda x: fn(x))
+
+    def forward(self, *args, **kwargs):
+        return self.fn(*args, **kwargs)
+
+
+def closed_over_modules(fn: Callable) -> Dict[str, nn.Module]:
+    """The nn.Modules a function reaches without being passed them, by the name it reaches them under."""
+    found: Dict[str, nn.Module] = {}
+    if isinstance(fn, functools.partial):
+        bound = [*fn.args, *fn.keywords.values()]
+        found.update((f"partial_{i}", value) for i, value in enumerate(bound) if isinstance(value, nn.Module))
+        if isinstance(fn.func, nn.Module):
+            found["func"] = fn.func
+            return found
+        return {**closed_over_modules(fn.func), **found}
+    owner = getattr(fn, "__self__", None)
+    if isinstance(owner, nn.Module):
+        found["self"] = owner
+    function = getattr(fn, "__func__", fn)
+    code = getattr(function, "__code__", None)
+    if code is None:
+        return found
+    for name, cell in zip(code.co_freevars, getattr(function, "__closure__", None) or ()):
+        try:
+            value = cell.cell_contents
+        except ValueError:  # a cell not filled yet
+            continue
+        if isinstance(value, nn.Module):
+            found.setdefault(name, value)
+    namespace = getattr(function, "__globals__", {})
+    for name in code.co_names:
+        value = namespace.get(name)
+        if isinstance(value, nn.Module):
+            found.setdefault(name, value)
+    return found
+
+
+def capture_root(model: Callable) -> nn.Module:
+    """The module that graph capture traces: the model itself, or a FunctionRoot around a function."""
+    return model if isinstance(model, nn.Module) else FunctionRoot(model, closed_over_modules(model))
+
+
+def capture(root: nn.Module) -> Tuple[fx.GraphModule, List[str]]:
+    """(graph module, user modules kept opaque) of capture_root(model). Raises GraphCaptureError when
+    the model's own forward cannot be traced."""
     opaque: List[str] = []
-    root = model if isinstance(model, nn.Module) else None
     for _ in range(_MAX_TRACE_ATTEMPTS):
         tracer = _Tracer(opaque)
         try:
-            graph = tracer.trace(model)
+            graph = tracer.trace(root)
         except Exception as error:
             failed = tracer.failed_module
             if not failed or failed in opaque:
                 raise GraphCaptureError(f"torch.fx cannot trace it ({type(error).__name__}: {error})") from error
             opaque.append(failed)
             continue
-        name = type(model).__name__ if root is not None else getattr(model, "__name__", "function")
-        module = fx.GraphModule(root if root is not None else nn.Module(), graph, name)
-        return module, opaque
+        name = getattr(root.fn, "__name__", "function") if isinstance(root, FunctionRoot) else type(root).__name__
+        return fx.GraphModule(root, graph, name), opaque
     raise GraphCaptureError(f"torch.fx cannot trace it: more than {_MAX_TRACE_ATTEMPTS} modules fail to trace")
 
 
@@ -147,6 +219,8 @@ class Evaluator:
             elif not name_failures:
                 env[node] = self.evaluate(node, env)
             else:
+                if node.op == "call_module":
+                    _check_linear_input(node.target, self.modules[node.target], env.get(node.args[0] if node.args else None))
                 try:
                     env[node] = self.evaluate(node, env)
                 except Exception as error:
@@ -160,6 +234,15 @@ class Evaluator:
         if node.op == "call_module":
             return f"layer '{node.target}' ({short_repr(self.modules[node.target])})"
         return f"node '{node.name}'"
+
+
+def _check_linear_input(name: str, module: nn.Module, value):
+    # The weight's width, not module.in_features, which a replaced weight leaves stale.
+    if type(module) is nn.Linear and isinstance(value, torch.Tensor) and (
+            value.dim() < 2 or value.shape[-1] != module.weight.shape[-1]):
+        got = value.shape[-1] if value.dim() >= 2 else "no"
+        raise ValueError(f"layer '{name}' ({module}) expects {module.weight.shape[-1]} input features, but its "
+                         f"input has {got} (per-sample input shape {list(value.shape[1:])})")
 
 
 def _input_shapes(node: fx.Node, env) -> List[List[int]]:
@@ -201,9 +284,11 @@ class GraphPlan(FlatWidths):
     opaque_modules: List[str]
     evaluator: "Evaluator"
     decisions: Dict[int, Tuple[str, dict]] = field(default_factory=dict, init=False)
+    # Nodes inside a fused chain (fusion.fuse_interior_chains): computed by the chain's op, not evaluated.
+    absorbed: set = field(default_factory=set, init=False)
 
     def __post_init__(self):
-        self._by_node = {g.node: g for g in self.nodes}
+        self.node_info = {g.node: g for g in self.nodes}
 
     @property
     def fallbacks(self) -> List[str]:
@@ -253,12 +338,12 @@ class GraphPlan(FlatWidths):
         env: Dict[fx.Node, object] = {self.input_node: x}
         tangents: Dict[fx.Node, object] = {self.input_node: IDENTITY}
         for node in self.gm.graph.nodes:
-            if node in env or node.op == "output":
+            if node in env or node.op == "output" or node in self.absorbed:
                 continue
             if node.op == "placeholder":
                 env[node] = placeholder_default(node)
                 continue
-            g = self._by_node[node]
+            g = self.node_info[node]
             if g.rule is None:
                 env[node] = self.evaluator.evaluate(node, env)
             else:
@@ -337,22 +422,26 @@ def _check_per_sample(node: fx.Node, pair, singles, name: str):
     """A node must map each sample on its own: its value on two samples equals its values on each."""
     if not _is_float_tensor(pair) or pair.dim() == 0 or pair.shape[0] != 2:
         raise GraphCaptureError(f"node '{name}' does not keep the batch dimension (shape {list(getattr(pair, 'shape', []))} for 2 samples)")
+    if isinstance(pair, FakeTensor):  # planned inside torch.export: shapes only, no values to compare
+        return
+    # A few roundings of the node's own dtype: a batched kernel may sum in another order.
+    tolerance = max(1e-4, 16 * torch.finfo(pair.dtype).eps)
     for index, single in enumerate(singles):
         if single.shape[0] != 1 or single.shape[1:] != pair.shape[1:]:
             raise GraphCaptureError(f"node '{name}' changes its per-sample shape with the batch size")
         expected, got = single[0].double(), pair[index].double()
         scale = max(expected.abs().max().item() if expected.numel() else 0.0, 1.0)
         both_nan = torch.isnan(expected) & torch.isnan(got)
-        mismatch = ((expected - got).abs() > 1e-4 * scale) & ~both_nan
+        mismatch = ((expected - got).abs() > tolerance * scale) & ~both_nan
         if bool(mismatch.any()):
             raise GraphCaptureError(f"node '{name}' mixes the samples of a batch (its output for one sample "
                                     "depends on the others), so the graph path cannot split it per sample")
 
 
-def build_graph_plan(model: Callable, x: torch.Tensor, captured=None) -> GraphPlan:
-    """Plans `model` on the graph path for inputs shaped like x [B, *in_shape]; raises GraphCaptureError
+def build_graph_plan(captured: Tuple[fx.GraphModule, List[str]], x: torch.Tensor) -> GraphPlan:
+    """Plans a captured model (capture()) for inputs shaped like x [B, *in_shape]; raises GraphCaptureError
     (the caller falls back to the whole model) or TypeError (bad model signature or output)."""
-    gm, opaque = captured if captured is not None else capture(model)
+    gm, opaque = captured
     input_node, output_node = _input_node(gm), _output_node(gm)
     evaluator = Evaluator(gm)
     first = x[:1] if x.shape[0] > 0 else x.new_zeros((1, *x.shape[1:]))

@@ -161,25 +161,25 @@ def _pick_from_tuple(producer: fx.Node, index, inputs: Sequence[fx.Node]):
 # ---------------------------------------------------------------------------------------------
 
 
-def _flat(block, batch: int, features: int):
+def flat_tangent(block, batch: int, features: int):
     """A tangent block [B, D, *shape] as the ops' [B, H, D] (a view) or None for the identity."""
     if block is IDENTITY:
         return None
     return block.reshape(batch, block.shape[1], features).transpose(1, 2)
 
 
-def _unflat_tangents(jac_out: torch.Tensor, batch: int, shape) -> torch.Tensor:
+def unflat_tangents(jac_out: torch.Tensor, batch: int, shape) -> torch.Tensor:
     """The ops' [B, H, D] (or a batch-shared [H, D]) back to tangents [B, D, *shape]."""
     if jac_out.dim() == 2:
         jac_out = jac_out.unsqueeze(0).expand(batch, *jac_out.shape)
     return jac_out.transpose(1, 2).reshape(batch, jac_out.shape[2], *shape)
 
 
-def _flat_cotangent(block, batch: int, features: int):
+def flat_cotangent(block, batch: int, features: int):
     return None if block is IDENTITY else block.reshape(batch, block.shape[1], features)
 
 
-def _unflat_cotangent(result: torch.Tensor, batch: int, shape) -> torch.Tensor:
+def unflat_cotangent(result: torch.Tensor, batch: int, shape) -> torch.Tensor:
     if result.dim() == 2:  # batch-shared (a Linear fed the identity)
         result = result.unsqueeze(0).expand(batch, *result.shape)
     return result.reshape(batch, result.shape[1], *shape)
@@ -197,15 +197,15 @@ class FeatureOpRule(NodeRule):
     def forward(self, plan, g, env, tangents):
         x = env[g.inputs[0]]
         batch, features = x.shape[0], math.prod(x.shape[1:])
-        output, jac_out = self.forward_op(x.reshape(batch, features), _flat(tangents[0], batch, features))
-        return output.reshape(batch, *g.shape), _unflat_tangents(jac_out, batch, g.shape)
+        output, jac_out = self.forward_op(x.reshape(batch, features), flat_tangent(tangents[0], batch, features))
+        return output.reshape(batch, *g.shape), unflat_tangents(jac_out, batch, g.shape)
 
     def reverse(self, plan, g, env, cotangent):
         x = env[g.inputs[0]]
         batch, features, out_features = x.shape[0], math.prod(x.shape[1:]), math.prod(g.shape)
         output = env[g.node].reshape(batch, out_features) if self.needs_output else None
-        pulled = self.reverse_op(x.reshape(batch, features), output, _flat_cotangent(cotangent, batch, out_features))
-        return [_unflat_cotangent(pulled, batch, x.shape[1:])]
+        pulled = self.reverse_op(x.reshape(batch, features), output, flat_cotangent(cotangent, batch, out_features))
+        return [unflat_cotangent(pulled, batch, x.shape[1:])]
 
 
 def _linear_rule(module: nn.Linear, input_shape) -> NodeRule:
@@ -502,16 +502,6 @@ _RESHAPE_MODULES = (nn.Flatten, nn.Unflatten, nn.Identity, nn.modules.dropout._D
                     nn.FeatureAlphaDropout)
 
 
-def prefers_graph(module: nn.Module) -> bool:
-    """Whether a layer of an nn.Sequential has a native rule on the graph path only (so the model is
-    better captured as a graph than run as fused segments with that layer on the fallback)."""
-    return type(module) in _GRAPH_ONLY_MODULES
-
-
-# Layers with a graph rule but no fused-segment rule (rules.NATIVE_RULES).
-_GRAPH_ONLY_MODULES = tuple(spatial_rules.SPATIAL_RULES) + (nn.LayerNorm,)
-
-
 def rule_for(gm: fx.GraphModule, node: fx.Node, values: Dict, carries: Dict) -> Tuple[NodeRule, List]:
     """(rule, input nodes that carry a derivative) for a node whose value carries one."""
     inputs = [a for a in node.all_input_nodes if carries.get(a, False)]
@@ -576,6 +566,10 @@ def _function_rule(node: fx.Node, values, inputs, out_numel) -> Optional[NodeRul
     spec = layer_rules.functional_activation_spec(target, node.args, node.kwargs)
     if spec is not None and node.args and node.args[0] is x_node:
         return _activation_rule(spec, math.prod(x.shape[1:]))
+    softmax = (layer_rules.functional_softmax_layer(target, node.args, node.kwargs, x.shape[1:])
+               if node.args and node.args[0] is x_node and isinstance(x, torch.Tensor) else None)
+    if softmax is not None:
+        return _softmax_rule(softmax == "log_softmax", math.prod(x.shape[1:]))
     if node.op == "call_method" and target in _RESHAPE_METHODS or target in _RESHAPE_FUNCTIONS:
         return ReshapeRule(0) if out.shape[0] == x.shape[0] and node.args[0] is x_node else None
     if target in ("permute", "transpose", torch.permute, torch.transpose) and node.args[0] is x_node:

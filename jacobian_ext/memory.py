@@ -125,7 +125,7 @@ def _joined_sizes(plan, node) -> int:
 def _graph_work(plan: GraphPlan, mode: str) -> int:
     """Graph path: the seed counts as a full block, since index-map rules (reshape, scale, slicing)
     materialise the identity they receive."""
-    widths = {g.node: math.prod(g.shape) for g in plan.nodes if g.rule is not None}
+    widths = {g.node: math.prod(g.shape) for g in plan.nodes if g.rule is not None or g.node in plan.absorbed}
     widths[plan.input_node] = plan.in_features
     activations = sum(widths.values())
     largest = max(widths.values())

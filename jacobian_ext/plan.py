@@ -1,5 +1,5 @@
-"""Turns a model into a plan: the layers in order, each on a native rule or on the fallback, grouped
-into segments, with the per-sample shapes recorded by one probe forward."""
+"""The chain plan: steps in order, each on a native rule or on the fallback, grouped into segments
+(fusion.py builds it from a captured graph; whole_model_plan for a model that cannot be captured)."""
 import math
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Tuple, Union
@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from . import cost
-from .rules import NativeRule, native_rule
+from .rules import NativeRule
 
 NATIVE_DTYPES = (torch.float32, torch.float64)
 
@@ -91,6 +91,7 @@ class Plan(FlatWidths):
     output_shape: Tuple[int, ...]
     dtype: torch.dtype
     device: torch.device
+    opaque_modules: List[str] = field(default_factory=list)  # user modules fx could not trace into
     segments: List[Segment] = field(init=False)
     all_native: bool = field(init=False)
     native_layers: List[str] = field(init=False)
@@ -116,11 +117,14 @@ class Plan(FlatWidths):
 
     @property
     def fallbacks(self) -> List[str]:
-        return [step.name for step in self.steps if not step.native]
+        return list(dict.fromkeys(step.name for step in self.steps if not step.native))
 
     def describe(self) -> List[str]:
         """One line per layer: its name, the module and its path."""
-        return [f"{step.name:<12} {short_repr(step.module):<48} {step.describe()}" for step in self.steps]
+        lines = [f"{step.name:<12} {short_repr(step.module):<48} {step.describe()}" for step in self.steps]
+        if self.opaque_modules:
+            lines.append(f"(not traceable, kept whole: {', '.join(self.opaque_modules)})")
+        return lines
 
     def choose_mode(self, batch: int, requested: str) -> Union[str, cost.Bracketing]:
         """What to run: "forward" or "reverse" (one sweep), or a cost.Bracketing that splits the chain.
@@ -148,7 +152,7 @@ class Plan(FlatWidths):
         if (start, stop) not in self._parts:
             steps = self.steps[start:stop]
             self._parts[start, stop] = Plan(steps, steps[0].input_shape, steps[-1].output_shape, self.dtype,
-                                            self.device)
+                                            self.device, self.opaque_modules)
         return self._parts[start, stop]
 
 
@@ -173,45 +177,18 @@ def flatten_sequential(model: nn.Module, prefix: str = "") -> List[Tuple[str, nn
     return layers
 
 
-def _check_linear_input(name: str, module: nn.Module, input_shape: Tuple[int, ...]):
-    # The weight's width, not module.in_features, which a replaced weight leaves stale.
-    if isinstance(module, nn.Linear) and (not input_shape or input_shape[-1] != module.weight.shape[-1]):
-        got = input_shape[-1] if input_shape else "no"
-        raise ValueError(
-            f"layer '{name}' ({module}) expects {module.weight.shape[-1]} input features, but its input has "
-            f"{got} (per-sample input shape {list(input_shape)})"
-        )
-
-
-def build_plan(model: Callable, x: torch.Tensor) -> Plan:
-    """Plans `model` for inputs shaped like `x` [B, *in_shape], running one probe forward on one sample."""
+def whole_model_plan(model: Callable, x: torch.Tensor) -> Plan:
+    """The plan of a model that cannot be captured as a graph: one fallback step, the whole model,
+    checked on one probe sample."""
     probe = x[:1] if x.shape[0] > 0 else x.new_zeros((1, *x.shape[1:]))
-    if type(model) is nn.Sequential:
-        named = flatten_sequential(model)
-    else:
-        named = [("model", model)]
-    native_dtype = x.dtype in NATIVE_DTYPES
-    steps = []
-    hidden = probe
     with torch.no_grad():
-        for name, module in named:
-            input_shape = tuple(hidden.shape[1:])
-            _check_linear_input(name, module, input_shape)
-            try:
-                output = module(hidden)
-            except Exception as error:
-                raise ValueError(
-                    f"layer '{name}' ({module}) failed on a per-sample input of shape {list(input_shape)}: {error}"
-                ) from error
-            if not isinstance(output, torch.Tensor):
-                raise TypeError(
-                    f"layer '{name}' must return a single tensor [B, *out_shape], got {type(output).__name__}"
-                )
-            if output.dim() < 1 or output.shape[0] != 1:
-                raise ValueError(
-                    f"layer '{name}' must keep the batch dimension: one sample in gave shape {list(output.shape)}"
-                )
-            rule = native_rule(module, input_shape) if native_dtype and isinstance(module, nn.Module) else None
-            steps.append(Step(name, module, rule, input_shape, tuple(output.shape[1:])))
-            hidden = output
-    return Plan(steps, tuple(x.shape[1:]), tuple(hidden.shape[1:]), x.dtype, x.device)
+        try:
+            output = model(probe)
+        except Exception as error:
+            raise ValueError(f"the model failed on a per-sample input of shape {list(x.shape[1:])}: {error}") from error
+    if not isinstance(output, torch.Tensor):
+        raise TypeError(f"the model must return a single tensor [B, *out_shape], got {type(output).__name__}")
+    if output.dim() < 1 or output.shape[0] != 1:
+        raise ValueError(f"the model must keep the batch dimension: one sample in gave shape {list(output.shape)}")
+    step = Step("model", model, None, tuple(x.shape[1:]), tuple(output.shape[1:]))
+    return Plan([step], step.input_shape, step.output_shape, x.dtype, x.device)

@@ -113,6 +113,25 @@ def functional_activation_spec(fn, args: Sequence = (), kwargs: Optional[Mapping
     return ":".join([name] + [_number(v) for v in values.values()])
 
 
+_SOFTMAX_FUNCTIONS = {F.softmax: "softmax", torch.softmax: "softmax", "softmax": "softmax",
+                      F.log_softmax: "log_softmax", torch.log_softmax: "log_softmax", "log_softmax": "log_softmax"}
+
+
+def functional_softmax_layer(fn, args: Sequence, kwargs: Mapping[str, Any], input_shape) -> Optional[str]:
+    """"softmax" or "log_softmax" for F.softmax(x, dim), torch.softmax, x.softmax(dim) (and the log forms)
+    over the single feature axis of a [B, H] input; None otherwise (another axis, an implicit dim, a dtype
+    argument). `args` includes the input."""
+    layer = _SOFTMAX_FUNCTIONS.get(fn)
+    if layer is None or len(input_shape) != 1:
+        return None
+    kwargs = dict(kwargs)
+    kwargs.pop("_stacklevel", None)  # F.softmax's warning depth, recorded by fx
+    if kwargs.pop("dtype", None) is not None or set(kwargs) - {"dim"} or len(args) > 2:
+        return None
+    dim = kwargs.get("dim", args[1] if len(args) > 1 else None)
+    return layer if dim in (1, -1) else None
+
+
 def _activation(module, input_shape) -> Optional[NativeRule]:
     spec = activation_spec(module)
     return None if spec is None else NativeRule(spec)
@@ -167,9 +186,3 @@ def native_rule(module: nn.Module, input_shape: Tuple[int, ...]) -> Optional[Nat
     """The native rule for `module` applied to per-sample inputs of `input_shape`, or None."""
     rule = NATIVE_RULES.get(type(module))
     return None if rule is None else rule(module, input_shape)
-
-
-def has_native_rule(module: nn.Module) -> bool:
-    """Whether `module`'s type has a rule at all (before shapes are known)."""
-    return type(module) in NATIVE_RULES
-

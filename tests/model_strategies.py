@@ -207,7 +207,8 @@ def model_cases(draw, dtypes=(torch.float64, torch.float32), max_depth: int = 6,
     weight_gain = draw(st.sampled_from([1.0, 0.2, 3.0]), label="weight gain")
     input_scale = draw(st.sampled_from([1.0, 1e-3, 10.0]), label="input scale")
 
-    on_graph = any(factory.graph_path for factory, _ in specs)
+    # A layer native on the graph path only keeps the model there (fusion.chain_plan declines the chain).
+    on_graph = any(factory.graph_path or (factory.native_on_graph and not factory.native) for factory, _ in specs)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         layers = [(factory.name, constructor(), factory.expected_native(on_graph)) for factory, constructor in specs]

@@ -3,20 +3,22 @@ weights), an input and the sweep, as a dict that torch::pickle_load reads in C++
 
     python examples/cpp/export_model.py MODEL.pt        # a random 8-16-16-3 softmax classifier, B=2
 
-jacobian_ext.deploy.fused_encoding gives the plan of any nn.Sequential on the fused path.
+JacobianModule.fused_encoding gives the plan of any model whose graph is a chain of fused layers.
 """
 import argparse
 
 import torch
 from torch import nn
 
+import jacobian_ext
 from jacobian_ext import deploy
 
 
-def export_model(model: nn.Sequential, x: torch.Tensor, path: str, mode: str = "auto"):
+def export_model(model: nn.Module, x: torch.Tensor, path: str, mode: str = "auto"):
     """Saves what the C++ program needs to compute model's Jacobian at x."""
-    encoding = deploy.fused_encoding(model, tuple(x.shape[1:]), x.dtype, x.device, mode)
-    params = [p.detach() for p in deploy.read_params(model, encoding)]
+    jm = jacobian_ext.compile(model, mode=mode)
+    encoding = jm.fused_encoding(x)
+    params = [p.detach() for p in deploy.read_params(jm.parameter_owner, encoding)]
     torch.save({"layers": list(encoding.layers), "params": params, "x": x, "mode": encoding.mode}, path)
 
 
