@@ -127,6 +127,10 @@ def report(results, memory) -> str:
         f"{datetime.now():%Y-%m-%d %H:%M}, {platform.processor() or platform.machine()}, "
         f"{torch.get_num_threads()} threads, torch {torch.__version__}, float32, CPU. "
         "Median seconds per call, methods interleaved in one process (`python -m bench.engine`).",
+        "Targets (issue \"One engine\"): the subclass and the lambda within 1.05x of the Sequential; the repeat",
+        "batch_jacobian call within 1.1x of the compiled call; resnet18 at least 1.5x faster than vmap(jacrev)",
+        "with a lower peak memory. Before the engine (the issue, measured on main on an earlier day, B=256 MLP): the subclass ran",
+        "73.9 ms against 37.7 ms for the Sequential, and batch_jacobian re-traced resnet18 on every call.",
         "",
     ]
     for title, medians, baseline in results:
