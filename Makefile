@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.14.1
 BUILD_TOOLS := ninja setuptools
 TEST_TOOLS := pytest numpy torchvision hypothesis tqdm captum
 LIBRARY := jacobian_ext/_C.abi3.so
-SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -name '*.cuh') setup.py
+SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -name '*.cuh' -o -name '*.def') setup.py
 
 .PHONY: setup build cpp demo test test-slow fuzz sanitize bench bench-peers clean
 

@@ -12,8 +12,8 @@ void check_channel_vector(const at::Tensor& input, const std::optional<at::Tenso
                           const char* arg) {
   if (!vector.has_value()) return;
   check_same_dtype_device(input, *vector, op, arg);
-  TORCH_CHECK(vector->dim() == 1 && vector->size(0) == input.size(1), op, ": ", arg, " must be [", input.size(1),
-              "] (one entry per channel, axis 1 of the input), got shape ", vector->sizes());
+  TORCH_CHECK_VALUE(vector->dim() == 1 && vector->size(0) == input.size(1), op, ": ", arg, " must be [", input.size(1),
+                    "] (one entry per channel, axis 1 of the input), got shape ", vector->sizes());
 }
 
 void check_batch_norm_args(const at::Tensor& input, const std::optional<at::Tensor>& weight,

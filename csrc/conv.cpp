@@ -19,20 +19,20 @@ void check_conv_args(const at::Tensor& input, const at::Tensor& weight, const st
   check_batched_features(input, 2, 4, op, "input");
   check_same_dtype_device(input, weight, op, "weight");
   const int64_t spatial_dims = input.dim() - 2;
-  TORCH_CHECK(weight.dim() == input.dim(), op, ": weight must be [out_channels, in_channels / groups, *kernel] with ",
-              spatial_dims, " kernel dims for an input of shape ", input.sizes(), ", got shape ", weight.sizes());
-  TORCH_CHECK(conv.groups >= 1 && weight.size(0) % conv.groups == 0 && input.size(1) == weight.size(1) * conv.groups,
-              op, ": weight of shape ", weight.sizes(), " with groups = ", conv.groups, " does not fit an input with ",
-              input.size(1), " channels");
+  TORCH_CHECK_VALUE(weight.dim() == input.dim(), op, ": weight must be [out_channels, in_channels / groups, *kernel] with ",
+                    spatial_dims, " kernel dims for an input of shape ", input.sizes(), ", got shape ", weight.sizes());
+  TORCH_CHECK_VALUE(conv.groups >= 1 && weight.size(0) % conv.groups == 0 && input.size(1) == weight.size(1) * conv.groups,
+                    op, ": weight of shape ", weight.sizes(), " with groups = ", conv.groups, " does not fit an input with ",
+                    input.size(1), " channels");
   for (const auto& [name, values] : {std::pair{"stride", conv.stride}, std::pair{"padding", conv.padding},
                                      std::pair{"dilation", conv.dilation}}) {
-    TORCH_CHECK(static_cast<int64_t>(values.size()) == spatial_dims, op, ": ", name, " must have ", spatial_dims,
-                " entries (one per spatial dim), got ", values);
+    TORCH_CHECK_VALUE(static_cast<int64_t>(values.size()) == spatial_dims, op, ": ", name, " must have ", spatial_dims,
+                      " entries (one per spatial dim), got ", values);
   }
   if (bias.has_value()) {
     check_same_dtype_device(input, *bias, op, "bias");
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == weight.size(0), op, ": bias must be [", weight.size(0),
-                "], got shape ", bias->sizes());
+    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == weight.size(0), op, ": bias must be [", weight.size(0),
+                      "], got shape ", bias->sizes());
   }
 }
 
@@ -50,10 +50,10 @@ std::vector<int64_t> conv_output_features(const at::Tensor& input, const at::Ten
   for (size_t i = 0; i < conv.stride.size(); ++i) {
     const int64_t extent = conv.dilation[i] * (weight.size(i + 2) - 1) + 1;
     const int64_t padded = input.size(i + 2) + 2 * conv.padding[i];
-    TORCH_CHECK(conv.stride[i] >= 1 && conv.dilation[i] >= 1 && conv.padding[i] >= 0 && padded >= extent, op,
-                ": the (dilated) kernel of extent ", extent, " does not fit the padded input size ", padded,
-                " in spatial dim ", i, " (stride ", conv.stride, ", padding ", conv.padding, ", dilation ",
-                conv.dilation, ")");
+    TORCH_CHECK_VALUE(conv.stride[i] >= 1 && conv.dilation[i] >= 1 && conv.padding[i] >= 0 && padded >= extent, op,
+                      ": the (dilated) kernel of extent ", extent, " does not fit the padded input size ", padded,
+                      " in spatial dim ", i, " (stride ", conv.stride, ", padding ", conv.padding, ", dilation ",
+                      conv.dilation, ")");
     shape.push_back((padded - extent) / conv.stride[i] + 1);
   }
   return shape;

@@ -28,10 +28,13 @@ at::Tensor JacobianBlock::dense(int64_t batch, int64_t features, const at::Tenso
 
 namespace {
 
+#define JACEXT_ACTIVATION(kind, name, parameters, first, second, grammar, ...) grammar ", "
+#define JACEXT_ACTIVATION_ALIAS(name, kind, parameters, first, second, grammar) grammar ", "
 constexpr const char* kAcceptedActivations =
-    "relu, tanh, sigmoid, gelu, gelu_tanh, silu, relu6, leaky_relu[:negative_slope], elu[:alpha], "
-    "softplus[:beta[:threshold]] or hardtanh[:min_val[:max_val]], with finite decimal parameters, e.g. "
-    "'leaky_relu:0.01', 'softplus:1.0:20.0'";
+#include "jacext/activations.def"
+    "with finite decimal parameters, e.g. 'leaky_relu:0.01', 'softplus:1.0:20.0'";
+#undef JACEXT_ACTIVATION
+#undef JACEXT_ACTIVATION_ALIAS
 
 struct ActivationForm {
   std::string_view name;
@@ -41,17 +44,12 @@ struct ActivationForm {
 };
 
 constexpr ActivationForm kActivationForms[] = {
-    {"relu", ActivationKind::ReLU, 0, 0.0, 0.0},
-    {"tanh", ActivationKind::Tanh, 0, 0.0, 0.0},
-    {"sigmoid", ActivationKind::Sigmoid, 0, 0.0, 0.0},
-    {"gelu", ActivationKind::Gelu, 0, 0.0, 0.0},
-    {"gelu_tanh", ActivationKind::GeluTanh, 0, 0.0, 0.0},
-    {"silu", ActivationKind::Silu, 0, 0.0, 0.0},
-    {"relu6", ActivationKind::Hardtanh, 0, 0.0, 6.0},
-    {"leaky_relu", ActivationKind::LeakyReLU, 1, 0.01, 0.0},
-    {"elu", ActivationKind::Elu, 1, 1.0, 0.0},
-    {"softplus", ActivationKind::Softplus, 2, 1.0, 20.0},
-    {"hardtanh", ActivationKind::Hardtanh, 2, -1.0, 1.0},
+#define JACEXT_ACTIVATION(kind, name, parameters, first, second, ...) {name, ActivationKind::kind, parameters, first, second},
+#define JACEXT_ACTIVATION_ALIAS(name, kind, parameters, first, second, grammar) \
+  {name, ActivationKind::kind, parameters, first, second},
+#include "jacext/activations.def"
+#undef JACEXT_ACTIVATION
+#undef JACEXT_ACTIVATION_ALIAS
 };
 
 // The whole of `text` as a finite number, or nullopt.
@@ -90,14 +88,14 @@ std::optional<Activation> parse_activation(std::string_view text) {
 
 Activation activation_from_name(std::string_view name, const char* op, const char* arg) {
   const std::optional<Activation> activation = parse_activation(name);
-  TORCH_CHECK(activation.has_value(), op, ": ", arg, " is '", name, "'; expected an activation: ",
-              kAcceptedActivations);
+  TORCH_CHECK_VALUE(activation.has_value(), op, ": ", arg, " is '", name, "'; expected an activation: ",
+                    kAcceptedActivations);
   if (activation->kind == ActivationKind::Softplus) {
-    TORCH_CHECK(activation->first != 0.0, op, ": ", arg, " is '", name, "'; softplus needs a nonzero beta");
+    TORCH_CHECK_VALUE(activation->first != 0.0, op, ": ", arg, " is '", name, "'; softplus needs a nonzero beta");
   }
   if (activation->kind == ActivationKind::Hardtanh) {
-    TORCH_CHECK(activation->first <= activation->second, op, ": ", arg, " is '", name,
-                "'; hardtanh needs min_val <= max_val");
+    TORCH_CHECK_VALUE(activation->first <= activation->second, op, ": ", arg, " is '", name,
+                      "'; hardtanh needs min_val <= max_val");
   }
   return *activation;
 }

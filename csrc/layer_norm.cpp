@@ -26,14 +26,14 @@ LayerNormGroups check_layer_norm_args(const at::Tensor& input, at::IntArrayRef n
                                       const std::optional<at::Tensor>& weight, const char* op) {
   check_floating_tensor(input, op, "input");
   const int64_t normalized_dims = static_cast<int64_t>(normalized_shape.size());
-  TORCH_CHECK(normalized_dims >= 1, op, ": normalized_shape must name at least one dimension");
-  TORCH_CHECK(input.dim() > normalized_dims && input.sizes().slice(input.dim() - normalized_dims) == normalized_shape,
-              op, ": input must be [batch, *features] with features ending in normalized_shape ", normalized_shape,
-              ", got shape ", input.sizes());
+  TORCH_CHECK_VALUE(normalized_dims >= 1, op, ": normalized_shape must name at least one dimension");
+  TORCH_CHECK_VALUE(input.dim() > normalized_dims && input.sizes().slice(input.dim() - normalized_dims) == normalized_shape,
+                    op, ": input must be [batch, *features] with features ending in normalized_shape ", normalized_shape,
+                    ", got shape ", input.sizes());
   if (weight.has_value()) {
     check_same_dtype_device(input, *weight, op, "weight");
-    TORCH_CHECK(weight->sizes() == normalized_shape, op, ": weight must have shape normalized_shape ",
-                normalized_shape, ", got ", weight->sizes());
+    TORCH_CHECK_VALUE(weight->sizes() == normalized_shape, op, ": weight must have shape normalized_shape ",
+                      normalized_shape, ", got ", weight->sizes());
   }
   LayerNormGroups groups;
   groups.batch = input.size(0);
@@ -98,14 +98,14 @@ std::tuple<at::Tensor, at::Tensor> layer_norm_jac_forward(const at::Tensor& inpu
   const LayerNormGroups g = check_layer_norm_args(input, normalized_shape, weight, op);
   if (bias.has_value()) {
     check_same_dtype_device(input, *bias, op, "bias");
-    TORCH_CHECK(bias->sizes() == normalized_shape, op, ": bias must have shape normalized_shape ", normalized_shape,
-                ", got ", bias->sizes());
+    TORCH_CHECK_VALUE(bias->sizes() == normalized_shape, op, ": bias must have shape normalized_shape ", normalized_shape,
+                      ", got ", bias->sizes());
   }
   if (jac.has_value()) {
     check_same_dtype_device(input, *jac, op, "jac");
-    TORCH_CHECK(jac->dim() == input.dim() + 1 && jac->sizes().slice(0, input.dim()) == input.sizes(), op,
-                ": jac of shape ", jac->sizes(), " must be the input's shape ", input.sizes(),
-                " followed by D tangent columns");
+    TORCH_CHECK_VALUE(jac->dim() == input.dim() + 1 && jac->sizes().slice(0, input.dim()) == input.sizes(), op,
+                      ": jac of shape ", jac->sizes(), " must be the input's shape ", input.sizes(),
+                      " followed by D tangent columns");
   }
 
   auto [output, mean, rstd] = at::native_layer_norm(input, normalized_shape, weight, bias, eps);
@@ -129,10 +129,10 @@ at::Tensor layer_norm_jac_reverse(const at::Tensor& input, const std::optional<a
   const LayerNormGroups g = check_layer_norm_args(input, normalized_shape, weight, op);
   if (cotangent.has_value()) {
     check_same_dtype_device(input, *cotangent, op, "cotangent");
-    TORCH_CHECK(cotangent->dim() == input.dim() + 1 && cotangent->size(0) == g.batch &&
+    TORCH_CHECK_VALUE(cotangent->dim() == input.dim() + 1 && cotangent->size(0) == g.batch &&
                     cotangent->sizes().slice(2) == input.sizes().slice(1),
-                op, ": cotangent of shape ", cotangent->sizes(), " must be [", g.batch,
-                ", C, *features] with C rows and the input's features ", input.sizes().slice(1));
+                      op, ": cotangent of shape ", cotangent->sizes(), " must be [", g.batch,
+                      ", C, *features] with C rows and the input's features ", input.sizes().slice(1));
   }
 
   // Only the statistics are needed: no weight or bias in this forward.

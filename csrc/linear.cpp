@@ -32,13 +32,13 @@ JacobianBlock chain_masked_matrix(const JacobianBlock& block, const at::Tensor& 
 void check_linear_params(const at::Tensor& input, int64_t in_features, const at::Tensor& weight,
                          const std::optional<at::Tensor>& bias, const char* op) {
   check_same_dtype_device(input, weight, op, "weight");
-  TORCH_CHECK(weight.dim() == 2, op, ": weight must be [out_features, in_features], got shape ", weight.sizes());
-  TORCH_CHECK(weight.size(1) == in_features, op, ": weight of shape ", weight.sizes(), " expects ",
-              weight.size(1), " input features, got ", in_features);
+  TORCH_CHECK_VALUE(weight.dim() == 2, op, ": weight must be [out_features, in_features], got shape ", weight.sizes());
+  TORCH_CHECK_VALUE(weight.size(1) == in_features, op, ": weight of shape ", weight.sizes(), " expects ",
+                    weight.size(1), " input features, got ", in_features);
   if (bias.has_value()) {
     check_same_dtype_device(input, *bias, op, "bias");
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == weight.size(0), op, ": bias must be [", weight.size(0),
-                "], got shape ", bias->sizes());
+    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == weight.size(0), op, ": bias must be [", weight.size(0),
+                      "], got shape ", bias->sizes());
   }
 }
 
@@ -64,7 +64,7 @@ std::tuple<at::Tensor, at::Tensor> linear_jac_forward(const at::Tensor& input, c
 
 at::Tensor linear_jac_reverse(const std::optional<at::Tensor>& cotangent, const at::Tensor& weight) {
   const char* op = "jacext::linear_jac_reverse";
-  TORCH_CHECK(weight.dim() == 2, op, ": weight must be [out_features, in_features], got shape ", weight.sizes());
+  TORCH_CHECK_VALUE(weight.dim() == 2, op, ": weight must be [out_features, in_features], got shape ", weight.sizes());
   check_feature_matrix(weight, op, "weight");
   const JacobianBlock cotangents = cotangents_from_arg(cotangent, -1, weight.size(0), weight, op);
   const JacobianBlock result = chain_matrix(cotangents, weight);

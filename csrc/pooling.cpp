@@ -15,7 +15,7 @@ namespace {
 void check_pool_input(const at::Tensor& input, const char* op) { check_batched_features(input, 2, 3, op, "input"); }
 
 void check_pair(at::IntArrayRef values, const char* name, const char* op) {
-  TORCH_CHECK(values.size() == 2, op, ": ", name, " must have 2 entries (height, width), got ", values);
+  TORCH_CHECK_VALUE(values.size() == 2, op, ": ", name, " must have 2 entries (height, width), got ", values);
 }
 
 // Shapes are spelt out in full (no -1): they must hold for empty batches too.
@@ -97,8 +97,8 @@ void check_avg_pool_args(const at::Tensor& input, const AvgPoolGeometry& pool, c
   check_pair(pool.kernel_size, "kernel_size", op);
   check_pair(pool.stride, "stride", op);
   check_pair(pool.padding, "padding", op);
-  TORCH_CHECK(!pool.divisor_override.has_value() || *pool.divisor_override != 0, op,
-              ": divisor_override must be non-zero");
+  TORCH_CHECK_VALUE(!pool.divisor_override.has_value() || *pool.divisor_override != 0, op,
+                    ": divisor_override must be non-zero");
 }
 
 at::Tensor avg_pool(const at::Tensor& features, const AvgPoolGeometry& pool) {
@@ -110,8 +110,8 @@ at::Tensor avg_pool(const at::Tensor& features, const AvgPoolGeometry& pool) {
 void check_adaptive_args(const at::Tensor& input, at::IntArrayRef output_size, const char* op) {
   check_pool_input(input, op);
   check_pair(output_size, "output_size", op);
-  TORCH_CHECK(output_size[0] >= 1 && output_size[1] >= 1, op, ": output_size entries must be positive, got ",
-              output_size);
+  TORCH_CHECK_VALUE(output_size[0] >= 1 && output_size[1] >= 1, op, ": output_size entries must be positive, got ",
+                    output_size);
 }
 
 at::Tensor adaptive_avg_pool(const at::Tensor& features, at::IntArrayRef output_size) {

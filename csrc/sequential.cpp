@@ -30,9 +30,9 @@ std::vector<Layer> parse_plan(const at::Tensor& input, c10::ArrayRef<std::string
     Layer layer;
     if (name == "linear" || name == "linear_no_bias") {
       const size_t count = name == "linear" ? 2 : 1;
-      TORCH_CHECK(next_param + count <= params.size(), op, ": layer ", i, " (", name, ") needs ", count,
-                  " entries in params (weight", count == 2 ? ", bias" : "", ") but params has only ",
-                  params.size() - next_param, " left");
+      TORCH_CHECK_VALUE(next_param + count <= params.size(), op, ": layer ", i, " (", name, ") needs ", count,
+                        " entries in params (weight", count == 2 ? ", bias" : "", ") but params has only ",
+                        params.size() - next_param, " left");
       layer.weight = params[next_param];
       if (count == 2) layer.bias = params[next_param + 1];
       next_param += count;
@@ -50,8 +50,8 @@ std::vector<Layer> parse_plan(const at::Tensor& input, c10::ArrayRef<std::string
     }
     plan.push_back(std::move(layer));
   }
-  TORCH_CHECK(next_param == params.size(), op, ": params has ", params.size(), " entries but the layers use ",
-              next_param);
+  TORCH_CHECK_VALUE(next_param == params.size(), op, ": params has ", params.size(), " entries but the layers use ",
+                    next_param);
   return plan;
 }
 
@@ -83,8 +83,8 @@ std::optional<double> crossover_override() {
     if (text == nullptr || *text == '\0') return std::nullopt;
     char* end = nullptr;
     const double parsed = std::strtod(text, &end);
-    TORCH_CHECK(*end == '\0', "JACEXT_MASKED_LINEAR_CROSSOVER must be a number (a fraction of active units), got '",
-                text, "'");
+    TORCH_CHECK_VALUE(*end == '\0', "JACEXT_MASKED_LINEAR_CROSSOVER must be a number (a fraction of active units), got '",
+                      text, "'");
     return parsed;
   }();
   return value;
@@ -261,7 +261,7 @@ std::tuple<at::Tensor, at::Tensor> sequential_jac_forward(const at::Tensor& inpu
                                                           c10::ArrayRef<std::string> layers, const LayerParams& params) {
   const char* op = "jacext::sequential_jac_forward";
   check_feature_matrix(input, op, "input");
-  TORCH_CHECK(!layers.empty(), op, ": layers must name at least one layer");
+  TORCH_CHECK_VALUE(!layers.empty(), op, ": layers must name at least one layer");
   const std::vector<Layer> plan = parse_plan(input, layers, params, op);
   SweepResult result = forward_sweep(input, tangents_from_jac(jac, input, op), plan);
   const int64_t features = result.output.size(1);
@@ -274,7 +274,7 @@ std::tuple<at::Tensor, at::Tensor> sequential_jac_reverse(const at::Tensor& inpu
                                                           c10::ArrayRef<std::string> layers, const LayerParams& params) {
   const char* op = "jacext::sequential_jac_reverse";
   check_feature_matrix(input, op, "input");
-  TORCH_CHECK(!layers.empty(), op, ": layers must name at least one layer");
+  TORCH_CHECK_VALUE(!layers.empty(), op, ": layers must name at least one layer");
   const std::vector<Layer> plan = parse_plan(input, layers, params, op);
   auto [output, factors] = forward_with_factors(input, plan);
   JacobianBlock seed = cotangents_from_arg(cotangent, input.size(0), output.size(1), input, op);
@@ -285,10 +285,10 @@ std::tuple<at::Tensor, at::Tensor> sequential_jac_reverse(const at::Tensor& inpu
 std::tuple<at::Tensor, at::Tensor> batch_jacobian(const at::Tensor& input, c10::ArrayRef<std::string> layers,
                                                   const LayerParams& params, std::string_view mode) {
   const char* op = "jacext::batch_jacobian";
-  TORCH_CHECK(input.dim() >= 2, op, ": input must be [batch, *in_shape] with at least one feature dimension, got shape ",
-              input.sizes());
-  TORCH_CHECK(mode == "forward" || mode == "reverse", op, ": mode must be 'forward' or 'reverse', got '", mode,
-              "' (jacobian_ext.batch_jacobian and jacobian_ext.compile resolve mode='auto' before calling the op)");
+  TORCH_CHECK_VALUE(input.dim() >= 2, op, ": input must be [batch, *in_shape] with at least one feature dimension, got shape ",
+                    input.sizes());
+  TORCH_CHECK_VALUE(mode == "forward" || mode == "reverse", op, ": mode must be 'forward' or 'reverse', got '", mode,
+                    "' (jacobian_ext.batch_jacobian and jacobian_ext.compile resolve mode='auto' before calling the op)");
   const int64_t batch = input.size(0);
   // Explicit width: reshape({0, -1}) is ambiguous for an empty batch.
   const at::Tensor flat_input = input.reshape({batch, c10::multiply_integers(input.sizes().slice(1))});

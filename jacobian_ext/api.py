@@ -222,13 +222,17 @@ class JacobianModule(nn.Module):
                     module is not self._root._modules[name] for name, module in modules.items()):
                 self._holder["root"] = capture_root(self.model)
         layout = _layout(self._root)
-        if not _same_layout(self._layout, layout):
-            self._layout = layout
+        if _same_layout(self._layout, layout):
+            return
+        with _PLANNING_LOCK:  # threads that met the change together forget (and recapture) once
+            if _same_layout(self._layout, layout):
+                return
             self._plans.clear()
             self._capture.clear()
             self._encodings.clear()
             self._last["plan"] = None
             self._coupled_modules = [(n, m) for n, m in self._root.named_modules() if isinstance(m, _BATCH_COUPLED)]
+            self._layout = layout
 
     def plan_for(self, x: torch.Tensor) -> Plan:
         """The plan for inputs shaped like x (built on first use, with one probe forward)."""

@@ -16,28 +16,14 @@ The per-layer rule ops (linear_jac_forward, ...) keep a backward that raises "no
 outputs are intermediate blocks whose derivative nobody needs outside a whole Jacobian.
 """
 import math
-from typing import Callable, Dict, List, Sequence, Tuple
+from typing import Callable, List, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, jacrev, vjp, vmap
 
-# Activation name (ops.py's grammar) -> the function; its parameters follow the input positionally.
-_ACTIVATIONS: Dict[str, Callable] = {
-    "relu": F.relu,
-    "tanh": torch.tanh,
-    "sigmoid": torch.sigmoid,
-    "gelu": lambda x: F.gelu(x, approximate="none"),
-    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
-    "silu": F.silu,
-    "relu6": F.relu6,
-    "leaky_relu": F.leaky_relu,
-    "elu": F.elu,
-    "softplus": F.softplus,
-    "hardtanh": F.hardtanh,
-}
-
+from .rules import ACTIVATION_REPLAY
 
 def encoded_forward(x: torch.Tensor, layers: Sequence[str], params: Sequence[torch.Tensor]) -> torch.Tensor:
     """The model that the op encoding (layers, params) describes, in plain PyTorch: [B, D] -> [B, C]."""
@@ -54,7 +40,7 @@ def encoded_forward(x: torch.Tensor, layers: Sequence[str], params: Sequence[tor
             hidden = torch.log_softmax(hidden, dim=-1)
         else:
             name, *arguments = layer.split(":")
-            hidden = _ACTIVATIONS[name](hidden, *map(float, arguments))
+            hidden = ACTIVATION_REPLAY[name](hidden, *map(float, arguments))
     return hidden
 
 

@@ -9,7 +9,8 @@ Each node of the chain becomes one plan.Step. Its callable maps the previous nod
 nodes that carry no derivative but feed the node (x.size(0) of a view, a parameter read with get_attr)
 are replayed inside it, from the previous value. A graph that is not a chain (fan-out, residual adds,
 helpers that read an earlier value) or that holds a node whose native rule exists on the graph path
-only (convolutions, norms, permutes) stays a GraphPlan.
+only (convolutions, norms, permutes) stays a GraphPlan, and fuse_interior_chains turns each maximal run
+of chain-encodable nodes inside it into one FusedChainRule: one call of the chain ops.
 """
 import math
 from typing import Dict, List, Optional, Sequence
@@ -30,7 +31,6 @@ class NodeFunction:
     def __init__(self, plan: GraphPlan, g: GraphNode, helpers: Sequence[fx.Node]):
         self.evaluator, self.node, self.helpers = plan.evaluator, g.node, list(helpers)
         self.source = g.inputs[0]
-        self.placeholders = [n for n in helpers if n.op == "placeholder"]
 
     def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
         env: Dict[fx.Node, object] = {self.source: hidden}

@@ -9,6 +9,7 @@ their values only. Blocks keep the feature axes of the node intact:
 """
 import functools
 import operator
+import threading
 import warnings
 from dataclasses import dataclass, field
 from types import FunctionType
@@ -40,6 +41,7 @@ class _Tracer(fx.Tracer):
         self.opaque = set(opaque)
         self.failed_module: Optional[str] = None
         self._function_root: Optional["FunctionRoot"] = None
+        self._thread = threading.get_ident()
 
     def trace(self, root, concrete_args=None):
         if isinstance(root, FunctionRoot):
@@ -60,7 +62,16 @@ class _Tracer(fx.Tracer):
     def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
         return qualified_name in self.opaque or super().is_leaf_module(module, qualified_name)
 
+    # torch.fx patches nn.Module.__call__ and __getattr__ process-wide while it traces: calls made by other
+    # threads meanwhile (another model, another JacobianModule) reach this tracer and run untraced here.
+    def getattr(self, attr, attr_val, parameter_proxy_cache):
+        if threading.get_ident() != self._thread:
+            return attr_val
+        return super().getattr(attr, attr_val, parameter_proxy_cache)
+
     def call_module(self, module, forward, args, kwargs):
+        if threading.get_ident() != self._thread:
+            return forward(*args, **kwargs)
         try:
             return super().call_module(module, forward, args, kwargs)
         except Exception:

@@ -13,6 +13,9 @@ Layout conventions (shared with csrc/):
 
       relu | tanh | sigmoid | gelu | gelu_tanh | silu | relu6
       | leaky_relu[:negative_slope] | elu[:alpha] | softplus[:beta[:threshold]] | hardtanh[:min_val[:max_val]]
+      | hardswish | hardsigmoid
+
+  (one row each in csrc/jacext/activations.def and rules.ACTIVATIONS)
 
   "gelu" is ``approximate='none'``, "gelu_tanh" ``approximate='tanh'``, "relu6" is "hardtanh:0:6";
   parameters are decimal numbers (``repr(float)`` round-trips exactly), omitted trailing ones take
@@ -31,38 +34,6 @@ from ._loader import load_library
 build_info = load_library()
 _ops = torch.ops.jacext
 
-# One example of every activation form the ops accept (the grammar above); parameters in the parametrised
-# ones are chosen away from torch's defaults so that tests exercise them.
-ACTIVATIONS = (
-    "relu", "tanh", "sigmoid", "gelu", "gelu_tanh", "silu", "relu6",
-    "leaky_relu:0.2", "elu:1.5", "softplus:2.0:3.0", "hardtanh:-0.5:1.25",
-)
-LAYER_NAMES = ("linear", "linear_no_bias") + ACTIVATIONS + ("softmax", "log_softmax")
-OP_NAMES = (
-    "linear_jac_forward",
-    "linear_jac_reverse",
-    "pointwise_jac_forward",
-    "pointwise_jac_reverse",
-    "softmax_jac_forward",
-    "softmax_jac_reverse",
-    "log_softmax_jac_forward",
-    "log_softmax_jac_reverse",
-    "sequential_jac_forward",
-    "sequential_jac_reverse",
-    "batch_jacobian",
-    "conv_jac_forward",
-    "conv_jac_reverse",
-    "batch_norm_jac_forward",
-    "batch_norm_jac_reverse",
-    "max_pool2d_jac_forward",
-    "max_pool2d_jac_reverse",
-    "avg_pool2d_jac_forward",
-    "avg_pool2d_jac_reverse",
-    "adaptive_avg_pool2d_jac_forward",
-    "adaptive_avg_pool2d_jac_reverse",
-    "layer_norm_jac_forward",
-    "layer_norm_jac_reverse",
-)
 
 
 def linear_jac_forward(input: Tensor, jac: Optional[Tensor], weight: Tensor, bias: Optional[Tensor] = None):

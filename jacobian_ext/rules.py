@@ -1,6 +1,8 @@
 """The rule table: which modules run on a native C++ rule, and how they are encoded in a plan.
 
-Adding a native layer touches one kernel file per backend, one schema line and one entry here.
+Adding a native activation is one row of csrc/jacext/activations.def (with its formulas in rule_math.h)
+and one row of ACTIVATIONS here; another native layer one kernel file per backend, one schema line and
+one entry here.
 """
 from dataclasses import dataclass
 from numbers import Real
@@ -42,46 +44,69 @@ def _number(value) -> str:
     return repr(float(value))
 
 
-_GELU_FORMS = {"none": "gelu", "tanh": "gelu_tanh"}  # approximate= -> activation string
+@dataclass(frozen=True)
+class ActivationRow:
+    """One native element-wise activation, the Python side of its row in csrc/jacext/activations.def:
+    the module type and functional forms it matches, its arguments, and its plain-PyTorch replay."""
 
-# Module type -> its activation string (the ops' grammar, see ops.py), read from the module's attributes.
-_MODULE_ACTIVATIONS: Dict[type, Callable[[nn.Module], Optional[str]]] = {
-    nn.ReLU: lambda m: "relu",
-    nn.Tanh: lambda m: "tanh",
-    nn.Sigmoid: lambda m: "sigmoid",
-    nn.GELU: lambda m: _GELU_FORMS.get(m.approximate),
-    nn.SiLU: lambda m: "silu",
-    nn.ReLU6: lambda m: "relu6",
-    nn.LeakyReLU: lambda m: f"leaky_relu:{_number(m.negative_slope)}",
-    nn.ELU: lambda m: f"elu:{_number(m.alpha)}",
-    nn.Softplus: lambda m: f"softplus:{_number(m.beta)}:{_number(m.threshold)}",
-    nn.Hardtanh: lambda m: f"hardtanh:{_number(m.min_val)}:{_number(m.max_val)}",
-}
+    name: str  # the ops' grammar name (ops.py)
+    module: type  # matched by exact type: a subclass may override forward
+    functions: tuple  # torch functions and Tensor method names (in-place variants included)
+    # The arguments after the input, (name, default), in the functional form's positional order and named
+    # as the module's attributes; the numbers among them follow the name in the spec ("leaky_relu:0.2").
+    arguments: tuple = ()
+    fixed: tuple = ()  # (name, value) of non-numeric arguments that select this row (GELU's approximate)
+    replay: Optional[Callable] = None  # replay(x, *numbers): the differentiable backward's recomputation
+
+    def spec(self, values: Mapping[str, Any]) -> Optional[str]:
+        """The activation string for these argument values, or None when they do not select this row or a
+        number is not a plain number (e.g. a traced value)."""
+        if any(values[name] != value for name, value in self.fixed):
+            return None
+        fixed = dict(self.fixed)
+        numbers = [values[name] for name, _ in self.arguments if name not in fixed]
+        if not all(isinstance(v, Real) and not isinstance(v, bool) for v in numbers):
+            return None
+        return ":".join([self.name] + [_number(v) for v in numbers])
+
+
+ACTIVATIONS = (
+    ActivationRow("relu", nn.ReLU, (torch.relu, torch.relu_, F.relu, F.relu_, "relu", "relu_"), replay=F.relu),
+    ActivationRow("tanh", nn.Tanh, (torch.tanh, torch.tanh_, F.tanh, "tanh", "tanh_"), replay=torch.tanh),
+    ActivationRow("sigmoid", nn.Sigmoid, (torch.sigmoid, torch.sigmoid_, F.sigmoid, "sigmoid", "sigmoid_"),
+                  replay=torch.sigmoid),
+    ActivationRow("gelu", nn.GELU, (F.gelu,), (("approximate", "none"),), (("approximate", "none"),),
+                  replay=lambda x: F.gelu(x, approximate="none")),
+    ActivationRow("gelu_tanh", nn.GELU, (F.gelu,), (("approximate", "none"),), (("approximate", "tanh"),),
+                  replay=lambda x: F.gelu(x, approximate="tanh")),
+    ActivationRow("silu", nn.SiLU, (F.silu,), replay=F.silu),
+    ActivationRow("relu6", nn.ReLU6, (F.relu6,), replay=F.relu6),
+    ActivationRow("leaky_relu", nn.LeakyReLU, (F.leaky_relu, F.leaky_relu_), (("negative_slope", 0.01),),
+                  replay=F.leaky_relu),
+    ActivationRow("elu", nn.ELU, (F.elu, F.elu_), (("alpha", 1.0),), replay=F.elu),
+    ActivationRow("softplus", nn.Softplus, (F.softplus,), (("beta", 1.0), ("threshold", 20.0)), replay=F.softplus),
+    ActivationRow("hardtanh", nn.Hardtanh, (F.hardtanh, F.hardtanh_), (("min_val", -1.0), ("max_val", 1.0)),
+                  replay=F.hardtanh),
+    ActivationRow("hardswish", nn.Hardswish, (F.hardswish,), replay=F.hardswish),
+    ActivationRow("hardsigmoid", nn.Hardsigmoid, (F.hardsigmoid,), replay=F.hardsigmoid),
+)
+ACTIVATION_REPLAY: Dict[str, Callable] = {row.name: row.replay for row in ACTIVATIONS}
+_BY_MODULE: Dict[type, list] = {}
+_BY_FUNCTION: Dict[Any, list] = {}
+for _row in ACTIVATIONS:
+    _BY_MODULE.setdefault(_row.module, []).append(_row)
+    for _fn in _row.functions:
+        _BY_FUNCTION.setdefault(_fn, []).append(_row)
 
 
 def activation_spec(module: nn.Module) -> Optional[str]:
     """The activation string of the pointwise ops for `module` (e.g. "leaky_relu:0.01"), or None when
     it has no native element-wise rule. Exact types only, like NATIVE_RULES."""
-    spec = _MODULE_ACTIVATIONS.get(type(module))
-    return None if spec is None else spec(module)
-
-
-# Functional form -> (activation name, its parameters after the input as (name, default) pairs).
-_FUNCTIONAL_ACTIVATIONS: Dict[Any, Tuple[str, Tuple[Tuple[str, Any], ...]]] = {}
-for _fns, _name, _params in [
-    ((torch.relu, torch.relu_, F.relu, F.relu_, "relu", "relu_"), "relu", ()),
-    ((torch.tanh, torch.tanh_, F.tanh, "tanh", "tanh_"), "tanh", ()),
-    ((torch.sigmoid, torch.sigmoid_, F.sigmoid, "sigmoid", "sigmoid_"), "sigmoid", ()),
-    ((F.gelu,), "gelu", (("approximate", "none"),)),
-    ((F.silu,), "silu", ()),
-    ((F.relu6,), "relu6", ()),
-    ((F.leaky_relu, F.leaky_relu_), "leaky_relu", (("negative_slope", 0.01),)),
-    ((F.elu, F.elu_), "elu", (("alpha", 1.0),)),
-    ((F.softplus,), "softplus", (("beta", 1.0), ("threshold", 20.0))),
-    ((F.hardtanh, F.hardtanh_), "hardtanh", (("min_val", -1.0), ("max_val", 1.0))),
-]:
-    for _fn in _fns:
-        _FUNCTIONAL_ACTIVATIONS[_fn] = (_name, _params)
+    for row in _BY_MODULE.get(type(module), ()):
+        spec = row.spec({name: getattr(module, name) for name, _ in row.arguments})
+        if spec is not None:
+            return spec
+    return None
 
 
 def functional_activation_spec(fn, args: Sequence = (), kwargs: Optional[Mapping[str, Any]] = None) -> Optional[str]:
@@ -89,28 +114,23 @@ def functional_activation_spec(fn, args: Sequence = (), kwargs: Optional[Mapping
     F.gelu(approximate=...), F.leaky_relu(x, 0.2), ... or a Tensor method name ("relu", "tanh",
     "sigmoid"); in-place variants included (the op computes a fresh output; whether the mutation
     matters to other users of the input is the caller's concern). `args` includes the input.
-    None when `fn` is not a native activation or a parameter is not a plain number (e.g. a traced value)."""
-    entry = _FUNCTIONAL_ACTIVATIONS.get(fn)
-    if entry is None:
-        return None
-    name, params = entry
-    kwargs = dict(kwargs or {})
-    kwargs.pop("inplace", None)
-    extra = list(args[1:])
-    if len(extra) == len(params) + 1 and isinstance(extra[-1], bool):
-        extra.pop()  # a positional inplace flag
-    if len(extra) > len(params):
-        return None
-    values = {}
-    for i, (param, default) in enumerate(params):
-        values[param] = extra[i] if i < len(extra) else kwargs.pop(param, default)
-    if kwargs:  # an argument this mapping does not know
-        return None
-    if name == "gelu":
-        return _GELU_FORMS.get(values["approximate"])
-    if not all(isinstance(v, Real) and not isinstance(v, bool) for v in values.values()):
-        return None
-    return ":".join([name] + [_number(v) for v in values.values()])
+    None when `fn` is not a native activation or an argument is not a plain number (e.g. a traced value)."""
+    for row in _BY_FUNCTION.get(fn, ()):
+        remaining = dict(kwargs or {})
+        remaining.pop("inplace", None)
+        extra = list(args[1:])
+        if len(extra) == len(row.arguments) + 1 and isinstance(extra[-1], bool):
+            extra.pop()  # a positional inplace flag
+        if len(extra) > len(row.arguments):
+            return None
+        values = {name: extra[i] if i < len(extra) else remaining.pop(name, default)
+                  for i, (name, default) in enumerate(row.arguments)}
+        if remaining:  # an argument this mapping does not know
+            return None
+        spec = row.spec(values)
+        if spec is not None:
+            return spec
+    return None
 
 
 _SOFTMAX_FUNCTIONS = {F.softmax: "softmax", torch.softmax: "softmax", "softmax": "softmax",
@@ -166,7 +186,7 @@ def _unflatten(module: nn.Unflatten, input_shape) -> Optional[NativeRule]:
 # the fallback, which is always correct.
 NATIVE_RULES: Dict[type, Callable[[nn.Module, Tuple[int, ...]], Optional[NativeRule]]] = {
     nn.Linear: _linear,
-    **{activation_type: _activation for activation_type in _MODULE_ACTIVATIONS},
+    **{row.module: _activation for row in ACTIVATIONS},
     nn.Softmax: _softmax("softmax"),
     nn.LogSoftmax: _softmax("log_softmax"),
     nn.Flatten: _flatten,

@@ -129,11 +129,11 @@ def test_bad_activation_strings_are_rejected(spec):
     accepted = (r"expected an activation: relu, tanh, sigmoid, gelu, gelu_tanh, silu, relu6, "
                 r"leaky_relu\[:negative_slope\]")
     reason = {"softplus:0": "nonzero beta", "hardtanh:1:-1": "min_val <= max_val"}.get(spec, accepted)
-    with pytest.raises(RuntimeError, match=rf"jacext::pointwise_jac_forward: activation is '{spec}'.*{reason}"):
+    with pytest.raises(ValueError, match=rf"jacext::pointwise_jac_forward: activation is '{spec}'.*{reason}"):
         ops.pointwise_jac_forward(x, None, spec)
-    with pytest.raises(RuntimeError, match=r"jacext::pointwise_jac_reverse: activation is"):
+    with pytest.raises(ValueError, match=r"jacext::pointwise_jac_reverse: activation is"):
         ops.pointwise_jac_reverse(x, None, spec)
-    with pytest.raises(RuntimeError, match=r"jacext::batch_jacobian: layers\[1\] .* is"):
+    with pytest.raises(ValueError, match=r"jacext::batch_jacobian: layers\[1\] .* is"):
         ops.batch_jacobian(x, ["linear_no_bias", spec], [torch.randn(3, 3)], "forward")
 
 
@@ -145,7 +145,7 @@ MODULES = [
     (nn.LeakyReLU(), "leaky_relu:0.01"), (nn.LeakyReLU(0.3), "leaky_relu:0.3"), (nn.ELU(), "elu:1.0"),
     (nn.ELU(alpha=0.7), "elu:0.7"), (nn.Softplus(), "softplus:1.0:20.0"),
     (nn.Softplus(beta=2, threshold=5), "softplus:2.0:5.0"), (nn.Hardtanh(), "hardtanh:-1.0:1.0"),
-    (nn.Hardtanh(-2.0, 0.1), "hardtanh:-2.0:0.1"),
+    (nn.Hardtanh(-2.0, 0.1), "hardtanh:-2.0:0.1"), (nn.Hardswish(), "hardswish"), (nn.Hardsigmoid(), "hardsigmoid"),
 ]
 
 
@@ -161,7 +161,7 @@ def test_activation_spec_is_none_for_other_modules():
     class MyReLU(nn.ReLU):  # a subclass may change forward: exact types only
         pass
 
-    for module in (nn.Linear(2, 2), nn.Softmax(-1), nn.Hardswish(), nn.SELU(), nn.PReLU(), MyReLU(), nn.LayerNorm(3)):
+    for module in (nn.Linear(2, 2), nn.Softmax(-1), nn.Mish(), nn.SELU(), nn.PReLU(), MyReLU(), nn.LayerNorm(3)):
         assert rules.activation_spec(module) is None
 
 
@@ -188,6 +188,8 @@ def test_activation_spec_is_none_for_other_modules():
     (F.softplus, ("x", 2.0), {"threshold": 4}, "softplus:2.0:4.0"),
     (F.hardtanh, ("x", -2.0, 3.0), {}, "hardtanh:-2.0:3.0"),
     (F.hardtanh_, ("x",), {"max_val": 0.5}, "hardtanh:-1.0:0.5"),
+    (F.hardswish, ("x",), {"inplace": False}, "hardswish"),
+    (F.hardsigmoid, ("x", False), {}, "hardsigmoid"),
     # not native: unknown function, unknown approximation, a parameter that is not a number, unknown kwarg
     (torch.exp, ("x",), {}, None),
     ("add", ("x",), {}, None),

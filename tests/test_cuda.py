@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from conftest import assert_matches_reference
+import op_catalog
 from jacobian_ext import ops
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -46,7 +47,7 @@ def moved(tensors, device=None, dtype=None):
 
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("activation", ops.ACTIVATIONS)
+@pytest.mark.parametrize("activation", op_catalog.ACTIVATIONS)
 @pytest.mark.parametrize("head", HEADS, ids=str)
 def test_cuda_matches_cpu_in_float64(shape, mode, activation, head):
     batch, in_features, widths, out_features = SHAPES[shape]

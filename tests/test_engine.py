@@ -287,3 +287,34 @@ def test_gradients_through_a_fused_chain_inside_a_graph():
     assert_matches_reference(x.grad, expected_x, torch.float64)
     for name, parameter in model.named_parameters():
         assert_matches_reference(parameter.grad, expected_params[name], torch.float64)
+
+
+def test_other_threads_run_their_models_untouched_while_a_model_is_captured():
+    import threading
+
+    other = nn.Sequential(nn.Linear(5, 5), nn.Tanh()).double()
+    x = torch.randn(3, 5, dtype=torch.float64)
+    with torch.no_grad():
+        expected = other(x)
+    stop, failures = threading.Event(), []
+
+    def run_other():
+        while not stop.is_set():
+            try:
+                with torch.no_grad():
+                    if not torch.equal(other(x), expected):
+                        failures.append("wrong value")
+            except Exception as error:  # a module call intercepted by the tracer
+                failures.append(f"{type(error).__name__}: {error}")
+
+    thread = threading.Thread(target=run_other)
+    thread.start()
+    try:
+        for _ in range(20):
+            model = SubclassedMLP().double()
+            z = torch.randn(2, 7, dtype=torch.float64)
+            assert_matches_reference(jx.batch_jacobian(model, z), reference_jacobian(model, z), torch.float64)
+    finally:
+        stop.set()
+        thread.join()
+    assert not failures, failures[:3]

@@ -81,7 +81,7 @@ def test_output_without_batch_dimension_is_rejected():
         jx.batch_jacobian(lambda x: x.sum(), torch.randn(2, 3))
 
 
-# ---- the operators validate their arguments too (RuntimeError from TORCH_CHECK) ----
+# ---- the operators validate their arguments too (ValueError and TypeError from TORCH_CHECK_VALUE / TORCH_CHECK_TYPE) ----
 
 @pytest.mark.parametrize("call, message", [
     (lambda: ops.batch_jacobian(torch.randn(2, 3), ["linear"], [torch.randn(4, 3), torch.randn(4)], "auto"),
@@ -111,5 +111,7 @@ def test_output_without_batch_dimension_is_rejected():
     (lambda: ops.sequential_jac_forward(torch.randn(2, 3), None, [], []), "at least one layer"),
 ])
 def test_operator_argument_errors(call, message):
-    with pytest.raises(RuntimeError, match=message):
+    # TORCH_CHECK_TYPE for a wrong dtype, TORCH_CHECK_VALUE for everything else
+    expected = TypeError if "dtype" in message or "float32 or float64" in message else ValueError
+    with pytest.raises(expected, match=message):
         call()

@@ -7,9 +7,10 @@ import torch
 import torch.nn.functional as F
 
 from conftest import DEVICES, DTYPES, assert_matches_reference, non_contiguous, single_sample
+import op_catalog
 from jacobian_ext import ops
 
-# Every activation string of ops.ACTIVATIONS (parameters away from the defaults) and the parameterless
+# Every activation string of op_catalog.ACTIVATIONS (parameters away from the defaults) and the parameterless
 # forms of the parametrised ones (torch's defaults), with the torch function it stands for.
 ACTIVATION_FUNCTIONS = {
     "relu": torch.relu,
@@ -27,8 +28,10 @@ ACTIVATION_FUNCTIONS = {
     "elu": F.elu,
     "softplus": F.softplus,
     "hardtanh": F.hardtanh,
+    "hardswish": F.hardswish,
+    "hardsigmoid": F.hardsigmoid,
 }
-assert set(ops.ACTIVATIONS) <= set(ACTIVATION_FUNCTIONS)
+assert set(op_catalog.ACTIVATIONS) <= set(ACTIVATION_FUNCTIONS)
 
 
 def layer_cases(features_in, features_out, dtype, device):

@@ -34,60 +34,37 @@ void activation_loop(scalar_t* output, scalar_t* derivative, const scalar_t* inp
 // exactly; except for ReLU, whose value the derivative loop produces in the same pass.
 void aten_activation_value(at::Tensor& output, const at::Tensor& input, const Activation& activation) {
   switch (activation.kind) {
-    case ActivationKind::ReLU:
-      break;
-    case ActivationKind::Tanh:
-      at::tanh_out(output, input);
-      break;
-    case ActivationKind::Sigmoid:
-      at::sigmoid_out(output, input);
-      break;
-    case ActivationKind::Gelu:
-      at::gelu_out(output, input, "none");
-      break;
-    case ActivationKind::GeluTanh:
-      at::gelu_out(output, input, "tanh");
-      break;
-    case ActivationKind::Silu:
-      at::silu_out(output, input);
-      break;
-    case ActivationKind::LeakyReLU:
-      at::leaky_relu_out(output, input, activation.first);
-      break;
-    case ActivationKind::Elu:
-      at::elu_out(output, input, activation.first);
-      break;
-    case ActivationKind::Softplus:
-      at::softplus_out(output, input, activation.first, activation.second);
-      break;
-    case ActivationKind::Hardtanh:
-      at::hardtanh_out(output, input, activation.first, activation.second);
-      break;
+#define JACEXT_NO_ATEN
+#define JACEXT_ACTIVATION(kind, name, parameters, first, second, grammar, aten_value, aten_derivative) \
+  case ActivationKind::kind:                                                                         \
+    aten_value;                                                                                      \
+    break;
+#define JACEXT_ACTIVATION_ALIAS(...)
+#include "../jacext/activations.def"
+#undef JACEXT_ACTIVATION
+#undef JACEXT_NO_ATEN
   }
 }
 
 // Writes the derivative with autograd's own backward kernel (grad_output = 1, so grad * f' is f' exactly)
 // for the activations whose derivative needs erf/exp: ATen's kernels are vectorised, the formulas of
 // rule_math.h call scalar libm per element (GELU's rule took 2.0 ms where gelu_backward takes 0.2 ms,
-// [4, 16384] float32, one thread). False for the others, whose derivative the element loop computes.
+// [4, 16384] float32, one thread). False for the others (JACEXT_NO_ATEN in activations.def), whose
+// derivative the element loop computes.
 bool aten_activation_derivative(at::Tensor& derivative, const at::Tensor& input, const Activation& activation) {
   const at::Tensor ones = at::scalar_tensor(1, input.options()).expand(input.sizes());
   switch (activation.kind) {
-    case ActivationKind::Gelu:
-      at::gelu_backward_out(derivative, ones, input, "none");
-      return true;
-    case ActivationKind::GeluTanh:
-      at::gelu_backward_out(derivative, ones, input, "tanh");
-      return true;
-    case ActivationKind::Silu:
-      at::silu_backward_out(derivative, ones, input);
-      return true;
-    case ActivationKind::Elu:
-      at::elu_backward_out(derivative, ones, activation.first, 1.0, 1.0, /*is_result=*/false, input);
-      return true;
-    default:  // Softplus too: its backward kernel overflows to inf / inf = NaN for a large threshold, ours not
-      return false;
+#define JACEXT_NO_ATEN return false
+#define JACEXT_ACTIVATION(kind, name, parameters, first, second, grammar, aten_value, aten_derivative) \
+  case ActivationKind::kind:                                                                         \
+    aten_derivative;                                                                                 \
+    return true;
+#include "../jacext/activations.def"
+#undef JACEXT_ACTIVATION
+#undef JACEXT_ACTIVATION_ALIAS
+#undef JACEXT_NO_ATEN
   }
+  return false;
 }
 
 }  // namespace

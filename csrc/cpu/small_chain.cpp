@@ -34,8 +34,8 @@ double max_macs() {
     if (text == nullptr || *text == '\0') return kDefaultMaxMacs;
     char* end = nullptr;
     const double parsed = std::strtod(text, &end);
-    TORCH_CHECK(*end == '\0' && parsed >= 0, "JACEXT_SMALL_CHAIN_MAX_MACS must be a non-negative number, got '",
-                text, "'");
+    TORCH_CHECK_VALUE(*end == '\0' && parsed >= 0, "JACEXT_SMALL_CHAIN_MAX_MACS must be a non-negative number, got '",
+                      text, "'");
     return parsed;
   }();
   return value;

@@ -55,16 +55,13 @@ template <typename Fn>
 decltype(auto) visit_activation_kind(ActivationKind kind, const Fn& fn) {
   using K = ActivationKind;
   switch (kind) {
-    case K::ReLU: return fn(std::integral_constant<K, K::ReLU>{});
-    case K::Tanh: return fn(std::integral_constant<K, K::Tanh>{});
-    case K::Sigmoid: return fn(std::integral_constant<K, K::Sigmoid>{});
-    case K::Gelu: return fn(std::integral_constant<K, K::Gelu>{});
-    case K::GeluTanh: return fn(std::integral_constant<K, K::GeluTanh>{});
-    case K::Silu: return fn(std::integral_constant<K, K::Silu>{});
-    case K::LeakyReLU: return fn(std::integral_constant<K, K::LeakyReLU>{});
-    case K::Elu: return fn(std::integral_constant<K, K::Elu>{});
-    case K::Softplus: return fn(std::integral_constant<K, K::Softplus>{});
-    case K::Hardtanh: return fn(std::integral_constant<K, K::Hardtanh>{});
+#define JACEXT_ACTIVATION(kind_name, ...) \
+  case K::kind_name:                      \
+    return fn(std::integral_constant<K, K::kind_name>{});
+#define JACEXT_ACTIVATION_ALIAS(...)
+#include "activations.def"
+#undef JACEXT_ACTIVATION
+#undef JACEXT_ACTIVATION_ALIAS
   }
   TORCH_INTERNAL_ASSERT(false, "unknown ActivationKind");
 }

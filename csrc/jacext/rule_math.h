@@ -17,9 +17,15 @@
 
 namespace jacext {
 
-// Element-wise activations with a native rule. The integer values are part of no ABI: the schema
-// passes activations as strings (grammar and parser: activation_from_name in jacobian_block.h).
-enum class ActivationKind : int8_t { ReLU, Tanh, Sigmoid, Gelu, GeluTanh, Silu, LeakyReLU, Elu, Softplus, Hardtanh };
+// Element-wise activations with a native rule, one per row of activations.def. The integer values are
+// part of no ABI: the schema passes activations as strings (parser: activation_from_name in jacobian_block.h).
+enum class ActivationKind : int8_t {
+#define JACEXT_ACTIVATION(kind, ...) kind,
+#define JACEXT_ACTIVATION_ALIAS(...)
+#include "activations.def"
+#undef JACEXT_ACTIVATION
+#undef JACEXT_ACTIVATION_ALIAS
+};
 
 // An activation with its scalar parameters, parsed once per operator call:
 //   LeakyReLU: first = negative_slope;  Elu: first = alpha;
@@ -37,10 +43,20 @@ constexpr double kGeluSqrtHalf = 0.70710678118654752440;
 constexpr double kGeluInvSqrtTwoPi = 0.39894228040143267794;
 constexpr double kGeluSqrtTwoOverPi = 0.79788456080286535588;
 constexpr double kGeluCubicCoefficient = 0.044715;
+// torch's hardsigmoid_backward kernels (CPU and CUDA) multiply by the float literal 1.0f / 6.0f, also in
+// float64: this keeps our derivative equal to autograd's bit for bit.
+constexpr double kHardsigmoidSlope = 1.0f / 6.0f;
 
 template <typename T>
 JACEXT_HOST_DEVICE inline T stable_sigmoid(T z) {
   return T(1) / (T(1) + exp(-z));
+}
+
+// min(max(z + 3, 0), 6) as torch's hardswish and hardsigmoid kernels compute it (NaN stays NaN).
+template <typename T>
+JACEXT_HOST_DEVICE inline T relu6_of_shifted(T z) {
+  const T shifted = z + T(3);
+  return shifted < T(0) ? T(0) : (shifted > T(6) ? T(6) : shifted);
 }
 
 // activation(z). The CPU kernels take the values of the non-ReLU activations from ATen (vectorised and
@@ -74,6 +90,10 @@ JACEXT_HOST_DEVICE JACEXT_ALWAYS_INLINE T activation_value(const Activation& act
     }
     case ActivationKind::Hardtanh:
       return z < T(activation.first) ? T(activation.first) : (z > T(activation.second) ? T(activation.second) : z);
+    case ActivationKind::Hardswish:
+      return z * relu6_of_shifted(z) / T(6);
+    case ActivationKind::Hardsigmoid:
+      return relu6_of_shifted(z) / T(6);
   }
   return z;
 }
@@ -84,7 +104,9 @@ JACEXT_HOST_DEVICE JACEXT_ALWAYS_INLINE T activation_value(const Activation& act
 //   ReLU'(0) = 0 and ReLU'(NaN) = 1 (threshold_backward: z <= 0 ? 0 : 1),  LeakyReLU'(0) = negative_slope (z > 0),
 //   ELU'(0) = alpha (elu_backward: z <= 0 takes alpha * exp(z)),
 //   Hardtanh' = 0 at min_val and max_val (hardtanh_backward: z <= min || z >= max), so ReLU6'(0) = ReLU6'(6) = 0,
-//   Softplus' = 1 only where z * beta > threshold, the forward's switch.
+//   Softplus' = 1 only where z * beta > threshold, the forward's switch,
+//   Hardswish'(-3) = 0 and Hardswish'(3) = 1.5 (hardswish_backward: z < -3 ? 0 : z <= 3 ? z / 3 + 0.5 : 1),
+//   Hardsigmoid' = 0 at -3 and 3 (hardsigmoid_backward: -3 < z < 3).
 // Softplus' below the switch is sigmoid(beta z), torch's exp(beta z) / (exp(beta z) + 1) in a form that
 // does not overflow to inf / inf for a large threshold.
 template <typename T>
@@ -121,6 +143,10 @@ JACEXT_HOST_DEVICE JACEXT_ALWAYS_INLINE T activation_derivative(const Activation
     }
     case ActivationKind::Hardtanh:
       return (z <= T(activation.first) || z >= T(activation.second)) ? T(0) : T(1);
+    case ActivationKind::Hardswish:
+      return z < T(-3) ? T(0) : (z <= T(3) ? z / T(3) + T(0.5) : T(1));
+    case ActivationKind::Hardsigmoid:
+      return (z > T(-3) && z < T(3)) ? T(kHardsigmoidSlope) : T(0);
   }
   return T(0);
 }
