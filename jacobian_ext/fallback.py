@@ -22,15 +22,21 @@ def _single_sample(fn: Callable) -> Callable:
     return single
 
 
-def _is_data_dependent(error: RuntimeError) -> bool:
-    return "data-dependent control flow" in str(error)
-
-
 def _sample_by_sample_jacobian(single: Callable, x: torch.Tensor) -> torch.Tensor:
     """[B, H_out, H_in] with jacrev one sample at a time: for functions whose control flow depends on
     the data, which vmap over samples cannot run (jacrev itself only vmaps the backward pass)."""
-    rows = [jacrev(single)(sample) for sample in x]
+    rows = [_sample_jacobian(single, sample) for sample in x]
     return torch.stack([r.reshape(r.shape[: r.dim() - x.dim() + 1].numel(), -1) for r in rows])
+
+
+def _sample_jacobian(single: Callable, sample: torch.Tensor) -> torch.Tensor:
+    """jacrev of one sample; where vmap cannot batch even jacrev's backward over the output rows (the CPU
+    LSTM backward), one plain backward per output row."""
+    try:
+        return jacrev(single)(sample)
+    except Exception:  # noqa: BLE001
+        with torch.enable_grad():
+            return torch.autograd.functional.jacobian(single, sample)
 
 
 def forward_rule(fn: Callable, x: torch.Tensor, jac: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -41,11 +47,18 @@ def forward_rule(fn: Callable, x: torch.Tensor, jac: Optional[torch.Tensor]) -> 
     try:
         with FORWARD_AD_LOCK:
             return output, _forward_rule_vmapped(single, x, output, jac)
-    except RuntimeError as error:
-        if not _is_data_dependent(error):
-            raise
-    own = _sample_by_sample_jacobian(single, x)
+    except Exception as error:  # noqa: BLE001  (any op vmap cannot batch: the next fallback runs)
+        own = _retried_sample_by_sample(single, x, error)
     return output, own if jac is None else torch.bmm(own, jac)
+
+
+def _retried_sample_by_sample(single: Callable, x: torch.Tensor, error: Exception) -> torch.Tensor:
+    """The Jacobian sample by sample after the vmapped rule failed: vmap cannot batch data-dependent control
+    flow, nor some ops (an RNN's CPU backward); the error of the vmapped rule is raised when this fails too."""
+    try:
+        return _sample_by_sample_jacobian(single, x)
+    except Exception:  # noqa: BLE001
+        raise error from None
 
 
 def _forward_rule_vmapped(single: Callable, x: torch.Tensor, output: torch.Tensor, jac: Optional[torch.Tensor]):
@@ -68,10 +81,8 @@ def reverse_rule(fn: Callable, x: torch.Tensor, cotangent: Optional[torch.Tensor
     single = _single_sample(fn)
     try:
         return _reverse_rule_vmapped(single, x, cotangent, output_shape)
-    except RuntimeError as error:
-        if not _is_data_dependent(error):
-            raise
-    own = _sample_by_sample_jacobian(single, x)
+    except Exception as error:  # noqa: BLE001  (any op vmap cannot batch: the next fallback runs)
+        own = _retried_sample_by_sample(single, x, error)
     return own if cotangent is None else torch.bmm(cotangent, own)
 
 

@@ -23,6 +23,7 @@ from . import graph_rules
 from .errors import GraphCaptureError
 from .graph_rules import IDENTITY, accumulate, explicit_block
 from .plan import FlatWidths, short_repr
+from .rules import rule_type
 
 # Tracing retries: each failed trace marks the innermost module that failed as a leaf.
 _MAX_TRACE_ATTEMPTS = 16
@@ -60,7 +61,8 @@ class _Tracer(fx.Tracer):
         return super().create_args_for_root(root_fn, is_module, concrete_args)
 
     def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
-        return qualified_name in self.opaque or super().is_leaf_module(module, qualified_name)
+        return (qualified_name in self.opaque or super().is_leaf_module(module, qualified_name)
+                or _runs_a_torch_layer(module))
 
     # torch.fx patches nn.Module.__call__ and __getattr__ process-wide while it traces: calls made by other
     # threads meanwhile (another model, another JacobianModule) reach this tracer and run untraced here.
@@ -133,6 +135,14 @@ def closed_over_modules(fn: Callable) -> Dict[str, nn.Module]:
 def capture_root(model: Callable) -> nn.Module:
     """The module that graph capture traces: the model itself, or a FunctionRoot around a function."""
     return model if isinstance(model, nn.Module) else FunctionRoot(model, closed_over_modules(model))
+
+
+def _runs_a_torch_layer(module: nn.Module) -> bool:
+    """A user subclass of a torch layer that runs the parent's forward unchanged (rules.rule_type): a node
+    like the parent, not traced into (its forward would become functional calls)."""
+    parent = rule_type(module)
+    return (parent is not type(module) and parent is not nn.Module
+            and not issubclass(parent, (nn.Sequential, nn.ModuleList, nn.ModuleDict)))
 
 
 def capture(root: nn.Module) -> Tuple[fx.GraphModule, List[str]]:
@@ -249,7 +259,7 @@ class Evaluator:
 
 def _check_linear_input(name: str, module: nn.Module, value):
     # The weight's width, not module.in_features, which a replaced weight leaves stale.
-    if type(module) is nn.Linear and isinstance(value, torch.Tensor) and (
+    if rule_type(module) is nn.Linear and isinstance(value, torch.Tensor) and (
             value.dim() < 2 or value.shape[-1] != module.weight.shape[-1]):
         got = value.shape[-1] if value.dim() >= 2 else "no"
         raise ValueError(f"layer '{name}' ({module}) expects {module.weight.shape[-1]} input features, but its "
@@ -467,6 +477,7 @@ def build_graph_plan(captured: Tuple[fx.GraphModule, List[str]], x: torch.Tensor
         raise ValueError(f"the model must keep the batch dimension: 2 samples in gave output {shape}")
 
     names = _display_names(gm)
+    feeds_output = _ancestors(output_node)
     carries: Dict[fx.Node, bool] = {input_node: True}
     nodes: List[GraphNode] = []
     for node in gm.graph.nodes:
@@ -475,7 +486,9 @@ def build_graph_plan(captured: Tuple[fx.GraphModule, List[str]], x: torch.Tensor
         name = names[node]
         sources = [a for a in node.all_input_nodes if carries.get(a, False)]
         value = values[node]
-        if not sources:
+        # A value that no path takes to the output (an RNN's unused h_n, [layers, B, H]) carries no
+        # derivative that matters, whatever its layout.
+        if not sources or node not in feeds_output:
             nodes.append(GraphNode(node, name, None))
             continue
         if not _is_float_tensor(value):
@@ -493,10 +506,23 @@ def build_graph_plan(captured: Tuple[fx.GraphModule, List[str]], x: torch.Tensor
         carries[node] = True
         rule, inputs = graph_rules.rule_for(gm, node, values, carries)
         owner = node.target if node.op == "call_module" else _owner(node)
+        if inputs and node.target is operator.getitem and node.args[0] not in inputs and node.args[0].op == "call_module":
+            owner = node.args[0].target  # a pick from a multi-output module differentiates that module
         nodes.append(GraphNode(node, name, rule, tuple(inputs), tuple(value.shape[1:]), owner))
 
     return GraphPlan(gm, nodes, input_node, output_node, tuple(x.shape[1:]), tuple(out_value.shape[1:]),
                      x.dtype, x.device, opaque, evaluator)
+
+
+def _ancestors(node: fx.Node) -> set:
+    """The node and every node its value is computed from."""
+    found, pending = set(), [node]
+    while pending:
+        current = pending.pop()
+        if current not in found:
+            found.add(current)
+            pending += current.all_input_nodes
+    return found
 
 
 def _owner(node: fx.Node) -> str:

@@ -105,7 +105,12 @@ class TorchFuncRule(NodeRule):
                     return value, push(*columns)
             except NotImplementedError:  # an op without a forward-mode derivative (e.g. CPU flash attention)
                 self.forward_via_reverse = True
-        return value, self._forward_via_reverse(function, primals, value, columns)
+            except Exception:  # noqa: BLE001  (an op vmap cannot batch: the sample-by-sample fallback)
+                return value, _chain_forward(_per_sample_node_jacobians(function, primals, value), columns, value)
+        try:
+            return value, self._forward_via_reverse(function, primals, value, columns)
+        except Exception:  # noqa: BLE001
+            return value, _chain_forward(_per_sample_node_jacobians(function, primals, value), columns, value)
 
     @staticmethod
     def _forward_via_reverse(function, primals, value, columns):
@@ -130,7 +135,40 @@ class TorchFuncRule(NodeRule):
         primals = tuple(env[i] for i in g.inputs)
         value, pull = vjp(function, *primals)
         rows = explicit_block(cotangent, value.shape[0], value.shape[1:], value)
-        return list(vmap(pull, in_dims=1, out_dims=1)(rows))
+        try:
+            return list(vmap(pull, in_dims=1, out_dims=1)(rows))
+        except Exception:  # noqa: BLE001  (an op vmap cannot batch, e.g. the CPU LSTM backward)
+            jacobians = _per_sample_node_jacobians(function, primals, value)
+            batch, out_features = value.shape[0], math.prod(value.shape[1:])
+            flat_rows = rows.reshape(batch, rows.shape[1], out_features)
+            return [torch.bmm(flat_rows, jacobian).reshape(batch, rows.shape[1], *primal.shape[1:])
+                    for jacobian, primal in zip(jacobians, primals)]
+
+
+def _per_sample_node_jacobians(function: Callable, primals, value) -> List[torch.Tensor]:
+    """Per input, the node's Jacobian [B, out, in] one sample at a time with plain backward passes: the last
+    fallback, for nodes whose ops vmap cannot batch (the planner checked that samples map independently,
+    so a batch of one gives each sample's own Jacobian)."""
+    batch, out_features = value.shape[0], math.prod(value.shape[1:])
+    per_input = [[] for _ in primals]
+    for b in range(batch):
+        with torch.enable_grad():
+            parts = torch.autograd.functional.jacobian(
+                lambda *sample: function(*sample), tuple(p[b:b + 1].detach() for p in primals))
+        for k, (part, primal) in enumerate(zip(parts, primals)):
+            per_input[k].append(part.reshape(out_features, math.prod(primal.shape[1:])))
+    return [torch.stack(rows) if rows else value.new_zeros(0, out_features, math.prod(p.shape[1:]))
+            for rows, p in zip(per_input, primals)]
+
+
+def _chain_forward(jacobians: Sequence[torch.Tensor], columns, value) -> torch.Tensor:
+    """T_out [B, D, *out] = sum over inputs of T_in [B, D, in] @ J^T."""
+    batch = value.shape[0]
+    total = None
+    for jacobian, column in zip(jacobians, columns):
+        product = torch.bmm(column.reshape(batch, column.shape[1], jacobian.shape[2]), jacobian.transpose(1, 2))
+        total = product if total is None else total + product
+    return total.reshape(batch, total.shape[1], *value.shape[1:])
 
 
 def _call_with_inputs(node: fx.Node, inputs: Sequence[fx.Node]):
@@ -540,18 +578,19 @@ def _is_sum_or_cat(node: fx.Node) -> bool:
 def _module_rule(module: nn.Module, x: torch.Tensor, out_numel: int) -> Optional[NodeRule]:
     input_shape = tuple(x.shape[1:])
     features = math.prod(input_shape)
-    if type(module) is nn.Linear:
+    kind = layer_rules.rule_type(module)
+    if kind is nn.Linear:
         return _linear_rule(module, input_shape)
-    if type(module) in spatial_rules.SPATIAL_RULES:
+    if kind in spatial_rules.SPATIAL_RULES:
         return _spatial_rule(module, input_shape, out_numel)
-    if type(module) is nn.LayerNorm:
+    if kind is nn.LayerNorm:
         return _layer_norm_rule(module, input_shape, out_numel)
     spec = layer_rules.activation_spec(module)
     if spec is not None:
         return _activation_rule(spec, features)
-    if type(module) in (nn.Softmax, nn.LogSoftmax) and len(input_shape) == 1 and module.dim in (None, 1, -1):
-        return _softmax_rule(type(module) is nn.LogSoftmax, features)
-    if isinstance(module, _RESHAPE_MODULES) and type(module).__module__.startswith("torch.nn"):
+    if kind in (nn.Softmax, nn.LogSoftmax) and len(input_shape) == 1 and module.dim in (None, 1, -1):
+        return _softmax_rule(kind is nn.LogSoftmax, features)
+    if issubclass(kind, _RESHAPE_MODULES) and kind.__module__.startswith("torch.nn"):
         if isinstance(module, nn.Flatten) and module.start_dim in (0, -(len(input_shape) + 1)):
             return None
         return ReshapeRule(0)

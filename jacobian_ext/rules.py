@@ -13,6 +13,27 @@ import torch.nn.functional as F
 from torch import nn
 
 
+# What a subclass of a torch layer may define and still compute exactly its parent's forward.
+_HARMLESS_METHODS = {"__init__", "extra_repr", "reset_parameters", "__repr__"}
+
+
+def rule_type(module: nn.Module) -> type:
+    """The class whose rule applies to `module`: its own type, or, for a subclass of a torch layer that
+    defines no method but __init__ (and extra_repr, reset_parameters), that torch layer, since it runs the
+    parent's forward unchanged. A subclass that overrides forward, or any method forward may call, keeps
+    its own type: it is traced into (graph capture) or runs on the fallback, which is always correct."""
+    cls = type(module)
+    if cls.__module__.startswith("torch.nn"):
+        return cls
+    for klass in cls.__mro__:
+        if klass.__module__.startswith("torch.nn"):
+            return klass
+        if any(name not in _HARMLESS_METHODS and (callable(value) or isinstance(value, (property, staticmethod, classmethod)))
+               for name, value in vars(klass).items()):
+            return cls
+    return cls
+
+
 @dataclass(frozen=True)
 class NativeRule:
     """How one module runs natively: its layer name in the op's plan encoding (``None`` for a pure
@@ -101,8 +122,8 @@ for _row in ACTIVATIONS:
 
 def activation_spec(module: nn.Module) -> Optional[str]:
     """The activation string of the pointwise ops for `module` (e.g. "leaky_relu:0.01"), or None when
-    it has no native element-wise rule. Exact types only, like NATIVE_RULES."""
-    for row in _BY_MODULE.get(type(module), ()):
+    it has no native element-wise rule. By rule_type, like NATIVE_RULES."""
+    for row in _BY_MODULE.get(rule_type(module), ()):
         spec = row.spec({name: getattr(module, name) for name, _ in row.arguments})
         if spec is not None:
             return spec
@@ -204,5 +225,5 @@ NATIVE_RULES: Dict[type, Callable[[nn.Module, Tuple[int, ...]], Optional[NativeR
 
 def native_rule(module: nn.Module, input_shape: Tuple[int, ...]) -> Optional[NativeRule]:
     """The native rule for `module` applied to per-sample inputs of `input_shape`, or None."""
-    rule = NATIVE_RULES.get(type(module))
+    rule = NATIVE_RULES.get(rule_type(module))
     return None if rule is None else rule(module, input_shape)

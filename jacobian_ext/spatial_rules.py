@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from torch.nn.modules.utils import _pair, _single
 
 from . import ops
+from .rules import rule_type
 
 
 def conv_params(module: nn.Module, input_shape: Sequence[int]) -> Optional[dict]:
@@ -149,7 +150,7 @@ class SpatialCall:
 
 def native_call(module: nn.Module, input_shape: Sequence[int]) -> Optional[SpatialCall]:
     """The native rule of `module` on a per-sample input of `input_shape`, or None (fallback)."""
-    entry = SPATIAL_RULES.get(type(module))
+    entry = SPATIAL_RULES.get(rule_type(module))
     if entry is None:
         return None
     op, params_of = entry

@@ -158,11 +158,37 @@ def test_activation_spec_of_modules(module, spec):
 
 
 def test_activation_spec_is_none_for_other_modules():
-    class MyReLU(nn.ReLU):  # a subclass may change forward: exact types only
-        pass
+    class ShiftedReLU(nn.ReLU):  # overrides forward: its own type, no rule
+        def forward(self, x):
+            return super().forward(x - 1)
 
-    for module in (nn.Linear(2, 2), nn.Softmax(-1), nn.Mish(), nn.SELU(), nn.PReLU(), MyReLU(), nn.LayerNorm(3)):
+    class ClampingReLU(nn.ReLU):  # overrides a method (as forward might call one): its own type too
+        def extra_check(self):
+            return True
+
+    for module in (nn.Linear(2, 2), nn.Softmax(-1), nn.Mish(), nn.SELU(), nn.PReLU(), ShiftedReLU(), ClampingReLU(),
+                   nn.LayerNorm(3)):
         assert rules.activation_spec(module) is None
+
+
+def test_a_subclass_that_only_configures_its_parent_takes_the_parents_rule():
+    class NamedReLU(nn.ReLU):
+        """Only an __init__ and a repr: the parent's forward runs unchanged."""
+
+        def __init__(self):
+            super().__init__(inplace=False)
+            self.tag = "mine"
+
+        def extra_repr(self):
+            return self.tag
+
+    class SlopedLeaky(nn.LeakyReLU):
+        def __init__(self):
+            super().__init__(0.3)
+
+    assert rules.activation_spec(NamedReLU()) == "relu"
+    assert rules.activation_spec(SlopedLeaky()) == "leaky_relu:0.3"
+    assert rules.rule_type(NamedReLU()) is nn.ReLU
 
 
 @pytest.mark.parametrize("fn, args, kwargs, spec", [

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import jacobian_ext as jx
-from conftest import assert_matches_reference, non_contiguous, penalty_gradients, reference_jacobian
+from conftest import assert_matches_reference, loop_jacobian, non_contiguous, penalty_gradients, reference_jacobian
 from jacobian_ext.graph import GraphPlan
 from jacobian_ext.plan import Plan
 
@@ -318,3 +318,76 @@ def test_other_threads_run_their_models_untouched_while_a_model_is_captured():
         stop.set()
         thread.join()
     assert not failures, failures[:3]
+
+
+# ---- recurrent layers: the recurrent node alone on the fallback, and fallbacks that cannot fail ----
+
+class RecurrentClassifier(nn.Module):
+    def __init__(self, kind, batch_first, layers):
+        super().__init__()
+        self.batch_first = batch_first
+        self.rnn = getattr(nn, kind)(3, 6, num_layers=layers, batch_first=batch_first)
+        self.head = nn.Linear(6, 2)
+
+    def forward(self, x):
+        if not self.batch_first:
+            x = x.transpose(0, 1)
+        out, _ = self.rnn(x)  # h_n ([layers, B, H], or a pair for LSTM) is unused
+        return self.head(out[:, -1] if self.batch_first else out[-1])
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("mode", ["forward", "reverse"])
+@pytest.mark.parametrize("kind", ["GRU", "LSTM", "RNN"])
+@pytest.mark.parametrize("batch_first, layers", [(True, 1), (True, 2), (False, 2)])
+def test_recurrent_classifiers_never_crash_and_match_the_classic_loop(dtype, mode, kind, batch_first, layers):
+    import warnings
+
+    model = RecurrentClassifier(kind, batch_first, layers).to(dtype)
+    x = torch.randn(3, 4, 3, dtype=dtype)
+    jm = jx.compile(model, mode=mode)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a time-major model moves the batch axis: whole-model fallback, warned
+        y, jacobian = jm(x)
+    assert_matches_reference(y, model(x), dtype)
+    assert_matches_reference(jacobian, loop_jacobian(model, x), dtype)
+    # batch-first: only the recurrent layer falls back, not the whole model
+    assert jm.fallbacks == (["rnn"] if batch_first else ["model"])
+
+
+# ---- subclasses of torch layers ----
+
+class ZeroBiasLinear(nn.Linear):
+    """Configures its parent in __init__ only: the parent's rule applies (a node, not traced into)."""
+
+    def __init__(self, a, b):
+        super().__init__(a, b)
+        nn.init.zeros_(self.bias)
+
+
+class ScaledConv(nn.Conv2d):
+    """Overrides forward: traced into, its calls planned one by one."""
+
+    def forward(self, x):
+        return super().forward(x) * 0.5
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_subclasses_of_torch_layers_use_the_parent_rule_or_are_traced_into(mode):
+    mlp = nn.Sequential(ZeroBiasLinear(5, 7), nn.Tanh(), ZeroBiasLinear(7, 3)).double()
+    x = torch.randn(4, 5, dtype=torch.float64)
+    jm = jx.compile(mlp, mode=mode)
+    _, jacobian = jm(x)
+    assert_matches_reference(jacobian, reference_jacobian(mlp, x), torch.float64)
+    plan = jm.plan_for(x)
+    assert isinstance(plan, Plan) and plan.all_native and plan.native_layers[0] == "linear"
+
+    cnn = nn.Sequential(ScaledConv(2, 3, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 4 * 4, 2)).double()
+    z = torch.randn(2, 2, 4, 4, dtype=torch.float64)
+    jm = jx.compile(cnn, mode=mode)
+    _, jacobian = jm(z)
+    assert_matches_reference(jacobian, reference_jacobian(cnn, z), torch.float64)
+    # Traced into: the scale is an index map; the functional conv2d it calls has no native rule yet, so the
+    # fallback is that call alone, named by its module.
+    assert jm.fallbacks == ["0"]
+    assert "index map (scale)" in repr(jm)
