@@ -15,6 +15,7 @@ import operator
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import fx, nn
 from torch.func import jvp, vjp, vmap
 
@@ -488,6 +489,35 @@ class ScaleRule(NodeRule):
         return [explicit_block(cotangent, x.shape[0], g.shape, x) * self._block_factor(env, x.dim())]
 
 
+class ReductionRule(NodeRule):
+    """x.mean(dims) / x.sum(dims) over per-sample axes (global average pooling written functionally,
+    F.adaptive_avg_pool2d(x, 1)): the same reduction of the block over the same axes (forward); the
+    cotangent spread back over the reduced axes, divided by their size for a mean (reverse)."""
+
+    label = "index map (reduction)"
+
+    def __init__(self, dims: Sequence[int], keepdim: bool, mean: bool, work_per_row: float):
+        super().__init__(work_per_row)
+        self.block_dims = sorted(d + 1 for d in dims)  # axes of [B, R, *shape]
+        self.keepdim, self.mean = keepdim, mean
+
+    def forward(self, plan, g, env, tangents):
+        x = env[g.inputs[0]]
+        tangent = explicit_block(tangents[0], x.shape[0], x.shape[1:], x)
+        reduced = (tangent.mean if self.mean else tangent.sum)(self.block_dims, keepdim=True)
+        return plan.evaluator.evaluate(g.node, env), reduced.reshape(x.shape[0], tangent.shape[1], *g.shape)
+
+    def reverse(self, plan, g, env, cotangent):
+        x = env[g.inputs[0]]
+        block = explicit_block(cotangent, x.shape[0], g.shape, x)
+        kept = [block.shape[0], block.shape[1]] + [1 if d + 2 in self.block_dims else size
+                                                   for d, size in enumerate(x.shape[1:])]
+        spread = block.reshape(kept).expand(block.shape[0], block.shape[1], *x.shape[1:])
+        if self.mean:
+            spread = spread / math.prod(x.shape[d - 1] for d in self.block_dims)
+        return [spread]
+
+
 class CatRule(NodeRule):
     """torch.cat along a per-sample axis: the blocks concatenated along the same axis (zeros for the
     parts that carry no derivative); reverse splits the cotangent."""
@@ -621,7 +651,38 @@ def _function_rule(node: fx.Node, values, inputs, out_numel) -> Optional[NodeRul
         return _scale_rule(node, values, x_node, out_numel)
     if target in (torch.cat, torch.concat):
         return _cat_rule(node, values, inputs, out_numel)
+    if target in _REDUCTIONS and node.args and node.args[0] is x_node:
+        return _reduction_rule(node, x, out_numel)
     return None
+
+
+_REDUCTIONS = {torch.mean: True, "mean": True, torch.sum: False, "sum": False, F.adaptive_avg_pool2d: True,
+               F.adaptive_avg_pool1d: True}
+
+
+def _reduction_rule(node: fx.Node, x: torch.Tensor, out_numel) -> Optional[NodeRule]:
+    """mean/sum over explicit per-sample axes (no dtype argument); adaptive average pooling to size 1."""
+    mean = _REDUCTIONS[node.target]
+    ndim = x.dim()
+    if node.target in (F.adaptive_avg_pool2d, F.adaptive_avg_pool1d):
+        spatial = 2 if node.target is F.adaptive_avg_pool2d else 1
+        size = node.args[1] if len(node.args) > 1 else node.kwargs.get("output_size")
+        sizes = size if isinstance(size, (tuple, list)) else (size,) * spatial
+        if ndim < spatial + 2 or any(s != 1 for s in sizes) or len(sizes) != spatial:
+            return None
+        return ReductionRule(range(ndim - spatial, ndim), True, True, out_numel)
+    kwargs = dict(node.kwargs)
+    dims = node.args[1] if len(node.args) > 1 else kwargs.pop("dim", None)
+    keepdim = node.args[2] if len(node.args) > 2 else kwargs.pop("keepdim", False)
+    if dims is None or kwargs or len(node.args) > 3 or not isinstance(keepdim, bool):
+        return None  # a reduction over every axis (the batch too), or a dtype argument
+    dims = [dims] if isinstance(dims, int) else list(dims)
+    if not dims or not all(isinstance(d, int) for d in dims):
+        return None
+    dims = sorted({_normalize_dim(d, ndim) for d in dims})
+    if 0 in dims:
+        return None  # reduces over the batch axis: mixes samples
+    return ReductionRule(dims, keepdim, mean, out_numel)
 
 
 def _normalize_dim(dim: int, ndim: int) -> int:

@@ -391,3 +391,45 @@ def test_subclasses_of_torch_layers_use_the_parent_rule_or_are_traced_into(mode)
     # fallback is that call alone, named by its module.
     assert jm.fallbacks == ["0"]
     assert "index map (scale)" in repr(jm)
+
+
+# ---- reductions over per-sample axes ----
+
+class Reductions(nn.Module):
+    def __init__(self, form):
+        super().__init__()
+        self.form = form
+        self.conv = nn.Conv2d(2, 4, 3, padding=1)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.conv(x))
+        if self.form == "mean":
+            pooled = h.mean((2, 3))
+        elif self.form == "mean_keepdim":
+            pooled = torch.mean(h, dim=[-1, -2], keepdim=True).flatten(1)
+        elif self.form == "adaptive":
+            pooled = F.adaptive_avg_pool2d(h, 1).flatten(1)
+        elif self.form == "sum":
+            pooled = h.sum(-1).sum(dim=2) / 16.0
+        else:  # a reduction of channels and width at once, then a Linear over what is left
+            return h.sum((1, 3))
+        return self.head(pooled)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("mode", ["forward", "reverse"])
+@pytest.mark.parametrize("form", ["mean", "mean_keepdim", "adaptive", "sum", "channels_and_width"])
+@pytest.mark.parametrize("batch", [0, 1, 3])
+def test_reductions_over_feature_axes_are_native(dtype, mode, form, batch):
+    model = Reductions(form).to(dtype)
+    x = non_contiguous(torch.randn(batch, 2, 4, 4, dtype=dtype))
+    jm = jx.compile(model, mode=mode)
+    y, jacobian = jm(x)
+    assert_matches_reference(y, model(x), dtype)
+    if batch:  # torch.func's vmap over a convolution cannot take an empty batch
+        assert_matches_reference(jacobian, reference_jacobian(model, x), dtype)
+    else:
+        assert jacobian.shape == (0, *y.shape[1:], 2, 4, 4)
+    assert jm.fallbacks == []
+    assert "index map (reduction)" in repr(jm)
