@@ -518,6 +518,44 @@ class ReductionRule(NodeRule):
         return [spread]
 
 
+class ProductRule(NodeRule):
+    """a * b (product rule: T_a b + a T_b) or a / b (quotient rule: T_a / b - a T_b / b^2) of two carried
+    values, broadcast over per-sample axes; reverse sums each cotangent back to its factor's shape."""
+
+    label = "native product"
+
+    def __init__(self, first: fx.Node, second: fx.Node, divide: bool, work_per_row: float):
+        super().__init__(work_per_row)
+        self.first, self.second, self.divide = first, second, divide
+
+    def _factors(self, env):
+        """(d out / d first, d out / d second) per element, each with a rows axis: [B, 1, *shape]."""
+        a, b = env[self.first], env[self.second]
+        if self.divide:
+            return (1 / b).unsqueeze(1), (-a / (b * b)).unsqueeze(1)
+        return b.unsqueeze(1), a.unsqueeze(1)
+
+    def forward(self, plan, g, env, tangents):
+        by_input = dict(zip(g.inputs, tangents))
+        total = None
+        for source, factor in zip((self.first, self.second), self._factors(env)):
+            x = env[source]
+            term = explicit_block(by_input[source], x.shape[0], x.shape[1:], x) * factor
+            total = term if total is None else total + term
+        value = plan.evaluator.evaluate(g.node, env)
+        return value, total.expand(value.shape[0], total.shape[1], *g.shape)
+
+    def reverse(self, plan, g, env, cotangent):
+        value = env[g.node]
+        block = explicit_block(cotangent, value.shape[0], g.shape, value)
+        pulled = {}
+        for source, factor in zip((self.first, self.second), self._factors(env)):
+            x = env[source]
+            part = (block * factor).sum_to_size(block.shape[0], block.shape[1], *x.shape[1:])
+            pulled[source] = part if source not in pulled else pulled[source] + part
+        return [pulled[i] for i in g.inputs]
+
+
 class CatRule(NodeRule):
     """torch.cat along a per-sample axis: the blocks concatenated along the same axis (zeros for the
     parts that carry no derivative); reverse splits the cotangent."""
@@ -590,13 +628,18 @@ def rule_for(gm: fx.GraphModule, node: fx.Node, values: Dict, carries: Dict) -> 
 
 
 def _native_rule(gm, node: fx.Node, values, inputs, out_numel) -> Optional[NodeRule]:
-    if len(inputs) != 1 and not _is_sum_or_cat(node):
+    if len(inputs) != 1 and not _is_sum_or_cat(node) and not _is_product(node):
         return None
     if node.op == "call_module":
         return _module_rule(gm.get_submodule(node.target), values[inputs[0]], out_numel)
     if node.op in ("call_function", "call_method"):
         return _function_rule(node, values, inputs, out_numel)
     return None
+
+
+def _is_product(node: fx.Node) -> bool:
+    return node.op in ("call_function", "call_method") and (
+        node.target in _MUL_FUNCTIONS or node.target in _DIV_FUNCTIONS or node.target in ("mul", "div"))
 
 
 def _is_sum_or_cat(node: fx.Node) -> bool:
@@ -647,7 +690,10 @@ def _function_rule(node: fx.Node, values, inputs, out_numel) -> Optional[NodeRul
         return _index_rule(node.args[1], out_numel)
     if target in _ADD_FUNCTIONS or target in _SUB_FUNCTIONS or target in (operator.neg, torch.neg, "neg"):
         return _sum_rule(node, values, inputs, out_numel)
-    if target in _MUL_FUNCTIONS or target in _DIV_FUNCTIONS or target in ("mul", "div"):
+    if _is_product(node):
+        carried = [a for a in node.args if isinstance(a, fx.Node) and a in inputs]
+        if len(carried) == 2:  # both factors carry a derivative (x * x included)
+            return _product_rule(node, values, out_numel)
         return _scale_rule(node, values, x_node, out_numel)
     if target in (torch.cat, torch.concat):
         return _cat_rule(node, values, inputs, out_numel)
@@ -755,6 +801,17 @@ def _scale_rule(node: fx.Node, values, x_node, out_numel) -> Optional[NodeRule]:
         return 1.0 / c if divide else c
 
     return ScaleRule(constant_of, out_numel)
+
+
+def _product_rule(node: fx.Node, values, out_numel) -> Optional[NodeRule]:
+    """a * b or a / b of two carried values with the same number of axes (broadcasting over per-sample axes,
+    e.g. squeeze-excitation's [B, C, 1, 1] gate times [B, C, H, W])."""
+    if len(node.args) != 2 or node.kwargs:
+        return None
+    first, second = node.args
+    if values[first].dim() != values[second].dim():
+        return None  # broadcasting would align a batch axis with a feature axis
+    return ProductRule(first, second, node.target in _DIV_FUNCTIONS or node.target == "div", 3 * out_numel)
 
 
 def _cat_rule(node: fx.Node, values, inputs, out_numel) -> Optional[NodeRule]:

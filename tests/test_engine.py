@@ -433,3 +433,42 @@ def test_reductions_over_feature_axes_are_native(dtype, mode, form, batch):
         assert jacobian.shape == (0, *y.shape[1:], 2, 4, 4)
     assert jm.fallbacks == []
     assert "index map (reduction)" in repr(jm)
+
+
+# ---- products and quotients of two carried values ----
+
+class Gated(nn.Module):
+    """Squeeze-excitation (a [B, C, 1, 1] gate times [B, C, H, W]), a GLU-style gate, x * x and a quotient."""
+
+    def __init__(self, form):
+        super().__init__()
+        self.form = form
+        self.conv = nn.Conv2d(2, 4, 3, padding=1)
+        self.squeeze, self.excite = nn.Conv2d(4, 2, 1), nn.Conv2d(2, 4, 1)
+        self.value, self.gate = nn.Linear(6, 5), nn.Linear(6, 5)
+
+    def forward(self, x):
+        if self.form == "squeeze_excitation":
+            h = F.relu(self.conv(x))
+            scale = torch.sigmoid(self.excite(F.relu(self.squeeze(h.mean((2, 3), keepdim=True)))))
+            return (h * scale).flatten(1)
+        if self.form == "glu":
+            return self.value(x) * torch.sigmoid(self.gate(x))
+        if self.form == "square":
+            return torch.tanh(x) * torch.tanh(x) + x * x
+        return self.value(x) / (1.5 + torch.sigmoid(self.gate(x)))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("mode", ["forward", "reverse"])
+@pytest.mark.parametrize("form", ["squeeze_excitation", "glu", "square", "quotient"])
+@pytest.mark.parametrize("batch", [1, 4])
+def test_products_of_two_carried_values_are_native(dtype, mode, form, batch):
+    model = Gated(form).to(dtype)
+    shape = (2, 4, 4) if form == "squeeze_excitation" else (6,)
+    x = non_contiguous(torch.randn(batch, *shape, dtype=dtype))
+    jm = jx.compile(model, mode=mode)
+    y, jacobian = jm(x)
+    assert_matches_reference(y, model(x), dtype)
+    assert_matches_reference(jacobian, reference_jacobian(model, x), dtype)
+    assert jm.fallbacks == [] and "native product" in repr(jm)
