@@ -250,8 +250,6 @@ def _select_rows(model, targets: List[int], out_features: int, like: torch.Tenso
     selection.requires_grad_(False)
     selection.weight.zero_()
     selection.weight[range(len(targets)), targets] = 1
-    if type(model) is nn.Sequential:  # stays a Sequential: the fused path, where the model has it
-        return nn.Sequential(model, nn.Flatten(), selection)
     return _RowSelection(model, selection)
 
 

@@ -1,8 +1,8 @@
 """Only the requested rows of the per-sample Jacobian, without touching the core: the model is composed
 with a selection head, a bias-free nn.Linear whose weight is the one-hot matrix [K, C], so the reverse
-sweep starts from K rows instead of C (and the cost model sees a K-output model). An nn.Sequential model
-gets the head appended as one more layer (flattened, so a fused model stays fused); any other model is
-wrapped in a module that calls it and then the head, which graph capture traces through."""
+sweep starts from K rows instead of C (and the cost model sees a K-output model). The model is wrapped in a
+module that calls it and then the head; graph capture traces through it, so a model whose graph is a chain
+stays one fused chain with the head as its last layer."""
 import threading
 from collections import OrderedDict
 from typing import Callable, Optional, Tuple
@@ -26,7 +26,7 @@ MAX_CACHED_SELECTIONS = 16
 
 
 class _SelectedOutputs(nn.Module):
-    """head(model(x)) for a model that is not an nn.Sequential."""
+    """head(model(x))."""
 
     def __init__(self, model: Callable, head: nn.Linear):
         super().__init__()
@@ -137,7 +137,7 @@ class JacobianRows:
         else:
             self._compiled.move_to_end(key)
         if selected is not None and self._selections.get(key) != selected:
-            head = compiled.model.head if isinstance(compiled.model, _SelectedOutputs) else compiled.model[-1]
+            head = compiled.model.head
             head.weight.zero_()
             head.weight[torch.arange(len(selected)), torch.tensor(selected)] = 1
             self._selections[key] = selected
@@ -148,8 +148,6 @@ class JacobianRows:
         # generator and change the user's random stream (e.g. a NoiseTunnel's noise after the first call).
         head = nn.Linear(num_outputs, rows, bias=False, device="meta", dtype=x.dtype).to_empty(device=x.device)
         head.requires_grad_(False)
-        if type(self.model) is nn.Sequential:
-            return nn.Sequential(self.model, head)
         return _SelectedOutputs(self.model, head)
 
     def _check_eval_mode(self):
