@@ -15,7 +15,6 @@ Jacobian plus one backward through it costs. Two entry points:
 The per-layer rule ops (linear_jac_forward, ...) keep a backward that raises "not implemented": their
 outputs are intermediate blocks whose derivative nobody needs outside a whole Jacobian.
 """
-import math
 from typing import Callable, List, Sequence, Tuple
 
 import torch
@@ -23,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, jacrev, vjp, vmap
 
+from .plan import flat_samples
 from .rules import ACTIVATION_REPLAY
 
 def encoded_forward(x: torch.Tensor, layers: Sequence[str], params: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -77,7 +77,7 @@ def _setup_batch_jacobian(ctx, inputs, output):
 
 def _backward_batch_jacobian(ctx, grad_output, grad_jacobian):
     x, *params = ctx.saved_tensors
-    flat = x.reshape(x.shape[0], math.prod(x.shape[1:]))  # explicit width: -1 is ambiguous for B = 0
+    flat = flat_samples(x)
 
     def outputs(flat_x, *weights):
         output, jacobian = per_sample_outputs_and_jacobians(lambda v: encoded_forward(v, ctx.layers, weights), flat_x)

@@ -156,6 +156,11 @@ class Plan(FlatWidths):
         return self._parts[start, stop]
 
 
+def flat_samples(x: torch.Tensor) -> torch.Tensor:
+    """x [B, *shape] as [B, prod(shape)], the width given explicitly: reshape(B, -1) is ambiguous for B = 0."""
+    return x.reshape(x.shape[0], math.prod(x.shape[1:]))
+
+
 def short_repr(module) -> str:
     text = repr(module).replace("\n", " ")
     return text if len(text) <= 48 else text[:45] + "..."

@@ -1,7 +1,6 @@
 """Runs a plan: the whole-plan operator when every layer is native, otherwise one sweep over the
 segments, native segments through the C++ segment operators and fallback segments through torch.func;
 a split bracketing runs each of its parts so, and joins them with batched GEMMs."""
-import math
 from typing import Tuple, Union
 
 import torch
@@ -9,7 +8,7 @@ import torch
 from . import fallback, ops
 from .cost import Bracketing
 from .graph import GraphPlan
-from .plan import Plan
+from .plan import Plan, flat_samples
 
 
 def run_plan(plan: Plan, x: torch.Tensor, mode: Union[str, Bracketing]) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -36,11 +35,6 @@ def run_plan(plan: Plan, x: torch.Tensor, mode: Union[str, Bracketing]) -> Tuple
     )
 
 
-def _flat_width(shape) -> int:
-    # Explicit width: reshape(0, -1) is ambiguous for an empty batch.
-    return math.prod(shape)
-
-
 def _forward_sweep(plan: Plan, x: torch.Tensor):
     batch = x.shape[0]
     hidden, jac = x, None  # jac: [B, H, D]; None is the identity
@@ -49,7 +43,7 @@ def _forward_sweep(plan: Plan, x: torch.Tensor):
             hidden, jac = fallback.forward_rule(segment.apply, hidden, jac)
         elif segment.layers:
             flat_output, jac = ops.sequential_jac_forward(
-                hidden.reshape(batch, _flat_width(segment.input_shape)), jac, segment.layers, segment.params()
+                flat_samples(hidden), jac, segment.layers, segment.params()
             )
             hidden = flat_output.reshape(batch, *segment.output_shape)
         else:
@@ -58,7 +52,6 @@ def _forward_sweep(plan: Plan, x: torch.Tensor):
 
 
 def _reverse_sweep(plan: Plan, x: torch.Tensor):
-    batch = x.shape[0]
     inputs, hidden = [], x
     for segment in plan.segments:
         inputs.append(hidden)
@@ -69,7 +62,7 @@ def _reverse_sweep(plan: Plan, x: torch.Tensor):
             cotangent = fallback.reverse_rule(segment.apply, segment_input, cotangent, segment.output_shape)
         elif segment.layers:
             _, cotangent = ops.sequential_jac_reverse(
-                segment_input.reshape(batch, _flat_width(segment.input_shape)), cotangent, segment.layers, segment.params()
+                flat_samples(segment_input), cotangent, segment.layers, segment.params()
             )
     return hidden, cotangent
 
