@@ -250,14 +250,11 @@ class JacobianModule(nn.Module):
         """The model's fx capture, cached until the layout changes; GraphCaptureError (cached too) when the
         model's own forward cannot be traced."""
         with _PLANNING_LOCK:
-            return self._captured_or_raise()
-
-    def _captured_or_raise(self):
-        if "graph" not in self._capture:
-            try:
-                self._capture["graph"] = capture(self._root)
-            except GraphCaptureError as error:
-                self._capture["graph"] = error
+            if "graph" not in self._capture:
+                try:
+                    self._capture["graph"] = capture(self._root)
+                except GraphCaptureError as error:
+                    self._capture["graph"] = error
         captured = self._capture["graph"]
         if isinstance(captured, GraphCaptureError):
             raise captured

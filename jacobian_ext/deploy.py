@@ -16,7 +16,6 @@ import torch
 from torch import nn
 
 from .cost import choose_mode
-from .fusion import FusedChainRule
 from .graph_rules import FeatureOpRule, ReshapeRule
 from .plan import NATIVE_DTYPES, Plan
 
@@ -44,7 +43,7 @@ def fused_encoding(plan, root: nn.Module, mode: str) -> FusedEncoding:
         raise NotImplementedError(f"the single-op path runs float32 and float64, got {plan.dtype}")
     if not isinstance(plan, Plan):
         unfused = [g.owner or g.name for g in plan.nodes if g.rule is not None
-                   and not isinstance(g.rule, (FeatureOpRule, ReshapeRule, FusedChainRule))]
+                   and not isinstance(g.rule, (FeatureOpRule, ReshapeRule))]
         raise NotImplementedError(
             "torch.compile, torch.export and TorchScript run the Jacobian as one operator call, which needs a "
             "model whose graph is a chain of fused rules; this model's graph is not (nodes "

@@ -1,8 +1,9 @@
 """The fallback rule for any module without a native rule: its per-sample Jacobian contribution,
 computed with torch.func (vmap over jvp in forward mode, over vjp in reverse mode) and chained with
 the running block exactly like a native rule."""
+import math
 import threading
-from typing import Callable, Optional, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import torch
 from torch.func import jacfwd, jacrev, jvp, vjp, vmap
@@ -22,21 +23,27 @@ def _single_sample(fn: Callable) -> Callable:
     return single
 
 
-def _sample_by_sample_jacobian(single: Callable, x: torch.Tensor) -> torch.Tensor:
-    """[B, H_out, H_in] with jacrev one sample at a time: for functions whose control flow depends on
-    the data, which vmap over samples cannot run (jacrev itself only vmaps the backward pass)."""
-    rows = [_sample_jacobian(single, sample) for sample in x]
-    return torch.stack([r.reshape(r.shape[: r.dim() - x.dim() + 1].numel(), -1) for r in rows])
-
-
-def _sample_jacobian(single: Callable, sample: torch.Tensor) -> torch.Tensor:
-    """jacrev of one sample; where vmap cannot batch even jacrev's backward over the output rows (the CPU
-    LSTM backward), one plain backward per output row."""
-    try:
-        return jacrev(single)(sample)
-    except Exception:  # noqa: BLE001
-        with torch.enable_grad():
-            return torch.autograd.functional.jacobian(single, sample)
+def per_sample_jacobians(function: Callable, primals: Tuple[torch.Tensor, ...]) -> List[torch.Tensor]:
+    """Per input, [B, H_out, H_in_k] of a batch function that maps samples independently, one sample at a
+    time (each as a batch of one): the last fallback, for what vmap over samples cannot run (data-dependent
+    control flow; jacrev itself only vmaps the backward pass). Where vmap cannot batch even that backward
+    over the output rows (the CPU LSTM backward), one plain backward per output row."""
+    batch = primals[0].shape[0]
+    widths = [math.prod(p.shape[1:]) for p in primals]
+    per_input = [[] for _ in primals]
+    for b in range(batch):
+        sample = tuple(p[b:b + 1].detach() for p in primals)
+        try:
+            parts = jacrev(function, argnums=tuple(range(len(sample))))(*sample)
+        except Exception:  # noqa: BLE001
+            with torch.enable_grad():
+                parts = torch.autograd.functional.jacobian(function, sample)
+        for rows, part, width in zip(per_input, parts, widths):
+            rows.append(part.reshape(part.numel() // width, width))
+    if batch == 0:
+        out_features = math.prod(function(*primals).shape[1:])
+        return [primals[0].new_zeros(0, out_features, width) for width in widths]
+    return [torch.stack(rows) for rows in per_input]
 
 
 def forward_rule(fn: Callable, x: torch.Tensor, jac: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -48,15 +55,15 @@ def forward_rule(fn: Callable, x: torch.Tensor, jac: Optional[torch.Tensor]) -> 
         with FORWARD_AD_LOCK:
             return output, _forward_rule_vmapped(single, x, output, jac)
     except Exception as error:  # noqa: BLE001  (any op vmap cannot batch: the next fallback runs)
-        own = _retried_sample_by_sample(single, x, error)
+        own = _retried_sample_by_sample(fn, x, error)
     return output, own if jac is None else torch.bmm(own, jac)
 
 
-def _retried_sample_by_sample(single: Callable, x: torch.Tensor, error: Exception) -> torch.Tensor:
+def _retried_sample_by_sample(fn: Callable, x: torch.Tensor, error: Exception) -> torch.Tensor:
     """The Jacobian sample by sample after the vmapped rule failed: vmap cannot batch data-dependent control
     flow, nor some ops (an RNN's CPU backward); the error of the vmapped rule is raised when this fails too."""
     try:
-        return _sample_by_sample_jacobian(single, x)
+        return per_sample_jacobians(fn, (x,))[0]
     except Exception:  # noqa: BLE001
         raise error from None
 
@@ -82,7 +89,7 @@ def reverse_rule(fn: Callable, x: torch.Tensor, cotangent: Optional[torch.Tensor
     try:
         return _reverse_rule_vmapped(single, x, cotangent, output_shape)
     except Exception as error:  # noqa: BLE001  (any op vmap cannot batch: the next fallback runs)
-        own = _retried_sample_by_sample(single, x, error)
+        own = _retried_sample_by_sample(fn, x, error)
     return own if cotangent is None else torch.bmm(cotangent, own)
 
 

@@ -10,9 +10,8 @@ nodes that carry no derivative but feed the node (x.size(0) of a view, a paramet
 are replayed inside it, from the previous value. A graph that is not a chain (fan-out, residual adds,
 helpers that read an earlier value) or that holds a node whose native rule exists on the graph path
 only (convolutions, norms, permutes) stays a GraphPlan, and fuse_interior_chains turns each maximal run
-of chain-encodable nodes inside it into one FusedChainRule: one call of the chain ops.
+of chain-encodable nodes inside it into one call of the chain ops (fused_chain_rule).
 """
-import math
 from typing import Dict, List, Optional, Sequence
 
 import torch
@@ -56,11 +55,12 @@ def chain_plan(graph_plan: GraphPlan, native: bool) -> Optional[Plan]:
         previous = g.node
     if previous is not graph_plan.output_node or not carrying:
         return None
-    users = _carrying_users(graph_plan, carrying)
     steps: List[Step] = []
     for g in carrying:
-        if users.get(g.node, 0) > 1:
-            return None  # fan-out: a later node reads this value besides the next one
+        # Fan-out, value-only readers included: a helper reading an earlier value than its own step's
+        # input could not be replayed from that input.
+        if sum(user.op != "output" for user in g.node.users) > 1:
+            return None
         helpers = _helpers(graph_plan, g)
         if helpers is None:
             return None
@@ -74,17 +74,6 @@ def chain_plan(graph_plan: GraphPlan, native: bool) -> Optional[Plan]:
         steps.append(Step(name if rule is not None else (g.owner or g.name), function, rule, input_shape, g.shape))
     return Plan(steps, graph_plan.input_shape, graph_plan.output_shape, graph_plan.dtype, graph_plan.device,
                 opaque_modules=list(graph_plan.opaque_modules))
-
-
-def _carrying_users(graph_plan: GraphPlan, carrying: Sequence[GraphNode]) -> Dict[fx.Node, int]:
-    """How many nodes read each carrying node's value (value-only readers included: a helper that reads
-    an earlier value than its own step's input cannot be replayed from that input)."""
-    counts: Dict[fx.Node, int] = {}
-    for g in carrying:
-        for user in g.node.users:
-            if user.op != "output":
-                counts[g.node] = counts.get(g.node, 0) + 1
-    return counts
 
 
 def _helpers(graph_plan: GraphPlan, g: GraphNode) -> Optional[List[fx.Node]]:
@@ -134,39 +123,28 @@ def _native_step_rule(graph_plan: GraphPlan, g: GraphNode, module: Optional[nn.M
     return NativeRule(layer) if layer is not None else None
 
 
-class FusedChainRule(graph_rules.NodeRule):
+def fused_chain_rule(steps: List[tuple], work_per_row: float) -> graph_rules.FeatureOpRule:
     """A run of chain-encodable nodes inside a graph (the MLP of a residual block, a classifier head) as
-    one call of the chain ops: the small-chain and masked ReLU kernels and pending scales apply there as
-    in a chain plan. Sits on the run's last node; the run's other nodes are absorbed (not evaluated)."""
+    one call of the chain ops, so the small-chain and masked ReLU kernels and pending scales apply there
+    as in a chain plan: a feature op like any single layer's. Sits on the run's last node; the run's other
+    nodes are absorbed (not evaluated). Parameters are read from the modules at every call."""
+    layers = [rule.layer for rule, _ in steps if not rule.is_reshape]
 
-    def __init__(self, layers: List[str], steps: List[tuple], input_shape, work_per_row: float):
-        super().__init__(work_per_row)
-        self.layers, self.steps, self.input_shape = layers, steps, tuple(input_shape)
-        self.label = f"native chain [{', '.join(layers)}]"
+    def params():
+        return [p for rule, module in steps for p in rule.params(module)]
 
-    def params(self) -> List[torch.Tensor]:
-        # Read from the modules on every call, so that replaced parameters are never stale.
-        return [p for rule, module in self.steps for p in rule.params(module)]
-
-    def forward(self, plan, g, env, tangents):
-        x = env[g.inputs[0]]
-        batch, features = x.shape[0], math.prod(self.input_shape)
-        output, jac = ops.sequential_jac_forward(x.reshape(batch, features), graph_rules.flat_tangent(tangents[0], batch, features),
-                                                 self.layers, self.params())
-        return output.reshape(batch, *g.shape), graph_rules.unflat_tangents(jac, batch, g.shape)
-
-    def reverse(self, plan, g, env, cotangent):
-        x = env[g.inputs[0]]
-        batch, features, out_features = x.shape[0], math.prod(self.input_shape), math.prod(g.shape)
-        _, pulled = ops.sequential_jac_reverse(x.reshape(batch, features),
-                                               graph_rules.flat_cotangent(cotangent, batch, out_features),
-                                               self.layers, self.params())
-        return [graph_rules.unflat_cotangent(pulled, batch, x.shape[1:])]
+    return graph_rules.FeatureOpRule(
+        f"chain [{', '.join(layers)}]",
+        lambda x, jac: ops.sequential_jac_forward(x, jac, layers, params()),
+        lambda x, out, cotangent: ops.sequential_jac_reverse(x, cotangent, layers, params())[1],
+        needs_output=False,
+        work_per_row=work_per_row,
+    )
 
 
 def fuse_interior_chains(graph_plan: GraphPlan) -> GraphPlan:
     """Every maximal run of at least two chain-encodable nodes with at least one non-reshape layer, each
-    node the only reader of the one before, becomes one FusedChainRule (in place)."""
+    node the only reader of the one before, becomes one fused_chain_rule (in place)."""
     runs, run = [], []
     for g in graph_plan.nodes:
         if g.rule is None:
@@ -181,13 +159,11 @@ def fuse_interior_chains(graph_plan: GraphPlan) -> GraphPlan:
     if len(run) >= 2:
         runs.append(run)
     for run in runs:
-        steps = [(rule, module) for _, (rule, module) in run]
-        layers = [rule.layer for rule, _ in steps if not rule.is_reshape]
-        if not layers or len(layers) < 2:
+        steps = [step for _, step in run]
+        if sum(not rule.is_reshape for rule, _ in steps) < 2:
             continue  # one layer: its own rule already is the op
         first, last = run[0][0], run[-1][0]
-        work = sum(g.rule.work_per_row for g, _ in run)
-        last.rule = FusedChainRule(layers, steps, _shape_of(graph_plan, first.inputs[0]), work)
+        last.rule = fused_chain_rule(steps, sum(g.rule.work_per_row for g, _ in run))
         last.inputs = first.inputs
         for g, _ in run[:-1]:
             g.rule, g.inputs = None, ()
@@ -200,10 +176,8 @@ def _fusable_step(graph_plan: GraphPlan, g: GraphNode):
     if len(g.inputs) != 1 or not (isinstance(g.rule, (graph_rules.FeatureOpRule, graph_rules.ReshapeRule))):
         return None
     helpers = _helpers(graph_plan, g)
-    if helpers is None:
+    if helpers is None or (helpers and not isinstance(g.rule, graph_rules.ReshapeRule)):
         return None
     module = _direct_module(graph_plan, g, helpers)
-    if helpers and not isinstance(g.rule, graph_rules.ReshapeRule):
-        return None
     rule = _native_step_rule(graph_plan, g, module, _shape_of(graph_plan, g.inputs[0]))
     return None if rule is None else (rule, module)

@@ -23,7 +23,7 @@ from . import ops
 from . import rules as layer_rules
 from . import spatial_rules
 from .errors import GraphCaptureError
-from .fallback import FORWARD_AD_LOCK
+from .fallback import FORWARD_AD_LOCK, per_sample_jacobians
 
 
 class _Identity:
@@ -107,11 +107,11 @@ class TorchFuncRule(NodeRule):
             except NotImplementedError:  # an op without a forward-mode derivative (e.g. CPU flash attention)
                 self.forward_via_reverse = True
             except Exception:  # noqa: BLE001  (an op vmap cannot batch: the sample-by-sample fallback)
-                return value, _chain_forward(_per_sample_node_jacobians(function, primals, value), columns, value)
+                return value, _chain_forward(per_sample_jacobians(function, primals), columns, value)
         try:
             return value, self._forward_via_reverse(function, primals, value, columns)
         except Exception:  # noqa: BLE001
-            return value, _chain_forward(_per_sample_node_jacobians(function, primals, value), columns, value)
+            return value, _chain_forward(per_sample_jacobians(function, primals), columns, value)
 
     @staticmethod
     def _forward_via_reverse(function, primals, value, columns):
@@ -139,27 +139,11 @@ class TorchFuncRule(NodeRule):
         try:
             return list(vmap(pull, in_dims=1, out_dims=1)(rows))
         except Exception:  # noqa: BLE001  (an op vmap cannot batch, e.g. the CPU LSTM backward)
-            jacobians = _per_sample_node_jacobians(function, primals, value)
+            jacobians = per_sample_jacobians(function, primals)
             batch, out_features = value.shape[0], math.prod(value.shape[1:])
             flat_rows = rows.reshape(batch, rows.shape[1], out_features)
             return [torch.bmm(flat_rows, jacobian).reshape(batch, rows.shape[1], *primal.shape[1:])
                     for jacobian, primal in zip(jacobians, primals)]
-
-
-def _per_sample_node_jacobians(function: Callable, primals, value) -> List[torch.Tensor]:
-    """Per input, the node's Jacobian [B, out, in] one sample at a time with plain backward passes: the last
-    fallback, for nodes whose ops vmap cannot batch (the planner checked that samples map independently,
-    so a batch of one gives each sample's own Jacobian)."""
-    batch, out_features = value.shape[0], math.prod(value.shape[1:])
-    per_input = [[] for _ in primals]
-    for b in range(batch):
-        with torch.enable_grad():
-            parts = torch.autograd.functional.jacobian(
-                lambda *sample: function(*sample), tuple(p[b:b + 1].detach() for p in primals))
-        for k, (part, primal) in enumerate(zip(parts, primals)):
-            per_input[k].append(part.reshape(out_features, math.prod(primal.shape[1:])))
-    return [torch.stack(rows) if rows else value.new_zeros(0, out_features, math.prod(p.shape[1:]))
-            for rows, p in zip(per_input, primals)]
 
 
 def _chain_forward(jacobians: Sequence[torch.Tensor], columns, value) -> torch.Tensor:
