@@ -9,6 +9,7 @@
 
 #include "jacext/chain_plan.h"
 #include "jacext/checks.h"
+#include "jacext/graph.h"
 #include "jacext/ops.h"
 
 #include <cmath>
@@ -45,7 +46,7 @@ std::vector<Layer> parse_plan(const at::Tensor& input, c10::ArrayRef<std::string
     } else {
       layer.type = Layer::Type::Activation;
       const std::string arg =
-          "layers[" + std::to_string(i) + "] (linear, linear_no_bias, softmax, log_softmax or an activation)";
+          "layers[" + std::to_string(i) + "] (" + kLayerEntryKinds + ")";
       layer.activation = activation_from_name(name, op, arg.c_str());
     }
     plan.push_back(std::move(layer));
@@ -56,11 +57,6 @@ std::vector<Layer> parse_plan(const at::Tensor& input, c10::ArrayRef<std::string
 }
 
 namespace {
-
-struct SweepResult {
-  at::Tensor output;
-  JacobianBlock block;
-};
 
 // When to skip inactive units: the masked kernel (chain_masked_matrix) does work proportional to the
 // fraction of nonzero factor entries, the dense GEMM chain does all of it at a better FLOP rate; the
@@ -173,6 +169,8 @@ class PendingScale {
   bool maskable_ = false;  // the pending factor contains a ReLU mask (and masked_kernel_)
 };
 
+}  // namespace
+
 SweepResult forward_sweep(at::Tensor hidden, JacobianBlock tangents, const std::vector<Layer>& plan) {
   // Forward rows are the model's many inputs and the matrix is W^T: the masked kernel does not apply.
   PendingScale pending(/*masked_kernel=*/false);
@@ -250,6 +248,8 @@ JacobianBlock reverse_sweep(JacobianBlock cotangents, const std::vector<Layer>& 
   return pending.flush(cotangents);
 }
 
+namespace {
+
 // An operator output must not alias an input (an empty plan returns its input unchanged).
 at::Tensor unaliased(const at::Tensor& output, const at::Tensor& input) {
   return output.is_alias_of(input) ? output.clone() : output;
@@ -290,6 +290,13 @@ std::tuple<at::Tensor, at::Tensor> batch_jacobian(const at::Tensor& input, c10::
   TORCH_CHECK_VALUE(mode == "forward" || mode == "reverse", op, ": mode must be 'forward' or 'reverse', got '", mode,
                     "' (jacobian_ext.batch_jacobian and jacobian_ext.compile resolve mode='auto' before calling the op)");
   const int64_t batch = input.size(0);
+  std::vector<int64_t> jacobian_shape{batch, 0};
+  jacobian_shape.insert(jacobian_shape.end(), input.sizes().begin() + 1, input.sizes().end());
+  if (is_graph_program(layers)) {
+    auto [output, jacobian] = graph_jacobian(input, layers, params, mode == "reverse");
+    jacobian_shape[1] = output.size(1);
+    return {output, jacobian.view(jacobian_shape)};
+  }
   // Explicit width: reshape({0, -1}) is ambiguous for an empty batch.
   const at::Tensor flat_input = input.reshape({batch, c10::multiply_integers(input.sizes().slice(1))});
   check_feature_matrix(flat_input, op, "input");
@@ -308,8 +315,7 @@ std::tuple<at::Tensor, at::Tensor> batch_jacobian(const at::Tensor& input, c10::
     std::tie(output, factors) = forward_with_factors(flat_input, plan);
     jacobian = reverse_sweep(JacobianBlock::identity(), plan, factors).dense(batch, in_features, input.options());
   }
-  std::vector<int64_t> jacobian_shape{batch, output.size(1)};
-  jacobian_shape.insert(jacobian_shape.end(), input.sizes().begin() + 1, input.sizes().end());
+  jacobian_shape[1] = output.size(1);
   return {unaliased(output, input), jacobian.view(jacobian_shape)};
 }
 

@@ -138,7 +138,8 @@ class JacobianModule(nn.Module):
         """x's per-sample shape as plain ints. torch.compile marks a dimension dynamic once the forward code,
         which every JacobianModule shares, has met two sizes of it, even in two modules of different widths:
         symbolic feature sizes are then matched against this model's known input shapes, which specialises
-        them (with a guard) to constants."""
+        them (with a guard) to constants. (A model that does not fix its input shape, met by torch.compile after
+        other shapes, needs one eager call first: dynamo cannot specialise an unknown symbolic shape here.)"""
         shape = tuple(x.shape[1:])
         for known in self._known_input_shapes():
             if len(known) == len(shape) and all(size == expected for size, expected in zip(shape, known)):

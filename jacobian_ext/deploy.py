@@ -5,8 +5,9 @@ Those paths cannot run our planner (probe forwards, Python objects, per-batch mo
 traced graph. A model whose layers all have fused rules needs none of it at run time: its Jacobian is
 `torch.ops.jacext.batch_jacobian(x, layers, params, mode)` with a layer encoding that depends only on the
 per-sample input shape. That encoding is computed once, outside the trace, and the graph holds the single
-op call. Any model whose captured graph fuses into one chain of native rules (fusion.py) qualifies, however
-it is written; models that keep a graph plan or a fallback step are not traceable this way and say so.
+op call. Any model whose nodes all have native rules qualifies, however it is written: a chain plan
+(fusion.py) encodes as its layer names, a graph plan as a graph program (GraphPlan.native_program, grammar
+in csrc/graph.cpp); models with a fallback node are not traceable this way and say which nodes.
 """
 import operator
 from dataclasses import dataclass
@@ -16,7 +17,6 @@ import torch
 from torch import nn
 
 from .cost import choose_mode
-from .graph_rules import FeatureOpRule, ReshapeRule
 from .plan import NATIVE_DTYPES, Plan
 
 # The batch size at which mode="auto" is resolved for a traced graph, which must serve every batch size:
@@ -37,31 +37,35 @@ class FusedEncoding:
 
 
 def fused_encoding(plan, root: nn.Module, mode: str) -> FusedEncoding:
-    """The single-op encoding of a planned model (`root`: the module whose parameters the plan reads), or
-    NotImplementedError naming what keeps it off the single-op path."""
+    """The single-op encoding of a planned model (`root`: the module whose parameters and buffers the plan
+    reads), or NotImplementedError naming what keeps it off the single-op path."""
     if plan.dtype not in NATIVE_DTYPES:
         raise NotImplementedError(f"the single-op path runs float32 and float64, got {plan.dtype}")
-    if not isinstance(plan, Plan):
-        unfused = [g.owner or g.name for g in plan.nodes if g.rule is not None
-                   and not isinstance(g.rule, (FeatureOpRule, ReshapeRule))]
-        raise NotImplementedError(
-            "torch.compile, torch.export and TorchScript run the Jacobian as one operator call, which needs a "
-            "model whose graph is a chain of fused rules; this model's graph is not (nodes "
-            f"{list(dict.fromkeys(unfused))} have no fused rule, or values fan out to several nodes). Call the "
-            "JacobianModule eagerly, or compute its Jacobian outside the traced code")
-    if not plan.all_native:
-        raise NotImplementedError(
-            f"layers {plan.fallbacks} have no fused rule, so the Jacobian is not one operator call and "
-            "cannot be traced or scripted; call the JacobianModule eagerly instead")
-    where = {id(p): name for name, p in root.named_parameters(remove_duplicate=False)}
-    params = plan.native_params()
+    if isinstance(plan, Plan):
+        if not plan.all_native:
+            raise NotImplementedError(
+                f"layers {plan.fallbacks} have no fused rule, so the Jacobian is not one operator call and "
+                "cannot be traced or scripted; call the JacobianModule eagerly instead")
+        layers, params = list(plan.native_layers), plan.native_params()
+        # One op call runs one sweep: where the cost model would split the chain, the cheaper sweep.
+        chosen = plan.choose_mode(TRACE_BATCH, mode)
+        sweep = chosen if isinstance(chosen, str) else choose_mode(plan.decisions[TRACE_BATCH][1])
+    else:
+        program = plan.native_program()
+        if program is None:
+            raise NotImplementedError(
+                "torch.compile, torch.export and TorchScript run the Jacobian as one operator call, which needs "
+                f"every node of the model to have a native rule; nodes {plan.unencoded} have none. Call the "
+                "JacobianModule eagerly (the native parts still run as op calls), or compute the Jacobian "
+                "outside the traced code")
+        layers, params = program[0], [get() for get in program[1]]
+        sweep = plan.choose_mode(TRACE_BATCH, mode)
+    where = {id(t): name for name, t in (*root.named_parameters(remove_duplicate=False),
+                                         *root.named_buffers(remove_duplicate=False))}
     if any(id(p) not in where for p in params):
-        raise NotImplementedError("a fused layer's weight is not an nn.Parameter of the model, so the traced "
-                                  "graph could not read it at call time")
-    # One op call runs one sweep: where the cost model would split the chain, the cheaper sweep.
-    chosen = plan.choose_mode(TRACE_BATCH, mode)
-    sweep = chosen if isinstance(chosen, str) else choose_mode(plan.decisions[TRACE_BATCH][1])
-    return FusedEncoding(tuple(plan.native_layers), tuple(where[id(p)] for p in params), tuple(plan.input_shape),
+        raise NotImplementedError("a native layer's tensor is not a parameter or buffer of the model, so the "
+                                  "traced graph could not read it at call time")
+    return FusedEncoding(tuple(layers), tuple(where[id(p)] for p in params), tuple(plan.input_shape),
                          tuple(plan.output_shape), sweep)
 
 
@@ -87,7 +91,9 @@ class ScriptableJacobian(nn.Module):
         self.mode: str = encoding.mode
         self.input_shape: List[int] = list(encoding.input_shape)
         self.output_shape: List[int] = list(encoding.output_shape)
-        self.params = nn.ParameterList(params)
+        # Buffers (batch-norm statistics) travel as parameters that require no gradient.
+        self.params = nn.ParameterList([p if isinstance(p, nn.Parameter) else nn.Parameter(p, requires_grad=False)
+                                        for p in params])
 
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         if x.dim() < 2 or list(x.shape[1:]) != self.input_shape:

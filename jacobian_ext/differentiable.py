@@ -7,7 +7,7 @@ computation, so the gradients are torch.func's by construction; the backward cos
 Jacobian plus one backward through it costs. Two entry points:
 
 - ``torch.ops.jacext.batch_jacobian`` itself, through ``torch.library.register_autograd``: the function
-  is the op's layer encoding, replayed in plain PyTorch by ``encoded_forward``;
+  is the op's layer encoding (a chain or a graph program), replayed in plain PyTorch by ``program.replay``;
 - ``JacobianFunction`` for every other plan of the Python API (graph capture, fallback segments): the
   function is the model, called through ``torch.func.functional_call`` so that its parameters are
   inputs of the recomputation.
@@ -15,34 +15,13 @@ Jacobian plus one backward through it costs. Two entry points:
 The per-layer rule ops (linear_jac_forward, ...) keep a backward that raises "not implemented": their
 outputs are intermediate blocks whose derivative nobody needs outside a whole Jacobian.
 """
-from typing import Callable, List, Sequence, Tuple
+from typing import Callable, List, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, jacrev, vjp, vmap
 
-from .plan import flat_samples
-from .rules import ACTIVATION_REPLAY
-
-def encoded_forward(x: torch.Tensor, layers: Sequence[str], params: Sequence[torch.Tensor]) -> torch.Tensor:
-    """The model that the op encoding (layers, params) describes, in plain PyTorch: [B, D] -> [B, C]."""
-    params = list(params)
-    hidden = x
-    for layer in layers:
-        if layer == "linear":
-            hidden = F.linear(hidden, params.pop(0), params.pop(0))
-        elif layer == "linear_no_bias":
-            hidden = F.linear(hidden, params.pop(0))
-        elif layer == "softmax":
-            hidden = torch.softmax(hidden, dim=-1)
-        elif layer == "log_softmax":
-            hidden = torch.log_softmax(hidden, dim=-1)
-        else:
-            name, *arguments = layer.split(":")
-            hidden = ACTIVATION_REPLAY[name](hidden, *map(float, arguments))
-    return hidden
-
+from .program import flat_output, replay
 
 def per_sample_outputs_and_jacobians(fn: Callable, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """(fn(x), J) with torch.func, differentiably: fn maps [B, *in] to [B, *out], samples independent."""
@@ -77,14 +56,12 @@ def _setup_batch_jacobian(ctx, inputs, output):
 
 def _backward_batch_jacobian(ctx, grad_output, grad_jacobian):
     x, *params = ctx.saved_tensors
-    flat = flat_samples(x)
 
-    def outputs(flat_x, *weights):
-        output, jacobian = per_sample_outputs_and_jacobians(lambda v: encoded_forward(v, ctx.layers, weights), flat_x)
-        return output, jacobian.reshape(*jacobian.shape[:2], *x.shape[1:])
+    def outputs(sample_x, *weights):
+        return per_sample_outputs_and_jacobians(lambda v: flat_output(v, replay(v, ctx.layers, weights)), sample_x)
 
-    grads = _pull_back(outputs, (flat, *params), grad_output, grad_jacobian)
-    return grads[0].reshape(x.shape), None, list(grads[1:]), None
+    grads = _pull_back(outputs, (x, *params), grad_output, grad_jacobian)
+    return grads[0], None, list(grads[1:]), None
 
 
 torch.library.register_autograd("jacext::batch_jacobian", _backward_batch_jacobian, setup_context=_setup_batch_jacobian)

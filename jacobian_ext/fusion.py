@@ -133,12 +133,18 @@ def fused_chain_rule(steps: List[tuple], work_per_row: float) -> graph_rules.Fea
     def params():
         return [p for rule, module in steps for p in rule.params(module)]
 
+    def layers_of():
+        getters = [lambda rule=rule, module=module, k=k: rule.params(module)[k]
+                   for rule, module in steps for k in range(len(rule.params(module)))]
+        return layers, getters
+
     return graph_rules.FeatureOpRule(
         f"chain [{', '.join(layers)}]",
         lambda x, jac: ops.sequential_jac_forward(x, jac, layers, params()),
         lambda x, out, cotangent: ops.sequential_jac_reverse(x, cotangent, layers, params())[1],
         needs_output=False,
         work_per_row=work_per_row,
+        layers_of=layers_of,
     )
 
 

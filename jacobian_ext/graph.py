@@ -310,6 +310,48 @@ class GraphPlan(FlatWidths):
 
     def __post_init__(self):
         self.node_info = {g.node: g for g in self.nodes}
+        self._program: Optional[Tuple[List[str], List[Callable]]] = None
+        self._slots: Dict[fx.Node, int] = {}
+        self.unencoded: List[str] = []  # nodes without a program encoding (native_program)
+
+    def shape_of(self, node: fx.Node) -> Tuple[int, ...]:
+        """A carried node's per-sample shape."""
+        return self.input_shape if node is self.input_node else self.node_info[node].shape
+
+    def slot_of(self, node: fx.Node) -> int:
+        """The value slot of a node in the op's graph program (native_program)."""
+        return self._slots[node]
+
+    def native_program(self) -> Optional[Tuple[List[str], List[Callable]]]:
+        """The whole graph as one program of torch.ops.jacext.batch_jacobian (csrc/graph.cpp): (entries,
+        parameter getters read at every call), or None when a carried node has no encoding (a torch.func
+        fallback, a slice, a Linear over the last axis of N-d features, a tensor constant computed in the
+        forward); their names are then in `unencoded`. Built once per plan."""
+        if self._program is None and not self.unencoded:
+            self._program = self._encode()
+        return self._program
+
+    def _encode(self):
+        layers: List[str] = []
+        getters: List[Callable] = []
+        self._slots = {self.input_node: 0}
+        for g in self.nodes:
+            if g.rule is None:
+                continue
+            sources = [self._slots[i] for i in g.inputs]
+            encoded = g.rule.encode(self, g, () if sources == [len(layers)] else sources)
+            if encoded is None:  # recorded; later nodes are still encoded, to name every such node
+                self.unencoded.append(g.owner or g.name)
+                self._slots[g.node] = len(layers)
+                continue
+            for text, entry_getters in encoded:
+                layers.append(text)
+                getters += entry_getters
+            self._slots[g.node] = len(layers)
+        if self.unencoded or self._slots.get(self.output_node) != len(layers) or not layers:
+            self.unencoded = self.unencoded or ["model output (not computed from the input by an encoded node)"]
+            return None
+        return layers, getters
 
     @property
     def fallbacks(self) -> List[str]:
@@ -345,6 +387,12 @@ class GraphPlan(FlatWidths):
 
     def run(self, x: torch.Tensor, mode: str) -> Tuple[torch.Tensor, torch.Tensor]:
         batch = x.shape[0]
+        program = self.native_program()
+        if program is not None:  # the whole graph in one C++ call
+            layers, getters = program
+            output, jacobian = torch.ops.jacext.batch_jacobian(x, layers, [get() for get in getters], mode)
+            return output.reshape(batch, *self.output_shape), jacobian.reshape(batch, *self.output_shape,
+                                                                               *self.input_shape)
         if mode == "forward":
             output, block = self._forward_sweep(x)
             jacobian = explicit_block(block, batch, self.output_shape, x)  # the identity: output == input

@@ -21,6 +21,7 @@ from torch.func import jvp, vjp, vmap
 
 from . import ops
 from . import rules as layer_rules
+from .program import entry
 from . import spatial_rules
 from .errors import GraphCaptureError
 from .fallback import FORWARD_AD_LOCK, per_sample_jacobians
@@ -70,6 +71,12 @@ class NodeRule:
 
     def reverse(self, plan, g, env, cotangent):
         raise NotImplementedError
+
+    def encode(self, plan, g, sources: Sequence[int]) -> Optional[List[Tuple[str, List[Callable]]]]:
+        """The node as entries of the op's graph program (program.py): [(entry, parameter getters)], the
+        first entry reading the value slots `sources` (empty: the previous slot), each later one the entry
+        before it; None when the node has no encoding (it keeps the model off the single-op path)."""
+        return None
 
 
 def _node_args(node: fx.Node, env, substitute: Optional[Dict] = None):
@@ -212,10 +219,29 @@ class FeatureOpRule(NodeRule):
     """A native op over the flattened features [B, H]: forward_op(input2d, jac) -> (output2d, jac_out),
     reverse_op(input2d, output2d, cotangent) -> cotangent_in."""
 
-    def __init__(self, label: str, forward_op, reverse_op, needs_output: bool, work_per_row: float):
+    def __init__(self, label: str, forward_op, reverse_op, needs_output: bool, work_per_row: float,
+                 layers_of: Callable[[], Tuple[List[str], List[Callable]]]):
         super().__init__(work_per_row)
         self.label = f"native {label}"
         self.forward_op, self.reverse_op, self.needs_output = forward_op, reverse_op, needs_output
+        self.layers_of = layers_of  # () -> (chain layer names, parameter getters): the op encoding
+
+    def encode(self, plan, g, sources):
+        """The chain layers, behind a flatten when they hold a Linear or softmax (the chain ops read [B, H])
+        and before a reshape to the node's shape where the chain's own output shape differs."""
+        layers, getters = self.layers_of()
+        input_shape = plan.shape_of(g.inputs[0])
+        pointwise = all(layer.split(":")[0] in layer_rules.ACTIVATION_REPLAY for layer in layers)
+        entries = []
+        if not pointwise and len(input_shape) != 1:
+            entries.append((entry("reshape", sources, shape=[math.prod(input_shape)]), []))
+            sources = ()
+        entries.append((entry(layers[0], sources), getters))
+        entries += [(layer, []) for layer in layers[1:]]
+        out_shape = input_shape if pointwise else (math.prod(g.shape),)
+        if tuple(out_shape) != tuple(g.shape):
+            entries.append((entry("reshape", shape=list(g.shape)), []))
+        return entries
 
     def forward(self, plan, g, env, tangents):
         x = env[g.inputs[0]]
@@ -234,12 +260,18 @@ class FeatureOpRule(NodeRule):
 def _linear_rule(module: nn.Linear, input_shape) -> NodeRule:
     weight = lambda: module.weight  # noqa: E731  (read at call time: parameters may be replaced)
     if len(input_shape) == 1:
+        def layers_of():
+            if module.bias is None:
+                return ["linear_no_bias"], [weight]
+            return ["linear"], [weight, lambda: module.bias]
+
         return FeatureOpRule(
             "linear",
             lambda x, jac: ops.linear_jac_forward(x, jac, weight(), module.bias),
             lambda x, out, cot: ops.linear_jac_reverse(cot, weight()),
             needs_output=False,
             work_per_row=module.in_features * module.out_features,
+            layers_of=layers_of,
         )
     return LastAxisLinearRule(module, math.prod(input_shape[:-1]) * module.in_features * module.out_features)
 
@@ -271,6 +303,7 @@ def _activation_rule(spec: str, features: int) -> NodeRule:
         lambda x, out, cot: ops.pointwise_jac_reverse(x, cot, spec),
         needs_output=False,
         work_per_row=features,
+        layers_of=lambda: ([spec], []),
     )
 
 
@@ -279,12 +312,14 @@ def _softmax_rule(log: bool, features: int) -> NodeRule:
         (ops.log_softmax_jac_forward, ops.log_softmax_jac_reverse) if log else (ops.softmax_jac_forward, ops.softmax_jac_reverse)
     )
     # Both reverse rules take the layer's own output (log-probabilities for log-softmax).
+    name = "log_softmax" if log else "softmax"
     return FeatureOpRule(
-        "log_softmax" if log else "softmax",
+        name,
         forward_op,
         lambda x, out, cot: reverse_op(out, cot),
         needs_output=True,
         work_per_row=3 * features,
+        layers_of=lambda: ([name], []),
     )
 
 
@@ -313,6 +348,9 @@ class NdOpRule(NodeRule):
     def reverse(self, plan, g, env, cotangent):
         return [self._call().reverse(env[g.inputs[0]], None if cotangent is IDENTITY else cotangent)]
 
+    def encode(self, plan, g, sources):
+        return self._call().encode(self.module, sources, self.input_shape, g.shape)
+
 
 class _LayerNormCall:
     """nn.LayerNorm's native rule in the interface of spatial_rules.SpatialCall."""
@@ -327,6 +365,12 @@ class _LayerNormCall:
     def reverse(self, input, cotangent):
         m = self.module
         return ops.layer_norm_jac_reverse(input, cotangent, list(m.normalized_shape), m.weight, m.eps)
+
+    def encode(self, module, sources, input_shape, output_shape):
+        return [spatial_rules.encode_with_module_params(
+            module, "layer_norm", sources, dict(shape=list(module.normalized_shape), eps=float(module.eps), weight=module.weight is not None,
+                 bias=module.bias is not None),
+            ("weight", "bias"))]
 
 
 def _layer_norm_rule(module: nn.LayerNorm, input_shape, out_numel: int) -> Optional[NodeRule]:
@@ -374,6 +418,9 @@ class ReshapeRule(NodeRule):
         block = explicit_block(cotangent, x.shape[0], g.shape, x)
         return [block.reshape(x.shape[0], block.shape[1], *x.shape[1:])]
 
+    def encode(self, plan, g, sources):
+        return [(entry("reshape", sources, shape=list(g.shape)), [])]
+
 
 class PermuteRule(NodeRule):
     """permute / transpose / movedim of the per-sample axes: the same permutation of the block's
@@ -395,6 +442,9 @@ class PermuteRule(NodeRule):
     def reverse(self, plan, g, env, cotangent):
         x = env[g.inputs[0]]
         return [explicit_block(cotangent, x.shape[0], g.shape, x).permute(self.inverse)]
+
+    def encode(self, plan, g, sources):
+        return [(entry("permute", sources, dims=[p - 2 for p in self.block_permutation[2:]]), [])]
 
 
 class IndexRule(NodeRule):
@@ -446,6 +496,27 @@ class SumRule(NodeRule):
         block = explicit_block(cotangent, value.shape[0], g.shape, value)
         return [block if c == 1 else block * c for c in self.coefficients]
 
+    def encode(self, plan, g, sources):
+        """sum of coef_i * input_i plus at most one constant: a number, or a parameter or buffer (get_attr)."""
+        node = g.node
+        negate = node.target in (operator.neg, torch.neg, "neg")
+        subtract = node.target in _SUB_FUNCTIONS or node.target == "sub"
+        signs = [-1.0] if negate else [1.0, -1.0 if subtract else 1.0]
+        constants = [(sign, arg) for sign, arg in zip(signs, node.args) if arg not in g.inputs]
+        attributes, getters = {"coef": ",".join(repr(float(c)) for c in self.coefficients)}, []
+        if len(constants) > 1:
+            return None
+        for sign, constant in constants:
+            if isinstance(constant, (int, float)) and not isinstance(constant, bool):
+                attributes["offset"] = float(sign * constant)
+            elif isinstance(constant, fx.Node) and constant.op == "get_attr":
+                attributes["offset_param"] = sign
+                getters.append(_attribute_getter(plan, constant))
+            else:
+                return None
+        all_sources = [plan.slot_of(i) for i in g.inputs]
+        return [(entry("add", all_sources, **attributes), getters)]
+
 
 class ScaleRule(NodeRule):
     """x * c or x / c with c a constant (a number or a tensor that carries no derivative) that does
@@ -453,9 +524,23 @@ class ScaleRule(NodeRule):
 
     label = "index map (scale)"
 
-    def __init__(self, constant_of: Callable, work_per_row: float):
+    def __init__(self, constant, divide: bool, work_per_row: float):
         super().__init__(work_per_row)
-        self.constant_of = constant_of  # env -> number or tensor broadcastable to [B, *shape]
+        self.constant, self.divide = constant, divide  # a number, or the fx node of a tensor
+
+    def constant_of(self, env):
+        """The factor the block is multiplied by: a number or a tensor broadcastable to [B, *shape]."""
+        c = env[self.constant] if isinstance(self.constant, fx.Node) else self.constant
+        return 1.0 / c if self.divide else c
+
+    def encode(self, plan, g, sources):
+        if isinstance(self.constant, fx.Node):
+            if self.constant.op != "get_attr":
+                return None  # a tensor computed in the forward: not a constant of the program
+            return [(entry("scale", sources, divide=self.divide), [_attribute_getter(plan, self.constant)])]
+        if not isinstance(self.constant, (int, float)) or isinstance(self.constant, bool):
+            return None
+        return [(entry("scale", sources, divide=self.divide, factor=float(self.constant)), [])]
 
     def _block_factor(self, env, ndim: int):
         factor = self.constant_of(env)
@@ -501,6 +586,10 @@ class ReductionRule(NodeRule):
             spread = spread / math.prod(x.shape[d - 1] for d in self.block_dims)
         return [spread]
 
+    def encode(self, plan, g, sources):
+        return [(entry("mean" if self.mean else "sum", sources, dims=[d - 2 for d in self.block_dims],
+                       keepdim=self.keepdim), [])]
+
 
 class ProductRule(NodeRule):
     """a * b (product rule: T_a b + a T_b) or a / b (quotient rule: T_a / b - a T_b / b^2) of two carried
@@ -539,6 +628,10 @@ class ProductRule(NodeRule):
             pulled[source] = part if source not in pulled else pulled[source] + part
         return [pulled[i] for i in g.inputs]
 
+    def encode(self, plan, g, sources):
+        factors = [plan.slot_of(self.first), plan.slot_of(self.second)]
+        return [(entry("div" if self.divide else "mul", factors), [])]
+
 
 class CatRule(NodeRule):
     """torch.cat along a per-sample axis: the blocks concatenated along the same axis (zeros for the
@@ -576,6 +669,16 @@ class CatRule(NodeRule):
             if part is not None:
                 by_part[part] = piece if part not in by_part else by_part[part] + piece
         return [by_part[i] for i in g.inputs]
+
+    def encode(self, plan, g, sources):
+        if any(part is None for part in self.parts):
+            return None  # a constant part: not a value of the program
+        return [(entry("cat", [plan.slot_of(part) for part in self.parts], dim=self.block_dim - 2), [])]
+
+
+def _attribute_getter(plan, node: fx.Node) -> Callable:
+    """Reads a get_attr node's tensor (a parameter or buffer) at call time."""
+    return lambda: plan.evaluator.call(node, (), {})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -780,11 +883,7 @@ def _scale_rule(node: fx.Node, values, x_node, out_numel) -> Optional[NodeRule]:
     if isinstance(constant_value, torch.Tensor) and constant_value.dim() > values[x_node].dim():
         return None
 
-    def constant_of(env):
-        c = env[constant] if isinstance(constant, fx.Node) else constant
-        return 1.0 / c if divide else c
-
-    return ScaleRule(constant_of, out_numel)
+    return ScaleRule(constant, divide, out_numel)
 
 
 def _product_rule(node: fx.Node, values, out_numel) -> Optional[NodeRule]:

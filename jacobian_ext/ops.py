@@ -29,6 +29,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
+from . import program
 from ._loader import load_library
 
 build_info = load_library()
@@ -261,7 +262,10 @@ def _sequential_jac_reverse_fake(input, cotangent, layers, params):
 
 @torch.library.register_fake("jacext::batch_jacobian")
 def _batch_jacobian_fake(input, layers, params, mode):
-    width = _plan_output_width(_features_size(input.shape[1:]), layers, params)
+    if program.is_graph_program(layers):  # shapes from the program replayed on the fake input
+        width = _features_size(program.replay(input, layers, params).shape[1:])
+    else:
+        width = _plan_output_width(_features_size(input.shape[1:]), layers, params)
     return input.new_empty(input.shape[0], width), input.new_empty(input.shape[0], width, *input.shape[1:])
 
 

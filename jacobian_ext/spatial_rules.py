@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from torch.nn.modules.utils import _pair, _single
 
 from . import ops
+from .program import entry
 from .rules import rule_type
 
 
@@ -146,6 +147,40 @@ class SpatialCall:
             input, cotangent = input.unsqueeze(-2), None if cotangent is None else cotangent.unsqueeze(-2)
         result = getattr(ops, f"{self.op}_jac_reverse")(input, cotangent, **params)
         return result.squeeze(-2) if self.as_2d else result
+
+    def encode(self, module: nn.Module, sources, input_shape, output_shape):
+        """The op as program entries (a 1-d pooling between reshapes to and from [*planes, 1, L])."""
+        entries = []
+        if self.as_2d:
+            entries.append((entry("reshape", sources, shape=[*input_shape[:-1], 1, input_shape[-1]]), []))
+            sources = ()
+        entries.append(encode_with_module_params(module, self.op, sources, _PROGRAM_ATTRIBUTES[self.op](self.params),
+                                                 _PROGRAM_TENSORS.get(self.op, ())))
+        if self.as_2d:
+            entries.append((entry("reshape", shape=list(output_shape)), []))
+        return entries
+
+
+def encode_with_module_params(module: nn.Module, kind: str, sources, attributes: dict, names: Sequence[str]):
+    """(program entry, getters of the module's tensors `names` that are not None, read at call time)."""
+    present = [name for name in names if getattr(module, name) is not None]
+    getters = [lambda name=name: getattr(module, name) for name in present]
+    return entry(kind, sources, **attributes), getters
+
+
+# The program attributes of each op from its forward-op parameters (csrc/graph.cpp's grammar).
+_PROGRAM_ATTRIBUTES = {
+    "conv": lambda p: dict(stride=p["stride"], padding=p["padding"], dilation=p["dilation"], groups=p["groups"],
+                           bias=p["bias"] is not None),
+    "batch_norm": lambda p: dict(eps=p["eps"], weight=p["weight"] is not None, bias=p["bias"] is not None),
+    "max_pool2d": lambda p: dict(kernel=p["kernel_size"], stride=p["stride"], padding=p["padding"],
+                                 dilation=p["dilation"], ceil=p["ceil_mode"]),
+    "avg_pool2d": lambda p: dict(kernel=p["kernel_size"], stride=p["stride"], padding=p["padding"],
+                                 ceil=p["ceil_mode"], count_include_pad=p["count_include_pad"],
+                                 **({} if p["divisor_override"] is None else {"divisor": p["divisor_override"]})),
+    "adaptive_avg_pool2d": lambda p: dict(size=p["output_size"]),
+}
+_PROGRAM_TENSORS = {"conv": ("weight", "bias"), "batch_norm": ("weight", "bias", "running_mean", "running_var")}
 
 
 def native_call(module: nn.Module, input_shape: Sequence[int]) -> Optional[SpatialCall]:

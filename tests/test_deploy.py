@@ -92,10 +92,24 @@ def test_tracing_a_model_off_the_fused_path_names_why():
     compiled = torch.compile(jx.compile(model), fullgraph=True, backend="eager")
     with pytest.raises(Exception, match=r"layers \['1'\] have no fused rule"):
         compiled(torch.randn(3, 6, dtype=torch.float64))
-    with pytest.raises(NotImplementedError, match=r"nodes \['0', '2'\] have no fused rule"):
-        torch.export.export(jx.compile(small_cnn()), (torch.randn(2, 2, 4, 4, dtype=torch.float64),))
-    with pytest.raises(NotImplementedError, match=r"graph is not \(nodes \['add'\]"):
-        torch.export.export(jx.compile(Residual()), (torch.randn(2, 6, dtype=torch.float64),))
+    cnn_with_sin = nn.Sequential(nn.Conv2d(2, 3, 3), Sin(), nn.Flatten(), nn.Linear(12, 2)).double()
+    with pytest.raises(NotImplementedError, match=r"nodes \['1'\] have none"):
+        torch.export.export(jx.compile(cnn_with_sin), (torch.randn(2, 2, 4, 4, dtype=torch.float64),))
+    jm = jx.compile(cnn_with_sin)
+    x = torch.randn(2, 2, 4, 4, dtype=torch.float64)
+    jm(x)  # a convolution does not fix the input shape: met once eagerly (README, Deploying)
+    with pytest.raises(Exception, match=r"nodes \['1'\] have none"):
+        torch.compile(jm, fullgraph=True, backend="eager")(x)
+
+
+@pytest.mark.parametrize("make_model, shape", [(small_cnn, (2, 4, 4)), (Residual, (6,))])
+def test_graphs_that_are_not_chains_export_as_one_op(make_model, shape):
+    model = make_model()
+    program = exported(model, torch.randn(3, *shape, dtype=torch.float64))
+    calls = [n.target for n in program.graph.nodes if n.op == "call_function" and "jacext" in str(n.target)]
+    assert calls == [torch.ops.jacext.batch_jacobian.default]
+    x = torch.randn(5, *shape, dtype=torch.float64)
+    check_against_reference(model, x, *program.module()(x))
 
 
 # ---- torch.export, save/load, AOTInductor ----
@@ -161,9 +175,15 @@ def test_torchscript_needs_an_input_shape_or_the_fused_path():
     x = torch.randn(4, 2, 3, dtype=torch.float64)
     check_against_reference(flatten_first, x, *torch.jit.script(jm)(x))
     cnn = jx.compile(small_cnn())
-    cnn(torch.randn(1, 2, 4, 4, dtype=torch.float64))  # a convolution does not fix the input shape
-    with pytest.raises(NotImplementedError, match="have no fused rule"):
-        torch.jit.script(cnn)
+    with pytest.raises(ValueError, match="call the JacobianModule once on an example input"):
+        torch.jit.script(cnn)  # a convolution does not fix the input shape
+    cnn(torch.randn(1, 2, 4, 4, dtype=torch.float64))
+    x = torch.randn(3, 2, 4, 4, dtype=torch.float64)
+    check_against_reference(cnn.model, x, *torch.jit.script(cnn)(x))
+    with_sin = jx.compile(nn.Sequential(nn.Conv2d(2, 3, 3), Sin()).double())
+    with_sin(x)
+    with pytest.raises(NotImplementedError, match=r"nodes \['1'\] have none"):
+        torch.jit.script(with_sin)
 
 
 # ---- gradients of the Jacobian ----

@@ -86,9 +86,11 @@ def test_output_without_batch_dimension_is_rejected():
 @pytest.mark.parametrize("call, message", [
     (lambda: ops.batch_jacobian(torch.randn(2, 3), ["linear"], [torch.randn(4, 3), torch.randn(4)], "auto"),
      "mode must be 'forward' or 'reverse'"),
+    (lambda: ops.batch_jacobian(torch.randn(2, 3), ["convolution"], [], "forward"),
+     r"batch_jacobian: layers\[0\] \(linear, linear_no_bias, softmax, log_softmax, an activation, or an entry of a "
+     r"graph program: conv, .*\) is 'convolution'; expected an activation: relu, .*hardtanh\[:min_val\[:max_val\]\]"),
     (lambda: ops.batch_jacobian(torch.randn(2, 3), ["conv"], [], "forward"),
-     r"batch_jacobian: layers\[0\] \(linear, linear_no_bias, softmax, log_softmax or an activation\) is 'conv'; "
-     r"expected an activation: relu, .*hardtanh\[:min_val\[:max_val\]\]"),
+     r"batch_jacobian: layers\[0\] \(conv\) needs the attribute bias="),
     (lambda: ops.batch_jacobian(torch.randn(2, 3), ["linear"], [torch.randn(4, 3)], "forward"),
      r"layer 0 \(linear\) needs 2 entries"),
     (lambda: ops.batch_jacobian(torch.randn(2, 3), ["linear_no_bias"], [torch.randn(4, 5)], "forward"),

@@ -5,9 +5,11 @@
 #include <ATen/ATen.h>
 
 #include <optional>
+#include <utility>
 #include <string>
 #include <vector>
 
+#include "jacext/jacobian_block.h"
 #include "jacext/ops.h"
 #include "jacext/rule_math.h"
 
@@ -24,6 +26,20 @@ struct Layer {
 // Decodes and validates a plan for `input` [B, H]: dtype, device and every width along the chain.
 std::vector<Layer> parse_plan(const at::Tensor& input, c10::ArrayRef<std::string> layers, const LayerParams& params,
                               const char* op);
+
+// The chain's sweeps over `input` [B, H] (the graph executor, graph.cpp, runs its chain runs with them too).
+struct SweepResult {
+  at::Tensor output;
+  JacobianBlock block;  // forward: tangents [.., D, H_out]; reverse: cotangents [.., C, H_in]
+};
+// Forward mode from the tangents of the chain's input.
+SweepResult forward_sweep(at::Tensor input, JacobianBlock tangents, const std::vector<Layer>& plan);
+// The value pass of a reverse sweep: the output and, per layer, the per-sample factor its reverse rule
+// needs (activation derivative or softmax probabilities; undefined for Linear).
+std::pair<at::Tensor, std::vector<at::Tensor>> forward_with_factors(at::Tensor input, const std::vector<Layer>& plan);
+// Reverse mode from the cotangents of the chain's output, with forward_with_factors's factors.
+JacobianBlock reverse_sweep(JacobianBlock cotangents, const std::vector<Layer>& plan,
+                            const std::vector<at::Tensor>& factors);
 
 namespace cpu {
 

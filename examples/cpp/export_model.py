@@ -3,7 +3,8 @@ weights), an input and the sweep, as a dict that torch::pickle_load reads in C++
 
     python examples/cpp/export_model.py MODEL.pt        # a random 8-16-16-3 softmax classifier, B=2
 
-JacobianModule.fused_encoding gives the plan of any model whose graph is a chain of fused layers.
+JacobianModule.fused_encoding gives the encoding of any model whose nodes all have native rules: a chain of
+layer names, or a graph program (residual blocks, convolutions, ...; grammar in csrc/graph.cpp).
 """
 import argparse
 

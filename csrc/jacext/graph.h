@@ -1,0 +1,26 @@
+// The graph executor (graph.cpp): a program of native rules over value slots, for jacext::batch_jacobian.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <string>
+#include <tuple>
+
+#include "jacext/ops.h"
+
+namespace jacext {
+
+// What an entry of `layers` may be, for error messages.
+inline constexpr const char* kLayerEntryKinds =
+    "linear, linear_no_bias, softmax, log_softmax, an activation, or an entry of a graph program: conv, batch_norm, "
+    "layer_norm, max_pool2d, avg_pool2d, adaptive_avg_pool2d, reshape, permute, mean, sum, cat, add, mul, div, scale; "
+    "grammar in csrc/graph.cpp";
+
+// Whether `layers` is a graph program (an entry with attributes or of a graph kind) rather than a chain.
+bool is_graph_program(c10::ArrayRef<std::string> layers);
+
+// (output [B, C], jacobian [B, C, D]) of a graph program (encoding in graph.cpp) at `input` [B, *in].
+std::tuple<at::Tensor, at::Tensor> graph_jacobian(const at::Tensor& input, c10::ArrayRef<std::string> layers,
+                                                  const LayerParams& params, bool reverse);
+
+}  // namespace jacext

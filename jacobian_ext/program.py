@@ -1,0 +1,160 @@
+"""The layer encoding of ``torch.ops.jacext.batch_jacobian`` (a chain, or a graph program) in plain PyTorch.
+
+``replay(x, layers, params)`` computes the model the encoding describes, with ordinary torch ops: the
+op's fake implementation runs it on fake tensors (output shapes under torch.compile and torch.export)
+and its backward differentiates it (differentiable.py). The grammar is documented once, in
+csrc/graph.cpp; ``entry(kind, **attributes)`` writes an entry in it, and ``is_graph_program`` says, as
+the C++ op decides, whether an encoding is a graph program or a plain chain of layer names.
+"""
+import math
+from typing import Dict, List, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .rules import ACTIVATION_REPLAY
+
+CHAIN_KINDS = ("linear", "linear_no_bias", "softmax", "log_softmax")
+GRAPH_KINDS = ("conv", "batch_norm", "layer_norm", "max_pool2d", "avg_pool2d", "adaptive_avg_pool2d", "reshape",
+               "permute", "mean", "sum", "cat", "add", "mul", "div", "scale")
+
+
+def _text(value) -> str:
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    if isinstance(value, (list, tuple)):
+        return ",".join(str(int(v)) for v in value)
+    if isinstance(value, float):
+        return repr(value)
+    return str(value)
+
+
+def entry(kind: str, inputs: Sequence[int] = (), **attributes) -> str:
+    """One program entry: `kind in=.. key=value ...` (floats as repr, which round-trips exactly)."""
+    parts = [kind]
+    if inputs:
+        parts.append(f"in={_text(list(inputs))}")
+    parts += [f"{key}={_text(value)}" for key, value in attributes.items()]
+    return " ".join(parts)
+
+
+def is_graph_program(layers: Sequence[str]) -> bool:
+    return any(" " in layer or layer in GRAPH_KINDS for layer in layers)
+
+
+def parse(layer: str) -> Tuple[str, Dict[str, str]]:
+    kind, *tokens = layer.split()
+    return kind, dict(token.split("=", 1) for token in tokens)
+
+
+def _ints(text: str) -> List[int]:
+    return [int(v) for v in text.split(",")] if text else []
+
+
+def _flag(attributes, key) -> bool:
+    return attributes.get(key) == "1"
+
+
+def _param_count(kind: str, a: Dict[str, str]) -> int:
+    counts = {"linear": 2, "linear_no_bias": 1}
+    if kind in counts:
+        return counts[kind]
+    if kind == "conv":
+        return 1 + _flag(a, "bias")
+    if kind == "batch_norm":
+        return 2 + _flag(a, "weight") + _flag(a, "bias")
+    if kind == "layer_norm":
+        return _flag(a, "weight") + _flag(a, "bias")
+    if kind == "add":
+        return int("offset_param" in a)
+    if kind == "scale":
+        return int("factor" not in a)
+    return 0
+
+
+def _affine(a, params):
+    weight = params.pop(0) if _flag(a, "weight") else None
+    bias = params.pop(0) if _flag(a, "bias") else None
+    return weight, bias
+
+
+def _apply(kind: str, a: Dict[str, str], inputs: List[Tensor], params: List[Tensor]) -> Tensor:
+    x = inputs[0]
+    batch = x.shape[0]
+    if kind == "linear":
+        return F.linear(x, params[0], params[1])
+    if kind == "linear_no_bias":
+        return F.linear(x, params[0])
+    if kind in ("softmax", "log_softmax"):
+        return (torch.softmax if kind == "softmax" else torch.log_softmax)(x, dim=-1)
+    if kind == "conv":
+        spatial = x.dim() - 2
+        conv = (F.conv1d, F.conv2d, F.conv3d)[spatial - 1]
+        return conv(x, params[0], params[1] if len(params) > 1 else None, _ints(a["stride"]), _ints(a["padding"]),
+                    _ints(a["dilation"]), int(a["groups"]))
+    if kind == "batch_norm":
+        weight, bias = _affine(a, params)
+        return F.batch_norm(x, params[0], params[1], weight, bias, False, 0.0, float(a["eps"]))
+    if kind == "layer_norm":
+        weight, bias = _affine(a, params)
+        return F.layer_norm(x, _ints(a["shape"]), weight, bias, float(a["eps"]))
+    if kind == "max_pool2d":
+        return F.max_pool2d(x, _ints(a["kernel"]), _ints(a["stride"]), _ints(a["padding"]), _ints(a["dilation"]),
+                            _flag(a, "ceil"))
+    if kind == "avg_pool2d":
+        divisor = int(a["divisor"]) if "divisor" in a else None
+        return F.avg_pool2d(x, _ints(a["kernel"]), _ints(a["stride"]), _ints(a["padding"]), _flag(a, "ceil"),
+                            _flag(a, "count_include_pad"), divisor)
+    if kind == "adaptive_avg_pool2d":
+        return F.adaptive_avg_pool2d(x, _ints(a["size"]))
+    if kind == "reshape":
+        return x.reshape(batch, *_ints(a["shape"]))
+    if kind == "permute":
+        return x.permute(0, *(d + 1 for d in _ints(a["dims"])))
+    if kind in ("mean", "sum"):
+        dims = [d + 1 for d in _ints(a["dims"])]
+        return (x.mean if kind == "mean" else x.sum)(dims, keepdim=_flag(a, "keepdim"))
+    if kind == "cat":
+        return torch.cat(inputs, int(a["dim"]) + 1)
+    if kind == "add":
+        total = None
+        for coefficient, value in zip(map(float, a["coef"].split(",")), inputs):
+            term = value if coefficient == 1 else value * coefficient
+            total = term if total is None else total + term
+        if "offset" in a:
+            total = total + float(a["offset"])
+        if "offset_param" in a:
+            total = total + params[0] * float(a["offset_param"])
+        return total
+    if kind == "mul":
+        return inputs[0] * inputs[1]
+    if kind == "div":
+        return inputs[0] / inputs[1]
+    if kind == "scale":
+        factor = float(a["factor"]) if "factor" in a else params[0]
+        return x / factor if _flag(a, "divide") else x * factor
+    name, *arguments = kind.split(":")
+    if name not in ACTIVATION_REPLAY:
+        raise ValueError(f"unknown layer kind {kind!r} in the op's layer encoding")
+    return ACTIVATION_REPLAY[name](x, *map(float, arguments))
+
+
+def replay(x: Tensor, layers: Sequence[str], params: Sequence[Tensor]) -> Tensor:
+    """The model the encoding (layers, params) describes, [B, *in] -> [B, *out] (a chain keeps [B, C])."""
+    params = list(params)
+    if not is_graph_program(layers):  # a chain reads the flattened features
+        x = x.reshape(x.shape[0], math.prod(x.shape[1:]))
+    slots = [x]
+    for layer in layers:
+        kind, attributes = parse(layer)
+        sources = _ints(attributes["in"]) if "in" in attributes else [len(slots) - 1]
+        count = _param_count(kind, attributes)
+        taken, params = params[:count], params[count:]
+        slots.append(_apply(kind, attributes, [slots[s] for s in sources], taken))
+    return slots[-1]
+
+
+def flat_output(x: Tensor, output: Tensor) -> Tensor:
+    """The op's output [B, C] from the replayed [B, *out]."""
+    return output.reshape(x.shape[0], math.prod(output.shape[1:]))
