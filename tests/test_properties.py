@@ -3,6 +3,7 @@ torch.func.vmap(jacrev) in float64 within the error bound of tests/error_bound.p
 alike: the bound is derived from the model and the working precision), y matches model(x), and the
 modes agree. HYPOTHESIS_PROFILE picks the number of examples (tests/hypothesis_profiles.py)."""
 import torch
+import torch.nn.functional as F
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -183,3 +184,53 @@ def test_graph_models_match_torch_func_within_the_error_bound(case):
     auto = results["auto"][1]
     assert torch.equal(auto, results["forward"][1]) or torch.equal(auto, results["reverse"][1])
     assert torch.equal(auto, results["mixed"][1])
+
+
+class FunctionalForm(nn.Module):
+    """The same layers as a subclass whose forward calls the activations, softmax and flatten functionally:
+    the form models are usually written in."""
+
+    def __init__(self, layers):
+        super().__init__()
+        self.layers = nn.ModuleList(layers)
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = _functional_call(layer, x)
+        return x
+
+
+def _functional_call(layer: nn.Module, x):
+    kind = type(layer)
+    if kind is nn.ReLU:
+        return F.relu(x)
+    if kind is nn.Tanh:
+        return torch.tanh(x)
+    if kind is nn.Sigmoid:
+        return torch.sigmoid(x)
+    dim = -1 if getattr(layer, "dim", None) is None else layer.dim  # the implicit dim of [B, H] inputs
+    if kind is nn.Softmax:
+        return F.softmax(x, dim=dim)
+    if kind is nn.LogSoftmax:
+        return F.log_softmax(x, dim=dim)
+    if kind is nn.Flatten:
+        return x.flatten(layer.start_dim, layer.end_dim)
+    return layer(x)
+
+
+# A quarter of the profile's count: the exported form costs a trace per example.
+@settings(max_examples=max(1, settings.default.max_examples // 4))
+@given(case=model_cases(max_depth=4), mode=st.sampled_from(("forward", "reverse")))
+def test_every_form_of_a_model_gives_the_same_jacobian(case, mode):
+    """Cross-path: the nn.Sequential, the same layers as a subclass with a functional forward, and (when every
+    layer is native) that subclass exported with torch.export, all within the derived bound of the reference."""
+    functional = FunctionalForm(list(case.model))
+    reference = Reference(case.model, case.x)
+    for name, model in (("Sequential", case.model), ("functional subclass", functional)):
+        output, jacobian = jx.compile(model, mode=mode)(case.x)
+        reference.check(output, jacobian, f"{name} {mode}")
+    if case.batch and all(native for _, _, native in case.layers):
+        with torch.no_grad():
+            program = torch.export.export(jx.compile(functional, mode=mode), (case.x,))
+        output, jacobian = program.module()(case.x)
+        reference.check(output, jacobian, f"exported functional subclass {mode}")
