@@ -12,11 +12,12 @@ from torch.fx.experimental.proxy_tensor import disable_proxy_modes_tracing
 from . import deploy
 from .cost import Bracketing
 from .differentiable import differentiable_call, needs_grad
-from .errors import GraphCaptureError
+from .errors import GraphCaptureError, StructuredOutputError
 from .fusion import chain_plan, fuse_interior_chains
 from .graph import FunctionRoot, build_graph_plan, capture, capture_root, closed_over_modules, warn_whole_model_fallback
 from .memory import parse_max_memory, run_within_budget
 from .plan import NATIVE_DTYPES, Plan, whole_model_plan
+from .structured import structured_jacobian
 
 MODES = ("auto", "forward", "reverse", "mixed")
 # torch.fx tracing patches nn.Module.__call__ for the whole process while it runs, so two captures (or a
@@ -26,11 +27,16 @@ _PLANNING_LOCK = threading.RLock()
 _BATCH_COUPLED = (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutNd)
 
 
-def batch_jacobian(model: Callable, x: torch.Tensor, mode: str = "auto", return_output: bool = False,
-                   max_memory=None):
+def batch_jacobian(model: Callable, x, mode: str = "auto", return_output: bool = False,
+                   max_memory=None, argnums=None):
     """Per-sample Jacobian J[b, *o, *i] = d model(x)[b, *o] / d x[b, *i], shape [B, *out_shape, *in_shape].
 
     model: an nn.Module or callable mapping [B, *in_shape] to [B, *out_shape], samples independent.
+    Several inputs and structured outputs: x may be a tuple or list of tensors (model(*x)), and the model
+    may return a tuple, list or dict of tensors; J then has torch.func.jacrev's nesting: the output
+    structure outside, inside each a tuple over the differentiated inputs ([B, *out_i, *in_k]).
+    argnums (an int or a tuple of ints, default every input) picks the inputs to differentiate; an int
+    gives a bare tensor per output. (structured.py: every input must be floating-point.)
     mode: "auto" (cost model), "forward" (propagate [B, H, D] from the input), "reverse" (propagate
     [B, C, H] from the output) or "mixed" (the bracketing of the per-sample chain product with the fewest
     multiply-adds: sweeps over parts of the chain joined by batched GEMMs; on a graph that is not a chain,
@@ -42,8 +48,24 @@ def batch_jacobian(model: Callable, x: torch.Tensor, mode: str = "auto", return_
     The plan is cached with the model (as jacobian_ext.compile(model) caches it) and rebuilt when a layer
     or a parameter's shape, dtype or device changes.
     """
-    output, jacobian = _cached_module(model, mode, max_memory)(x)
+    def engine(fn, inputs):
+        return _cached_module(fn, mode, max_memory)(inputs)
+
+    holder = getattr(model, "__dict__", None)
+    structured = isinstance(x, (tuple, list)) or argnums is not None or (
+        isinstance(holder, dict) and holder.get(_STRUCTURED_ATTRIBUTE, False))
+    if not structured:
+        try:
+            output, jacobian = engine(model, x)
+            return (output, jacobian) if return_output else jacobian
+        except StructuredOutputError:
+            if isinstance(holder, dict):
+                holder[_STRUCTURED_ATTRIBUTE] = True  # later calls go straight to the structured path
+    output, jacobian = structured_jacobian(model, x, argnums, engine)
     return (output, jacobian) if return_output else jacobian
+
+
+_STRUCTURED_ATTRIBUTE = "_jacobian_ext_structured_output"
 
 
 class _PlanCache(dict):

@@ -20,7 +20,7 @@ from torch import fx, nn
 from torch._subclasses.fake_tensor import FakeTensor
 
 from . import graph_rules
-from .errors import GraphCaptureError
+from .errors import GraphCaptureError, StructuredOutputError
 from .graph_rules import IDENTITY, accumulate, explicit_block
 from .plan import FlatWidths, short_repr
 from .rules import rule_type
@@ -443,9 +443,10 @@ def _output_node(gm: fx.GraphModule) -> fx.Node:
     result = output.args[0]
     if not isinstance(result, fx.Node):
         kind = type(result).__name__
-        raise TypeError(
-            f"the model returns a {kind}; jacobian_ext differentiates a single output tensor [B, *out_shape]: "
-            "wrap the model to return the output you want, e.g. lambda x: model(x)[0]"
+        raise StructuredOutputError(
+            f"the model returns a {kind}; a JacobianModule differentiates a single output tensor [B, *out_shape]: "
+            "call jx.batch_jacobian(model, x) for a structure of Jacobians, or wrap the model to return one "
+            "output, e.g. lambda x: model(x)[0]"
         )
     return result
 
@@ -456,8 +457,8 @@ def _input_node(gm: fx.GraphModule) -> fx.Node:
     if len(placeholders) == 0 or len(required) > 1:
         names = ", ".join(n.target for n in required)
         raise TypeError(
-            f"the model takes {len(required)} required inputs ({names}); jacobian_ext differentiates with respect "
-            "to one input tensor: wrap the model, e.g. lambda x: model(x, other)"
+            f"the model takes {len(required)} required inputs ({names}); pass them as a tuple, "
+            "jx.batch_jacobian(model, (x, y), argnums=...), or wrap the model, e.g. lambda x: model(x, other)"
         )
     return placeholders[0]
 

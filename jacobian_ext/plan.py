@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from . import cost
+from .errors import StructuredOutputError
 from .rules import NativeRule
 
 NATIVE_DTYPES = (torch.float32, torch.float64)
@@ -192,7 +193,8 @@ def whole_model_plan(model: Callable, x: torch.Tensor) -> Plan:
         except Exception as error:
             raise ValueError(f"the model failed on a per-sample input of shape {list(x.shape[1:])}: {error}") from error
     if not isinstance(output, torch.Tensor):
-        raise TypeError(f"the model must return a single tensor [B, *out_shape], got {type(output).__name__}")
+        raise StructuredOutputError(f"the model must return a single tensor [B, *out_shape], got {type(output).__name__}; "
+                                    "jx.batch_jacobian(model, x) returns a structure of Jacobians for it")
     if output.dim() < 1 or output.shape[0] != 1:
         raise ValueError(f"the model must keep the batch dimension: one sample in gave shape {list(output.shape)}")
     step = Step("model", model, None, tuple(x.shape[1:]), tuple(output.shape[1:]))

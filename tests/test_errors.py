@@ -69,11 +69,15 @@ class TupleOut(nn.Module):
         return x, x
 
 
-def test_non_tensor_output_is_rejected():
+def test_non_tensor_output_is_rejected_by_compile_and_structured_by_batch_jacobian():
+    with pytest.raises(TypeError, match="returns a tuple; .* single output tensor .*jx.batch_jacobian"):
+        jx.compile(lambda x: (x, x))(torch.randn(2, 3))
     with pytest.raises(TypeError, match="returns a tuple; .* single output tensor"):
-        jx.batch_jacobian(lambda x: (x, x), torch.randn(2, 3))
-    with pytest.raises(TypeError, match="returns a tuple; .* single output tensor"):
-        jx.batch_jacobian(nn.Sequential(nn.Linear(3, 3), TupleOut()), torch.randn(2, 3))
+        jx.compile(nn.Sequential(nn.Linear(3, 3), TupleOut()))(torch.randn(2, 3))
+    first, second = jx.batch_jacobian(lambda x: (x, 2 * x), torch.randn(2, 3))
+    assert torch.equal(second, 2 * first) and torch.equal(first[0], torch.eye(3))
+    with pytest.raises(TypeError, match="must return a tensor .* or a tuple, list or dict of them"):
+        jx.batch_jacobian(lambda x: (x, "label"), torch.randn(2, 3))
 
 
 def test_output_without_batch_dimension_is_rejected():
