@@ -100,3 +100,15 @@ def penalty_gradients(model, x: torch.Tensor, penalty):
         return penalty(torch.func.vmap(torch.func.jacrev(per_sample))(inputs))
 
     return torch.func.grad(penalty_of, argnums=(0, 1))(x.detach(), params)
+
+
+def output_terms_scale(model, x) -> float:
+    """Largest output of the model run on |x| with |W| and |b|: a bound on the terms every output sums.
+    Where they cancel (y ~ 6e-4, float32, 20% active, B = 1), another summation order than torch's
+    GEMMs (the small-chain kernel's loops) moves y by about u times this."""
+    with torch.no_grad():
+        hidden = x.double().abs()
+        for layer in model:
+            if isinstance(layer, torch.nn.Linear):
+                hidden = hidden @ layer.weight.double().abs().T + (0 if layer.bias is None else layer.bias.double().abs())
+    return float(hidden.max()) if hidden.numel() else 0.0

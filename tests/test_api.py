@@ -5,7 +5,8 @@ from torch import nn
 
 import jacobian_ext as jx
 from jacobian_ext import ops
-from conftest import DEVICES, DTYPES, Sin, assert_matches_reference, loop_jacobian, non_contiguous, reference_jacobian
+from conftest import (DEVICES, DTYPES, Sin, assert_matches_reference, loop_jacobian, non_contiguous, output_terms_scale,
+                      reference_jacobian)
 
 MODES = ["auto", "forward", "reverse", "mixed"]
 
@@ -32,7 +33,9 @@ def test_mlp_matches_torch_func(device, dtype, depth, mode, batch, in_out):
     model = random_mlp(depth, *in_out).to(device=device, dtype=dtype)
     x = torch.randn(batch, in_out[0], device=device, dtype=dtype)
     y, jacobian = jx.batch_jacobian(model, x, mode=mode, return_output=True)
-    assert_matches_reference(y, model(x), dtype)
+    # Where y's terms cancel (|y| ~ 1e-3 from O(1) terms), another summation order (the small-chain
+    # kernel's loops against torch's GEMM) moves y by u times the terms, not u times |y|.
+    assert_matches_reference(y, model(x), dtype, scale=output_terms_scale(model, x))
     assert_matches_reference(jacobian, reference_jacobian(model, x), dtype)
 
 
@@ -170,7 +173,9 @@ def test_pending_activation_factor_paths(dtype, mode, layers):
     model = nn.Sequential(*layers()).to(dtype)
     x = torch.randn(6, 10, dtype=dtype)
     y, jacobian = jx.batch_jacobian(model, x, mode=mode, return_output=True)
-    assert_matches_reference(y, model(x), dtype)
+    # Where y's terms cancel (|y| ~ 1e-3 from O(1) terms), another summation order (the small-chain
+    # kernel's loops against torch's GEMM) moves y by u times the terms, not u times |y|.
+    assert_matches_reference(y, model(x), dtype, scale=output_terms_scale(model, x))
     assert_matches_reference(jacobian, reference_jacobian(model, x), dtype)
 
 

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 import jacobian_ext as jx
-from conftest import assert_matches_reference, non_contiguous, reference_jacobian, single_sample
+from conftest import assert_matches_reference, non_contiguous, output_terms_scale, reference_jacobian, single_sample
 from jacobian_ext import ops
 
 ACTIVE_FRACTIONS = [0.0, 0.05, 0.2, 0.5, 0.8, 1.0]
@@ -94,18 +94,6 @@ def terms_scale(model, x) -> float:
             if product is not None and product.numel():
                 largest = max(largest, float(product.max()))
     return largest
-
-
-def output_terms_scale(model, x) -> float:
-    """Largest output of the model run on |x| with |W| and |b|: a bound on the terms every output sums.
-    Where they cancel (y ~ 6e-4, float32, 20% active, B = 1), another summation order than torch's
-    GEMMs (the small-chain kernel's loops) moves y by about u times this."""
-    with torch.no_grad():
-        hidden = x.double().abs()
-        for layer in model:
-            if isinstance(layer, nn.Linear):
-                hidden = hidden @ layer.weight.double().abs().T + (0 if layer.bias is None else layer.bias.double().abs())
-    return float(hidden.max()) if hidden.numel() else 0.0
 
 
 def inputs(batch, features, dtype):
