@@ -16,6 +16,7 @@
 //   avg_pool2d kernel= stride= padding= ceil= count_include_pad= [divisor=]
 //   adaptive_avg_pool2d size=
 //   reshape shape=            permute dims=          mean|sum dims= keepdim=       cat in= dim=
+//   slice dim= start= stop= step=                                   basic slicing of one per-sample axis
 //   add in= coef= [offset=number] [offset_param=coefficient]       sum of coef_i * in_i (+ constants;
 //                                                                   offset_param takes one tensor)
 //   mul in=a,b | div in=a,b                                         product / quotient of two values
@@ -60,6 +61,7 @@ const std::map<std::string, std::set<std::string>>& graph_kinds() {
       {"mean", {"dims", "keepdim"}},
       {"sum", {"dims", "keepdim"}},
       {"cat", {"dim"}},
+      {"slice", {"dim", "start", "stop", "step"}},
       {"add", {"coef", "offset", "offset_param"}},
       {"mul", {}},
       {"div", {}},
@@ -389,8 +391,22 @@ std::vector<int64_t> reduced_axes(const Node& node, const at::Tensor& x) {
   return sample_axes(node, ints(node, "dims"), x.dim() - 1);
 }
 
-int64_t cat_axis(const Node& node, const at::Tensor& x) {
+int64_t dim_axis(const Node& node, const at::Tensor& x) {
   return sample_axes(node, {int_attribute(node, "dim")}, x.dim() - 1)[0];
+}
+
+struct Slice {
+  int64_t axis, start, stop, step;
+};
+
+// A slice entry's bounds, checked against the input (Python's slice.indices has resolved them already).
+Slice slice_of(const Node& node, const at::Tensor& x) {
+  const Slice cut{dim_axis(node, x), int_attribute(node, "start"), int_attribute(node, "stop"), int_attribute(node, "step")};
+  const int64_t size = x.size(cut.axis + 1);
+  TORCH_CHECK_VALUE(cut.step >= 1 && 0 <= cut.start && cut.start <= cut.stop && cut.stop <= size, kOp, ": ", where(node),
+                    " needs 0 <= start <= stop <= ", size, " and step >= 1, got start=", cut.start, " stop=", cut.stop,
+                    " step=", cut.step);
+  return cut;
 }
 
 at::Tensor index_map_value(const Node& node, const std::vector<at::Tensor>& in) {
@@ -402,7 +418,11 @@ at::Tensor index_map_value(const Node& node, const std::vector<at::Tensor>& in) 
     const std::vector<int64_t> axes = shifted(reduced_axes(node, x), 1);
     return kind == "mean" ? x.mean(axes, flag(node, "keepdim")) : x.sum(axes, flag(node, "keepdim"));
   }
-  if (kind == "cat") return at::cat(in, cat_axis(node, x) + 1);
+  if (kind == "cat") return at::cat(in, dim_axis(node, x) + 1);
+  if (kind == "slice") {
+    const Slice cut = slice_of(node, x);
+    return x.slice(cut.axis + 1, cut.start, cut.stop, cut.step);
+  }
   if (kind == "add") return add_value(node, in);
   if (kind == "mul") return in[0] * in[1];
   if (kind == "div") return in[0] / in[1];
@@ -539,6 +559,10 @@ std::optional<at::Tensor> index_map_forward(const Node& node, const std::vector<
   const at::Tensor t = explicit_block(tangents[0], x);
   const int64_t batch = x.size(0), rows = t.size(1);
   if (kind == "permute") return t.permute(with_leading({0, 1}, shifted(permutation(node, x), 2)));
+  if (kind == "slice") {
+    const Slice cut = slice_of(node, x);
+    return t.slice(cut.axis + 2, cut.start, cut.stop, cut.step);
+  }
   if (kind == "mean" || kind == "sum") {
     const std::vector<int64_t> axes = shifted(reduced_axes(node, x), 2);
     const at::Tensor reduced = kind == "mean" ? t.mean(axes, true) : t.sum(axes, true);
@@ -547,7 +571,7 @@ std::optional<at::Tensor> index_map_forward(const Node& node, const std::vector<
   if (kind == "cat") {
     std::vector<at::Tensor> blocks;
     for (size_t i = 0; i < in.size(); ++i) blocks.push_back(explicit_block(tangents[i], in[i]));
-    return at::cat(blocks, cat_axis(node, x) + 2);
+    return at::cat(blocks, dim_axis(node, x) + 2);
   }
   if (kind == "add") {
     const std::vector<double> coef = add_coefficients(node, in.size());
@@ -676,8 +700,14 @@ std::vector<std::optional<at::Tensor>> index_map_reverse(const Node& node, const
     at::Tensor spread = g.reshape(kept).expand(with_leading({batch, rows}, per_sample_shape(x)));
     return {kind == "mean" ? spread / static_cast<double>(count) : spread};
   }
+  if (kind == "slice") {  // the cotangent written into zeros of the input's block
+    const Slice cut = slice_of(node, x);
+    at::Tensor pulled = at::zeros(with_leading({batch, rows}, per_sample_shape(x)), g.options());
+    pulled.slice(cut.axis + 2, cut.start, cut.stop, cut.step).copy_(g);
+    return {pulled};
+  }
   if (kind == "cat") {
-    const int64_t axis = cat_axis(node, x);
+    const int64_t axis = dim_axis(node, x);
     std::vector<int64_t> sizes;
     for (const at::Tensor& part : in) sizes.push_back(part.size(axis + 1));
     std::vector<std::optional<at::Tensor>> pulled;

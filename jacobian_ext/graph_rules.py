@@ -469,6 +469,22 @@ class IndexRule(NodeRule):
         pulled[self.block_index] = block
         return [pulled]
 
+    def encode(self, plan, g, sources):
+        """One `slice` entry per sliced per-sample axis; integer indices, None and inner Ellipsis have none."""
+        input_shape = plan.shape_of(g.inputs[0])
+        parts = self.block_index[2:] if self.block_index[0] is not Ellipsis else self.block_index[1:]
+        first_axis = 0 if self.block_index[0] is not Ellipsis else len(input_shape) - len(parts)
+        if not all(isinstance(p, slice) for p in parts) or first_axis < 0:
+            return None
+        entries = []
+        for axis, part in enumerate(parts, start=first_axis):
+            start, stop, step = part.indices(input_shape[axis])
+            if part == slice(None):
+                continue
+            entries.append((entry("slice", sources if not entries else (), dim=axis, start=start,
+                                  stop=max(stop, start), step=step), []))
+        return entries or [(entry("reshape", sources, shape=list(g.shape)), [])]
+
 
 class SumRule(NodeRule):
     """x + y, x - y, -x, x + constant (residual connections): the blocks of the inputs that carry a

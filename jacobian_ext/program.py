@@ -17,7 +17,7 @@ from .rules import ACTIVATION_REPLAY
 
 CHAIN_KINDS = ("linear", "linear_no_bias", "softmax", "log_softmax")
 GRAPH_KINDS = ("conv", "batch_norm", "layer_norm", "max_pool2d", "avg_pool2d", "adaptive_avg_pool2d", "reshape",
-               "permute", "mean", "sum", "cat", "add", "mul", "div", "scale")
+               "permute", "mean", "sum", "cat", "add", "mul", "div", "scale", "slice")
 
 
 def _text(value) -> str:
@@ -117,6 +117,8 @@ def _apply(kind: str, a: Dict[str, str], inputs: List[Tensor], params: List[Tens
         return (x.mean if kind == "mean" else x.sum)(dims, keepdim=_flag(a, "keepdim"))
     if kind == "cat":
         return torch.cat(inputs, int(a["dim"]) + 1)
+    if kind == "slice":
+        return x[(slice(None),) * (int(a["dim"]) + 1) + (slice(int(a["start"]), int(a["stop"]), int(a["step"])),)]
     if kind == "add":
         total = None
         for coefficient, value in zip(map(float, a["coef"].split(",")), inputs):

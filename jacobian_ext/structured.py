@@ -24,6 +24,20 @@ from .graph import capture_root
 _CACHE_ATTRIBUTE = "_jacobian_ext_packed"
 
 
+class _PackedCache(dict):
+    """The packed models of one model, kept in its __dict__; a copy or a pickle of the model starts empty
+    (the packed models hold the original)."""
+
+    def __copy__(self):
+        return _PackedCache()
+
+    def __deepcopy__(self, memo):
+        return _PackedCache()
+
+    def __reduce__(self):
+        return (_PackedCache, ())
+
+
 class PackedModel(nn.Module):
     """model(*inputs) -> structured output, as z [B, sum D_k] -> [B, sum C_i] (see the module docstring)."""
 
@@ -80,7 +94,7 @@ def _packed_model(model: Callable, inputs: Sequence[torch.Tensor]):
     model per per-sample input shapes, dtype and device."""
     key = (tuple(tuple(t.shape[1:]) for t in inputs), inputs[0].dtype, inputs[0].device)
     holder = getattr(model, "__dict__", None)
-    cache: Dict = holder.setdefault(_CACHE_ATTRIBUTE, {}) if isinstance(holder, dict) else {}
+    cache: Dict = holder.setdefault(_CACHE_ATTRIBUTE, _PackedCache()) if isinstance(holder, dict) else {}
     if key not in cache:
         probes = [t[:1] if t.shape[0] else t.new_zeros((1, *t.shape[1:])) for t in inputs]
         with torch.no_grad():

@@ -36,7 +36,7 @@ class ResidualMLP(nn.Module):
 
 class EveryKind(nn.Module):
     """One model holding each kind of the program: conv, batch norm, pools (2-d and 1-d), layer norm,
-    reshape, permute, mean, sum, cat, add (with constants), mul and div of two carried values, scale by a
+    reshape, permute, mean, sum, cat, a slice, add (with constants), mul and div of two carried values, scale by a
     number and by a buffer."""
 
     def __init__(self):
@@ -66,7 +66,7 @@ class EveryKind(nn.Module):
         a = self.adaptive(h).flatten(1)                        # [B, 8]
         b = pooled.sum(-1) - tokens.mean(1)                    # [B, 4]
         t = torch.tanh(b)
-        c = pooled.mean(-1) / (1.5 + t * t)                  # quotient of two carried values
+        c = pooled[..., 1::3].mean(-1) / (1.5 + t * t)       # a slice; quotient of two carried values
         return self.head(torch.cat([a, b, c], dim=1))
 
 
@@ -109,7 +109,7 @@ def test_every_kind_runs_as_one_program(mode, batch):
     assert isinstance(plan, GraphPlan) and plan.native_program() is not None, plan.unencoded
     kinds = {entry.split()[0] for entry in plan.native_program()[0]}
     assert {"conv", "batch_norm", "max_pool2d", "avg_pool2d", "adaptive_avg_pool2d", "layer_norm", "reshape",
-            "permute", "mean", "sum", "cat", "add", "mul", "div", "scale"} <= kinds, kinds
+            "permute", "mean", "sum", "cat", "slice", "add", "mul", "div", "scale"} <= kinds, kinds
     check(model, x, output, jacobian)
 
 
@@ -251,6 +251,8 @@ def test_export_of_a_model_with_a_fallback_node_names_it():
     (["conv stride=1 padding=0 dilation=1 groups=1 bias=1"], [torch.randn(2, 2, 1)], r"takes 2 tensors"),
     (["permute dims=0,0"], [], r"permutation"),
     (["mean dims=3 keepdim=0"], [], r"per-sample axis 3"),
+    (["slice dim=0 start=1 stop=3 step=1"], [], r"stop <= 2"),
+    (["slice dim=1 start=0 stop=1 step=0"], [], r"step >= 1"),
     (["reshape shape=4 colour=red"], [], r"takes no attribute colour"),
     (["relu", "linear in=1 bias=1"], [], r"takes no attribute bias"),
 ])
@@ -258,3 +260,13 @@ def test_bad_programs_raise_value_errors(layers, params, message):
     x = torch.randn(2, 2, 2, dtype=DOUBLE)
     with pytest.raises(ValueError, match=message):
         torch.ops.jacext.batch_jacobian(x, layers, [p.double() for p in params], "reverse")
+
+
+@pytest.mark.slow  # a minute or more of C++ compilation on 2 cores (`make test-slow`)
+def test_aot_inductor_package_of_a_residual_graph(tmp_path):
+    model = ResidualMLP().double().eval()
+    batch = torch.export.Dim("batch")
+    program = torch.export.export(jx.compile(model), (torch.randn(3, 7, dtype=DOUBLE),), dynamic_shapes={"x": {0: batch}})
+    package = torch._inductor.aoti_compile_and_package(program, package_path=str(tmp_path / "jacobian.pt2"))
+    x = torch.randn(5, 7, dtype=DOUBLE)
+    check(model, x, *torch._inductor.aoti_load_package(package)(x))

@@ -1,6 +1,9 @@
 """Several inputs and structured outputs (jacobian_ext/structured.py) against torch.func.jacrev(argnums=...)
 in float64: tuple and list inputs, tuple / list / dict / nested outputs, argnums as an int, a tuple or
 negative, both sweeps, float32, B = 0 and 1, non-contiguous inputs, and clear errors."""
+import copy
+import io
+
 import pytest
 import torch
 from torch import nn
@@ -87,6 +90,7 @@ def test_one_input_and_a_tuple_output_gives_a_tuple_of_jacobians_and_stays_nativ
     jm = jx.compile(packed)
     jm(torch.randn(2, 5, dtype=DOUBLE))
     assert jm.fallbacks == []
+    assert jm._last["plan"].native_program() is not None  # slices and the concatenation: one op call
 
 
 def test_jx_compile_of_a_structured_output_points_to_batch_jacobian():
@@ -110,3 +114,17 @@ def test_jx_compile_of_a_structured_output_points_to_batch_jacobian():
 def test_bad_structured_calls_raise_clear_errors(x, argnums, error, message):
     with pytest.raises(error, match=message):
         jx.batch_jacobian(TwoInputs(), x(), argnums=argnums)
+
+
+def test_copies_and_pickles_of_a_model_do_not_carry_its_packed_models():
+    model = TwoInputs().double().eval()
+    x, y = inputs(2)
+    jx.batch_jacobian(model, (x, y))
+    assert model.__dict__[_CACHE_ATTRIBUTE]
+    assert not copy.deepcopy(model).__dict__[_CACHE_ATTRIBUTE]
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    assert not loaded.__dict__[_CACHE_ATTRIBUTE]
+    assert_same_structure(jx.batch_jacobian(loaded, (x, y)), jx.batch_jacobian(model, (x, y)), DOUBLE)
