@@ -17,7 +17,7 @@ from .fusion import chain_plan, fuse_interior_chains
 from .graph import FunctionRoot, build_graph_plan, capture, capture_root, closed_over_modules, warn_whole_model_fallback
 from .memory import parse_max_memory, run_within_budget
 from .plan import NATIVE_DTYPES, Plan, whole_model_plan
-from .structured import structured_jacobian
+from .structured import ModelLocalCache, structured_jacobian
 
 MODES = ("auto", "forward", "reverse", "mixed")
 # torch.fx tracing patches nn.Module.__call__ for the whole process while it runs, so two captures (or a
@@ -68,7 +68,7 @@ def batch_jacobian(model: Callable, x, mode: str = "auto", return_output: bool =
 _STRUCTURED_ATTRIBUTE = "_jacobian_ext_structured_output"
 
 
-class _PlanCache(dict):
+class _PlanCache(ModelLocalCache):
     """batch_jacobian's JacobianModules of one model, by (mode, max_memory). Stored in the model's own
     __dict__, so it lives and dies with the model; a copy or a pickle of the model starts empty (the
     modules hold the original; a shallow copy shares the dict, so the cache also records its owner)."""
@@ -76,15 +76,6 @@ class _PlanCache(dict):
     def __init__(self, owner=None):
         super().__init__()
         self.owner = weakref.ref(owner) if owner is not None else None
-
-    def __copy__(self):
-        return _PlanCache()
-
-    def __deepcopy__(self, memo):
-        return _PlanCache()
-
-    def __reduce__(self):
-        return (_PlanCache, ())
 
 
 _CACHE_ATTRIBUTE = "_jacobian_ext_plans"

@@ -24,18 +24,18 @@ from .graph import capture_root
 _CACHE_ATTRIBUTE = "_jacobian_ext_packed"
 
 
-class _PackedCache(dict):
-    """The packed models of one model, kept in its __dict__; a copy or a pickle of the model starts empty
-    (the packed models hold the original)."""
+class ModelLocalCache(dict):
+    """A cache kept in a model's own __dict__ (here: its packed models; api.py: its plans). A copy or a
+    pickle of the model starts with an empty one: the cached objects hold the original model."""
 
     def __copy__(self):
-        return _PackedCache()
+        return type(self)()
 
     def __deepcopy__(self, memo):
-        return _PackedCache()
+        return type(self)()
 
     def __reduce__(self):
-        return (_PackedCache, ())
+        return (type(self), ())
 
 
 class PackedModel(nn.Module):
@@ -94,7 +94,7 @@ def _packed_model(model: Callable, inputs: Sequence[torch.Tensor]):
     model per per-sample input shapes, dtype and device."""
     key = (tuple(tuple(t.shape[1:]) for t in inputs), inputs[0].dtype, inputs[0].device)
     holder = getattr(model, "__dict__", None)
-    cache: Dict = holder.setdefault(_CACHE_ATTRIBUTE, _PackedCache()) if isinstance(holder, dict) else {}
+    cache: Dict = holder.setdefault(_CACHE_ATTRIBUTE, ModelLocalCache()) if isinstance(holder, dict) else {}
     if key not in cache:
         probes = [t[:1] if t.shape[0] else t.new_zeros((1, *t.shape[1:])) for t in inputs]
         with torch.no_grad():
