@@ -736,14 +736,16 @@ struct ReverseResult {
 ReverseResult run_reverse(const Program& program, const at::Tensor& input) {
   const size_t slots = program.readers.size();
   std::vector<at::Tensor> values(slots);
-  std::vector<std::vector<at::Tensor>> factors(program.nodes.size());  // chain runs: forward_with_factors's
+  // Chain runs: decoded once in the value pass, with forward_with_factors's factors, for the pull-back.
+  std::vector<std::optional<ChainRun>> runs(program.nodes.size());
+  std::vector<std::vector<at::Tensor>> factors(program.nodes.size());
   values[0] = input;
   for (size_t n = 0; n < program.nodes.size(); ++n) {
     const Node& node = program.nodes[n];
     std::vector<at::Tensor> in;
     for (size_t slot : node.inputs) in.push_back(values[slot]);
     if (node.kind == "chain") {
-      const ChainRun run = chain_run(node, in[0]);
+      const ChainRun& run = runs[n].emplace(chain_run(node, in[0]));
       at::Tensor output;
       std::tie(output, factors[n]) = forward_with_factors(run.flat, run.plan);
       values[node.slot] = chain_output(run, output);
@@ -766,7 +768,7 @@ ReverseResult run_reverse(const Program& program, const at::Tensor& input) {
     const at::Tensor& x = in[0];
     std::vector<std::optional<at::Tensor>> pulled;
     if (node.kind == "chain") {
-      const ChainRun run = chain_run(node, x);
+      const ChainRun& run = *runs[n];
       const int64_t batch = x.size(0), features = run.flat.size(1);
       const at::Tensor& value = values[node.slot];
       const int64_t out_features = c10::multiply_integers(value.sizes().slice(1));
