@@ -36,8 +36,44 @@ void check_conv_args(const at::Tensor& input, const at::Tensor& weight, const st
   }
 }
 
+// The permutation [0, 2, ..., dim - 1, 1]: channels last.
+std::vector<int64_t> channels_last_order(int64_t dim) {
+  std::vector<int64_t> order{0};
+  for (int64_t i = 2; i < dim; ++i) order.push_back(i);
+  order.push_back(1);
+  return order;
+}
+
+// A convolution whose kernel window covers its whole input (one output position, stride irrelevant,
+// no dilation or groups: the last stages of a CNN on small images) is a Linear map with the kernel taps
+// that land on the input. As a matrix product it skips the padded taps an im2col convolution multiplies
+// by zero (8 of 9 for a 3x3 kernel on 1x1 features). The matrix is [out_channels, *in_spatial *
+// in_channels], channels last: that copy of the strided taps is fast where [.., in_channels, *in_spatial]
+// is not.
+std::optional<at::Tensor> window_matrix(const at::Tensor& weight, at::IntArrayRef in_spatial,
+                                        const ConvGeometry& conv) {
+  if (conv.groups != 1) return std::nullopt;
+  at::Tensor taps = weight;
+  for (size_t i = 0; i < in_spatial.size(); ++i) {
+    const int64_t kernel = weight.size(i + 2);
+    if (conv.dilation[i] != 1 || conv.padding[i] < 0 || in_spatial[i] + 2 * conv.padding[i] < kernel ||
+        conv.padding[i] + in_spatial[i] > kernel ||
+        in_spatial[i] + 2 * conv.padding[i] - kernel >= conv.stride[i]) {
+      return std::nullopt;
+    }
+    taps = taps.narrow(i + 2, conv.padding[i], in_spatial[i]);
+  }
+  return taps.permute(channels_last_order(weight.dim())).contiguous().flatten(1);
+}
+
 at::Tensor convolve(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                     const ConvGeometry& conv) {
+  if (const auto matrix = window_matrix(weight, x.sizes().slice(2), conv)) {
+    std::vector<int64_t> out_shape(x.dim(), 1);
+    out_shape[0] = x.size(0);
+    out_shape[1] = weight.size(0);
+    return at::linear(x.permute(channels_last_order(x.dim())).flatten(1), *matrix, bias).view(out_shape);
+  }
   const std::vector<int64_t> no_output_padding(conv.stride.size(), 0);
   return at::convolution(x, weight, bias, conv.stride, conv.padding, conv.dilation, /*transposed=*/false,
                          no_output_padding, conv.groups);
@@ -63,6 +99,14 @@ std::vector<int64_t> conv_output_features(const at::Tensor& input, const at::Ten
 // padding that restores exactly the input's spatial size (the rows the strided convolution skipped).
 at::Tensor transpose_convolve(const at::Tensor& g, const at::Tensor& weight, at::IntArrayRef in_spatial,
                               const ConvGeometry& conv) {
+  if (const auto matrix = window_matrix(weight, in_spatial, conv)) {
+    std::vector<int64_t> channels_last_shape{g.size(0)};
+    channels_last_shape.insert(channels_last_shape.end(), in_spatial.begin(), in_spatial.end());
+    channels_last_shape.push_back(weight.size(1));
+    std::vector<int64_t> channels_first_order{0, g.dim() - 1};
+    for (int64_t i = 1; i < g.dim() - 1; ++i) channels_first_order.push_back(i);
+    return at::mm(g.flatten(1), *matrix).view(channels_last_shape).permute(channels_first_order).contiguous();
+  }
   std::vector<int64_t> output_padding;
   for (size_t i = 0; i < conv.stride.size(); ++i) {
     const int64_t reached = (g.size(i + 2) - 1) * conv.stride[i] - 2 * conv.padding[i] +
@@ -74,6 +118,11 @@ at::Tensor transpose_convolve(const at::Tensor& g, const at::Tensor& weight, at:
 }
 
 }  // namespace
+
+at::Tensor conv_value(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                      at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+  return convolve(input, weight, bias, ConvGeometry{stride, padding, dilation, groups});
+}
 
 std::tuple<at::Tensor, at::Tensor> conv_jac_forward(const at::Tensor& input, const std::optional<at::Tensor>& jac,
                                                     const at::Tensor& weight, const std::optional<at::Tensor>& bias,

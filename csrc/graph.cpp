@@ -465,9 +465,8 @@ at::Tensor layer_value(const Node& node, const at::Tensor& x) {
   if (kind == "conv") {
     const at::Tensor& weight = node.params[0];
     check_same_dtype_device(x, weight, kOp, "params (conv weight)");
-    const std::vector<int64_t> padding = ints(node, "padding");
-    return at::convolution(x, weight, conv_bias(node), ints(node, "stride"), padding, ints(node, "dilation"), false,
-                           std::vector<int64_t>(padding.size(), 0), int_attribute(node, "groups"));
+    return conv_value(x, weight, conv_bias(node), ints(node, "stride"), ints(node, "padding"), ints(node, "dilation"),
+                      int_attribute(node, "groups"));
   }
   if (kind == "batch_norm") {
     const Affine a = affine(node);

@@ -98,6 +98,14 @@ CASES = {
     "conv2d_groups_output_padding": ((4, 8, 7), make_conv((4, 8, 7), 6, (2, 3), [3, 2], [2, 1], [1, 1], 2, True)),
     "conv1d": ((2, 11), make_conv((2, 11), 3, (3,), [2], [1], [2], 1, True)),
     "conv3d": ((2, 3, 4, 5), make_conv((2, 3, 4, 5), 2, (2, 2, 3), [1, 2, 2], [0, 1, 1], [1, 1, 1], 1, True)),
+    # The kernel window covers the whole input (one output position): the matrix-product path.
+    "conv2d_window_center_tap": ((5, 1, 1), make_conv((5, 1, 1), 6, (3, 3), [1, 1], [1, 1], [1, 1], 1, True)),
+    "conv2d_window_strided": ((4, 2, 2), make_conv((4, 2, 2), 3, (3, 3), [2, 2], [1, 1], [1, 1], 1, True)),
+    "conv2d_window_unpadded_rectangular": ((3, 2, 3), make_conv((3, 2, 3), 2, (2, 3), [1, 1], [0, 0], [1, 1], 1,
+                                                                False)),
+    "conv3d_window": ((2, 1, 2, 1), make_conv((2, 1, 2, 1), 3, (3, 3, 1), [1, 1, 1], [1, 1, 0], [1, 1, 1], 1, True)),
+    # One output position, but the input reaches past the window (an unread row): the convolution path.
+    "conv2d_window_partial": ((2, 3, 1), make_conv((2, 3, 1), 3, (2, 1), [2, 1], [0, 0], [1, 1], 1, True)),
     "batch_norm2d": ((3, 4, 5), make_batch_norm((3, 4, 5), True)),
     "batch_norm1d_flat": ((5,), make_batch_norm((5,), True)),
     "batch_norm1d_sequence_no_affine": ((3, 6), make_batch_norm((3, 6), False)),

@@ -35,6 +35,9 @@ at::Tensor log_softmax_jac_reverse(const at::Tensor& output, const std::optional
 // [B, *features, D], returned as [B, *out_features, D] (D-major storage); reverse-mode cotangent None
 // (identity) or [B, C, *out_features], returned as a contiguous [B, C, *features]. ----
 
+// The convolution's value (the value pass of reverse mode), by the cheapest form of its geometry.
+at::Tensor conv_value(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                      at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups);
 std::tuple<at::Tensor, at::Tensor> conv_jac_forward(const at::Tensor& input, const std::optional<at::Tensor>& jac,
                                                     const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                                                     at::IntArrayRef stride, at::IntArrayRef padding,
