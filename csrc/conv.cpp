@@ -1,7 +1,7 @@
 // Convolution (Conv1d/2d/3d with zero padding): y = conv(x, W) + b. Its Jacobian is the convolution
 // itself, the same for every sample, so tangents go through the same convolution (without bias, the
 // B * D rows as its batch) and cotangents through the transposed convolution, which is the input
-// gradient of the convolution. J is never unfolded into a dense matrix.
+// gradient of the convolution. J is never unfolded beyond the weight (see window_matrix for the one dense form).
 #include "jacext/checks.h"
 #include "jacext/nd_rows.h"
 #include "jacext/ops.h"
