@@ -52,7 +52,12 @@ std::vector<int64_t> channels_last_order(int64_t dim) {
 // is not.
 std::optional<at::Tensor> window_matrix(const at::Tensor& weight, at::IntArrayRef in_spatial,
                                         const ConvGeometry& conv) {
-  if (conv.groups != 1) return std::nullopt;
+  const size_t spatial_dims = in_spatial.size();
+  if (conv.groups != 1 || weight.dim() != static_cast<int64_t>(spatial_dims) + 2 ||
+      conv.stride.size() != spatial_dims || conv.padding.size() != spatial_dims ||
+      conv.dilation.size() != spatial_dims) {
+    return std::nullopt;  // not this form; a malformed geometry is left to the convolution's own checks
+  }
   at::Tensor taps = weight;
   for (size_t i = 0; i < in_spatial.size(); ++i) {
     const int64_t kernel = weight.size(i + 2);
