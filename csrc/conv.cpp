@@ -36,14 +36,6 @@ void check_conv_args(const at::Tensor& input, const at::Tensor& weight, const st
   }
 }
 
-// The permutation [0, 2, ..., dim - 1, 1]: channels last.
-std::vector<int64_t> channels_last_order(int64_t dim) {
-  std::vector<int64_t> order{0};
-  for (int64_t i = 2; i < dim; ++i) order.push_back(i);
-  order.push_back(1);
-  return order;
-}
-
 // A convolution whose kernel window covers its whole input (one output position, stride irrelevant,
 // no dilation or groups: the last stages of a CNN on small images) is a Linear map with the kernel taps
 // that land on the input. As a matrix product it skips the padded taps an im2col convolution multiplies
@@ -68,7 +60,7 @@ std::optional<at::Tensor> window_matrix(const at::Tensor& weight, at::IntArrayRe
     }
     taps = taps.narrow(i + 2, conv.padding[i], in_spatial[i]);
   }
-  return taps.permute(channels_last_order(weight.dim())).contiguous().flatten(1);
+  return taps.movedim(1, -1).contiguous().flatten(1);
 }
 
 at::Tensor convolve(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
@@ -77,7 +69,7 @@ at::Tensor convolve(const at::Tensor& x, const at::Tensor& weight, const std::op
     std::vector<int64_t> out_shape(x.dim(), 1);
     out_shape[0] = x.size(0);
     out_shape[1] = weight.size(0);
-    return at::linear(x.permute(channels_last_order(x.dim())).flatten(1), *matrix, bias).view(out_shape);
+    return at::linear(x.movedim(1, -1).flatten(1), *matrix, bias).view(out_shape);
   }
   const std::vector<int64_t> no_output_padding(conv.stride.size(), 0);
   return at::convolution(x, weight, bias, conv.stride, conv.padding, conv.dilation, /*transposed=*/false,
@@ -108,9 +100,7 @@ at::Tensor transpose_convolve(const at::Tensor& g, const at::Tensor& weight, at:
     std::vector<int64_t> channels_last_shape{g.size(0)};
     channels_last_shape.insert(channels_last_shape.end(), in_spatial.begin(), in_spatial.end());
     channels_last_shape.push_back(weight.size(1));
-    std::vector<int64_t> channels_first_order{0, g.dim() - 1};
-    for (int64_t i = 1; i < g.dim() - 1; ++i) channels_first_order.push_back(i);
-    return at::mm(g.flatten(1), *matrix).view(channels_last_shape).permute(channels_first_order).contiguous();
+    return at::mm(g.flatten(1), *matrix).view(channels_last_shape).movedim(-1, 1).contiguous();
   }
   std::vector<int64_t> output_padding;
   for (size_t i = 0; i < conv.stride.size(); ++i) {
