@@ -289,29 +289,32 @@ class StageSpec:
     combine: str = ""
 
 
-def _draw_layer(draw, shape, keep) -> Tuple[StageSpec, Tuple[int, ...]]:
+NATIVE_STAGES: List[StageFactory] = [factory for factory in STAGES if factory.name != "sin"]
+
+
+def _draw_layer(draw, shape, keep, native_only) -> Tuple[StageSpec, Tuple[int, ...]]:
     while True:
-        factory = draw(st.sampled_from(STAGES), label="layer")
+        factory = draw(st.sampled_from(NATIVE_STAGES if native_only else STAGES), label="layer")
         built = factory.build(draw, shape, keep)
-        if built is not None:
+        if built is not None and (built[1] or not native_only):
             constructor, native = built
             return StageSpec(factory.name, constructor, native), output_shape(constructor, shape)
 
 
-def _draw_branch(draw, shape, keep) -> Tuple[List[StageSpec], Tuple[int, ...]]:
+def _draw_branch(draw, shape, keep, native_only) -> Tuple[List[StageSpec], Tuple[int, ...]]:
     specs = []
     for _ in range(draw(st.integers(0, 2), label="branch depth")):
-        spec, shape = _draw_layer(draw, shape, keep)
+        spec, shape = _draw_layer(draw, shape, keep, native_only)
         specs.append(spec)
     return specs, shape
 
 
-def _draw_stage(draw, shape) -> Tuple[StageSpec, Tuple[int, ...]]:
+def _draw_stage(draw, shape, native_only) -> Tuple[StageSpec, Tuple[int, ...]]:
     kind = draw(st.sampled_from(["layer", "layer", "residual", "cat"]), label="stage")
     if kind == "layer":
-        return _draw_layer(draw, shape, None)
+        return _draw_layer(draw, shape, None, native_only)
     keep = "all" if kind == "residual" else "spatial"
-    (first, first_shape), (second, second_shape) = (_draw_branch(draw, shape, keep) for _ in range(2))
+    (first, first_shape), (second, second_shape) = (_draw_branch(draw, shape, keep, native_only) for _ in range(2))
     combine = "cat" if kind == "cat" else draw(st.sampled_from(["add", "add", "sub"]), label="combine")
     out_shape = (first_shape[0] + second_shape[0], *shape[1:]) if combine == "cat" else shape
     return StageSpec(kind, branches=(first, second), combine=combine), out_shape
@@ -333,7 +336,7 @@ def _layer_work(spec: StageSpec, shape) -> int:
 _HEADS = ["linear", "linear", "linear", "flatten", "none"]
 
 
-def _draw_head(draw, shape) -> List[StageSpec]:
+def _draw_head(draw, shape, native_only: bool) -> List[StageSpec]:
     head = draw(st.sampled_from(_HEADS), label="head")
     if head == "none":
         return []
@@ -343,7 +346,9 @@ def _draw_head(draw, shape) -> List[StageSpec]:
     if head == "linear":
         features, out = math.prod(shape), draw(st.integers(1, 6), label="out_features")
         specs.append(StageSpec("linear", lambda: nn.Linear(features, out)))
-        last = draw(st.sampled_from([None, "softmax", "log_softmax", "sin", "batch_norm"]), label="output layer")
+        lasts = [None, "softmax", "log_softmax", "sin", "batch_norm"]
+        last = draw(st.sampled_from([name for name in lasts if not (native_only and name == "sin")]),
+                    label="output layer")
         if last is not None:
             constructor = {"softmax": lambda: nn.Softmax(-1), "log_softmax": lambda: nn.LogSoftmax(-1), "sin": Sin,
                            "batch_norm": lambda: randomized_batch_norm(nn.BatchNorm1d(out))}[last]
@@ -398,9 +403,11 @@ class GraphCase(ModelCase):
 
 
 @st.composite
-def graph_cases(draw, dtypes=(torch.float64, torch.float32), max_stages: int = 4, max_batch: int = MAX_BATCH) -> GraphCase:
+def graph_cases(draw, dtypes=(torch.float64, torch.float32), max_stages: int = 4, max_batch: int = MAX_BATCH,
+                native_only: bool = False) -> GraphCase:
     """A random GraphModel on [B, C, L] or [B, C, H, W] inputs (C 1-4, sizes 3-10) with 1..max_stages
-    stages and a head, within GRAPH_WORK_BUDGET, and an input of batch 1..max_batch."""
+    stages and a head, within GRAPH_WORK_BUDGET, and an input of batch 1..max_batch; with native_only, no
+    layer without a native rule."""
     seed = draw(st.integers(0, 2**31 - 1), label="seed")
     spatial_dims = draw(st.integers(1, 2), label="spatial dims")
     in_shape = (draw(st.integers(1, 4), label="channels"),
@@ -408,13 +415,13 @@ def graph_cases(draw, dtypes=(torch.float64, torch.float32), max_stages: int = 4
     in_features = math.prod(in_shape)
     shape, specs, work = in_shape, [], 0
     for _ in range(draw(st.integers(1, max_stages), label="stages")):
-        spec, out_shape = _draw_stage(draw, shape)
+        spec, out_shape = _draw_stage(draw, shape, native_only)
         stage_work = in_features * _layer_work(spec, shape)
         if work + stage_work > GRAPH_WORK_BUDGET:
             break
         specs.append(spec)
         work, shape = work + stage_work, out_shape
-    for spec in _draw_head(draw, shape):
+    for spec in _draw_head(draw, shape, native_only):
         work += in_features * _layer_work(spec, shape)
         specs.append(spec)
         shape = output_shape(spec.constructor, shape)

@@ -94,7 +94,7 @@ def test_output_without_batch_dimension_is_rejected():
      r"batch_jacobian: layers\[0\] \(linear, linear_no_bias, softmax, log_softmax, an activation, or an entry of a "
      r"graph program: conv, .*\) is 'convolution'; expected an activation: relu, .*hardtanh\[:min_val\[:max_val\]\]"),
     (lambda: ops.batch_jacobian(torch.randn(2, 3), ["conv"], [], "forward"),
-     r"batch_jacobian: layers\[0\] \(conv\) needs the attribute bias="),
+     r"batch_jacobian: layers\[0\] \(conv\) needs the attribute stride="),
     (lambda: ops.batch_jacobian(torch.randn(2, 3), ["linear"], [torch.randn(4, 3)], "forward"),
      r"layer 0 \(linear\) needs 2 entries"),
     (lambda: ops.batch_jacobian(torch.randn(2, 3), ["linear_no_bias"], [torch.randn(4, 5)], "forward"),

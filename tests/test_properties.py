@@ -234,3 +234,22 @@ def test_every_form_of_a_model_gives_the_same_jacobian(case, mode):
             program = torch.export.export(jx.compile(functional, mode=mode), (case.x,))
         output, jacobian = program.module()(case.x)
         reference.check(output, jacobian, f"exported functional subclass {mode}")
+
+
+# A quarter of the profile's count, as above: an export costs a trace per example.
+@settings(max_examples=max(1, settings.default.max_examples // 4))
+@given(case=graph_cases(native_only=True), mode=st.sampled_from(("forward", "reverse")))
+def test_every_all_native_graph_exports_to_the_same_jacobian(case, mode):
+    """Cross-path for DAGs: an all-native random graph (residual sums, concatenations, convolutions, norms,
+    pools, index maps) is one jacext node once exported, and the exported program gives the reference's J
+    within the derived bound, as the eager compiled module does."""
+    jm = jx.compile(case.model, mode=mode)
+    reference = Reference(case.model, case.x)
+    reference.check(*jm(case.x), f"compiled {mode}")
+    assert jm.fallbacks == []
+    with torch.no_grad():
+        program = torch.export.export(jm, (case.x,))
+    jacext_nodes = [node for node in program.graph.nodes
+                    if node.op == "call_function" and str(node.target).startswith("jacext.")]
+    assert len(jacext_nodes) == 1, [str(node.target) for node in jacext_nodes]
+    reference.check(*program.module()(case.x), f"exported {mode}")

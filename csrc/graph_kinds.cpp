@@ -1,0 +1,567 @@
+// The rules of the graph kinds (grammar in graph.cpp): one table entry per kind, holding its attributes'
+// decoder, its value, its forward rule and its reverse rule. Layer kinds call the per-layer operators;
+// index maps and combinations of values (reshape ... scale) are written here in ATen.
+//
+// Blocks keep the per-sample shape intact with the rows second: tangents T[b, d, *shape], cotangents
+// G[b, c, *shape]; std::nullopt is the lazy identity, which the index maps that need rows materialise.
+#include "jacext/checks.h"
+#include "jacext/graph_program.h"
+
+#include <algorithm>
+#include <numeric>
+
+namespace jacext::graph {
+
+std::vector<int64_t> per_sample_shape(const at::Tensor& value) { return value.sizes().slice(1).vec(); }
+
+std::vector<int64_t> with_leading(std::initializer_list<int64_t> leading, at::IntArrayRef shape) {
+  std::vector<int64_t> sizes(leading);
+  sizes.insert(sizes.end(), shape.begin(), shape.end());
+  return sizes;
+}
+
+at::Tensor explicit_block(const std::optional<at::Tensor>& block, const at::Tensor& value) {
+  if (block) return *block;
+  // eye(R) as [B, R, *shape]: one copy, expanded over the batch.
+  const std::vector<int64_t> shape = per_sample_shape(value);
+  const int64_t rows = c10::multiply_integers(shape);
+  return at::eye(rows, value.options())
+      .view(with_leading({1, rows}, shape))
+      .expand(with_leading({value.size(0), rows}, shape));
+}
+
+namespace {
+
+using Forward = std::pair<at::Tensor, std::optional<at::Tensor>>;
+
+// ---- layer kinds: the per-layer operators take forward tangents rows last, [B, *in, D] ----
+
+std::optional<at::Tensor> rows_last(const std::optional<at::Tensor>& tangent) {
+  return tangent ? std::optional<at::Tensor>(tangent->movedim(1, -1)) : std::nullopt;
+}
+
+Forward rows_second(const std::tuple<at::Tensor, at::Tensor>& value_and_tangent) {
+  return {std::get<0>(value_and_tangent), std::get<1>(value_and_tangent).movedim(-1, 1)};
+}
+
+// The optional weight and bias of batch_norm and layer_norm, in params order, and the index of the rest.
+struct Affine {
+  std::optional<at::Tensor> weight, bias;
+  size_t next = 0;
+};
+
+Affine affine(const Node& node) {
+  Affine result;
+  if (node.attributes.weight) result.weight = node.params[result.next++];
+  if (node.attributes.bias) result.bias = node.params[result.next++];
+  return result;
+}
+
+std::optional<at::Tensor> conv_bias(const Node& node) {
+  return node.attributes.bias ? std::optional<at::Tensor>(node.params[1]) : std::nullopt;
+}
+
+GraphKind conv_kind() {
+  GraphKind kind;
+  kind.attribute_names = {"stride", "padding", "dilation", "groups", "bias"};
+  kind.decode = [](const AttributeText& text, Node& node) -> size_t {
+    Attributes& a = node.attributes;
+    a.stride = text.ints("stride");
+    a.padding = text.ints("padding");
+    a.dilation = text.ints("dilation");
+    a.groups = text.integer("groups");
+    a.bias = text.flag("bias");
+    return 1 + a.bias;
+  };
+  kind.value = [](const Node& node, const Values& in) {
+    const Attributes& a = node.attributes;
+    check_same_dtype_device(in[0], node.params[0], kOp, "params (conv weight)");
+    return conv_value(in[0], node.params[0], conv_bias(node), a.stride, a.padding, a.dilation, a.groups);
+  };
+  kind.forward = [](const Node& node, const Values& in, const Blocks& tangents) {
+    const Attributes& a = node.attributes;
+    return rows_second(conv_jac_forward(in[0], rows_last(tangents[0]), node.params[0], conv_bias(node), a.stride,
+                                        a.padding, a.dilation, a.groups));
+  };
+  kind.reverse = [](const Node& node, const Values& in, const at::Tensor&, const std::optional<at::Tensor>& g) {
+    const Attributes& a = node.attributes;
+    return Blocks{conv_jac_reverse(in[0], g, node.params[0], a.stride, a.padding, a.dilation, a.groups)};
+  };
+  return kind;
+}
+
+GraphKind batch_norm_kind() {
+  GraphKind kind;
+  kind.attribute_names = {"eps", "weight", "bias"};
+  kind.decode = [](const AttributeText& text, Node& node) -> size_t {
+    Attributes& a = node.attributes;
+    a.eps = text.number("eps");
+    a.weight = text.flag("weight");
+    a.bias = text.flag("bias");
+    return 2 + a.weight + a.bias;  // and the running mean and variance
+  };
+  kind.value = [](const Node& node, const Values& in) {
+    const Affine a = affine(node);
+    return at::batch_norm(in[0], a.weight, a.bias, node.params[a.next], node.params[a.next + 1], false, 0.0,
+                          node.attributes.eps, true);
+  };
+  kind.forward = [](const Node& node, const Values& in, const Blocks& tangents) {
+    const Affine a = affine(node);
+    return rows_second(batch_norm_jac_forward(in[0], rows_last(tangents[0]), a.weight, a.bias, node.params[a.next],
+                                              node.params[a.next + 1], node.attributes.eps));
+  };
+  kind.reverse = [](const Node& node, const Values& in, const at::Tensor&, const std::optional<at::Tensor>& g) {
+    const Affine a = affine(node);
+    return Blocks{batch_norm_jac_reverse(in[0], g, a.weight, node.params[a.next + 1], node.attributes.eps)};
+  };
+  return kind;
+}
+
+GraphKind layer_norm_kind() {
+  GraphKind kind;
+  kind.attribute_names = {"shape", "eps", "weight", "bias"};
+  kind.decode = [](const AttributeText& text, Node& node) -> size_t {
+    Attributes& a = node.attributes;
+    a.shape = text.ints("shape");
+    a.eps = text.number("eps");
+    a.weight = text.flag("weight");
+    a.bias = text.flag("bias");
+    return a.weight + a.bias;
+  };
+  kind.value = [](const Node& node, const Values& in) {
+    const Affine a = affine(node);
+    return at::layer_norm(in[0], node.attributes.shape, a.weight, a.bias, node.attributes.eps);
+  };
+  kind.forward = [](const Node& node, const Values& in, const Blocks& tangents) {
+    const Affine a = affine(node);
+    return rows_second(layer_norm_jac_forward(in[0], rows_last(tangents[0]), node.attributes.shape, a.weight, a.bias,
+                                              node.attributes.eps));
+  };
+  kind.reverse = [](const Node& node, const Values& in, const at::Tensor&, const std::optional<at::Tensor>& g) {
+    const Affine a = affine(node);
+    return Blocks{layer_norm_jac_reverse(in[0], g, node.attributes.shape, a.weight, node.attributes.eps)};
+  };
+  return kind;
+}
+
+GraphKind max_pool2d_kind() {
+  GraphKind kind;
+  kind.attribute_names = {"kernel", "stride", "padding", "dilation", "ceil"};
+  kind.decode = [](const AttributeText& text, Node& node) -> size_t {
+    Attributes& a = node.attributes;
+    a.kernel = text.ints("kernel");
+    a.stride = text.ints("stride");
+    a.padding = text.ints("padding");
+    a.dilation = text.ints("dilation");
+    a.ceil = text.flag("ceil");
+    return 0;
+  };
+  kind.value = [](const Node& node, const Values& in) {
+    const Attributes& a = node.attributes;
+    return at::max_pool2d(in[0], a.kernel, a.stride, a.padding, a.dilation, a.ceil);
+  };
+  kind.forward = [](const Node& node, const Values& in, const Blocks& tangents) {
+    const Attributes& a = node.attributes;
+    return rows_second(
+        max_pool2d_jac_forward(in[0], rows_last(tangents[0]), a.kernel, a.stride, a.padding, a.dilation, a.ceil));
+  };
+  kind.reverse = [](const Node& node, const Values& in, const at::Tensor&, const std::optional<at::Tensor>& g) {
+    const Attributes& a = node.attributes;
+    return Blocks{max_pool2d_jac_reverse(in[0], g, a.kernel, a.stride, a.padding, a.dilation, a.ceil)};
+  };
+  return kind;
+}
+
+GraphKind avg_pool2d_kind() {
+  GraphKind kind;
+  kind.attribute_names = {"kernel", "stride", "padding", "ceil", "count_include_pad", "divisor"};
+  kind.decode = [](const AttributeText& text, Node& node) -> size_t {
+    Attributes& a = node.attributes;
+    a.kernel = text.ints("kernel");
+    a.stride = text.ints("stride");
+    a.padding = text.ints("padding");
+    a.ceil = text.flag("ceil");
+    a.count_include_pad = text.flag("count_include_pad");
+    a.divisor = text.optional_integer("divisor");
+    return 0;
+  };
+  kind.value = [](const Node& node, const Values& in) {
+    const Attributes& a = node.attributes;
+    return at::avg_pool2d(in[0], a.kernel, a.stride, a.padding, a.ceil, a.count_include_pad, a.divisor);
+  };
+  kind.forward = [](const Node& node, const Values& in, const Blocks& tangents) {
+    const Attributes& a = node.attributes;
+    return rows_second(avg_pool2d_jac_forward(in[0], rows_last(tangents[0]), a.kernel, a.stride, a.padding, a.ceil,
+                                              a.count_include_pad, a.divisor));
+  };
+  kind.reverse = [](const Node& node, const Values& in, const at::Tensor&, const std::optional<at::Tensor>& g) {
+    const Attributes& a = node.attributes;
+    return Blocks{
+        avg_pool2d_jac_reverse(in[0], g, a.kernel, a.stride, a.padding, a.ceil, a.count_include_pad, a.divisor)};
+  };
+  return kind;
+}
+
+GraphKind adaptive_avg_pool2d_kind() {
+  GraphKind kind;
+  kind.attribute_names = {"size"};
+  kind.decode = [](const AttributeText& text, Node& node) -> size_t {
+    node.attributes.size = text.ints("size");
+    return 0;
+  };
+  kind.value = [](const Node& node, const Values& in) { return at::adaptive_avg_pool2d(in[0], node.attributes.size); };
+  kind.forward = [](const Node& node, const Values& in, const Blocks& tangents) {
+    return rows_second(adaptive_avg_pool2d_jac_forward(in[0], rows_last(tangents[0]), node.attributes.size));
+  };
+  kind.reverse = [](const Node& node, const Values& in, const at::Tensor&, const std::optional<at::Tensor>& g) {
+    return Blocks{adaptive_avg_pool2d_jac_reverse(in[0], g, node.attributes.size)};
+  };
+  return kind;
+}
+
+// ---- index maps and combinations of values ----
+
+// An index map's forward rule: its value, then its tangent from the value.
+template <typename Tangent>
+std::function<Forward(const Node&, const Values&, const Blocks&)> value_then_tangent(Tangent tangent) {
+  return [tangent](const Node& node, const Values& in, const Blocks& tangents) {
+    at::Tensor value = node.rule->value(node, in);
+    std::optional<at::Tensor> result = tangent(node, in, tangents, value);
+    return Forward{std::move(value), std::move(result)};
+  };
+}
+
+std::vector<int64_t> shifted(const std::vector<int64_t>& axes, int64_t by) {
+  std::vector<int64_t> result;
+  for (int64_t axis : axes) result.push_back(axis + by);
+  return result;
+}
+
+// Per-sample axes of an entry (dims=, dim=) checked against the value's per-sample rank.
+std::vector<int64_t> sample_axes(const Node& node, const std::vector<int64_t>& axes, int64_t rank) {
+  for (int64_t axis : axes) {
+    TORCH_CHECK_VALUE(axis >= 0 && axis < rank, kOp, ": ", where(node), " names per-sample axis ", axis,
+                      " but its input has ", rank, " per-sample axes");
+  }
+  return axes;
+}
+
+GraphKind reshape_kind() {
+  GraphKind kind;
+  kind.attribute_names = {"shape"};
+  kind.decode = [](const AttributeText& text, Node& node) -> size_t {
+    node.attributes.shape = text.ints("shape");
+    return 0;
+  };
+  kind.value = [](const Node& node, const Values& in) {
+    const at::Tensor& x = in[0];
+    const std::vector<int64_t>& shape = node.attributes.shape;
+    TORCH_CHECK_VALUE(c10::multiply_integers(shape) == c10::multiply_integers(x.sizes().slice(1)), kOp, ": ",
+                      where(node), " cannot reshape per-sample shape ", x.sizes().slice(1), " to ", shape);
+    return x.reshape(with_leading({x.size(0)}, shape));
+  };
+  kind.forward = value_then_tangent(
+      [](const Node&, const Values& in, const Blocks& tangents, const at::Tensor& value) -> std::optional<at::Tensor> {
+        if (!tangents[0]) return std::nullopt;  // a reshape of the identity is the identity of the new shape
+        return tangents[0]->reshape(with_leading({in[0].size(0), tangents[0]->size(1)}, per_sample_shape(value)));
+      });
+  kind.reverse = [](const Node&, const Values& in, const at::Tensor&, const std::optional<at::Tensor>& g) -> Blocks {
+    if (!g) return {std::nullopt};
+    return {g->reshape(with_leading({in[0].size(0), g->size(1)}, per_sample_shape(in[0])))};
+  };
+  return kind;
+}
+
+std::vector<int64_t> permutation(const Node& node, const at::Tensor& x) {
+  const std::vector<int64_t> dims = sample_axes(node, node.attributes.dims, x.dim() - 1);
+  std::vector<int64_t> sorted = dims;
+  std::sort(sorted.begin(), sorted.end());
+  std::vector<int64_t> expected(x.dim() - 1);
+  std::iota(expected.begin(), expected.end(), 0);
+  TORCH_CHECK_VALUE(sorted == expected, kOp, ": ", where(node), " dims must be a permutation of the ", x.dim() - 1,
+                    " per-sample axes, got ", dims);
+  return dims;
+}
+
+GraphKind permute_kind() {
+  GraphKind kind;
+  kind.attribute_names = {"dims"};
+  kind.decode = [](const AttributeText& text, Node& node) -> size_t {
+    node.attributes.dims = text.ints("dims");
+    return 0;
+  };
+  kind.value = [](const Node& node, const Values& in) {
+    return in[0].permute(with_leading({0}, shifted(permutation(node, in[0]), 1)));
+  };
+  kind.forward = value_then_tangent(
+      [](const Node& node, const Values& in, const Blocks& tangents, const at::Tensor&) -> std::optional<at::Tensor> {
+        return explicit_block(tangents[0], in[0]).permute(with_leading({0, 1}, shifted(permutation(node, in[0]), 2)));
+      });
+  kind.reverse = [](const Node& node, const Values& in, const at::Tensor& value, const std::optional<at::Tensor>& g) {
+    const std::vector<int64_t> dims = permutation(node, in[0]);
+    std::vector<int64_t> inverse(dims.size() + 2);
+    inverse[0] = 0;
+    inverse[1] = 1;
+    for (size_t i = 0; i < dims.size(); ++i) inverse[dims[i] + 2] = static_cast<int64_t>(i) + 2;
+    return Blocks{explicit_block(g, value).permute(inverse)};
+  };
+  return kind;
+}
+
+// mean and sum over per-sample axes.
+GraphKind reduction_kind(bool mean) {
+  GraphKind kind;
+  kind.attribute_names = {"dims", "keepdim"};
+  kind.decode = [](const AttributeText& text, Node& node) -> size_t {
+    node.attributes.dims = text.ints("dims");
+    node.attributes.keepdim = text.flag("keepdim");
+    return 0;
+  };
+  kind.value = [mean](const Node& node, const Values& in) {
+    const std::vector<int64_t> axes = shifted(sample_axes(node, node.attributes.dims, in[0].dim() - 1), 1);
+    return mean ? in[0].mean(axes, node.attributes.keepdim) : in[0].sum(axes, node.attributes.keepdim);
+  };
+  kind.forward = value_then_tangent([mean](const Node& node, const Values& in, const Blocks& tangents,
+                                           const at::Tensor& value) -> std::optional<at::Tensor> {
+    const at::Tensor t = explicit_block(tangents[0], in[0]);
+    const std::vector<int64_t> axes = shifted(sample_axes(node, node.attributes.dims, in[0].dim() - 1), 2);
+    const at::Tensor reduced = mean ? t.mean(axes, true) : t.sum(axes, true);
+    return reduced.reshape(with_leading({in[0].size(0), t.size(1)}, per_sample_shape(value)));
+  });
+  kind.reverse = [mean](const Node& node, const Values& in, const at::Tensor& value,
+                        const std::optional<at::Tensor>& cotangent) {
+    const at::Tensor& x = in[0];
+    const at::Tensor g = explicit_block(cotangent, value);
+    const std::vector<int64_t> axes = sample_axes(node, node.attributes.dims, x.dim() - 1);
+    std::vector<int64_t> kept{x.size(0), g.size(1)};
+    int64_t count = 1;
+    for (int64_t axis = 0; axis < x.dim() - 1; ++axis) {
+      const bool reduced = std::find(axes.begin(), axes.end(), axis) != axes.end();
+      kept.push_back(reduced ? 1 : x.size(axis + 1));
+      if (reduced) count *= x.size(axis + 1);
+    }
+    const at::Tensor spread = g.reshape(kept).expand(with_leading({x.size(0), g.size(1)}, per_sample_shape(x)));
+    return Blocks{mean ? spread / static_cast<double>(count) : spread};
+  };
+  return kind;
+}
+
+int64_t dim_axis(const Node& node, const at::Tensor& x) {
+  return sample_axes(node, {node.attributes.dim}, x.dim() - 1)[0];
+}
+
+GraphKind cat_kind() {
+  GraphKind kind;
+  kind.attribute_names = {"dim"};
+  kind.inputs = 0;
+  kind.decode = [](const AttributeText& text, Node& node) -> size_t {
+    node.attributes.dim = text.integer("dim");
+    return 0;
+  };
+  kind.value = [](const Node& node, const Values& in) { return at::cat(in, dim_axis(node, in[0]) + 1); };
+  kind.forward = value_then_tangent(
+      [](const Node& node, const Values& in, const Blocks& tangents, const at::Tensor&) -> std::optional<at::Tensor> {
+        std::vector<at::Tensor> blocks;
+        for (size_t i = 0; i < in.size(); ++i) blocks.push_back(explicit_block(tangents[i], in[i]));
+        return at::cat(blocks, dim_axis(node, in[0]) + 2);
+      });
+  kind.reverse = [](const Node& node, const Values& in, const at::Tensor& value, const std::optional<at::Tensor>& g) {
+    const int64_t axis = dim_axis(node, in[0]);
+    std::vector<int64_t> sizes;
+    for (const at::Tensor& part : in) sizes.push_back(part.size(axis + 1));
+    Blocks pulled;
+    for (const at::Tensor& piece : explicit_block(g, value).split_with_sizes(sizes, axis + 2)) pulled.emplace_back(piece);
+    return pulled;
+  };
+  return kind;
+}
+
+struct Slice {
+  int64_t axis, start, stop, step;
+};
+
+// A slice entry's bounds, checked against the input (Python's slice.indices has resolved them already).
+Slice slice_of(const Node& node, const at::Tensor& x) {
+  const Attributes& a = node.attributes;
+  const Slice cut{dim_axis(node, x), a.start, a.stop, a.step};
+  const int64_t size = x.size(cut.axis + 1);
+  TORCH_CHECK_VALUE(cut.step >= 1 && 0 <= cut.start && cut.start <= cut.stop && cut.stop <= size, kOp, ": ",
+                    where(node), " needs 0 <= start <= stop <= ", size, " and step >= 1, got start=", cut.start,
+                    " stop=", cut.stop, " step=", cut.step);
+  return cut;
+}
+
+GraphKind slice_kind() {
+  GraphKind kind;
+  kind.attribute_names = {"dim", "start", "stop", "step"};
+  kind.decode = [](const AttributeText& text, Node& node) -> size_t {
+    Attributes& a = node.attributes;
+    a.dim = text.integer("dim");
+    a.start = text.integer("start");
+    a.stop = text.integer("stop");
+    a.step = text.integer("step");
+    return 0;
+  };
+  kind.value = [](const Node& node, const Values& in) {
+    const Slice cut = slice_of(node, in[0]);
+    return in[0].slice(cut.axis + 1, cut.start, cut.stop, cut.step);
+  };
+  kind.forward = value_then_tangent(
+      [](const Node& node, const Values& in, const Blocks& tangents, const at::Tensor&) -> std::optional<at::Tensor> {
+        const Slice cut = slice_of(node, in[0]);
+        return explicit_block(tangents[0], in[0]).slice(cut.axis + 2, cut.start, cut.stop, cut.step);
+      });
+  kind.reverse = [](const Node& node, const Values& in, const at::Tensor& value, const std::optional<at::Tensor>& g) {
+    // The cotangent written into zeros of the input's block.
+    const Slice cut = slice_of(node, in[0]);
+    const at::Tensor block = explicit_block(g, value);
+    at::Tensor pulled = at::zeros(with_leading({in[0].size(0), block.size(1)}, per_sample_shape(in[0])), block.options());
+    pulled.slice(cut.axis + 2, cut.start, cut.stop, cut.step).copy_(block);
+    return Blocks{pulled};
+  };
+  return kind;
+}
+
+GraphKind add_kind() {
+  GraphKind kind;
+  kind.attribute_names = {"coef", "offset", "offset_param"};
+  kind.inputs = 0;
+  kind.decode = [](const AttributeText& text, Node& node) -> size_t {
+    Attributes& a = node.attributes;
+    a.coef = text.numbers("coef");
+    TORCH_CHECK_VALUE(a.coef.size() == node.inputs.size(), kOp, ": ", where(node), " has ", a.coef.size(),
+                      " coefficients for ", node.inputs.size(), " inputs");
+    a.offset = text.optional_number("offset");
+    a.offset_param = text.optional_number("offset_param");
+    return a.offset_param ? 1 : 0;
+  };
+  kind.value = [](const Node& node, const Values& in) {
+    const Attributes& a = node.attributes;
+    at::Tensor total;
+    for (size_t i = 0; i < in.size(); ++i) {
+      const at::Tensor term = a.coef[i] == 1 ? in[i] : in[i] * a.coef[i];
+      total = total.defined() ? total + term : term;
+    }
+    if (a.offset) total = total + *a.offset;
+    if (a.offset_param) {
+      check_same_dtype_device(in[0], node.params[0], kOp, "params (add offset)");
+      total = total + node.params[0] * *a.offset_param;
+    }
+    return total;
+  };
+  kind.forward = value_then_tangent(
+      [](const Node& node, const Values& in, const Blocks& tangents, const at::Tensor&) -> std::optional<at::Tensor> {
+        at::Tensor total;
+        for (size_t i = 0; i < in.size(); ++i) {
+          const at::Tensor block = explicit_block(tangents[i], in[i]);
+          const at::Tensor term = node.attributes.coef[i] == 1 ? block : block * node.attributes.coef[i];
+          total = total.defined() ? total + term : term;
+        }
+        return total;
+      });
+  kind.reverse = [](const Node& node, const Values&, const at::Tensor& value, const std::optional<at::Tensor>& g) {
+    Blocks pulled;
+    for (double c : node.attributes.coef) {
+      pulled.push_back(c == 1 ? g : std::optional<at::Tensor>(explicit_block(g, value) * c));
+    }
+    return pulled;
+  };
+  return kind;
+}
+
+// The product (`quotient` false) or quotient of two values, broadcast against each other.
+GraphKind product_kind(bool quotient) {
+  GraphKind kind;
+  kind.inputs = 2;
+  kind.decode = [](const AttributeText&, Node&) -> size_t { return 0; };
+  kind.value = [quotient](const Node&, const Values& in) { return quotient ? in[0] / in[1] : in[0] * in[1]; };
+  kind.forward = value_then_tangent([quotient](const Node&, const Values& in, const Blocks& tangents,
+                                               const at::Tensor& value) -> std::optional<at::Tensor> {
+    const at::Tensor &a = in[0], &b = in[1];
+    const at::Tensor ta = explicit_block(tangents[0], a), tb = explicit_block(tangents[1], b);
+    const at::Tensor total = quotient ? ta / b.unsqueeze(1) - tb * (a / (b * b)).unsqueeze(1)
+                                      : ta * b.unsqueeze(1) + tb * a.unsqueeze(1);
+    return total.expand(with_leading({a.size(0), ta.size(1)}, per_sample_shape(value)));
+  });
+  kind.reverse = [quotient](const Node&, const Values& in, const at::Tensor& value,
+                            const std::optional<at::Tensor>& cotangent) {
+    const at::Tensor &a = in[0], &b = in[1];
+    const at::Tensor g = explicit_block(cotangent, value);
+    const at::Tensor da = quotient ? g / b.unsqueeze(1) : g * b.unsqueeze(1);
+    const at::Tensor db = quotient ? -(g * (a / (b * b)).unsqueeze(1)) : g * a.unsqueeze(1);
+    return Blocks{da.sum_to_size(with_leading({a.size(0), g.size(1)}, per_sample_shape(a))),
+                  db.sum_to_size(with_leading({a.size(0), g.size(1)}, per_sample_shape(b)))};
+  };
+  return kind;
+}
+
+// The factor of a scale entry, broadcastable to its input x [B, *shape].
+at::Tensor scale_factor(const Node& node, const at::Tensor& x) {
+  if (node.attributes.factor) return at::scalar_tensor(*node.attributes.factor, x.options());
+  const at::Tensor& factor = node.params[0];
+  check_same_dtype_device(x, factor, kOp, "params (scale factor)");
+  TORCH_CHECK_VALUE(factor.dim() <= x.dim(), kOp, ": ", where(node), " factor of shape ", factor.sizes(),
+                    " would broadcast the input ", x.sizes(), " to a larger rank");
+  return factor;
+}
+
+// x's factor against x's block [B, R, *shape].
+at::Tensor block_factor(const Node& node, const at::Tensor& x) {
+  const at::Tensor factor = scale_factor(node, x);
+  return factor.dim() == x.dim() ? factor.unsqueeze(1) : factor;  // a batch axis: add the rows axis
+}
+
+GraphKind scale_kind() {
+  GraphKind kind;
+  kind.attribute_names = {"divide", "factor"};
+  kind.decode = [](const AttributeText& text, Node& node) -> size_t {
+    node.attributes.divide = text.flag("divide");
+    node.attributes.factor = text.optional_number("factor");
+    return node.attributes.factor ? 0 : 1;
+  };
+  kind.value = [](const Node& node, const Values& in) {
+    const at::Tensor factor = scale_factor(node, in[0]);
+    return node.attributes.divide ? in[0] / factor : in[0] * factor;
+  };
+  kind.forward = value_then_tangent(
+      [](const Node& node, const Values& in, const Blocks& tangents, const at::Tensor&) -> std::optional<at::Tensor> {
+        const at::Tensor t = explicit_block(tangents[0], in[0]), factor = block_factor(node, in[0]);
+        return node.attributes.divide ? t / factor : t * factor;
+      });
+  kind.reverse = [](const Node& node, const Values& in, const at::Tensor& value, const std::optional<at::Tensor>& g) {
+    const at::Tensor block = explicit_block(g, value), factor = block_factor(node, in[0]);
+    return Blocks{node.attributes.divide ? block / factor : block * factor};
+  };
+  return kind;
+}
+
+const std::map<std::string, GraphKind>& graph_kinds() {
+  static const std::map<std::string, GraphKind> kinds = {
+      {"conv", conv_kind()},
+      {"batch_norm", batch_norm_kind()},
+      {"layer_norm", layer_norm_kind()},
+      {"max_pool2d", max_pool2d_kind()},
+      {"avg_pool2d", avg_pool2d_kind()},
+      {"adaptive_avg_pool2d", adaptive_avg_pool2d_kind()},
+      {"reshape", reshape_kind()},
+      {"permute", permute_kind()},
+      {"mean", reduction_kind(true)},
+      {"sum", reduction_kind(false)},
+      {"cat", cat_kind()},
+      {"slice", slice_kind()},
+      {"add", add_kind()},
+      {"mul", product_kind(false)},
+      {"div", product_kind(true)},
+      {"scale", scale_kind()},
+  };
+  return kinds;
+}
+
+}  // namespace
+
+const GraphKind* find_graph_kind(const std::string& kind) {
+  const auto found = graph_kinds().find(kind);
+  return found == graph_kinds().end() ? nullptr : &found->second;
+}
+
+}  // namespace jacext::graph
