@@ -77,26 +77,16 @@ void scale_columns(Block<scalar_t>& block, const scalar_t* factor) {
 }
 
 // Softmax (symmetric Jacobian: the same update in both directions) and log-softmax rows with the
-// probabilities s.
+// probabilities s (rule_math.h).
 template <typename scalar_t>
 void softmax_family_rows(Block<scalar_t>& block, const scalar_t* s, Layer::Type type, bool reverse) {
   block.materialise();
+  const SoftmaxVariant variant = type == Layer::Type::Softmax ? SoftmaxVariant::Softmax
+                                 : reverse                    ? SoftmaxVariant::LogSoftmaxReverse
+                                                              : SoftmaxVariant::LogSoftmaxForward;
   for (int64_t r = 0; r < block.rows; ++r) {
     scalar_t* row = block.values.data() + r * block.width;
-    scalar_t dot = 0;
-    if (type == Layer::Type::LogSoftmax && reverse) {
-#pragma omp simd reduction(+ : dot)
-      for (int64_t j = 0; j < block.width; ++j) dot += row[j];
-      for (int64_t j = 0; j < block.width; ++j) row[j] = log_softmax_reverse_entry(row[j], s[j], dot);
-      continue;
-    }
-#pragma omp simd reduction(+ : dot)
-    for (int64_t j = 0; j < block.width; ++j) dot += row[j] * s[j];
-    if (type == Layer::Type::Softmax) {
-      for (int64_t j = 0; j < block.width; ++j) row[j] = softmax_row_entry(row[j], s[j], dot);
-    } else {
-      for (int64_t j = 0; j < block.width; ++j) row[j] = log_softmax_forward_entry(row[j], dot);
-    }
+    softmax_family_row<scalar_t>(variant, row, s, row, block.width);
   }
 }
 

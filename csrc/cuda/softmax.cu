@@ -1,4 +1,5 @@
-// CUDA kernel of the softmax-family row updates (rule_math.h): per row one reduction and one write.
+// CUDA kernel of the softmax-family row updates (rule_math.h): per row the dominant class, one reduction
+// and one write.
 // One warp per row: the rows are as wide as a softmax layer (usually a classifier head of 10 to a few
 // hundred features), too short to keep a whole block busy, and a warp reduces without shared memory.
 // No [H, H] matrix is formed.
@@ -15,28 +16,6 @@ namespace {
 
 constexpr int kRowsPerBlock = kThreadsPerBlock / C10_WARP_SIZE;
 
-// What a row reduces to: <row, s> for the softmax and log-softmax forward rules, sum(row) for the
-// log-softmax reverse rule.
-template <SoftmaxVariant kVariant, typename acc_t>
-__device__ __forceinline__ acc_t reduction_term(acc_t entry, acc_t s_entry) {
-  if constexpr (kVariant == SoftmaxVariant::LogSoftmaxReverse) {
-    return entry;
-  } else {
-    return entry * s_entry;
-  }
-}
-
-template <SoftmaxVariant kVariant, typename acc_t>
-__device__ __forceinline__ acc_t updated_entry(acc_t entry, acc_t s_entry, acc_t reduced) {
-  if constexpr (kVariant == SoftmaxVariant::Softmax) {
-    return softmax_row_entry(entry, s_entry, reduced);
-  } else if constexpr (kVariant == SoftmaxVariant::LogSoftmaxForward) {
-    return log_softmax_forward_entry(entry, reduced);
-  } else {
-    return log_softmax_reverse_entry(entry, s_entry, reduced);
-  }
-}
-
 // Butterfly sum: every lane ends with the total of the warp.
 template <typename acc_t>
 __device__ __forceinline__ acc_t warp_sum(acc_t value) {
@@ -44,6 +23,20 @@ __device__ __forceinline__ acc_t warp_sum(acc_t value) {
     value += __shfl_xor_sync(0xffffffffu, value, offset);
   }
   return value;
+}
+
+// The row's dominant class m (rule_math.h's dominant_class: the first of the largest), on every lane.
+template <typename scalar_t>
+__device__ __forceinline__ int64_t warp_dominant_class(const scalar_t* s, int64_t features, int lane) {
+  int64_t best = lane < features ? lane : 0;
+  for (int64_t h = lane + C10_WARP_SIZE; h < features; h += C10_WARP_SIZE) {
+    if (s[h] > s[best]) best = h;
+  }
+  for (int offset = C10_WARP_SIZE / 2; offset > 0; offset /= 2) {
+    const int64_t other = __shfl_xor_sync(0xffffffffu, best, offset);
+    if (s[other] > s[best] || (s[other] == s[best] && other < best)) best = other;
+  }
+  return best;
 }
 
 template <SoftmaxVariant kVariant, typename scalar_t>
@@ -60,14 +53,18 @@ __global__ void softmax_rows_cuda_kernel(scalar_t* __restrict__ out, const scala
     const scalar_t* src = values + b * values_sample_stride + r * features;
     const scalar_t* s = probabilities + b * features;
     scalar_t* dst = out + row * features;
-    acc_t partial = 0;
-    for (int64_t h = lane; h < features; h += C10_WARP_SIZE) {
-      partial += reduction_term<kVariant>(static_cast<acc_t>(src[h]), static_cast<acc_t>(s[h]));
+    const int64_t m = warp_dominant_class(s, features, lane);
+    const acc_t r_m = static_cast<acc_t>(src[m]);
+    SoftmaxRowSums<acc_t> sums;
+    for (int64_t j = lane; j < features; j += C10_WARP_SIZE) {
+      if (j != m) add_other_class(sums, kVariant, static_cast<acc_t>(src[j]), r_m, static_cast<acc_t>(s[j]));
     }
-    const acc_t reduced = warp_sum(partial);
+    sums.shift = warp_sum(sums.shift);
+    sums.others = warp_sum(sums.others);
+    sums.tail_mass = warp_sum(sums.tail_mass);
     for (int64_t h = lane; h < features; h += C10_WARP_SIZE) {
       dst[h] = static_cast<scalar_t>(
-          updated_entry<kVariant>(static_cast<acc_t>(src[h]), static_cast<acc_t>(s[h]), reduced));
+          softmax_family_entry(kVariant, static_cast<acc_t>(src[h]), static_cast<acc_t>(s[h]), h == m, r_m, sums));
     }
   }
 }

@@ -37,8 +37,6 @@ struct JacobianBlock {
   at::Tensor dense(int64_t batch, int64_t features, const at::TensorOptions& options) const;
 };
 
-// Which row update a softmax-family rule applies (see rule_math.h).
-enum class SoftmaxVariant : int8_t { Softmax, LogSoftmaxForward, LogSoftmaxReverse };
 
 // Parses an activation string of the operators' schemas:
 //   relu | tanh | sigmoid | gelu | gelu_tanh | silu | relu6

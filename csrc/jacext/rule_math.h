@@ -151,27 +151,82 @@ JACEXT_HOST_DEVICE JACEXT_ALWAYS_INLINE T activation_derivative(const Activation
   return T(0);
 }
 
-// The row update of both softmax rules. The softmax Jacobian diag(s) - s s^T is symmetric, so pushing
-// a tangent row forward and pulling a cotangent row back are the same operation:
-//   out = s * (row - <row, s>)
-// `row_dot_s` is <row, s>, computed once per row by the caller. No [H, H] matrix is ever formed.
+// Which row update a softmax-family rule applies.
+enum class SoftmaxVariant : int8_t { Softmax, LogSoftmaxForward, LogSoftmaxReverse };
+
+// The softmax-family row updates, with s the probabilities of one sample. The softmax Jacobian
+// diag(s) - s s^T is symmetric, so pushing a tangent row forward and pulling a cotangent row back are
+// the same update; log-softmax's Jacobian I - 1 s^T (d y_i / d z_j = delta_ij - s_j) is not:
+//   softmax (either direction):   out_h = s_h (r_h - <r, s>)
+//   log-softmax forward:          out_h = t_h - <t, s>
+//   log-softmax reverse:          out_h = g_h - s_h sum(g)
+// Written so, they cancel catastrophically when one class m holds nearly all the probability: <r, s>
+// is then r_m up to the tail mass sigma = 1 - s_m, and what is left is sigma-sized, below the rounding
+// of r_m once sigma < u. So the updates are taken through the other classes, whose probabilities are
+// accurate however small (the sums run over j != m; sigma = sum s_j, never 1 - s_m):
+//   r_h - <r, s> = (r_h - r_m) + shift,   shift = sum s_j (r_m - r_j)
+//   g_m - s_m sum(g) = g_m sigma - s_m sum g_j,   and for h != m  g_h - s_h (g_m + sum g_j)
+// No [H, H] matrix is ever formed.
+
+// m: the index of the largest probability (the first of equals).
 template <typename T>
-JACEXT_HOST_DEVICE inline T softmax_row_entry(T row_entry, T s_entry, T row_dot_s) {
-  return s_entry * (row_entry - row_dot_s);
+JACEXT_HOST_DEVICE inline int64_t dominant_class(const T* s, int64_t features) {
+  int64_t m = 0;
+  for (int64_t h = 1; h < features; ++h) {
+    if (s[h] > s[m]) m = h;
+  }
+  return m;
 }
 
-// Log-softmax has the non-symmetric Jacobian I - 1 s^T (d y_i / d z_j = delta_ij - s_j), so its two
-// directions differ:
-//   forward (tangent row t over the input features):   out_i = t_i - <t, s>
-//   reverse (cotangent row g over the output features): out_j = g_j - s_j * sum(g)
-template <typename T>
-JACEXT_HOST_DEVICE inline T log_softmax_forward_entry(T tangent_entry, T tangent_dot_s) {
-  return tangent_entry - tangent_dot_s;
+// What a row reduces to, over the classes other than m: shift (softmax, log-softmax forward), or the
+// other entries' sum and the tail mass sigma (log-softmax reverse).
+template <typename Acc>
+struct SoftmaxRowSums {
+  Acc shift = 0, others = 0, tail_mass = 0;
+};
+
+// Adds class j (j != m) to the sums, from the row's entries r_j and r_m.
+template <typename Acc>
+JACEXT_HOST_DEVICE inline void add_other_class(SoftmaxRowSums<Acc>& sums, SoftmaxVariant variant, Acc r_j, Acc r_m,
+                                               Acc s_j) {
+  if (variant == SoftmaxVariant::LogSoftmaxReverse) {
+    sums.others += r_j;
+    sums.tail_mass += s_j;
+  } else {
+    sums.shift += s_j * (r_m - r_j);
+  }
 }
 
-template <typename T>
-JACEXT_HOST_DEVICE inline T log_softmax_reverse_entry(T cotangent_entry, T s_entry, T cotangent_sum) {
-  return cotangent_entry - s_entry * cotangent_sum;
+// The updated entry h of a row from its entry r_h, the dominant entry r_m and the row's sums.
+template <typename Acc>
+JACEXT_HOST_DEVICE inline Acc softmax_family_entry(SoftmaxVariant variant, Acc r_h, Acc s_h, bool dominant, Acc r_m,
+                                                   const SoftmaxRowSums<Acc>& sums) {
+  switch (variant) {
+    case SoftmaxVariant::Softmax:
+      return s_h * ((r_h - r_m) + sums.shift);
+    case SoftmaxVariant::LogSoftmaxForward:
+      return (r_h - r_m) + sums.shift;
+    case SoftmaxVariant::LogSoftmaxReverse:
+      return dominant ? r_m * sums.tail_mass - s_h * sums.others : r_h - s_h * (r_m + sums.others);
+  }
+  return Acc(0);
+}
+
+// One row in place or into `out` (out may be `row`), sequentially: the CPU kernels' form.
+template <typename Acc, typename T>
+JACEXT_HOST_DEVICE inline void softmax_family_row(SoftmaxVariant variant, const T* row, const T* s, T* out,
+                                                  int64_t features) {
+  if (features == 0) return;
+  const int64_t m = dominant_class(s, features);
+  const Acc r_m = static_cast<Acc>(row[m]);
+  SoftmaxRowSums<Acc> sums;
+  for (int64_t j = 0; j < features; ++j) {
+    if (j != m) add_other_class(sums, variant, static_cast<Acc>(row[j]), r_m, static_cast<Acc>(s[j]));
+  }
+  for (int64_t h = 0; h < features; ++h) {
+    out[h] = static_cast<T>(
+        softmax_family_entry(variant, static_cast<Acc>(row[h]), static_cast<Acc>(s[h]), h == m, r_m, sums));
+  }
 }
 
 }  // namespace jacext
