@@ -27,11 +27,9 @@ void check_batch_norm_args(const at::Tensor& input, const std::optional<at::Tens
 // broadcast over the spatial dims.
 at::Tensor channel_scale(const at::Tensor& input, const std::optional<at::Tensor>& weight,
                          const at::Tensor& running_var, double eps) {
-  at::Tensor scale = at::rsqrt(running_var + eps);
-  if (weight.has_value()) scale = scale * *weight;
   std::vector<int64_t> shape(input.dim() - 1, 1);
   shape[0] = input.size(1);
-  return scale.view(shape);
+  return batch_norm_scale(weight, running_var, eps).view(shape);
 }
 
 at::Tensor scale_rows(const std::optional<at::Tensor>& rows, const at::Tensor& input, const at::Tensor& scale) {
@@ -40,6 +38,11 @@ at::Tensor scale_rows(const std::optional<at::Tensor>& rows, const at::Tensor& i
 }
 
 }  // namespace
+
+at::Tensor batch_norm_scale(const std::optional<at::Tensor>& weight, const at::Tensor& running_var, double eps) {
+  const at::Tensor scale = at::rsqrt(running_var + eps);
+  return weight.has_value() ? scale * *weight : scale;
+}
 
 std::tuple<at::Tensor, at::Tensor> batch_norm_jac_forward(const at::Tensor& input,
                                                           const std::optional<at::Tensor>& jac,

@@ -92,6 +92,33 @@ std::vector<int64_t> conv_output_features(const at::Tensor& input, const at::Ten
   return shape;
 }
 
+// The transposed convolution of a 2-d convolution with few input channels (an RGB stem), on the CPU, as
+// one matrix product into the taps' columns and their scatter-add (col2im): oneDNN's transposed
+// convolution leaves most of its vector lanes idle when it writes so few channels. The rows go in
+// chunks, so that the columns (in_channels * taps times the output positions per row) stay a few MiB.
+constexpr int64_t kFewChannels = 4;
+constexpr int64_t kColumnChunkElements = int64_t{1} << 20;
+
+std::optional<at::Tensor> transpose_by_columns(const at::Tensor& g, const at::Tensor& weight,
+                                               at::IntArrayRef in_spatial, const ConvGeometry& conv) {
+  if (!g.device().is_cpu() || in_spatial.size() != 2 || conv.groups != 1 || weight.size(1) > kFewChannels ||
+      g.size(0) == 0) {
+    return std::nullopt;
+  }
+  const int64_t rows = g.size(0), out_channels = weight.size(0), positions = g.size(2) * g.size(3);
+  const at::Tensor taps_by_channel = weight.flatten(1).t();  // [in_channels * kh * kw, out_channels]
+  const at::Tensor flat = g.reshape({rows, out_channels, positions});
+  at::Tensor result = at::empty({rows, weight.size(1), in_spatial[0], in_spatial[1]}, g.options());
+  const int64_t chunk = std::max<int64_t>(1, kColumnChunkElements / (taps_by_channel.size(0) * positions));
+  for (int64_t start = 0; start < rows; start += chunk) {
+    const int64_t count = std::min(chunk, rows - start);
+    const at::Tensor columns = at::matmul(taps_by_channel, flat.narrow(0, start, count));
+    at::Tensor out = result.narrow(0, start, count);
+    at::col2im_out(out, columns, in_spatial, weight.sizes().slice(2), conv.dilation, conv.padding, conv.stride);
+  }
+  return result;
+}
+
 // Cotangents [N, *out_features] -> [N, *in_features]: the transposed convolution, with the output
 // padding that restores exactly the input's spatial size (the rows the strided convolution skipped).
 at::Tensor transpose_convolve(const at::Tensor& g, const at::Tensor& weight, at::IntArrayRef in_spatial,
@@ -102,6 +129,7 @@ at::Tensor transpose_convolve(const at::Tensor& g, const at::Tensor& weight, at:
     channels_last_shape.push_back(weight.size(1));
     return at::mm(g.flatten(1), *matrix).view(channels_last_shape).movedim(-1, 1).contiguous();
   }
+  if (auto by_columns = transpose_by_columns(g, weight, in_spatial, conv)) return *std::move(by_columns);
   std::vector<int64_t> output_padding;
   for (size_t i = 0; i < conv.stride.size(); ++i) {
     const int64_t reached = (g.size(i + 2) - 1) * conv.stride[i] - 2 * conv.padding[i] +

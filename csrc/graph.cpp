@@ -145,6 +145,31 @@ void accumulate(std::vector<std::optional<at::Tensor>>& store, std::vector<bool>
   store[slot] = explicit_block(store[slot], value) + explicit_block(contribution, value);
 }
 
+// An eval-mode batch norm whose input is a convolution's output that nothing else reads: in reverse mode
+// its per-channel scale can multiply the convolution's weight instead of the cotangent block, which is
+// cheaper where the weight is the smaller of the two (an RGB stem's [64, 3, 7, 7] weight against B * C
+// cotangent rows of [64, 16, 16]). The scale to fold, or nullopt where the pair does not qualify (a
+// mismatched parameter is then left to the batch norm's own checks).
+std::optional<at::Tensor> foldable_scale(const Program& program, const std::vector<std::optional<size_t>>& producer,
+                                         const Node& norm, const std::optional<at::Tensor>& cotangent) {
+  if (norm.kind != "batch_norm" || !cotangent) return std::nullopt;
+  const size_t slot = norm.inputs[0];
+  if (!producer[slot] || program.readers[slot] != 1) return std::nullopt;
+  const Node& conv = program.nodes[*producer[slot]];
+  if (conv.kind != "conv" || conv.params[0].numel() >= cotangent->numel()) return std::nullopt;
+  const at::Tensor& conv_weight = conv.params[0];
+  const std::optional<at::Tensor> weight =
+      norm.attributes.weight ? std::optional<at::Tensor>(norm.params[0]) : std::nullopt;
+  const at::Tensor& running_var = norm.params.back();
+  for (const at::Tensor* vector : {&running_var, weight ? &*weight : nullptr}) {
+    if (vector && (vector->dim() != 1 || vector->size(0) != conv_weight.size(0) ||
+                   vector->scalar_type() != conv_weight.scalar_type() || vector->device() != conv_weight.device())) {
+      return std::nullopt;
+    }
+  }
+  return batch_norm_scale(weight, running_var, norm.attributes.eps);
+}
+
 struct ReverseResult {
   at::Tensor output;
   std::optional<at::Tensor> cotangent;  // [B, C, *in] or nullopt (the input is a reshape of the output)
@@ -172,6 +197,9 @@ ReverseResult run_reverse(const Program& program, const at::Tensor& input) {
     }
   }
 
+  std::vector<std::optional<size_t>> producer(slots);
+  for (size_t n = 0; n < program.nodes.size(); ++n) producer[program.nodes[n].slot] = n;
+  std::vector<std::optional<at::Tensor>> folded_scales(program.nodes.size());  // per conv node, from its norm
   std::vector<std::optional<at::Tensor>> cotangents(slots);
   std::vector<bool> reached(slots, false);
   reached[program.output_slot] = true;  // the identity
@@ -183,7 +211,16 @@ ReverseResult run_reverse(const Program& program, const at::Tensor& input) {
     for (size_t slot : node.inputs) in.push_back(values[slot]);
     const at::Tensor& x = in[0];
     std::vector<std::optional<at::Tensor>> pulled;
-    if (node.kind == "chain") {
+    if (auto scale = foldable_scale(program, producer, node, cotangent)) {
+      folded_scales[*producer[node.inputs[0]]] = std::move(scale);
+      pulled.push_back(cotangent);  // the scale goes into the convolution's weight
+    } else if (folded_scales[n]) {
+      Node scaled = node;
+      std::vector<int64_t> shape(node.params[0].dim(), 1);
+      shape[0] = node.params[0].size(0);
+      scaled.params[0] = node.params[0] * folded_scales[n]->view(shape);
+      pulled = node.rule->reverse(scaled, in, values[node.slot], cotangent);
+    } else if (node.kind == "chain") {
       const ChainRun& run = *runs[n];
       const int64_t batch = x.size(0), features = run.flat.size(1);
       const at::Tensor& value = values[node.slot];

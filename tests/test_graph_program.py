@@ -135,6 +135,40 @@ def test_subclassed_residual_mlp_is_one_program_with_fused_chain_runs(mode):
     check(model, x, output, jacobian)
 
 
+class ConvNorms(nn.Module):
+    """Convolutions followed by eval-mode batch norms: a stem whose small weight takes the norm's scale in
+    reverse mode (affine and not), and a convolution that a residual sum reads besides its norm (not
+    folded: the sum's cotangent must not be scaled)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.stem_norm = nn.Conv2d(3, 4, 3, stride=2, padding=1), nn.BatchNorm2d(4)
+        self.conv, self.norm = nn.Conv2d(4, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4, affine=False)
+        self.shared, self.shared_norm = nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)
+        self.head = nn.Linear(4 * 4 * 4, 3)
+        for norm in (self.stem_norm, self.norm, self.shared_norm):
+            norm.running_mean.uniform_(-0.5, 0.5)
+            norm.running_var.uniform_(0.25, 4.0)
+            if norm.affine:
+                norm.weight.data.uniform_(-2.0, 2.0)
+
+    def forward(self, x):
+        h = F.relu(self.stem_norm(self.stem(x)))
+        h = F.relu(self.norm(self.conv(h)))
+        shared = self.shared(h)
+        return self.head((self.shared_norm(shared) + shared).flatten(1))
+
+
+@pytest.mark.parametrize("batch", [0, 1, 3])
+def test_batch_norms_folded_into_convolution_weights_in_reverse(batch):
+    torch.manual_seed(3)
+    model = ConvNorms().double().eval()
+    x = torch.randn(batch, 3, 8, 8, dtype=DOUBLE)
+    plan, output, jacobian = planned(model, x, "reverse")
+    assert plan.native_program() is not None
+    check(model, x, output, jacobian)
+
+
 def test_resnet18_is_one_program_in_both_sweeps():
     model = resnet18()
     x = torch.randn(2, 3, 16, 16, dtype=DOUBLE)

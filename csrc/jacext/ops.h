@@ -46,6 +46,8 @@ at::Tensor conv_jac_reverse(const at::Tensor& input, const std::optional<at::Ten
                             const at::Tensor& weight, at::IntArrayRef stride, at::IntArrayRef padding,
                             at::IntArrayRef dilation, int64_t groups);
 
+// The eval-mode batch norm's per-channel Jacobian, weight / sqrt(running_var + eps), as a [C] vector.
+at::Tensor batch_norm_scale(const std::optional<at::Tensor>& weight, const at::Tensor& running_var, double eps);
 std::tuple<at::Tensor, at::Tensor> batch_norm_jac_forward(const at::Tensor& input,
                                                           const std::optional<at::Tensor>& jac,
                                                           const std::optional<at::Tensor>& weight,
