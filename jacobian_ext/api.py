@@ -10,6 +10,7 @@ from torch import nn
 from torch.fx.experimental.proxy_tensor import disable_proxy_modes_tracing
 
 from . import deploy
+from . import rules as layer_rules
 from .cost import Bracketing
 from .differentiable import differentiable_call, needs_grad
 from .errors import GraphCaptureError, StructuredOutputError
@@ -24,7 +25,14 @@ MODES = ("auto", "forward", "reverse", "mixed")
 # capture and another thread's planning probes) must not overlap; plans are built under this lock.
 _PLANNING_LOCK = threading.RLock()
 # Modules whose training-mode output couples or randomises samples: no per-sample Jacobian exists.
-_BATCH_COUPLED = (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutNd)
+def breaks_per_sample_jacobian(module: nn.Module) -> bool:
+    """A layer in training mode that couples the samples of a batch (batch norm) or randomises them
+    (dropout, stochastic depth; a dropout of p = 0 is the identity and passes)."""
+    if not module.training:
+        return False
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        return True
+    return layer_rules.is_random_in_training(module) and getattr(module, "p", 1) != 0
 
 
 def batch_jacobian(model: Callable, x, mode: str = "auto", return_output: bool = False,
@@ -245,7 +253,9 @@ class JacobianModule(nn.Module):
             self._capture.clear()
             self._encodings.clear()
             self._last["plan"] = None
-            self._coupled_modules = [(n, m) for n, m in self._root.named_modules() if isinstance(m, _BATCH_COUPLED)]
+            self._coupled_modules = [(n, m) for n, m in self._root.named_modules()
+                                     if isinstance(m, nn.modules.batchnorm._BatchNorm)
+                                     or layer_rules.is_random_in_training(m)]
             self._layout = layout
 
     def plan_for(self, x: torch.Tensor) -> Plan:
@@ -300,7 +310,7 @@ class JacobianModule(nn.Module):
 
     def _check_eval_mode(self):
         for name, module in self._coupled_modules:
-            if module.training and not (isinstance(module, nn.modules.dropout._DropoutNd) and module.p == 0):
+            if breaks_per_sample_jacobian(module):
                 raise ValueError(
                     f"layer '{name}' ({type(module).__name__}) is in training mode, where it couples or "
                     "randomises the samples of a batch and no per-sample Jacobian exists; call model.eval() first"

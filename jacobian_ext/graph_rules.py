@@ -373,6 +373,81 @@ class _LayerNormCall:
             ("weight", "bias"))]
 
 
+class _GraphTensors:
+    """The tensors a functional call reads from the model (get_attr nodes of the captured graph: a traced
+    subclass's self.weight, self.running_var) as attributes looked up at every access, beside constant
+    attributes (eps, normalized_shape): a stand-in for the module, so that the module rules' ops and
+    encodings read current parameters from it at every call."""
+
+    def __init__(self, gm: fx.GraphModule, targets: Dict[str, Optional[str]], **constants):
+        self._gm, self._targets = gm, targets
+        self.__dict__.update(constants)
+
+    def __getattr__(self, name):
+        targets = self.__dict__.get("_targets", {})
+        if name not in targets:
+            raise AttributeError(name)
+        target = targets[name]
+        if target is None:
+            return None
+        value = self._gm
+        for part in target.split("."):
+            value = getattr(value, part)
+        return value
+
+
+def _get_attr_targets(arguments: Dict, names: Sequence[str]) -> Optional[Dict[str, Optional[str]]]:
+    """The get_attr targets of the tensor arguments `names` (None for an absent one), or None when one
+    is computed in the graph (not a parameter or buffer of the model)."""
+    targets = {}
+    for name in names:
+        value = arguments.get(name)
+        if value is None:
+            targets[name] = None
+        elif isinstance(value, fx.Node) and value.op == "get_attr":
+            targets[name] = value.target
+        else:
+            return None
+    return targets
+
+
+def _functional_norm_rule(gm: fx.GraphModule, node: fx.Node, x, out_numel: int) -> Optional[NodeRule]:
+    """F.batch_norm in eval mode (training=False) and F.layer_norm on the node's carried input, with the
+    model's own parameters and buffers: the module rules of BatchNorm and LayerNorm (a subclass whose forward
+    calls them functionally, e.g. timm's BatchNormAct2d and convnext's LayerNorm2d, is traced into)."""
+    if node.op != "call_function" or node.target not in (F.batch_norm, F.layer_norm):
+        return None
+    normalized = node.normalized_arguments(gm, normalize_to_only_use_kwargs=True)
+    if normalized is None or not isinstance(normalized.kwargs.get("input"), fx.Node):
+        return None
+    arguments = normalized.kwargs
+    input_shape = tuple(x.shape[1:])
+    eps = arguments.get("eps", 1e-5)
+    if not isinstance(eps, (int, float)):
+        return None
+    if node.target is F.layer_norm:
+        shape = arguments.get("normalized_shape")
+        targets = _get_attr_targets(arguments, ("weight", "bias"))
+        if targets is None or not isinstance(shape, (tuple, list)) or not all(isinstance(n, int) for n in shape):
+            return None
+        tensors = _GraphTensors(gm, targets, normalized_shape=tuple(shape), eps=float(eps))
+        return _layer_norm_rule(tensors, input_shape, out_numel)
+    targets = _get_attr_targets(arguments, ("weight", "bias", "running_mean", "running_var"))
+    if (arguments.get("training", False) is not False or targets is None or targets["running_mean"] is None
+            or targets["running_var"] is None or len(input_shape) not in (1, 2, 3)):
+        return None
+    tensors = _GraphTensors(gm, targets, eps=float(eps))
+    if tensors.running_mean.shape != (input_shape[0],):
+        return None
+
+    def call_of(module, shape):
+        return spatial_rules.SpatialCall("batch_norm", dict(
+            weight=module.weight, bias=module.bias, running_mean=module.running_mean,
+            running_var=module.running_var, eps=module.eps))
+
+    return NdOpRule(tensors, input_shape, call_of, "batch_norm", out_numel)
+
+
 def _layer_norm_rule(module: nn.LayerNorm, input_shape, out_numel: int) -> Optional[NodeRule]:
     normalized = tuple(module.normalized_shape)
     if tuple(input_shape[len(input_shape) - len(normalized):]) != normalized or len(normalized) > len(input_shape):
@@ -707,8 +782,6 @@ _ADD_FUNCTIONS = {operator.add, torch.add, operator.iadd}
 _SUB_FUNCTIONS = {operator.sub, torch.sub, operator.isub}
 _MUL_FUNCTIONS = {operator.mul, torch.mul, operator.imul}
 _DIV_FUNCTIONS = {operator.truediv, torch.div, operator.itruediv}
-_RESHAPE_MODULES = (nn.Flatten, nn.Unflatten, nn.Identity, nn.modules.dropout._DropoutNd, nn.AlphaDropout,
-                    nn.FeatureAlphaDropout)
 
 
 def rule_for(gm: fx.GraphModule, node: fx.Node, values: Dict, carries: Dict) -> Tuple[NodeRule, List]:
@@ -736,7 +809,8 @@ def _native_rule(gm, node: fx.Node, values, inputs, out_numel) -> Optional[NodeR
     if node.op == "call_module":
         return _module_rule(gm.get_submodule(node.target), values[inputs[0]], out_numel)
     if node.op in ("call_function", "call_method"):
-        return _function_rule(node, values, inputs, out_numel)
+        return _functional_norm_rule(gm, node, values[inputs[0]], out_numel) or _function_rule(
+            node, values, inputs, out_numel)
     return None
 
 
@@ -753,24 +827,23 @@ def _is_sum_or_cat(node: fx.Node) -> bool:
 
 def _module_rule(module: nn.Module, x: torch.Tensor, out_numel: int) -> Optional[NodeRule]:
     input_shape = tuple(x.shape[1:])
-    features = math.prod(input_shape)
     kind = layer_rules.rule_type(module)
     if kind is nn.Linear:
-        return _linear_rule(module, input_shape)
+        return _linear_rule(module, input_shape)  # on the last axis of N-d inputs too
     if kind in spatial_rules.SPATIAL_RULES:
         return _spatial_rule(module, input_shape, out_numel)
     if kind is nn.LayerNorm:
         return _layer_norm_rule(module, input_shape, out_numel)
-    spec = layer_rules.activation_spec(module)
-    if spec is not None:
-        return _activation_rule(spec, features)
-    if kind in (nn.Softmax, nn.LogSoftmax) and len(input_shape) == 1 and module.dim in (None, 1, -1):
-        return _softmax_rule(kind is nn.LogSoftmax, features)
-    if issubclass(kind, _RESHAPE_MODULES) and kind.__module__.startswith("torch.nn"):
-        if isinstance(module, nn.Flatten) and module.start_dim in (0, -(len(input_shape) + 1)):
-            return None
+    # The chain layers (activations, softmax, reshapes and eval-mode identities): their one table.
+    chain_rule = layer_rules.native_rule(module, input_shape)
+    if chain_rule is None:
+        return None
+    if chain_rule.is_reshape:
         return ReshapeRule(0)
-    return None
+    features = math.prod(input_shape)
+    if chain_rule.layer in ("softmax", "log_softmax"):
+        return _softmax_rule(chain_rule.layer == "log_softmax", features)
+    return _activation_rule(chain_rule.layer, features)
 
 
 def _function_rule(node: fx.Node, values, inputs, out_numel) -> Optional[NodeRule]:
@@ -787,6 +860,8 @@ def _function_rule(node: fx.Node, values, inputs, out_numel) -> Optional[NodeRul
         return _softmax_rule(softmax == "log_softmax", math.prod(x.shape[1:]))
     if node.op == "call_method" and target in _RESHAPE_METHODS or target in _RESHAPE_FUNCTIONS:
         return ReshapeRule(0) if out.shape[0] == x.shape[0] and node.args[0] is x_node else None
+    if node.args and node.args[0] is x_node and layer_rules.functional_identity_in_eval(target, node.args, node.kwargs):
+        return ReshapeRule(0)
     if target in ("permute", "transpose", torch.permute, torch.transpose) and node.args[0] is x_node:
         return _permute_rule(node, x.dim(), out_numel)
     if target is operator.getitem and node.args[0] is x_node:

@@ -223,7 +223,47 @@ NATIVE_RULES: Dict[type, Callable[[nn.Module, Tuple[int, ...]], Optional[NativeR
 }
 
 
+# Layers outside torch.nn that are the identity in eval mode and randomise samples in training mode (which is
+# rejected before planning, as Dropout's is), by qualified class name so that neither library is imported.
+RANDOM_IN_TRAINING_CLASSES = {
+    "torchvision.ops.stochastic_depth.StochasticDepth",
+    "timm.layers.drop.DropPath",
+    "timm.models.layers.drop.DropPath",
+}
+
+
+def _qualified_name(obj) -> str:
+    return f"{getattr(obj, '__module__', '')}.{getattr(obj, '__qualname__', '')}"
+
+
+def is_random_in_training(module: nn.Module) -> bool:
+    """Dropout of any kind, stochastic depth, drop path: random in training mode, the identity in eval."""
+    return isinstance(module, nn.modules.dropout._DropoutNd) or _qualified_name(type(module)) in RANDOM_IN_TRAINING_CLASSES
+
+
+# Their functional forms: (position of the `training` argument, its default), by function or qualified name.
+_RANDOM_IN_TRAINING_FUNCTIONS = {
+    F.dropout: (2, True), F.dropout1d: (2, True), F.dropout2d: (2, True), F.dropout3d: (2, True),
+    F.alpha_dropout: (2, False), F.feature_alpha_dropout: (2, False),
+    "torchvision.ops.stochastic_depth.stochastic_depth": (3, True),
+}
+
+
+def functional_identity_in_eval(fn, args: Sequence, kwargs: Mapping[str, Any]) -> bool:
+    """Whether ``fn(*args, **kwargs)`` is functional dropout or stochastic depth called with training=False
+    (a constant in the captured graph), which is the identity. `args` includes the input."""
+    key = fn if fn in _RANDOM_IN_TRAINING_FUNCTIONS else _qualified_name(fn) if callable(fn) else None
+    if key not in _RANDOM_IN_TRAINING_FUNCTIONS:
+        return False
+    position, default = _RANDOM_IN_TRAINING_FUNCTIONS[key]
+    training = kwargs.get("training", args[position] if len(args) > position else default)
+    return training is False
+
+
 def native_rule(module: nn.Module, input_shape: Tuple[int, ...]) -> Optional[NativeRule]:
     """The native rule for `module` applied to per-sample inputs of `input_shape`, or None."""
-    rule = NATIVE_RULES.get(rule_type(module))
+    kind = rule_type(module)
+    rule = NATIVE_RULES.get(kind)
+    if rule is None and _qualified_name(kind) in RANDOM_IN_TRAINING_CLASSES:
+        rule = _reshape  # the identity in eval mode
     return None if rule is None else rule(module, input_shape)

@@ -1,6 +1,7 @@
 """Bad input gets a clear exception naming the argument and what was expected."""
 import pytest
 import torch
+import torchvision
 from torch import nn
 
 import jacobian_ext as jx
@@ -55,7 +56,8 @@ def test_model_must_be_callable():
         jx.compile(42)
 
 
-@pytest.mark.parametrize("layer", [nn.BatchNorm1d(6), nn.Dropout(0.2)], ids=["batchnorm", "dropout"])
+@pytest.mark.parametrize("layer", [nn.BatchNorm1d(6), nn.Dropout(0.2), torchvision.ops.StochasticDepth(0.2, "row")],
+                         ids=["batchnorm", "dropout", "stochastic_depth"])
 def test_training_mode_batch_coupling_layers_ask_for_eval(layer):
     model = nn.Sequential(nn.Linear(8, 6), layer, nn.Linear(6, 2))
     with pytest.raises(ValueError, match=r"layer '1' .* training mode.*model.eval\(\)"):

@@ -239,3 +239,88 @@ def test_identity_model(mode):
 
     x = torch.randn(2, 3, 2, dtype=torch.float64)
     check(Same(), x, mode, torch.float64, expect_fallbacks=[])
+
+
+class EvalIdentities(nn.Module):
+    """Stochastic depth and dropout, as modules and functional calls, in eval mode: identities that must
+    not send their nodes to the fallback (torchvision's StochasticDepth is a traced call of its functional)."""
+
+    def __init__(self):
+        super().__init__()
+        import torchvision
+
+        self.stochastic_functional = torchvision.ops.stochastic_depth
+        self.linear = nn.Linear(5, 5)
+        self.depth = torchvision.ops.StochasticDepth(0.3, "row")
+        self.dropout = nn.Dropout2d(0.4)
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.linear(x))
+        h = h + self.depth(h) + F.dropout(h, 0.5, training=self.training) + F.alpha_dropout(h, 0.2)
+        h = self.stochastic_functional(h, 0.5, "batch", training=False) + self.dropout(h[:, :, None, None])[:, :, 0, 0]
+        return self.head(h)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("batch", [0, 1, 4])
+def test_eval_mode_dropout_and_stochastic_depth_are_native_identities(mode, batch):
+    model = EvalIdentities().double().eval()
+    check(model, torch.randn(batch, 5, dtype=torch.float64), mode, torch.float64, expect_fallbacks=[])
+    with pytest.raises(ValueError, match=r"'depth' \(StochasticDepth\) is in training mode"):
+        jx.batch_jacobian(model.train(), torch.randn(2, 5, dtype=torch.float64))
+
+
+class BatchNormAct2d(nn.BatchNorm2d):
+    """timm's pattern: a BatchNorm2d subclass whose forward calls F.batch_norm and an activation."""
+
+    def forward(self, x):
+        return F.relu(F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0,
+                                   self.eps))
+
+
+class LayerNorm2d(nn.LayerNorm):
+    """convnext's pattern: layer norm over the channels of [B, C, H, W] through permutes."""
+
+    def forward(self, x):
+        x = F.layer_norm(x.permute(0, 2, 3, 1), self.normalized_shape, self.weight, self.bias, self.eps)
+        return x.permute(0, 3, 1, 2)
+
+
+class FunctionalNorms(nn.Module):
+    def __init__(self, affine: bool):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 3, 3, padding=1)
+        self.norm_act = BatchNormAct2d(3, affine=affine)
+        self.channel_norm = LayerNorm2d(3, elementwise_affine=affine)
+        self.head = nn.Linear(3 * 4 * 4, 2)
+        with torch.no_grad():
+            self.norm_act.running_mean.uniform_(-0.5, 0.5)
+            self.norm_act.running_var.uniform_(0.5, 2.0)
+            for parameter in (*self.norm_act.parameters(), *self.channel_norm.parameters()):
+                parameter.uniform_(-1.5, 1.5)
+
+    def forward(self, x):
+        return self.head(self.channel_norm(self.norm_act(self.conv(x))).flatten(1))
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("batch", [0, 1, 3])
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "no_affine"])
+def test_subclasses_calling_functional_norms_are_traced_into_and_native(mode, batch, affine):
+    torch.manual_seed(4)
+    model = FunctionalNorms(affine).double().eval()
+    x = torch.randn(batch, 2, 4, 4, dtype=torch.float64)
+    if batch == 0:  # torch.func's batch norm cannot vmap over an empty batch: the shapes are the reference
+        jm = jx.compile(model, mode=mode)
+        output, jacobian = jm(x)
+        assert output.shape == (0, 2) and jacobian.shape == (0, 2, 2, 4, 4) and jm.fallbacks == []
+        return
+    jm = check(model, x, mode, torch.float64, expect_fallbacks=[])
+    if affine:  # parameters are read at every call: an update after planning is seen
+        with torch.no_grad():
+            model.norm_act.weight.mul_(-2.0)
+            model.channel_norm.bias.add_(1.0)
+            model.norm_act.running_var.mul_(3.0)
+        x = torch.randn(2, 2, 4, 4, dtype=torch.float64)
+        assert_matches_reference(jm(x)[1], reference_jacobian(model, x), torch.float64)

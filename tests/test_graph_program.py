@@ -14,6 +14,7 @@ import jacobian_ext as jx
 from conftest import assert_matches_reference, reference_jacobian
 from jacobian_ext.graph import GraphPlan
 from jacobian_ext.program import replay
+from test_graph import FunctionalNorms
 
 DOUBLE = torch.float64
 
@@ -184,7 +185,9 @@ def jacext_calls(graph):
     return [n for n in graph.nodes if n.op == "call_function" and "jacext" in str(n.target)]
 
 
-@pytest.mark.parametrize("make_model, shape", [(resnet18, (3, 16, 16)), (ResidualMLP, (7,))])
+@pytest.mark.parametrize("make_model, shape", [(resnet18, (3, 16, 16)), (ResidualMLP, (7,)),
+                                               (lambda: FunctionalNorms(affine=True), (2, 4, 4))],
+                         ids=["resnet18", "ResidualMLP", "FunctionalNorms"])
 def test_torch_export_with_a_dynamic_batch_save_and_load(make_model, shape):
     model = make_model().double().eval()
     batch = torch.export.Dim("batch")

@@ -10,7 +10,7 @@ from typing import Callable, Optional, Tuple
 import torch
 from torch import nn
 
-from ..api import _BATCH_COUPLED, JacobianModule
+from ..api import JacobianModule, breaks_per_sample_jacobian
 from .prefix import split_affine_prefix
 from .targets import TargetSpec
 
@@ -154,7 +154,7 @@ class JacobianRows:
         if not isinstance(self.model, nn.Module):
             return
         for name, module in self.model.named_modules():
-            if isinstance(module, _BATCH_COUPLED) and module.training and getattr(module, "p", 1) != 0:
+            if breaks_per_sample_jacobian(module):
                 raise ValueError(f"layer '{name or 'model'}' ({type(module).__name__}) is in training mode, where "
                                  "it couples or randomises the samples and no attribution is well defined; call "
                                  "model.eval() first")
