@@ -13,7 +13,7 @@ Layout conventions (shared with csrc/):
 
       relu | tanh | sigmoid | gelu | gelu_tanh | silu | relu6
       | leaky_relu[:negative_slope] | elu[:alpha] | softplus[:beta[:threshold]] | hardtanh[:min_val[:max_val]]
-      | hardswish | hardsigmoid
+      | hardswish | hardsigmoid | mish
 
   (one row each in csrc/jacext/activations.def and rules.ACTIVATIONS)
 

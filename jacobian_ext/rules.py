@@ -110,6 +110,7 @@ ACTIVATIONS = (
                   replay=F.hardtanh),
     ActivationRow("hardswish", nn.Hardswish, (F.hardswish,), replay=F.hardswish),
     ActivationRow("hardsigmoid", nn.Hardsigmoid, (F.hardsigmoid,), replay=F.hardsigmoid),
+    ActivationRow("mish", nn.Mish, (F.mish,), replay=F.mish),
 )
 ACTIVATION_REPLAY: Dict[str, Callable] = {row.name: row.replay for row in ACTIVATIONS}
 _BY_MODULE: Dict[type, list] = {}

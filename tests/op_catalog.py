@@ -6,6 +6,7 @@ grammar)."""
 ACTIVATIONS = (
     "relu", "tanh", "sigmoid", "gelu", "gelu_tanh", "silu", "relu6",
     "leaky_relu:0.2", "elu:1.5", "softplus:2.0:3.0", "hardtanh:-0.5:1.25", "hardswish", "hardsigmoid",
+    "mish",
 )
 LAYER_NAMES = ("linear", "linear_no_bias") + ACTIVATIONS + ("softmax", "log_softmax")
 OP_NAMES = (

@@ -30,6 +30,7 @@ ACTIVATION_FUNCTIONS = {
     "hardtanh": F.hardtanh,
     "hardswish": F.hardswish,
     "hardsigmoid": F.hardsigmoid,
+    "mish": F.mish,
 }
 assert set(op_catalog.ACTIVATIONS) <= set(ACTIVATION_FUNCTIONS)
 

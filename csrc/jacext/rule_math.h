@@ -94,6 +94,8 @@ JACEXT_HOST_DEVICE JACEXT_ALWAYS_INLINE T activation_value(const Activation& act
       return z * relu6_of_shifted(z) / T(6);
     case ActivationKind::Hardsigmoid:
       return relu6_of_shifted(z) / T(6);
+    case ActivationKind::Mish:
+      return z * tanh(log1p(exp(z)));
   }
   return z;
 }
@@ -147,6 +149,10 @@ JACEXT_HOST_DEVICE JACEXT_ALWAYS_INLINE T activation_derivative(const Activation
       return z < T(-3) ? T(0) : (z <= T(3) ? z / T(3) + T(0.5) : T(1));
     case ActivationKind::Hardsigmoid:
       return (z > T(-3) && z < T(3)) ? T(kHardsigmoidSlope) : T(0);
+    case ActivationKind::Mish: {  // torch's mish_backward: tanh(softplus(z)) + z sigmoid(z) (1 - tanh^2)
+      const T tanh_softplus = tanh(log1p(exp(z)));
+      return tanh_softplus + z * stable_sigmoid(z) * (T(1) - tanh_softplus * tanh_softplus);
+    }
   }
   return T(0);
 }
