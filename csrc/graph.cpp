@@ -16,6 +16,7 @@
 //   max_pool2d kernel= stride= padding= dilation= ceil=
 //   avg_pool2d kernel= stride= padding= ceil= count_include_pad= [divisor=]
 //   adaptive_avg_pool2d size=
+//   linear_last_axis bias=                                          params weight[, bias]; over the last axis
 //   reshape shape=            permute dims=          mean|sum dims= keepdim=       cat in= dim=
 //   slice dim= start= stop= step=                                   basic slicing of one per-sample axis
 //   add in= coef= [offset=number] [offset_param=coefficient]       sum of coef_i * in_i (+ constants;

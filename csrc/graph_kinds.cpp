@@ -34,6 +34,16 @@ namespace {
 
 using Forward = std::pair<at::Tensor, std::optional<at::Tensor>>;
 
+// A forward rule from the value and a tangent rule (index maps, the last-axis Linear): its value, then its tangent from the value.
+template <typename Tangent>
+std::function<Forward(const Node&, const Values&, const Blocks&)> value_then_tangent(Tangent tangent) {
+  return [tangent](const Node& node, const Values& in, const Blocks& tangents) {
+    at::Tensor value = node.rule->value(node, in);
+    std::optional<at::Tensor> result = tangent(node, in, tangents, value);
+    return Forward{std::move(value), std::move(result)};
+  };
+}
+
 // ---- layer kinds: the per-layer operators take forward tangents rows last, [B, *in, D] ----
 
 std::optional<at::Tensor> rows_last(const std::optional<at::Tensor>& tangent) {
@@ -219,17 +229,42 @@ GraphKind adaptive_avg_pool2d_kind() {
   return kind;
 }
 
-// ---- index maps and combinations of values ----
-
-// An index map's forward rule: its value, then its tangent from the value.
-template <typename Tangent>
-std::function<Forward(const Node&, const Values&, const Blocks&)> value_then_tangent(Tangent tangent) {
-  return [tangent](const Node& node, const Values& in, const Blocks& tangents) {
-    at::Tensor value = node.rule->value(node, in);
-    std::optional<at::Tensor> result = tangent(node, in, tangents, value);
-    return Forward{std::move(value), std::move(result)};
+// nn.Linear over the last axis of an N-d per-sample input (tokens): the blocks' last axis times W^T
+// (forward) or W (reverse), one GEMM over every row of every sample.
+GraphKind linear_last_axis_kind() {
+  GraphKind kind;
+  kind.attribute_names = {"bias"};
+  kind.decode = [](const AttributeText& text, Node& node) -> size_t {
+    node.attributes.bias = text.flag("bias");
+    return 1 + node.attributes.bias;
   };
+  kind.value = [](const Node& node, const Values& in) {
+    const at::Tensor& x = in[0];
+    const at::Tensor& weight = node.params[0];
+    check_same_dtype_device(x, weight, kOp, "params (linear_last_axis weight)");
+    TORCH_CHECK_VALUE(weight.dim() == 2 && x.dim() >= 2 && x.size(-1) == weight.size(1), kOp, ": ", where(node),
+                      " needs a weight [out, ", x.size(-1), "] for an input of shape ", x.sizes(), ", got ",
+                      weight.sizes());
+    std::optional<at::Tensor> bias;
+    if (node.attributes.bias) {
+      bias = node.params[1];
+      check_same_dtype_device(x, *bias, kOp, "params (linear_last_axis bias)");
+      TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == weight.size(0), kOp, ": ", where(node),
+                        " needs a bias [", weight.size(0), "], got ", bias->sizes());
+    }
+    return at::linear(x, weight, bias);
+  };
+  kind.forward = value_then_tangent(
+      [](const Node& node, const Values& in, const Blocks& tangents, const at::Tensor&) -> std::optional<at::Tensor> {
+        return at::matmul(explicit_block(tangents[0], in[0]), node.params[0].t());
+      });
+  kind.reverse = [](const Node& node, const Values&, const at::Tensor& value, const std::optional<at::Tensor>& g) {
+    return Blocks{at::matmul(explicit_block(g, value), node.params[0])};
+  };
+  return kind;
 }
+
+// ---- index maps and combinations of values ----
 
 std::vector<int64_t> shifted(const std::vector<int64_t>& axes, int64_t by) {
   std::vector<int64_t> result;
@@ -543,6 +578,7 @@ const std::map<std::string, GraphKind>& graph_kinds() {
       {"max_pool2d", max_pool2d_kind()},
       {"avg_pool2d", avg_pool2d_kind()},
       {"adaptive_avg_pool2d", adaptive_avg_pool2d_kind()},
+      {"linear_last_axis", linear_last_axis_kind()},
       {"reshape", reshape_kind()},
       {"permute", permute_kind()},
       {"mean", reduction_kind(true)},

@@ -295,6 +295,11 @@ class LastAxisLinearRule(NodeRule):
         x = env[g.inputs[0]]
         return [torch.matmul(explicit_block(cotangent, x.shape[0], g.shape, x), self.module.weight)]
 
+    def encode(self, plan, g, sources):
+        module = self.module
+        getters = [lambda: module.weight] + ([lambda: module.bias] if module.bias is not None else [])
+        return [(entry("linear_last_axis", sources, bias=module.bias is not None), getters)]
+
 
 def _activation_rule(spec: str, features: int) -> NodeRule:
     return FeatureOpRule(
@@ -371,6 +376,69 @@ class _LayerNormCall:
             module, "layer_norm", sources, dict(shape=list(module.normalized_shape), eps=float(module.eps), weight=module.weight is not None,
                  bias=module.bias is not None),
             ("weight", "bias"))]
+
+
+class _GroupNormCall:
+    """nn.GroupNorm as the layer norm of each group of channels (the per-sample input [C, *spatial] viewed as
+    [G, C / G * spatial], normalised over its last axis, and viewed back), then the per-channel affine map:
+    the layer norm's full rule, no new kernel."""
+
+    def __init__(self, module: nn.GroupNorm, input_shape):
+        self.module, self.input_shape = module, tuple(input_shape)
+        self.grouped = (module.num_groups, math.prod(input_shape) // module.num_groups)
+        self.channel_shape = (module.num_channels,) + (1,) * (len(input_shape) - 1)
+
+    def _affine(self):
+        m = self.module
+        return (m.weight.reshape(self.channel_shape), m.bias.reshape(self.channel_shape)) if m.affine else (None, None)
+
+    def forward(self, input, jac):
+        batch = input.shape[0]
+        grouped_jac = None if jac is None else jac.reshape(batch, *self.grouped, jac.shape[-1])
+        output, jac_out = ops.layer_norm_jac_forward(input.reshape(batch, *self.grouped), grouped_jac,
+                                                     [self.grouped[1]], None, None, self.module.eps)
+        output = output.reshape(batch, *self.input_shape)
+        jac_out = jac_out.reshape(batch, *self.input_shape, jac_out.shape[-1])
+        weight, bias = self._affine()
+        if weight is not None:
+            output, jac_out = output * weight + bias, jac_out * weight.unsqueeze(-1)
+        return output, jac_out
+
+    def reverse(self, input, cotangent):
+        batch, features = input.shape[0], math.prod(self.input_shape)
+        weight, _ = self._affine()
+        if weight is not None:
+            if cotangent is None:  # the identity block, scaled: rows are the output features
+                cotangent = torch.eye(features, dtype=input.dtype, device=input.device).reshape(
+                    1, features, *self.input_shape).expand(batch, -1, *self.input_shape)
+            cotangent = cotangent * weight
+        grouped = None if cotangent is None else cotangent.reshape(batch, cotangent.shape[1], *self.grouped)
+        pulled = ops.layer_norm_jac_reverse(input.reshape(batch, *self.grouped), grouped, [self.grouped[1]], None,
+                                            self.module.eps)
+        return pulled.reshape(batch, pulled.shape[1], *self.input_shape)
+
+    def encode(self, module, sources, input_shape, output_shape):
+        """The program reads the module's own [C] weight and bias (so that an exported graph finds them among
+        the model's parameters); they broadcast over the last axis, so the affine map runs on [*spatial, C]."""
+        entries = [(entry("reshape", sources, shape=list(self.grouped)), []),
+                   (entry("layer_norm", shape=[self.grouped[1]], eps=float(module.eps), weight=False, bias=False), [])]
+        if not module.affine:
+            return entries + [(entry("reshape", shape=list(self.input_shape)), [])]
+        channels = module.num_channels
+        return entries + [
+            (entry("reshape", shape=[channels, self.grouped[0] * self.grouped[1] // channels]), []),
+            (entry("permute", dims=[1, 0]), []),
+            (entry("scale", divide=False), [lambda: module.weight]),
+            (entry("add", coef="1.0", offset_param=1.0), [lambda: module.bias]),
+            (entry("permute", dims=[1, 0]), []),
+            (entry("reshape", shape=list(self.input_shape)), []),
+        ]
+
+
+def _group_norm_rule(module: nn.GroupNorm, input_shape, out_numel: int) -> Optional[NodeRule]:
+    if not input_shape or input_shape[0] != module.num_channels:
+        return None
+    return NdOpRule(module, input_shape, _GroupNormCall, "group_norm", 8 * out_numel)
 
 
 class _GraphTensors:
@@ -834,6 +902,8 @@ def _module_rule(module: nn.Module, x: torch.Tensor, out_numel: int) -> Optional
         return _spatial_rule(module, input_shape, out_numel)
     if kind is nn.LayerNorm:
         return _layer_norm_rule(module, input_shape, out_numel)
+    if kind is nn.GroupNorm:
+        return _group_norm_rule(module, input_shape, out_numel)
     # The chain layers (activations, softmax, reshapes and eval-mode identities): their one table.
     chain_rule = layer_rules.native_rule(module, input_shape)
     if chain_rule is None:

@@ -16,7 +16,8 @@ from torch import Tensor
 from .rules import ACTIVATION_REPLAY
 
 CHAIN_KINDS = ("linear", "linear_no_bias", "softmax", "log_softmax")
-GRAPH_KINDS = ("conv", "batch_norm", "layer_norm", "max_pool2d", "avg_pool2d", "adaptive_avg_pool2d", "reshape",
+GRAPH_KINDS = ("conv", "batch_norm", "layer_norm", "max_pool2d", "avg_pool2d", "adaptive_avg_pool2d",
+               "linear_last_axis", "reshape",
                "permute", "mean", "sum", "cat", "add", "mul", "div", "scale", "slice")
 
 
@@ -60,7 +61,7 @@ def _param_count(kind: str, a: Dict[str, str]) -> int:
     counts = {"linear": 2, "linear_no_bias": 1}
     if kind in counts:
         return counts[kind]
-    if kind == "conv":
+    if kind in ("conv", "linear_last_axis"):
         return 1 + _flag(a, "bias")
     if kind == "batch_norm":
         return 2 + _flag(a, "weight") + _flag(a, "bias")
@@ -86,6 +87,8 @@ def _apply(kind: str, a: Dict[str, str], inputs: List[Tensor], params: List[Tens
         return F.linear(x, params[0], params[1])
     if kind == "linear_no_bias":
         return F.linear(x, params[0])
+    if kind == "linear_last_axis":
+        return F.linear(x, params[0], params[1] if len(params) > 1 else None)
     if kind in ("softmax", "log_softmax"):
         return (torch.softmax if kind == "softmax" else torch.log_softmax)(x, dim=-1)
     if kind == "conv":

@@ -79,6 +79,20 @@ def _softmax(cls):
     return build
 
 
+def _saturating_linear(draw, width, max_width):
+    """A Linear whose first output leads the others by about 40 (times the weight gain): a softmax after it
+    holds nearly all its probability in one class, where the softmax rules must not cancel the tail."""
+    out = draw(widths(max_width), label="out_features")
+
+    def build():
+        layer = nn.Linear(width, out)
+        with torch.no_grad():
+            layer.bias[0] += 40.0
+        return layer
+
+    return build, out
+
+
 def _layer_norm(draw, width, max_width):
     return (lambda: randomized_affine(nn.LayerNorm(width))), width
 
@@ -99,6 +113,7 @@ LAYERS: List[LayerFactory] = [
     # No native rule: the torch.func fallback, mixed freely with native layers.
     LayerFactory("sin", False, same_width(Sin)),
     LayerFactory("scaled_linear", False, _linear(ScaledLinear)),
+    LayerFactory("saturating_linear", True, _saturating_linear),
 ]
 # Heads close the model (None: the last layer is the output); they are LAYERS too, drawn more often here.
 HEADS: List[Optional[str]] = [None, "softmax", "log_softmax", "sin"]

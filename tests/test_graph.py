@@ -324,3 +324,44 @@ def test_subclasses_calling_functional_norms_are_traced_into_and_native(mode, ba
             model.norm_act.running_var.mul_(3.0)
         x = torch.randn(2, 2, 4, 4, dtype=torch.float64)
         assert_matches_reference(jm(x)[1], reference_jacobian(model, x), torch.float64)
+
+
+class GroupNormNet(nn.Module):
+    """GroupNorm over [C, H, W] and over [C, L], affine or not; with_fallback puts a node without a native
+    rule in the middle, so that the Python walker runs the rule instead of the single op."""
+
+    def __init__(self, affine: bool, with_fallback: bool):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 4, 3, padding=1)
+        self.norm = nn.GroupNorm(2, 4, affine=affine)
+        self.norm1d = nn.GroupNorm(4, 4, affine=affine, eps=1e-3)
+        self.head = nn.Linear(4 * 9, 3)
+        self.with_fallback = with_fallback
+        if affine:
+            with torch.no_grad():
+                for parameter in (*self.norm.parameters(), *self.norm1d.parameters()):
+                    parameter.uniform_(-1.5, 1.5)
+
+    def forward(self, x):
+        h = self.norm(self.conv(x))
+        if self.with_fallback:
+            h = torch.sin(h) * torch.cos(h)  # sin and cos: no native rule
+        return self.head(self.norm1d(h.flatten(2)).flatten(1))
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "no_affine"])
+@pytest.mark.parametrize("with_fallback", [False, True], ids=["one_op", "walker"])
+def test_group_norm_is_native(mode, affine, with_fallback):
+    torch.manual_seed(5)
+    model = GroupNormNet(affine, with_fallback).double().eval()
+    x = torch.randn(3, 2, 3, 3, dtype=torch.float64)
+    jm = check(model, x, mode, torch.float64)
+    assert jm.fallbacks == (["sin", "cos"] if with_fallback else [])
+    output, jacobian = jm(x[:0])
+    assert output.shape == (0, 3) and jacobian.shape == (0, 3, 2, 3, 3)
+    if not with_fallback:
+        with torch.no_grad():
+            program = torch.export.export(jm, (x,))
+        assert sum("jacext" in str(n.target) for n in program.graph.nodes if n.op == "call_function") == 1
+        assert_matches_reference(program.module()(x)[1], reference_jacobian(model, x), torch.float64)

@@ -170,6 +170,36 @@ def test_batch_norms_folded_into_convolution_weights_in_reverse(batch):
     check(model, x, output, jacobian)
 
 
+class TokenMLP(nn.Module):
+    """Linear layers over the last axis of [B, N, H] (a transformer's MLP block), with and without bias."""
+
+    def __init__(self):
+        super().__init__()
+        self.up, self.down = nn.Linear(4, 6), nn.Linear(6, 4, bias=False)
+        self.head = nn.Linear(3 * 4, 2)
+
+    def forward(self, x):
+        return self.head((x + self.down(F.gelu(self.up(x)))).flatten(1))
+
+
+@pytest.mark.parametrize("mode", ["forward", "reverse"])
+@pytest.mark.parametrize("batch", [0, 1, 3])
+def test_last_axis_linear_is_a_program_entry(mode, batch):
+    torch.manual_seed(6)
+    model = TokenMLP().double().eval()
+    x = torch.randn(batch, 3, 4, dtype=DOUBLE)
+    plan, output, jacobian = planned(model, x, mode)
+    layers = plan.native_program()[0]
+    assert sum(layer.startswith("linear_last_axis") for layer in layers) == 2, layers
+    check(model, x, output, jacobian)
+
+
+def test_last_axis_linear_entry_checks_its_weight():
+    with pytest.raises(ValueError, match=r"linear_last_axis\) needs a weight \[out, 4\]"):
+        torch.ops.jacext.batch_jacobian(torch.randn(2, 3, 4), ["linear_last_axis bias=0"], [torch.randn(5, 3)],
+                                        "reverse")
+
+
 def test_resnet18_is_one_program_in_both_sweeps():
     model = resnet18()
     x = torch.randn(2, 3, 16, 16, dtype=DOUBLE)

@@ -218,8 +218,17 @@ def _functional_call(layer: nn.Module, x):
     return layer(x)
 
 
+# Found by `make fuzz`: a Linear over the last axis of an N-d input, native on the graph path but with no
+# program entry, so the all-native subclass could not be exported (now the linear_last_axis entry).
+LAST_AXIS_LINEAR_EXPORTED = regression_case(
+    [("linear_last_axis", lambda: nn.Linear(1, 1), True), ("relu", nn.ReLU, True), ("flatten", nn.Flatten, True),
+     ("relu", nn.ReLU, True)], (1, 1), 1)
+
+
 # A quarter of the profile's count: the exported form costs a trace per example.
 @settings(max_examples=max(1, settings.default.max_examples // 4))
+@example(case=LAST_AXIS_LINEAR_EXPORTED, mode="forward")
+@example(case=LAST_AXIS_LINEAR_EXPORTED, mode="reverse")
 @given(case=model_cases(max_depth=4), mode=st.sampled_from(("forward", "reverse")))
 def test_every_form_of_a_model_gives_the_same_jacobian(case, mode):
     """Cross-path: the nn.Sequential, the same layers as a subclass with a functional forward, and (when every
