@@ -23,6 +23,7 @@ from . import graph_rules
 from .errors import GraphCaptureError, StructuredOutputError
 from .graph_rules import IDENTITY, accumulate, explicit_block
 from .plan import FlatWidths, short_repr
+from .program import entry
 from .rules import rule_type
 
 # Tracing retries: each failed trace marks the innermost module that failed as a leaf.
@@ -348,7 +349,11 @@ class GraphPlan(FlatWidths):
                 layers.append(text)
                 getters += entry_getters
             self._slots[g.node] = len(layers)
-        if self.unencoded or self._slots.get(self.output_node) != len(layers) or not layers:
+        output_slot = self._slots.get(self.output_node)
+        if not self.unencoded and output_slot is not None and (output_slot != len(layers) or not layers):
+            # The output is the input itself or an earlier value: a reshape to its own shape ends the program.
+            layers.append(entry("reshape", [output_slot], shape=list(self.output_shape)))
+        if self.unencoded or output_slot is None:
             self.unencoded = self.unencoded or ["model output (not computed from the input by an encoded node)"]
             return None
         return layers, getters

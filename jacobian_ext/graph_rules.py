@@ -479,6 +479,42 @@ def _get_attr_targets(arguments: Dict, names: Sequence[str]) -> Optional[Dict[st
     return targets
 
 
+# Functional pools, as the module each stands for (built from the call's arguments, which are constants of
+# the captured graph): (module type, its constructor's argument names in the function's order after input).
+_FUNCTIONAL_POOLS = {
+    F.max_pool2d: (nn.MaxPool2d, ("kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices")),
+    F.max_pool1d: (nn.MaxPool1d, ("kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices")),
+    F.avg_pool2d: (nn.AvgPool2d, ("kernel_size", "stride", "padding", "ceil_mode", "count_include_pad",
+                                  "divisor_override")),
+    F.avg_pool1d: (nn.AvgPool1d, ("kernel_size", "stride", "padding", "ceil_mode", "count_include_pad")),
+    F.adaptive_avg_pool2d: (nn.AdaptiveAvgPool2d, ("output_size",)),
+    F.adaptive_avg_pool1d: (nn.AdaptiveAvgPool1d, ("output_size",)),
+}
+
+
+def _functional_pool_rule(gm: fx.GraphModule, node: fx.Node, x, out_numel: int) -> Optional[NodeRule]:
+    """F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d (and the 1-d forms) with constant arguments: the
+    rule of the pooling module with those arguments (inception's branches call them functionally)."""
+    if node.op != "call_function" or node.target not in _FUNCTIONAL_POOLS:
+        return None
+    module_type, names = _FUNCTIONAL_POOLS[node.target]
+    normalized = node.normalized_arguments(gm, normalize_to_only_use_kwargs=True)
+    if normalized is None or not isinstance(normalized.kwargs.get("input"), fx.Node):
+        return None
+    arguments = {name: value for name, value in normalized.kwargs.items() if name in names}
+    traced = []
+    fx.node.map_arg(list(arguments.values()), traced.append)
+    if traced:  # an argument computed in the graph
+        return None
+    if arguments.get("stride") in (None, []) and "stride" in names:
+        arguments.pop("stride", None)  # the functions' default stride is the kernel size, as the modules'
+    try:
+        module = module_type(**arguments)
+    except (TypeError, ValueError):
+        return None
+    return _spatial_rule(module, tuple(x.shape[1:]), out_numel)
+
+
 def _functional_norm_rule(gm: fx.GraphModule, node: fx.Node, x, out_numel: int) -> Optional[NodeRule]:
     """F.batch_norm in eval mode (training=False) and F.layer_norm on the node's carried input, with the
     model's own parameters and buffers: the module rules of BatchNorm and LayerNorm (a subclass whose forward
@@ -877,8 +913,10 @@ def _native_rule(gm, node: fx.Node, values, inputs, out_numel) -> Optional[NodeR
     if node.op == "call_module":
         return _module_rule(gm.get_submodule(node.target), values[inputs[0]], out_numel)
     if node.op in ("call_function", "call_method"):
-        return _functional_norm_rule(gm, node, values[inputs[0]], out_numel) or _function_rule(
-            node, values, inputs, out_numel)
+        x = values[inputs[0]]
+        # _function_rule first: it reads F.adaptive_avg_pool2d(x, 1) as the reduction it is (an index map).
+        return (_functional_norm_rule(gm, node, x, out_numel) or _function_rule(node, values, inputs, out_numel)
+                or _functional_pool_rule(gm, node, x, out_numel))
     return None
 
 

@@ -365,3 +365,22 @@ def test_group_norm_is_native(mode, affine, with_fallback):
             program = torch.export.export(jm, (x,))
         assert sum("jacext" in str(n.target) for n in program.graph.nodes if n.op == "call_function") == 1
         assert_matches_reference(program.module()(x)[1], reference_jacobian(model, x), torch.float64)
+
+
+class FunctionalPools(nn.Module):
+    """Pools called functionally (inception's branches do), 2-d and 1-d, with defaults and keywords."""
+
+    def forward(self, x):
+        a = F.avg_pool2d(x, kernel_size=3, stride=1, padding=1)
+        b = F.max_pool2d(x, 2, ceil_mode=True)
+        c = F.adaptive_avg_pool2d(x, (2, 1))
+        d = F.avg_pool1d(x.flatten(2), 2, count_include_pad=False)
+        e = F.max_pool1d(x.flatten(2), kernel_size=3, stride=2, padding=1)
+        return torch.cat([a.flatten(1), b.flatten(1), c.flatten(1), d.flatten(1), e.flatten(1)], dim=1)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("batch", [1, 3])
+def test_functional_pools_are_native(mode, batch):
+    x = torch.randn(batch, 2, 5, 4, dtype=torch.float64)
+    check(FunctionalPools(), x, mode, torch.float64, expect_fallbacks=[])

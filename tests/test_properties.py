@@ -54,6 +54,15 @@ NARROW_LAYER_NORM_SOFTMAX = regression_case(
     (2,), 8)
 
 
+# Found by `make fuzz` after the saturation-stable softmax rules: a log-softmax over 125 nearly uniform
+# classes, where the form through a dominant class would cancel (-1 + sigma); that form now runs only where
+# one class holds more than half the probability.
+UNIFORM_LOG_SOFTMAX = regression_case(
+    [("flatten", nn.Flatten, True), ("relu", nn.ReLU, True), ("log_softmax", lambda: nn.LogSoftmax(dim=-1), True)],
+    (5, 5, 5), 1, seed=52, input_scale=1e-3)
+
+
+@example(case=UNIFORM_LOG_SOFTMAX)
 @example(case=SATURATED_SOFTMAX_CHAIN)
 @example(case=NARROW_LAYER_NORM_SOFTMAX)
 @example(case=NARROW_LAYER_NORM)
@@ -245,8 +254,14 @@ def test_every_form_of_a_model_gives_the_same_jacobian(case, mode):
         reference.check(output, jacobian, f"exported functional subclass {mode}")
 
 
+# Found by `make fuzz`: a graph of no stages (the output is the input) had an empty program.
+IDENTITY_GRAPH = regression_case([], (4, 10, 10), 1, case_type=GraphCase)
+
+
 # A quarter of the profile's count, as above: an export costs a trace per example.
 @settings(max_examples=max(1, settings.default.max_examples // 4))
+@example(case=IDENTITY_GRAPH, mode="forward")
+@example(case=IDENTITY_GRAPH, mode="reverse")
 @given(case=graph_cases(native_only=True), mode=st.sampled_from(("forward", "reverse")))
 def test_every_all_native_graph_exports_to_the_same_jacobian(case, mode):
     """Cross-path for DAGs: an all-native random graph (residual sums, concatenations, convolutions, norms,

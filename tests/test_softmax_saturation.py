@@ -54,7 +54,9 @@ def assert_relative(actual, expected, magnitude, dtype, what, roundoffs=64):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("log", [False, True], ids=["softmax", "log_softmax"])
-@pytest.mark.parametrize("gap", [5.0, 40.0, 300.0, 1e4])  # sigma about 1e-2, 1e-17, 1e-130 (0 in float32), 0
+# gap 0: no class holds half the probability (the direct form); then sigma about 1e-2, 1e-17, 1e-130 (0 in
+# float32) and 0
+@pytest.mark.parametrize("gap", [0.0, 5.0, 40.0, 300.0, 1e4])
 @pytest.mark.parametrize("features", [1, 2, 10, 70])  # 70: more classes than a CUDA warp has lanes
 def test_rules_keep_the_tail_at_saturation(device, dtype, log, gap, features):
     batch = 6

@@ -25,7 +25,8 @@ __device__ __forceinline__ acc_t warp_sum(acc_t value) {
   return value;
 }
 
-// The row's dominant class m (rule_math.h's dominant_class: the first of the largest), on every lane.
+// The row's dominant class m (rule_math.h's dominant_class: the first of the largest, -1 unless it holds
+// more than half the probability), on every lane.
 template <typename scalar_t>
 __device__ __forceinline__ int64_t warp_dominant_class(const scalar_t* s, int64_t features, int lane) {
   int64_t best = lane < features ? lane : 0;
@@ -36,7 +37,7 @@ __device__ __forceinline__ int64_t warp_dominant_class(const scalar_t* s, int64_
     const int64_t other = __shfl_xor_sync(0xffffffffu, best, offset);
     if (s[other] > s[best] || (s[other] == s[best] && other < best)) best = other;
   }
-  return best;
+  return s[best] > scalar_t(0.5) ? best : -1;
 }
 
 template <SoftmaxVariant kVariant, typename scalar_t>
@@ -54,7 +55,7 @@ __global__ void softmax_rows_cuda_kernel(scalar_t* __restrict__ out, const scala
     const scalar_t* s = probabilities + b * features;
     scalar_t* dst = out + row * features;
     const int64_t m = warp_dominant_class(s, features, lane);
-    const acc_t r_m = static_cast<acc_t>(src[m]);
+    const acc_t r_m = m >= 0 ? static_cast<acc_t>(src[m]) : acc_t(0);
     SoftmaxRowSums<acc_t> sums;
     for (int64_t j = lane; j < features; j += C10_WARP_SIZE) {
       if (j != m) add_other_class(sums, kVariant, static_cast<acc_t>(src[j]), r_m, static_cast<acc_t>(s[j]));

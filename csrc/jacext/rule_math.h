@@ -168,24 +168,26 @@ enum class SoftmaxVariant : int8_t { Softmax, LogSoftmaxForward, LogSoftmaxRever
 //   log-softmax reverse:          out_h = g_h - s_h sum(g)
 // Written so, they cancel catastrophically when one class m holds nearly all the probability: <r, s>
 // is then r_m up to the tail mass sigma = 1 - s_m, and what is left is sigma-sized, below the rounding
-// of r_m once sigma < u. So the updates are taken through the other classes, whose probabilities are
-// accurate however small (the sums run over j != m; sigma = sum s_j, never 1 - s_m):
+// of r_m once sigma < u. So where s_m > 1/2 the updates are taken through the other classes, whose
+// probabilities are accurate however small (the sums run over j != m; sigma = sum s_j, never 1 - s_m):
 //   r_h - <r, s> = (r_h - r_m) + shift,   shift = sum s_j (r_m - r_j)
 //   g_m - s_m sum(g) = g_m sigma - s_m sum g_j,   and for h != m  g_h - s_h (g_m + sum g_j)
+// Below 1/2 that form would cancel instead (-1 + sigma for a tangent e_m), and the direct one is exact to
+// a few roundoffs; it is the same code with no dominant class: r_m = 0 and the sums over every j.
 // No [H, H] matrix is ever formed.
 
-// m: the index of the largest probability (the first of equals).
+// m: the index of the largest probability (the first of equals) when it exceeds 1/2, else -1 (none).
 template <typename T>
 JACEXT_HOST_DEVICE inline int64_t dominant_class(const T* s, int64_t features) {
   int64_t m = 0;
   for (int64_t h = 1; h < features; ++h) {
     if (s[h] > s[m]) m = h;
   }
-  return m;
+  return s[m] > T(0.5) ? m : -1;
 }
 
-// What a row reduces to, over the classes other than m: shift (softmax, log-softmax forward), or the
-// other entries' sum and the tail mass sigma (log-softmax reverse).
+// What a row reduces to, over the classes other than m (every class when there is no m): shift (softmax,
+// log-softmax forward), or the other entries' sum and the tail mass sigma (log-softmax reverse).
 template <typename Acc>
 struct SoftmaxRowSums {
   Acc shift = 0, others = 0, tail_mass = 0;
@@ -224,7 +226,7 @@ JACEXT_HOST_DEVICE inline void softmax_family_row(SoftmaxVariant variant, const 
                                                   int64_t features) {
   if (features == 0) return;
   const int64_t m = dominant_class(s, features);
-  const Acc r_m = static_cast<Acc>(row[m]);
+  const Acc r_m = m >= 0 ? static_cast<Acc>(row[m]) : Acc(0);
   SoftmaxRowSums<Acc> sums;
   for (int64_t j = 0; j < features; ++j) {
     if (j != m) add_other_class(sums, variant, static_cast<Acc>(row[j]), r_m, static_cast<Acc>(s[j]));
