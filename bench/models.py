@@ -54,6 +54,12 @@ def _models():
     return {
         "resnet18": lambda: torchvision.models.resnet18(num_classes=10),
         "mobilenet_v3_small": lambda: torchvision.models.mobilenet_v3_small(num_classes=10),
+        "efficientnet_b0": lambda: torchvision.models.efficientnet_b0(num_classes=10),
+        "convnext_tiny": lambda: torchvision.models.convnext_tiny(num_classes=10),
+        "regnet_y_400mf": lambda: torchvision.models.regnet_y_400mf(num_classes=10),
+        "densenet121": lambda: torchvision.models.densenet121(num_classes=10),
+        "googlenet": lambda: torchvision.models.googlenet(num_classes=10, aux_logits=False, init_weights=False),
+        "shufflenet_v2_x0_5": lambda: torchvision.models.shufflenet_v2_x0_5(num_classes=10),
         "vit_small": vit_small,
         "residual_mlp": ResidualMLP,
         "cnn_classifier": cnn_classifier,

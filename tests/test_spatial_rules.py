@@ -106,7 +106,7 @@ CASES = {
     "conv3d_window": ((2, 1, 2, 1), make_conv((2, 1, 2, 1), 3, (3, 3, 1), [1, 1, 1], [1, 1, 0], [1, 1, 1], 1, True)),
     # One output position, but the input reaches past the window (an unread row): the convolution path.
     "conv2d_window_partial": ((2, 3, 1), make_conv((2, 3, 1), 3, (2, 1), [2, 1], [0, 0], [1, 1], 1, True)),
-    # At most 4 input channels (an RGB stem, and "conv2d" and "conv2d_strided_dilated" above): on the CPU the
+    # Strided, at most 4 input channels (an RGB stem, and "conv2d_strided_dilated" above): on the CPU the
     # cotangents go through a matrix product into the taps' columns and col2im; 5 channels keep ATen's.
     "conv2d_stem": ((3, 9, 10), make_conv((3, 9, 10), 4, (7, 7), [2, 2], [3, 3], [1, 1], 1, True)),
     "conv2d_five_channels": ((5, 6, 5), make_conv((5, 6, 5), 3, (3, 3), [2, 1], [1, 1], [1, 1], 1, False)),
