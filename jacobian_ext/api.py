@@ -24,7 +24,6 @@ MODES = ("auto", "forward", "reverse", "mixed")
 # torch.fx tracing patches nn.Module.__call__ for the whole process while it runs, so two captures (or a
 # capture and another thread's planning probes) must not overlap; plans are built under this lock.
 _PLANNING_LOCK = threading.RLock()
-# Modules whose training-mode output couples or randomises samples: no per-sample Jacobian exists.
 def breaks_per_sample_jacobian(module: nn.Module) -> bool:
     """A layer in training mode that couples the samples of a batch (batch norm) or randomises them
     (dropout, stochastic depth; a dropout of p = 0 is the identity and passes)."""
@@ -342,11 +341,14 @@ def _model_name(model) -> str:
 
 def _layout(model) -> Tuple[list, list]:
     """Every module of the model (as objects: a replaced layer is a new object; holding them, not their
-    ids, keeps ids from being reused) and the shape, dtype and device of every parameter and buffer."""
+    ids, keeps ids from being reused), its training flag (a capture bakes `self.training` into the graph
+    as a constant: F.dropout(x, p, self.training)), and the shape, dtype and device of every parameter
+    and buffer."""
     modules, tensors, pending = [], [], [model] if isinstance(model, nn.Module) else []
     while pending:
         module = pending.pop()
         modules.append(module)
+        tensors.append(module.training)
         for tensor in (*module._parameters.values(), *module._buffers.values()):
             tensors.append(None if tensor is None else (tensor.shape, tensor.dtype, tensor.device))
         pending += (child for child in module._modules.values() if child is not None)

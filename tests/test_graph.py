@@ -384,3 +384,30 @@ class FunctionalPools(nn.Module):
 def test_functional_pools_are_native(mode, batch):
     x = torch.randn(batch, 2, 5, 4, dtype=torch.float64)
     check(FunctionalPools(), x, mode, torch.float64, expect_fallbacks=[])
+
+
+class FunctionalDropout(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return F.dropout(self.linear(x), 0.5, training=self.training)
+
+
+def test_a_training_flag_changed_after_planning_is_not_served_a_stale_eval_graph():
+    """The capture bakes self.training in as a constant: model.train() after a call must re-capture,
+    not keep the eval-mode identity (the Jacobian of a randomised layer is then that of its draw)."""
+    torch.manual_seed(7)
+    model = FunctionalDropout().double().eval()
+    jm = jx.compile(model)
+    x = torch.randn(3, 4, dtype=torch.float64)
+    jm(x)
+    assert jm.fallbacks == []
+    model.train()
+    with pytest.warns(UserWarning, match="mixes the samples"):  # the training graph: dropout draws per batch
+        jm(x)
+    assert jm.fallbacks == ["model"]
+    model.eval()
+    jm(x)
+    assert jm.fallbacks == []
