@@ -46,12 +46,16 @@ std::function<Forward(const Node&, const Values&, const Blocks&)> value_then_tan
 
 // ---- layer kinds: the per-layer operators take forward tangents rows last, [B, *in, D] ----
 
-std::optional<at::Tensor> rows_last(const std::optional<at::Tensor>& tangent) {
-  return tangent ? std::optional<at::Tensor>(tangent->movedim(1, -1)) : std::nullopt;
-}
-
-Forward rows_second(const std::tuple<at::Tensor, at::Tensor>& value_and_tangent) {
-  return {std::get<0>(value_and_tangent), std::get<1>(value_and_tangent).movedim(-1, 1)};
+// A forward rule from a per-layer operator, which takes and returns tangents rows last ([B, *in, D]) while the
+// graph carries them rows second ([B, D, *in]).
+template <typename RowsLastOperator>
+std::function<Forward(const Node&, const Values&, const Blocks&)> rows_last_forward(RowsLastOperator op) {
+  return [op](const Node& node, const Values& in, const Blocks& tangents) {
+    const std::optional<at::Tensor> rows_last =
+        tangents[0] ? std::optional<at::Tensor>(tangents[0]->movedim(1, -1)) : std::nullopt;
+    auto [value, tangent] = op(node, in[0], rows_last);
+    return Forward{std::move(value), tangent.movedim(-1, 1)};
+  };
 }
 
 // The optional weight and bias of batch_norm and layer_norm, in params order, and the index of the rest.
@@ -88,11 +92,10 @@ GraphKind conv_kind() {
     check_same_dtype_device(in[0], node.params[0], kOp, "params (conv weight)");
     return conv_value(in[0], node.params[0], conv_bias(node), a.stride, a.padding, a.dilation, a.groups);
   };
-  kind.forward = [](const Node& node, const Values& in, const Blocks& tangents) {
+  kind.forward = rows_last_forward([](const Node& node, const at::Tensor& x, const std::optional<at::Tensor>& t) {
     const Attributes& a = node.attributes;
-    return rows_second(conv_jac_forward(in[0], rows_last(tangents[0]), node.params[0], conv_bias(node), a.stride,
-                                        a.padding, a.dilation, a.groups));
-  };
+    return conv_jac_forward(x, t, node.params[0], conv_bias(node), a.stride, a.padding, a.dilation, a.groups);
+  });
   kind.reverse = [](const Node& node, const Values& in, const at::Tensor&, const std::optional<at::Tensor>& g) {
     const Attributes& a = node.attributes;
     return Blocks{conv_jac_reverse(in[0], g, node.params[0], a.stride, a.padding, a.dilation, a.groups)};
@@ -115,11 +118,11 @@ GraphKind batch_norm_kind() {
     return at::batch_norm(in[0], a.weight, a.bias, node.params[a.next], node.params[a.next + 1], false, 0.0,
                           node.attributes.eps, true);
   };
-  kind.forward = [](const Node& node, const Values& in, const Blocks& tangents) {
+  kind.forward = rows_last_forward([](const Node& node, const at::Tensor& x, const std::optional<at::Tensor>& t) {
     const Affine a = affine(node);
-    return rows_second(batch_norm_jac_forward(in[0], rows_last(tangents[0]), a.weight, a.bias, node.params[a.next],
-                                              node.params[a.next + 1], node.attributes.eps));
-  };
+    return batch_norm_jac_forward(x, t, a.weight, a.bias, node.params[a.next], node.params[a.next + 1],
+                                  node.attributes.eps);
+  });
   kind.reverse = [](const Node& node, const Values& in, const at::Tensor&, const std::optional<at::Tensor>& g) {
     const Affine a = affine(node);
     return Blocks{batch_norm_jac_reverse(in[0], g, a.weight, node.params[a.next + 1], node.attributes.eps)};
@@ -142,11 +145,10 @@ GraphKind layer_norm_kind() {
     const Affine a = affine(node);
     return at::layer_norm(in[0], node.attributes.shape, a.weight, a.bias, node.attributes.eps);
   };
-  kind.forward = [](const Node& node, const Values& in, const Blocks& tangents) {
+  kind.forward = rows_last_forward([](const Node& node, const at::Tensor& x, const std::optional<at::Tensor>& t) {
     const Affine a = affine(node);
-    return rows_second(layer_norm_jac_forward(in[0], rows_last(tangents[0]), node.attributes.shape, a.weight, a.bias,
-                                              node.attributes.eps));
-  };
+    return layer_norm_jac_forward(x, t, node.attributes.shape, a.weight, a.bias, node.attributes.eps);
+  });
   kind.reverse = [](const Node& node, const Values& in, const at::Tensor&, const std::optional<at::Tensor>& g) {
     const Affine a = affine(node);
     return Blocks{layer_norm_jac_reverse(in[0], g, node.attributes.shape, a.weight, node.attributes.eps)};
@@ -170,11 +172,10 @@ GraphKind max_pool2d_kind() {
     const Attributes& a = node.attributes;
     return at::max_pool2d(in[0], a.kernel, a.stride, a.padding, a.dilation, a.ceil);
   };
-  kind.forward = [](const Node& node, const Values& in, const Blocks& tangents) {
+  kind.forward = rows_last_forward([](const Node& node, const at::Tensor& x, const std::optional<at::Tensor>& t) {
     const Attributes& a = node.attributes;
-    return rows_second(
-        max_pool2d_jac_forward(in[0], rows_last(tangents[0]), a.kernel, a.stride, a.padding, a.dilation, a.ceil));
-  };
+    return max_pool2d_jac_forward(x, t, a.kernel, a.stride, a.padding, a.dilation, a.ceil);
+  });
   kind.reverse = [](const Node& node, const Values& in, const at::Tensor&, const std::optional<at::Tensor>& g) {
     const Attributes& a = node.attributes;
     return Blocks{max_pool2d_jac_reverse(in[0], g, a.kernel, a.stride, a.padding, a.dilation, a.ceil)};
@@ -199,11 +200,10 @@ GraphKind avg_pool2d_kind() {
     const Attributes& a = node.attributes;
     return at::avg_pool2d(in[0], a.kernel, a.stride, a.padding, a.ceil, a.count_include_pad, a.divisor);
   };
-  kind.forward = [](const Node& node, const Values& in, const Blocks& tangents) {
+  kind.forward = rows_last_forward([](const Node& node, const at::Tensor& x, const std::optional<at::Tensor>& t) {
     const Attributes& a = node.attributes;
-    return rows_second(avg_pool2d_jac_forward(in[0], rows_last(tangents[0]), a.kernel, a.stride, a.padding, a.ceil,
-                                              a.count_include_pad, a.divisor));
-  };
+    return avg_pool2d_jac_forward(x, t, a.kernel, a.stride, a.padding, a.ceil, a.count_include_pad, a.divisor);
+  });
   kind.reverse = [](const Node& node, const Values& in, const at::Tensor&, const std::optional<at::Tensor>& g) {
     const Attributes& a = node.attributes;
     return Blocks{
@@ -220,9 +220,9 @@ GraphKind adaptive_avg_pool2d_kind() {
     return 0;
   };
   kind.value = [](const Node& node, const Values& in) { return at::adaptive_avg_pool2d(in[0], node.attributes.size); };
-  kind.forward = [](const Node& node, const Values& in, const Blocks& tangents) {
-    return rows_second(adaptive_avg_pool2d_jac_forward(in[0], rows_last(tangents[0]), node.attributes.size));
-  };
+  kind.forward = rows_last_forward([](const Node& node, const at::Tensor& x, const std::optional<at::Tensor>& t) {
+    return adaptive_avg_pool2d_jac_forward(x, t, node.attributes.size);
+  });
   kind.reverse = [](const Node& node, const Values& in, const at::Tensor&, const std::optional<at::Tensor>& g) {
     return Blocks{adaptive_avg_pool2d_jac_reverse(in[0], g, node.attributes.size)};
   };

@@ -39,6 +39,20 @@ std::optional<double> parse_number(const std::string& text) {
   return value;
 }
 
+// Every part of a comma-separated attribute read by `parse` (parse_integer or parse_number).
+template <typename Parse>
+auto parsed_list(const Node& node, const std::string& key, const std::string& text, Parse parse,
+                 const char* expected) {
+  std::vector<typename decltype(parse(text))::value_type> values;
+  for (const std::string& part : comma_parts(text)) {
+    const auto value = parse(part);
+    TORCH_CHECK_VALUE(value, kOp, ": ", where(node), " attribute ", key, " must be comma-separated ", expected,
+                      ", got '", text, "'");
+    values.push_back(*value);
+  }
+  return values;
+}
+
 bool is_chain_layer_name(const std::string& kind) {
   return kind == "linear" || kind == "linear_no_bias" || kind == "softmax" || kind == "log_softmax";
 }
@@ -77,14 +91,7 @@ const std::string& AttributeText::text(const std::string& key) const {
 }
 
 std::vector<int64_t> AttributeText::ints(const std::string& key) const {
-  std::vector<int64_t> values;
-  for (const std::string& part : comma_parts(text(key))) {
-    const std::optional<int64_t> value = parse_integer(part);
-    TORCH_CHECK_VALUE(value, kOp, ": ", where(node_), " attribute ", key, " must be comma-separated integers, got '",
-                      text(key), "'");
-    values.push_back(*value);
-  }
-  return values;
+  return parsed_list(node_, key, text(key), parse_integer, "integers");
 }
 
 int64_t AttributeText::integer(const std::string& key) const {
@@ -95,14 +102,7 @@ int64_t AttributeText::integer(const std::string& key) const {
 }
 
 std::vector<double> AttributeText::numbers(const std::string& key) const {
-  std::vector<double> values;
-  for (const std::string& part : comma_parts(text(key))) {
-    const std::optional<double> value = parse_number(part);
-    TORCH_CHECK_VALUE(value, kOp, ": ", where(node_), " attribute ", key, " must be comma-separated numbers, got '",
-                      text(key), "'");
-    values.push_back(*value);
-  }
-  return values;
+  return parsed_list(node_, key, text(key), parse_number, "numbers");
 }
 
 double AttributeText::number(const std::string& key) const {
