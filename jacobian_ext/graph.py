@@ -202,8 +202,29 @@ class Evaluator:
     def __init__(self, gm: fx.GraphModule):
         self.gm = gm
         self.modules = dict(gm.named_modules())
+        # Carried tensors whose batch axis is not the first (qkv.permute(2, 0, ...), an RNN's h_n), by that
+        # axis. Once planned, such values are stored batch-first (a view moving the axis), so every rule
+        # and block sees [B, *shape]; each node still receives and returns them in the layout its own op
+        # works in (arguments, call).
+        self.batch_axes: Dict[fx.Node, int] = {}
+
+    def arguments(self, node: fx.Node, lookup: Callable):
+        """A node's args and kwargs, each input node's value from lookup(input) in the node's own layout."""
+        def own_layout(source):
+            value, axis = lookup(source), self.batch_axes.get(source)
+            return value if axis is None else value.movedim(0, axis)
+
+        return fx.node.map_arg(node.args, own_layout), fx.node.map_arg(node.kwargs, own_layout)
 
     def call(self, node: fx.Node, args, kwargs):
+        return self.batch_first(node, self._call(node, args, kwargs))
+
+    def batch_first(self, node: fx.Node, value):
+        """A node's value, computed in its op's own layout, as the plan stores it."""
+        axis = self.batch_axes.get(node)
+        return value if axis is None else value.movedim(axis, 0)
+
+    def _call(self, node: fx.Node, args, kwargs):
         if node.op == "call_module":
             module = self.modules[node.target]
             if getattr(module, "inplace", False):
@@ -224,9 +245,7 @@ class Evaluator:
         raise AssertionError(f"no value for node kind {node.op}")
 
     def evaluate(self, node: fx.Node, env: Dict[fx.Node, object]):
-        args = fx.node.map_arg(node.args, env.__getitem__)
-        kwargs = fx.node.map_arg(node.kwargs, env.__getitem__)
-        return self.call(node, args, kwargs)
+        return self.call(node, *self.arguments(node, env.__getitem__))
 
     def run(self, x: torch.Tensor, name_failures: bool = False, feed: Optional[Callable] = None) -> Dict[fx.Node, object]:
         """Every node's value for the model input x; with name_failures, a node that raises is named
@@ -483,34 +502,48 @@ def _probe_single(evaluator: Evaluator, pair_values: Dict[fx.Node, object], pair
     def feed(node, value):
         own[node] = value
         paired = pair_values[node]
-        if (_is_float_tensor(value) and _is_float_tensor(paired) and value.dim() > 0 and paired.dim() > 0
-                and value.shape[0] == 1 and paired.shape == (2, *value.shape[1:])):
-            return paired[index:index + 1]
-        return value
+        axis = _batch_axis(paired, value)
+        return value if axis is None else paired.narrow(axis, index, 1)
 
     with torch.no_grad():
         evaluator.run(pair[index:index + 1], name_failures=True, feed=feed)
     return own
 
 
-def _check_per_sample(node: fx.Node, pair, singles, name: str):
-    """A node must map each sample on its own: its value on two samples equals its values on each."""
-    if not _is_float_tensor(pair) or pair.dim() == 0 or pair.shape[0] != 2:
-        raise GraphCaptureError(f"node '{name}' does not keep the batch dimension (shape {list(getattr(pair, 'shape', []))} for 2 samples)")
+def _batch_axis(pair, single) -> Optional[int]:
+    """The axis of a value that holds the samples: of size 2 for the probe pair and 1 for one sample, every
+    other axis alike (the first such axis when the value is batch-first; None when there is none)."""
+    if not (_is_float_tensor(pair) and _is_float_tensor(single)) or pair.dim() != single.dim():
+        return None
+    differing = [axis for axis, (p, s) in enumerate(zip(pair.shape, single.shape)) if p != s]
+    if len(differing) == 1 and pair.shape[differing[0]] == 2 and single.shape[differing[0]] == 1:
+        return differing[0]
+    return None
+
+
+def _check_per_sample(node: fx.Node, pair, singles, name: str) -> int:
+    """A node must map each sample on its own: its value on two samples equals its values on each. Returns
+    the axis holding the samples (not always the first: qkv.permute(2, 0, 1, 3) moves it, without mixing)."""
+    axes = {_batch_axis(pair, single) for single in singles}
+    axis = axes.pop() if len(axes) == 1 else None
+    if axis is None:
+        shape = list(getattr(pair, "shape", []))
+        if _is_float_tensor(pair) and pair.dim() > 0 and pair.shape[0] == 2:
+            raise GraphCaptureError(f"node '{name}' changes its per-sample shape with the batch size")
+        raise GraphCaptureError(f"node '{name}' does not keep the batch dimension (shape {shape} for 2 samples)")
     if isinstance(pair, FakeTensor):  # planned inside torch.export: shapes only, no values to compare
-        return
+        return axis
     # A few roundings of the node's own dtype: a batched kernel may sum in another order.
     tolerance = max(1e-4, 16 * torch.finfo(pair.dtype).eps)
     for index, single in enumerate(singles):
-        if single.shape[0] != 1 or single.shape[1:] != pair.shape[1:]:
-            raise GraphCaptureError(f"node '{name}' changes its per-sample shape with the batch size")
-        expected, got = single[0].double(), pair[index].double()
+        expected, got = single.select(axis, 0).double(), pair.select(axis, index).double()
         scale = max(expected.abs().max().item() if expected.numel() else 0.0, 1.0)
         both_nan = torch.isnan(expected) & torch.isnan(got)
         mismatch = ((expected - got).abs() > tolerance * scale) & ~both_nan
         if bool(mismatch.any()):
             raise GraphCaptureError(f"node '{name}' mixes the samples of a batch (its output for one sample "
                                     "depends on the others), so the graph path cannot split it per sample")
+    return axis
 
 
 def build_graph_plan(captured: Tuple[fx.GraphModule, List[str]], x: torch.Tensor) -> GraphPlan:
@@ -556,12 +589,18 @@ def build_graph_plan(captured: Tuple[fx.GraphModule, List[str]], x: torch.Tensor
         if not differentiable:
             nodes.append(GraphNode(node, name, None))
             continue
-        _check_per_sample(node, value, [s[node] for s in singles], name)
+        axis = _check_per_sample(node, value, [s[node] for s in singles], name)
+        if axis != 0:
+            evaluator.batch_axes[node] = axis
+            value = values[node] = value.movedim(axis, 0)  # as the plan stores it (Evaluator.batch_axes)
         carries[node] = True
-        rule, inputs = graph_rules.rule_for(gm, node, values, carries)
+        rule, inputs = graph_rules.rule_for(gm, node, values, carries, evaluator.batch_axes)
         owner = node.target if node.op == "call_module" else _owner(node)
-        if inputs and node.target is operator.getitem and node.args[0] not in inputs and node.args[0].op == "call_module":
-            owner = node.args[0].target  # a pick from a multi-output module differentiates that module
+        if inputs and node.target is operator.getitem and node.args[0] not in inputs:
+            producer = node.args[0]  # a pick from a multi-output module differentiates that module
+            while producer.op == "call_function" and producer.target is operator.getitem:
+                producer = producer.args[0]  # an LSTM's (h_n, c_n)[0]
+            owner = producer.target if producer.op == "call_module" else owner
         nodes.append(GraphNode(node, name, rule, tuple(inputs), tuple(value.shape[1:]), owner))
 
     return GraphPlan(gm, nodes, input_node, output_node, tuple(x.shape[1:]), tuple(out_value.shape[1:]),

@@ -79,9 +79,9 @@ class NodeRule:
         return None
 
 
-def _node_args(node: fx.Node, env, substitute: Optional[Dict] = None):
+def _node_args(plan, node: fx.Node, env, substitute: Optional[Dict] = None):
     lookup = (lambda a: substitute[a] if a in substitute else env[a]) if substitute else env.__getitem__
-    return fx.node.map_arg(node.args, lookup), fx.node.map_arg(node.kwargs, lookup)
+    return plan.evaluator.arguments(node, lookup)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -166,7 +166,7 @@ def _chain_forward(jacobians: Sequence[torch.Tensor], columns, value) -> torch.T
 def _call_with_inputs(node: fx.Node, inputs: Sequence[fx.Node]):
     def function_of(plan, env):
         def function(*values):
-            args, kwargs = _node_args(node, env, dict(zip(inputs, values)))
+            args, kwargs = _node_args(plan, node, env, dict(zip(inputs, values)))
             return plan.evaluator.call(node, args, kwargs)
 
         return function
@@ -174,14 +174,22 @@ def _call_with_inputs(node: fx.Node, inputs: Sequence[fx.Node]):
     return function_of
 
 
-def _pick_from_tuple(producer: fx.Node, index, inputs: Sequence[fx.Node]):
-    """getitem on a node that returns several tensors (e.g. MultiheadAttention): the producer is
-    differentiated as a whole and the wanted output picked."""
+def _pick_from_tuple(node: fx.Node, producer: fx.Node, indices: Sequence, inputs: Sequence[fx.Node]):
+    """getitem on a node that returns several tensors (e.g. MultiheadAttention; an LSTM's (h_n, c_n)[0] picks
+    twice): the producer is differentiated as a whole and the wanted output picked (batch-first, as the plan
+    stores it)."""
     produce = _call_with_inputs(producer, inputs)
 
     def function_of(plan, env):
         function = produce(plan, env)
-        return lambda *values: function(*values)[index]
+
+        def picked(*values):
+            value = function(*values)
+            for index in indices:
+                value = value[index]
+            return plan.evaluator.batch_first(node, value)
+
+        return picked
 
     return function_of
 
@@ -649,14 +657,13 @@ class IndexRule(NodeRule):
         return [pulled]
 
     def encode(self, plan, g, sources):
-        """One `slice` entry per sliced per-sample axis; integer indices, None and inner Ellipsis have none."""
+        """One `slice` entry per sliced per-sample axis; integer indices and None have none."""
         input_shape = plan.shape_of(g.inputs[0])
-        parts = self.block_index[2:] if self.block_index[0] is not Ellipsis else self.block_index[1:]
-        first_axis = 0 if self.block_index[0] is not Ellipsis else len(input_shape) - len(parts)
-        if not all(isinstance(p, slice) for p in parts) or first_axis < 0:
+        parts = self.block_index[2:]
+        if not all(isinstance(p, slice) for p in parts):
             return None
         entries = []
-        for axis, part in enumerate(parts, start=first_axis):
+        for axis, part in enumerate(parts):
             start, stop, step = part.indices(input_shape[axis])
             if part == slice(None):
                 continue
@@ -843,21 +850,21 @@ class CatRule(NodeRule):
         value = plan.evaluator.evaluate(g.node, env)
         by_input = dict(zip(g.inputs, tangents))
         blocks = []
-        for part, part_value in zip(self.parts, self._part_values(g, env)):
+        for part, part_value in zip(self.parts, self._part_values(plan, g, env)):
             if part is not None:
                 blocks.append(explicit_block(by_input[part], value.shape[0], part_value.shape[1:], part_value))
             else:
                 blocks.append(part_value.new_zeros(value.shape[0], plan.in_features, *part_value.shape[1:]))
         return value, torch.cat(blocks, self.block_dim)
 
-    def _part_values(self, g, env):
-        args, kwargs = _node_args(g.node, env)
+    def _part_values(self, plan, g, env):
+        args, kwargs = _node_args(plan, g.node, env)
         return list(args[0] if args else kwargs["tensors"])
 
     def reverse(self, plan, g, env, cotangent):
         value = env[g.node]
         block = explicit_block(cotangent, value.shape[0], g.shape, value)
-        sizes = [v.shape[self.block_dim - 1] for v in self._part_values(g, env)]
+        sizes = [v.shape[self.block_dim - 1] for v in self._part_values(plan, g, env)]
         pieces = torch.split(block, sizes, dim=self.block_dim)
         by_part = {}
         for part, piece in zip(self.parts, pieces):
@@ -888,22 +895,34 @@ _MUL_FUNCTIONS = {operator.mul, torch.mul, operator.imul}
 _DIV_FUNCTIONS = {operator.truediv, torch.div, operator.itruediv}
 
 
-def rule_for(gm: fx.GraphModule, node: fx.Node, values: Dict, carries: Dict) -> Tuple[NodeRule, List]:
-    """(rule, input nodes that carry a derivative) for a node whose value carries one."""
+def rule_for(gm: fx.GraphModule, node: fx.Node, values: Dict, carries: Dict,
+             batch_axes: Dict[fx.Node, int]) -> Tuple[NodeRule, List]:
+    """(rule, input nodes that carry a derivative) for a node whose value carries one. `values` are the
+    probe's, batch-first; `batch_axes` names the carried values whose own op puts the batch elsewhere."""
     inputs = [a for a in node.all_input_nodes if carries.get(a, False)]
     is_pick = node.op == "call_function" and node.target is operator.getitem
+    out_numel = math.prod(values[node].shape[1:])
+    picked = _unbind_pick_rule(node, values, carries, batch_axes, out_numel) if is_pick else None
+    if picked is not None:
+        return picked
     if not is_pick and any(not isinstance(values[i], torch.Tensor) for i in inputs):
         raise GraphCaptureError(f"node '{node.name}' takes a whole multi-output value that carries a derivative")
-    out_value = values[node]
-    out_numel = math.prod(out_value.shape[1:])
-    native = _native_rule(gm, node, values, inputs, out_numel)
+    if any(n in batch_axes for n in (node, *inputs)):
+        # Only index maps know where the batch axis went; any other node is the fallback's, whose function
+        # sees its inputs in its own layout (Evaluator.arguments).
+        native = _layout_rule(node, values, inputs, batch_axes, out_numel)
+    else:
+        native = _native_rule(gm, node, values, inputs, out_numel)
     if native is not None:
         return native, inputs
     # getitem on a multi-output node: differentiate the producer as a whole.
     if node.op == "call_function" and node.target is operator.getitem and isinstance(values[node.args[0]], (tuple, list)):
-        producer = node.args[0]
+        producer, indices = node.args[0], [node.args[1]]
+        while (producer.op == "call_function" and producer.target is operator.getitem
+               and isinstance(values[producer.args[0]], (tuple, list))):
+            producer, indices = producer.args[0], [producer.args[1], *indices]
         producer_inputs = [a for a in producer.all_input_nodes if carries.get(a, False)]
-        return TorchFuncRule(_pick_from_tuple(producer, node.args[1], producer_inputs), 4 * out_numel), producer_inputs
+        return TorchFuncRule(_pick_from_tuple(node, producer, indices, producer_inputs), 4 * out_numel), producer_inputs
     return TorchFuncRule(_call_with_inputs(node, inputs), 4 * out_numel), inputs
 
 
@@ -970,10 +989,9 @@ def _function_rule(node: fx.Node, values, inputs, out_numel) -> Optional[NodeRul
         return ReshapeRule(0) if out.shape[0] == x.shape[0] and node.args[0] is x_node else None
     if node.args and node.args[0] is x_node and layer_rules.functional_identity_in_eval(target, node.args, node.kwargs):
         return ReshapeRule(0)
-    if target in ("permute", "transpose", torch.permute, torch.transpose) and node.args[0] is x_node:
-        return _permute_rule(node, x.dim(), out_numel)
-    if target is operator.getitem and node.args[0] is x_node:
-        return _index_rule(node.args[1], out_numel)
+    layout = _layout_rule(node, values, inputs, {}, out_numel)
+    if layout is not None:
+        return layout
     if target in _ADD_FUNCTIONS or target in _SUB_FUNCTIONS or target in (operator.neg, torch.neg, "neg"):
         return _sum_rule(node, values, inputs, out_numel)
     if _is_product(node):
@@ -1021,7 +1039,28 @@ def _normalize_dim(dim: int, ndim: int) -> int:
     return dim + ndim if dim < 0 else dim
 
 
-def _permute_rule(node: fx.Node, ndim: int, out_numel) -> Optional[NodeRule]:
+def _layout_rule(node: fx.Node, values, inputs, batch_axes: Dict[fx.Node, int], out_numel) -> Optional[NodeRule]:
+    """permute / transpose and basic indexing, written against the layout their op sees (the batch axis
+    where batch_axes says, else first), as maps of the batch-first blocks."""
+    if len(inputs) != 1 or not node.args or node.args[0] is not inputs[0]:
+        return None
+    x_node = inputs[0]
+    if not isinstance(values[x_node], torch.Tensor):
+        return None  # a pick from a multi-output node
+    ndim, x_axis, out_axis = values[x_node].dim(), batch_axes.get(x_node, 0), batch_axes.get(node, 0)
+    if node.target in ("permute", "transpose", torch.permute, torch.transpose):
+        return _permute_rule(node, ndim, x_axis, out_axis, out_numel)
+    if node.target is operator.getitem:
+        return _index_rule(node.args[1], ndim, x_axis, out_numel)
+    return None
+
+
+def _batch_first_position(axis: int, batch_axis: int) -> int:
+    """Where an axis of a value whose batch axis is batch_axis lands once that axis is moved first."""
+    return 0 if axis == batch_axis else axis + 1 if axis < batch_axis else axis
+
+
+def _permute_rule(node: fx.Node, ndim: int, x_axis: int, out_axis: int, out_numel) -> Optional[NodeRule]:
     args = node.args[1:]
     if any(isinstance(a, fx.Node) for a in args) or node.kwargs:
         return None
@@ -1032,22 +1071,61 @@ def _permute_rule(node: fx.Node, ndim: int, out_numel) -> Optional[NodeRule]:
     else:
         dims = args[0] if len(args) == 1 and isinstance(args[0], (tuple, list)) else args
         permutation = [_normalize_dim(d, ndim) for d in dims]
-    if len(permutation) != ndim or permutation[0] != 0:
-        return None  # moves the batch axis: not a per-sample map
-    return PermuteRule(permutation, out_numel)
+    if len(permutation) != ndim or permutation[out_axis] != x_axis:
+        return None  # the probe says otherwise: leave the node to the fallback
+    # Output axis m of the batch-first output is axis order[m] of the op's output, i.e. axis
+    # permutation[order[m]] of the op's input, which sits at _batch_first_position(...) of the stored input.
+    order = [out_axis] + [axis for axis in range(ndim) if axis != out_axis]
+    return PermuteRule([_batch_first_position(permutation[m], x_axis) for m in order], out_numel)
 
 
-def _index_rule(index, out_numel) -> Optional[NodeRule]:
+def _index_rule(index, ndim: int, x_axis: int, out_numel) -> Optional[NodeRule]:
+    """Integers, constant slices, None and one Ellipsis, the batch axis taken whole: the same index on the
+    block, whose rows axis is taken whole too."""
     parts = index if isinstance(index, tuple) else (index,)
-    if any(isinstance(p, (fx.Node, torch.Tensor, list)) for p in parts):
-        return None  # advanced indexing: fallback
-    if parts and parts[0] is Ellipsis and Ellipsis not in parts[1:]:
-        return IndexRule(parts, out_numel)  # indexes the trailing axes, which the block shares
-    if not parts or parts[0] != slice(None):
-        return None  # indexes the batch axis
+    if any(isinstance(p, bool) or not isinstance(p, (int, slice)) and p is not Ellipsis and p is not None
+           for p in parts) or parts.count(Ellipsis) > 1:
+        return None  # advanced indexing, a computed index: fallback
     if any(isinstance(p, slice) and any(isinstance(s, fx.Node) for s in (p.start, p.stop, p.step)) for p in parts):
         return None
-    return IndexRule((slice(None), slice(None), *parts[1:]), out_numel)
+    consumed = sum(p is not None and p is not Ellipsis for p in parts)  # input axes the index names
+    if consumed > ndim:
+        return None
+    at = parts.index(Ellipsis) if Ellipsis in parts else len(parts)  # trailing axes: an implicit Ellipsis
+    parts = parts[:at] + (slice(None),) * (ndim - consumed) + parts[at + 1:]
+    axis_of_part = [None] * len(parts)  # which input axis each part indexes (None inserts one)
+    axis = 0
+    for position, part in enumerate(parts):
+        if part is not None:
+            axis_of_part[position], axis = axis, axis + 1
+    batch_part = axis_of_part.index(x_axis)
+    if parts[batch_part] != slice(None):
+        return None  # indexes the batch axis
+    if any(p is None for p in parts[:batch_part]):
+        return None  # a new axis ahead of the batch: the output's batch axis moves; leave it to the fallback
+    per_sample = parts[:batch_part] + parts[batch_part + 1:]
+    return IndexRule((slice(None), slice(None), *per_sample), out_numel)
+
+
+def _unbind_pick_rule(node: fx.Node, values, carries, batch_axes: Dict[fx.Node, int],
+                      out_numel) -> Optional[Tuple[NodeRule, List]]:
+    """unbind(x, dim)[i] (q, k, v = qkv.unbind(0)) is x.select(dim, i): an index of x's block."""
+    producer, pick = node.args
+    if not (isinstance(producer, fx.Node) and producer.target in ("unbind", torch.unbind) and isinstance(pick, int)):
+        return None
+    x_node = producer.args[0] if producer.args else None
+    if not (isinstance(x_node, fx.Node) and carries.get(x_node, False) and isinstance(values[x_node], torch.Tensor)):
+        return None
+    dim = producer.args[1] if len(producer.args) > 1 else producer.kwargs.get("dim", 0)
+    if not isinstance(dim, int) or len(producer.args) + len(producer.kwargs) > 2:
+        return None
+    ndim, x_axis = values[x_node].dim(), batch_axes.get(x_node, 0)
+    dim = _normalize_dim(dim, ndim)
+    if dim == x_axis:
+        return None
+    position = _batch_first_position(dim, x_axis)
+    pick = pick + values[x_node].shape[position] if pick < 0 else pick
+    return IndexRule((slice(None),) * (position + 1) + (pick,), out_numel), [x_node]
 
 
 def _sum_rule(node: fx.Node, values, inputs, out_numel) -> Optional[NodeRule]:

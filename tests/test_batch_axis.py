@@ -1,0 +1,125 @@
+"""Nodes that move the batch axis without mixing samples (timm's qkv.permute(2, 0, 3, 1, 4), sequence-first
+recurrent layouts): the graph path follows the axis instead of sending the whole model to the fallback."""
+import pytest
+import torch
+from torch import nn
+
+import jacobian_ext as jx
+from conftest import assert_matches_reference, loop_jacobian, reference_jacobian
+
+MODES = ["auto", "forward", "reverse"]
+
+
+class Attention(nn.Module):
+    """timm's ViT attention written out: the batch axis moves to position 1 and back."""
+
+    def __init__(self, width=8, heads=2, unbind=True):
+        super().__init__()
+        self.heads, self.unbind = heads, unbind
+        self.qkv = nn.Linear(width, 3 * width)
+        self.proj = nn.Linear(width, width)
+
+    def forward(self, x):  # x [B, N, width]
+        batch, tokens, width = x.shape
+        qkv = self.qkv(x).reshape(batch, tokens, 3, self.heads, width // self.heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0) if self.unbind else (qkv[0], qkv[1], qkv[2])
+        attention = (q @ k.transpose(-2, -1) * (width // self.heads) ** -0.5).softmax(dim=-1)
+        return self.proj((attention @ v).transpose(1, 2).reshape(batch, tokens, width))
+
+
+class Block(nn.Module):
+    def __init__(self, unbind=True):
+        super().__init__()
+        self.norm = nn.LayerNorm(8)
+        self.attn = Attention(unbind=unbind)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        x = x + self.attn(self.norm(x))
+        return self.head(x.mean(1))
+
+
+class SequenceFirst(nn.Module):
+    """[B, T, H] -> [T, B, H] and back, with sequence-first slicing and a layer on the moved layout."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = nn.Linear(4, 4)
+        self.out = nn.Linear(4, 2)
+
+    def forward(self, x):  # x [B, T, 4]
+        steps = x.transpose(0, 1)  # [T, B, 4]
+        steps = torch.tanh(self.inner(steps))[1:, :, ::2]  # [T-1, B, 2]: stays sequence-first
+        last = steps[-1]  # [B, 2]
+        return self.out(torch.cat([last, steps.permute(1, 0, 2)[:, 0]], dim=1))
+
+
+def _planned(model, x, mode, reference=reference_jacobian):
+    """The compiled model after one call checked against the reference; not sent whole to the fallback."""
+    jm = jx.compile(model, mode=mode)
+    y, jacobian = jm(x)
+    assert_matches_reference(y, model(x), torch.float64)
+    assert_matches_reference(jacobian, reference(model, x), torch.float64)
+    assert "model" not in jm.fallbacks
+    return jm
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("batch", [0, 1, 3])
+@pytest.mark.parametrize("unbind", [True, False], ids=["unbind", "getitem"])
+def test_attention_permuting_the_batch_axis_is_planned_per_node(mode, batch, unbind):
+    torch.manual_seed(0)
+    model = Block(unbind).double().eval()
+    x = torch.randn(batch, 5, 8, dtype=torch.float64).transpose(0, 1).contiguous().transpose(0, 1)
+    plan = repr(_planned(model, x, mode))
+    # The moved-batch permute and the q/k/v picks are index maps.
+    assert "attn:permute" in plan and "index map (permute)" in plan.split("attn:permute")[1].splitlines()[0]
+    picks = [line for line in plan.splitlines() if "attn:getitem" in line]
+    assert len(picks) == 3 and all("index map (slice)" in line for line in picks)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("batch", [0, 1, 4])
+def test_sequence_first_layouts(mode, batch):
+    torch.manual_seed(1)
+    model = SequenceFirst().double()
+    x = torch.randn(batch, 6, 4, dtype=torch.float64)
+    plan = repr(_planned(model, x, mode))
+    for node in ("transpose", "getitem", "getitem_1", "permute", "getitem_2"):
+        line = next(line for line in plan.splitlines() if line.split() and line.split()[0] == node)
+        assert "index map" in line, line
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_moved_batch_axis_agrees_in_both_dtypes_and_with_the_sample_by_sample_answer(dtype):
+    torch.manual_seed(2)
+    model = Block().to(dtype).eval()
+    x = torch.randn(4, 5, 8, dtype=dtype)
+    jacobian = jx.batch_jacobian(model, x)
+    singles = torch.cat([jx.batch_jacobian(model, x[i:i + 1]) for i in range(4)])
+    assert_matches_reference(jacobian, singles, dtype)
+    assert_matches_reference(jacobian, reference_jacobian(model, x), dtype)
+
+
+class LastHiddenState(nn.Module):
+    """A classifier on h_n[-1]: h_n is [layers, B, H], batch second."""
+
+    def __init__(self, kind):
+        super().__init__()
+        self.kind = kind
+        self.rnn = getattr(nn, kind)(3, 5, num_layers=2, batch_first=True)
+        self.head = nn.Linear(5, 2)
+
+    def forward(self, x):
+        _, hidden = self.rnn(x)
+        hidden = hidden[0] if self.kind == "LSTM" else hidden
+        return self.head(torch.tanh(hidden[-1]))
+
+
+@pytest.mark.parametrize("mode", ["forward", "reverse"])
+@pytest.mark.parametrize("kind", ["GRU", "LSTM", "RNN"])
+def test_classifier_on_the_last_hidden_state_falls_back_in_the_recurrent_layer_only(mode, kind):
+    torch.manual_seed(3)
+    model = LastHiddenState(kind).double()
+    x = torch.randn(3, 4, 3, dtype=torch.float64)
+    assert _planned(model, x, mode, reference=loop_jacobian).fallbacks == ["rnn"]  # vmap cannot batch the RNN
