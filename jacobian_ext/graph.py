@@ -21,7 +21,7 @@ from torch._subclasses.fake_tensor import FakeTensor
 
 from . import graph_rules
 from .errors import GraphCaptureError, StructuredOutputError
-from .graph_rules import IDENTITY, accumulate, explicit_block
+from .blocks import IDENTITY, NodeRule, accumulate, explicit_block
 from .plan import FlatWidths, short_repr
 from .program import entry
 from .rules import rule_type
@@ -172,7 +172,7 @@ class GraphNode:
 
     node: fx.Node
     name: str
-    rule: Optional["graph_rules.NodeRule"]
+    rule: Optional[NodeRule]
     inputs: Tuple[fx.Node, ...] = ()
     shape: Tuple[int, ...] = ()
     owner: str = ""  # path of the module the node belongs to ("" at the top level)

@@ -1,9 +1,7 @@
-"""One rule per graph node kind: how a node's Jacobian block is pushed forward and pulled back.
-
-Blocks keep the node's per-sample shape intact and put the rows second: tangents T[b, d, *shape],
-cotangents G[b, c, *shape]; IDENTITY stands for the lazy identity seed (the model input in forward
-mode, the model output in reverse mode). Three families:
-- native: the C++ ops of jacobian_ext.ops (Linear, activations, softmax, ...);
+"""One rule per graph node kind: how a node's Jacobian block (blocks.py) is pushed forward and pulled back.
+Three families:
+- native: the C++ ops of jacobian_ext.ops (Linear, activations, softmax, ...), and attention's products
+  and softmax (attention_rules.py);
 - index maps: views, slicing, sums, concatenation and scaling by a constant, applied to the block
   directly (views stay views);
 - the torch.func fallback for any other node: jvp / vjp of that node over the whole batch, vmapped
@@ -22,61 +20,10 @@ from torch.func import jvp, vjp, vmap
 from . import ops
 from . import rules as layer_rules
 from .program import entry
-from . import spatial_rules
+from . import attention_rules, spatial_rules
 from .errors import GraphCaptureError
+from .blocks import IDENTITY, NodeRule, explicit_block
 from .fallback import FORWARD_AD_LOCK, per_sample_jacobians
-
-
-class _Identity:
-    def __repr__(self):
-        return "IDENTITY"
-
-
-IDENTITY = _Identity()
-
-
-def explicit_block(block, batch: int, shape: Sequence[int], like: torch.Tensor) -> torch.Tensor:
-    """The block as a tensor [B, R, *shape]; the identity becomes eye(R) expanded over the batch
-    (R = prod(shape)), one copy for all samples."""
-    if block is not IDENTITY:
-        return block
-    rows = math.prod(shape)
-    eye = torch.eye(rows, dtype=like.dtype, device=like.device)
-    return eye.reshape(1, rows, *shape).expand(batch, rows, *shape)
-
-
-def accumulate(store: Dict, node, block, value: torch.Tensor):
-    """Adds a cotangent contribution (fan-out: a value used by several nodes). `value` is the node's value
-    [B, *shape]: it sizes the identity when both contributions are the lazy identity (the output is
-    e.g. (x + 1) + x)."""
-    if node not in store:
-        store[node] = block
-        return
-    batch, shape = value.shape[0], value.shape[1:]
-    store[node] = explicit_block(store[node], batch, shape, value) + explicit_block(block, batch, shape, value)
-
-
-class NodeRule:
-    """Base of all node rules. forward: (value, tangent) from the input values and tangents;
-    reverse: one cotangent per input node, from the node's cotangent."""
-
-    label = "native"
-    native = True
-
-    def __init__(self, work_per_row: float):
-        self.work_per_row = float(work_per_row)  # multiply-adds per block row, for the cost model
-
-    def forward(self, plan, g, env, tangents):
-        raise NotImplementedError
-
-    def reverse(self, plan, g, env, cotangent):
-        raise NotImplementedError
-
-    def encode(self, plan, g, sources: Sequence[int]) -> Optional[List[Tuple[str, List[Callable]]]]:
-        """The node as entries of the op's graph program (program.py): [(entry, parameter getters)], the
-        first entry reading the value slots `sources` (empty: the previous slot), each later one the entry
-        before it; None when the node has no encoding (it keeps the model off the single-op path)."""
-        return None
 
 
 def _node_args(plan, node: fx.Node, env, substitute: Optional[Dict] = None):
@@ -927,7 +874,7 @@ def rule_for(gm: fx.GraphModule, node: fx.Node, values: Dict, carries: Dict,
 
 
 def _native_rule(gm, node: fx.Node, values, inputs, out_numel) -> Optional[NodeRule]:
-    if len(inputs) != 1 and not _is_sum_or_cat(node) and not _is_product(node):
+    if len(inputs) != 1 and not _is_sum_or_cat(node) and not _is_product(node) and not _is_attention(node):
         return None
     if node.op == "call_module":
         return _module_rule(gm.get_submodule(node.target), values[inputs[0]], out_numel)
@@ -942,6 +889,10 @@ def _native_rule(gm, node: fx.Node, values, inputs, out_numel) -> Optional[NodeR
 def _is_product(node: fx.Node) -> bool:
     return node.op in ("call_function", "call_method") and (
         node.target in _MUL_FUNCTIONS or node.target in _DIV_FUNCTIONS or node.target in ("mul", "div"))
+
+
+def _is_attention(node: fx.Node) -> bool:
+    return node.target in attention_rules.MATMULS or node.target is F.scaled_dot_product_attention
 
 
 def _is_sum_or_cat(node: fx.Node) -> bool:
@@ -963,6 +914,9 @@ def _module_rule(module: nn.Module, x: torch.Tensor, out_numel: int) -> Optional
         return _group_norm_rule(module, input_shape, out_numel)
     # The chain layers (activations, softmax, reshapes and eval-mode identities): their one table.
     chain_rule = layer_rules.native_rule(module, input_shape)
+    if chain_rule is None and kind in (nn.Softmax, nn.LogSoftmax):  # over an axis of N-d features
+        return attention_rules.axis_softmax_rule("log_softmax" if kind is nn.LogSoftmax else "softmax", module.dim, x,
+                                                 out_numel)
     if chain_rule is None:
         return None
     if chain_rule.is_reshape:
@@ -1001,6 +955,13 @@ def _function_rule(node: fx.Node, values, inputs, out_numel) -> Optional[NodeRul
         return _scale_rule(node, values, x_node, out_numel)
     if target in (torch.cat, torch.concat):
         return _cat_rule(node, values, inputs, out_numel)
+    if target in attention_rules.MATMULS:
+        return attention_rules.matmul_rule(node, values, inputs)
+    if target is F.scaled_dot_product_attention:
+        return attention_rules.attention_rule(node, values, inputs)
+    axis_softmax = layer_rules.softmax_call(target, node.args, node.kwargs)
+    if axis_softmax is not None and node.args[0] is x_node:
+        return attention_rules.axis_softmax_rule(*axis_softmax, x, out_numel)
     if target in _REDUCTIONS and node.args and node.args[0] is x_node:
         return _reduction_rule(node, x, out_numel)
     return None

@@ -159,18 +159,27 @@ _SOFTMAX_FUNCTIONS = {F.softmax: "softmax", torch.softmax: "softmax", "softmax":
                       F.log_softmax: "log_softmax", torch.log_softmax: "log_softmax", "log_softmax": "log_softmax"}
 
 
-def functional_softmax_layer(fn, args: Sequence, kwargs: Mapping[str, Any], input_shape) -> Optional[str]:
-    """"softmax" or "log_softmax" for F.softmax(x, dim), torch.softmax, x.softmax(dim) (and the log forms)
-    over the single feature axis of a [B, H] input; None otherwise (another axis, an implicit dim, a dtype
-    argument). `args` includes the input."""
+def softmax_call(fn, args: Sequence, kwargs: Mapping[str, Any]) -> Optional[Tuple[str, Optional[int]]]:
+    """("softmax" | "log_softmax", dim) for F.softmax(x, dim), torch.softmax, x.softmax(dim) (and the log
+    forms), dim None when implicit; None for another function or a dtype argument. `args` includes the input."""
     layer = _SOFTMAX_FUNCTIONS.get(fn)
-    if layer is None or len(input_shape) != 1:
+    if layer is None:
         return None
     kwargs = dict(kwargs)
     kwargs.pop("_stacklevel", None)  # F.softmax's warning depth, recorded by fx
     if kwargs.pop("dtype", None) is not None or set(kwargs) - {"dim"} or len(args) > 2:
         return None
     dim = kwargs.get("dim", args[1] if len(args) > 1 else None)
+    return (layer, dim) if dim is None or isinstance(dim, int) else None
+
+
+def functional_softmax_layer(fn, args: Sequence, kwargs: Mapping[str, Any], input_shape) -> Optional[str]:
+    """"softmax" or "log_softmax" for a softmax_call over the single feature axis of a [B, H] input; None
+    otherwise (another axis, an implicit dim)."""
+    call = softmax_call(fn, args, kwargs)
+    if call is None or len(input_shape) != 1:
+        return None
+    layer, dim = call
     return layer if dim in (1, -1) else None
 
 

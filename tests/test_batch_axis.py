@@ -54,12 +54,13 @@ class SequenceFirst(nn.Module):
         return self.out(torch.cat([last, steps.permute(1, 0, 2)[:, 0]], dim=1))
 
 
-def _planned(model, x, mode, reference=reference_jacobian):
-    """The compiled model after one call checked against the reference; not sent whole to the fallback."""
+def planned(model, x, mode, reference=reference_jacobian):
+    """The compiled model after one call checked against the reference (a function of the model and x, or
+    the expected Jacobian); not sent whole to the fallback."""
     jm = jx.compile(model, mode=mode)
     y, jacobian = jm(x)
-    assert_matches_reference(y, model(x), torch.float64)
-    assert_matches_reference(jacobian, reference(model, x), torch.float64)
+    assert_matches_reference(y, model(x), x.dtype)
+    assert_matches_reference(jacobian, reference(model, x) if callable(reference) else reference, x.dtype)
     assert "model" not in jm.fallbacks
     return jm
 
@@ -71,7 +72,7 @@ def test_attention_permuting_the_batch_axis_is_planned_per_node(mode, batch, unb
     torch.manual_seed(0)
     model = Block(unbind).double().eval()
     x = torch.randn(batch, 5, 8, dtype=torch.float64).transpose(0, 1).contiguous().transpose(0, 1)
-    plan = repr(_planned(model, x, mode))
+    plan = repr(planned(model, x, mode))
     # The moved-batch permute and the q/k/v picks are index maps.
     assert "attn:permute" in plan and "index map (permute)" in plan.split("attn:permute")[1].splitlines()[0]
     picks = [line for line in plan.splitlines() if "attn:getitem" in line]
@@ -84,7 +85,7 @@ def test_sequence_first_layouts(mode, batch):
     torch.manual_seed(1)
     model = SequenceFirst().double()
     x = torch.randn(batch, 6, 4, dtype=torch.float64)
-    plan = repr(_planned(model, x, mode))
+    plan = repr(planned(model, x, mode))
     for node in ("transpose", "getitem", "getitem_1", "permute", "getitem_2"):
         line = next(line for line in plan.splitlines() if line.split() and line.split()[0] == node)
         assert "index map" in line, line
@@ -122,4 +123,4 @@ def test_classifier_on_the_last_hidden_state_falls_back_in_the_recurrent_layer_o
     torch.manual_seed(3)
     model = LastHiddenState(kind).double()
     x = torch.randn(3, 4, 3, dtype=torch.float64)
-    assert _planned(model, x, mode, reference=loop_jacobian).fallbacks == ["rnn"]  # vmap cannot batch the RNN
+    assert planned(model, x, mode, reference=loop_jacobian).fallbacks == ["rnn"]  # vmap cannot batch the RNN

@@ -1,0 +1,251 @@
+"""The rules attention is made of: matrix products of carried values (q k^T, p v), softmax over one axis of
+N-d features, and F.scaled_dot_product_attention as one node built from both.
+
+A product's factors multiply blocks [B, R, ..., n, k] (blocks.py) with a rows axis R: a carried value gets
+that axis as a size-1 axis, so torch.matmul broadcasts it over the rows; a constant (a weight) broadcasts
+over the batch and rows axes as it does over the batch. Softmax over an axis folds every other axis into the
+batch of the native [B, H] rules, which are saturation-stable (csrc/jacext/rule_math.h)."""
+import math
+import operator
+from typing import Optional, Sequence, Tuple
+
+import torch
+from torch import fx
+
+from . import ops
+from .blocks import NodeRule, explicit_block
+
+MATMULS = {operator.matmul, torch.matmul, torch.bmm, "matmul", "bmm"}
+
+
+# ---- the math, shared by the rules ----
+
+def product_tangent(a, b, t_a: Optional[torch.Tensor], t_b: Optional[torch.Tensor]) -> torch.Tensor:
+    """T_out = T_a b + a T_b for out = a @ b (a block None: that factor carries no derivative)."""
+    terms = [t_a @ b if t_a is not None else None, a @ t_b if t_b is not None else None]
+    terms = [term for term in terms if term is not None]
+    return terms[0] if len(terms) == 1 else terms[0] + terms[1]
+
+
+def product_cotangents(a, b, block: torch.Tensor, wanted: Sequence[bool]):
+    """(G b^T, a^T G) for out = a @ b, each only where wanted (else None), before summing to a factor's shape."""
+    return (block @ b.transpose(-1, -2) if wanted[0] else None, a.transpose(-1, -2) @ block if wanted[1] else None)
+
+
+def _sum_to_block(block: torch.Tensor, like: torch.Tensor, rows: int) -> torch.Tensor:
+    """A broadcast product's cotangent summed back to a carried value's block shape [B, R, *sample]."""
+    return block.sum_to_size(like.shape[0], rows, *like.shape[1:])
+
+
+def softmax_tangent(x: torch.Tensor, block: torch.Tensor, axis: int, log: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(value, tangent) of softmax (or log-softmax) over per-sample axis `axis` of x [B, *shape] for the tangent
+    block [B, R, *shape]."""
+    rows, features = block.shape[1], x.shape[1 + axis]
+    folded = block.movedim(2 + axis, -1).movedim(1, -1)  # [B, *others, H, R]: the ops' [N, H, R]
+    moved = x.movedim(1 + axis, -1)
+    forward_op = ops.log_softmax_jac_forward if log else ops.softmax_jac_forward
+    output, tangent = forward_op(moved.reshape(-1, features), folded.reshape(-1, features, rows))
+    value = output.reshape(moved.shape).movedim(-1, 1 + axis)
+    return value, tangent.reshape(folded.shape).movedim(-1, 1).movedim(-1, 2 + axis)
+
+
+def softmax_cotangent(output: torch.Tensor, block: torch.Tensor, axis: int, log: bool) -> torch.Tensor:
+    """The cotangent of softmax's input from its output [B, *shape] (log-probabilities for log-softmax) and
+    the output's cotangent block [B, C, *shape]."""
+    rows, features = block.shape[1], output.shape[1 + axis]
+    folded = block.movedim(2 + axis, -1).movedim(1, -2)  # [B, *others, C, H]: the ops' [N, C, H]
+    reverse_op = ops.log_softmax_jac_reverse if log else ops.softmax_jac_reverse
+    pulled = reverse_op(output.movedim(1 + axis, -1).reshape(-1, features), folded.reshape(-1, rows, features))
+    return pulled.reshape(folded.shape).movedim(-2, 1).movedim(-1, 2 + axis)
+
+
+# ---- the rules ----
+
+def _operand_values(env, operands):
+    return [env[o] if isinstance(o, fx.Node) else o for o in operands]
+
+
+class MatmulRule(NodeRule):
+    """a @ b (matmul, bmm) with a carried factor on either side or both."""
+
+    label = "native matmul"
+
+    def __init__(self, first, second, carried: Tuple[bool, bool], work_per_row: float):
+        super().__init__(work_per_row)
+        self.operands, self.carried = (first, second), carried
+
+    def _factors(self, env):
+        return [v.unsqueeze(1) if c else v for v, c in zip(_operand_values(env, self.operands), self.carried)]
+
+    def forward(self, plan, g, env, tangents):
+        by_input = dict(zip(g.inputs, tangents))
+        blocks = [explicit_block(by_input[o], env[o].shape[0], env[o].shape[1:], env[o]) if c else None
+                  for o, c in zip(self.operands, self.carried)]
+        return plan.evaluator.evaluate(g.node, env), product_tangent(*self._factors(env), *blocks)
+
+    def reverse(self, plan, g, env, cotangent):
+        value = env[g.node]
+        block = explicit_block(cotangent, value.shape[0], g.shape, value)
+        pulled = {}
+        for operand, part in zip(self.operands, product_cotangents(*self._factors(env), block, self.carried)):
+            if part is not None:
+                part = _sum_to_block(part, env[operand], block.shape[1])
+                pulled[operand] = part if operand not in pulled else pulled[operand] + part  # x @ x
+        return [pulled[i] for i in g.inputs]
+
+
+class AxisSoftmaxRule(NodeRule):
+    """softmax / log-softmax over one axis of N-d per-sample features (attention's scores over the keys)."""
+
+    def __init__(self, log: bool, axis: int, work_per_row: float):
+        super().__init__(work_per_row)
+        self.label = "native log_softmax (axis)" if log else "native softmax (axis)"
+        self.log, self.axis = log, axis  # axis: per-sample
+
+    def forward(self, plan, g, env, tangents):
+        x = env[g.inputs[0]]
+        return softmax_tangent(x, explicit_block(tangents[0], x.shape[0], x.shape[1:], x), self.axis, self.log)
+
+    def reverse(self, plan, g, env, cotangent):
+        value = env[g.node]
+        return [softmax_cotangent(value, explicit_block(cotangent, value.shape[0], g.shape, value), self.axis,
+                                  self.log)]
+
+
+class AttentionRule(NodeRule):
+    """F.scaled_dot_product_attention(q, k, v) without dropout: s = q k^T * scale (+ mask), p = softmax(s),
+    out = p v, each step's rule in turn (the probabilities are recomputed in reverse, not kept)."""
+
+    label = "native attention"
+
+    def __init__(self, operands, carried: Tuple[bool, bool, bool], mask, causal: bool, scale: Optional[float],
+                 work_per_row: float):
+        super().__init__(work_per_row)
+        self.operands, self.carried = operands, carried  # q, k, v: fx nodes (carried or not)
+        self.mask, self.causal, self.scale = mask, causal, scale  # mask: an fx node, a tensor or None
+
+    def _scores(self, env):
+        """(s [B, ..., L, S], scale) as the math reference of F.scaled_dot_product_attention computes them."""
+        q, k, _ = _operand_values(env, self.operands)
+        scale = self.scale if self.scale is not None else 1.0 / math.sqrt(q.shape[-1])
+        scores = (q @ k.transpose(-1, -2)) * scale
+        if self.causal:
+            keep = torch.ones(scores.shape[-2], scores.shape[-1], dtype=torch.bool, device=scores.device).tril()
+            scores = scores.masked_fill(~keep, float("-inf"))
+        mask = env[self.mask] if isinstance(self.mask, fx.Node) else self.mask
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+        return scores, scale
+
+    def _factors(self, env):
+        return [v.unsqueeze(1) for v in _operand_values(env, self.operands)]
+
+    def forward(self, plan, g, env, tangents):
+        by_input = dict(zip(g.inputs, tangents))
+        t_q, t_k, t_v = [explicit_block(by_input[o], env[o].shape[0], env[o].shape[1:], env[o]) if c else None
+                         for o, c in zip(self.operands, self.carried)]
+        q, k, v = self._factors(env)
+        scores, scale = self._scores(env)
+        t_scores = None
+        if t_q is not None or t_k is not None:
+            t_scores = product_tangent(q, k.transpose(-1, -2), t_q, None if t_k is None else t_k.transpose(-1, -2))
+            t_scores = t_scores * scale
+        last = scores.dim() - 2  # the keys' per-sample axis
+        if t_scores is None:
+            probabilities, t_probabilities = torch.softmax(scores, -1), None
+        else:
+            probabilities, t_probabilities = softmax_tangent(scores, t_scores, last, log=False)
+        value = plan.evaluator.evaluate(g.node, env)
+        return value, product_tangent(probabilities.unsqueeze(1), v, t_probabilities, t_v)
+
+    def reverse(self, plan, g, env, cotangent):
+        value = env[g.node]
+        block = explicit_block(cotangent, value.shape[0], g.shape, value)
+        q, k, v = self._factors(env)
+        scores, scale = self._scores(env)
+        probabilities = torch.softmax(scores, -1)
+        g_probabilities, g_v = product_cotangents(probabilities.unsqueeze(1), v, block,
+                                                  (self.carried[0] or self.carried[1], self.carried[2]))
+        pulled = {}
+
+        def add(operand, part):
+            part = _sum_to_block(part, env[operand], block.shape[1])
+            pulled[operand] = part if operand not in pulled else pulled[operand] + part  # self-attention q = k = v
+
+        if g_v is not None:
+            add(self.operands[2], g_v)
+        if g_probabilities is not None:
+            g_scores = softmax_cotangent(probabilities, g_probabilities, probabilities.dim() - 2, log=False) * scale
+            g_q, g_k = product_cotangents(q, k.transpose(-1, -2), g_scores, self.carried[:2])
+            if g_q is not None:
+                add(self.operands[0], g_q)
+            if g_k is not None:
+                add(self.operands[1], g_k.transpose(-1, -2))
+        return [pulled[i] for i in g.inputs]
+
+
+# ---- choosing them ----
+
+def matmul_rule(node: fx.Node, values, inputs) -> Optional[NodeRule]:
+    """a @ b with per-sample matrices (each carried operand [B, ..., n, k]); a constant operand must be a matrix
+    that cannot reach the batch axis (fewer axes than a sample of the carried one)."""
+    if len(node.args) != 2 or node.kwargs:
+        return None
+    carried = tuple(isinstance(a, fx.Node) and a in inputs for a in node.args)
+    operands = [values[a] if isinstance(a, fx.Node) else a for a in node.args]
+    if not all(isinstance(v, torch.Tensor) for v in operands):
+        return None
+    carried_dims = {v.dim() for v, c in zip(operands, carried) if c}
+    if len(carried_dims) != 1 or min(carried_dims) < 3:
+        return None  # vectors, or two carried operands whose batch axes broadcasting would not align
+    if not all(2 <= v.dim() < min(carried_dims) for v, c in zip(operands, carried) if not c):
+        return None
+    inner = operands[0].shape[-1]
+    return MatmulRule(*node.args, carried, sum(carried) * 2 * math.prod(values[node].shape[1:]) * inner)
+
+
+def axis_softmax_rule(layer: str, dim: Optional[int], x: torch.Tensor, out_numel) -> Optional[NodeRule]:
+    """Softmax over one axis of N-d per-sample features (the [B, H] case is the chain layers' rule)."""
+    if dim is None or x.dim() < 3:
+        return None
+    axis = dim + x.dim() if dim < 0 else dim
+    if axis == 0:
+        return None  # over the batch: mixes samples
+    return AxisSoftmaxRule(layer == "log_softmax", axis - 1, 3 * out_numel)
+
+
+_ATTENTION_ARGUMENTS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+
+
+def attention_rule(node: fx.Node, values, inputs) -> Optional[NodeRule]:
+    """F.scaled_dot_product_attention with every operand batch-first and of one rank (>= 3), a constant mask,
+    no dropout and no grouped-query broadcasting."""
+    if len(node.args) > len(_ATTENTION_ARGUMENTS) or set(node.kwargs) - set(_ATTENTION_ARGUMENTS):
+        return None
+    arguments = dict(zip(_ATTENTION_ARGUMENTS, node.args), **node.kwargs)
+    operands = [arguments.get(name) for name in _ATTENTION_ARGUMENTS[:3]]
+    if not all(isinstance(o, fx.Node) and isinstance(values[o], torch.Tensor) for o in operands):
+        return None
+    dims = {values[o].dim() for o in operands}
+    mask = arguments.get("attn_mask")
+    if len(dims) != 1 or min(dims) < 3 or (isinstance(mask, fx.Node) and mask in inputs):
+        return None  # vectors, mixed ranks, or a mask that carries a derivative
+    if isinstance(mask, fx.Node) and values[mask] is None:
+        mask = None  # a model argument left at its default (timm's attn_mask=None)
+
+    def constant(name, default):  # a flag may be a traced model argument, fixed at its default
+        argument = arguments.get(name, default)
+        return values[argument] if isinstance(argument, fx.Node) else argument
+
+    if constant("dropout_p", 0.0) != 0.0 or constant("enable_gqa", False) is not False:
+        return None
+    causal, scale = constant("is_causal", False), constant("scale", None)
+    if not isinstance(causal, bool) or not (scale is None or isinstance(scale, (int, float))):
+        return None
+    if mask is not None and not isinstance(mask, (fx.Node, torch.Tensor)):
+        return None
+    carried = tuple(o in inputs for o in operands)
+    q, k, v = (values[o] for o in operands)
+    out_numel = math.prod(values[node].shape[1:])
+    work = 2 * q.shape[-2] * k.shape[-2] * (q.shape[-1] + v.shape[-1]) * math.prod(q.shape[1:-2]) + out_numel
+    return AttentionRule(tuple(operands), carried, mask, causal, scale, work)
