@@ -105,28 +105,36 @@ def _models():
             "timm convnext_atto": timm_model("convnext_atto"),
         }.items():
             models[name], shapes[name] = build, image
-    for name, build in {
-        "transformer_encoder": TokenClassifier,
-        "lstm_classifier": lambda: RecurrentClassifier("LSTM"),
-        "gru_classifier": lambda: RecurrentClassifier("GRU"),
-    }.items():
-        models[name], shapes[name] = build, (16, 32)
+    for name, build, sample_shape in [  # embedded tokens [T, E] / sequence features [T, F]
+        ("transformer_encoder", TokenClassifier, (16, 64)),
+        ("lstm_classifier", lambda: RecurrentClassifier("LSTM"), (16, 32)),
+        ("gru_classifier", lambda: RecurrentClassifier("GRU"), (16, 32)),
+    ]:
+        models[name], shapes[name] = build, sample_shape
     return {name: (build, shapes[name]) for name, build in models.items()}
 
 
 def _peer(model, x):
-    """(name, function) of torch.func's answer: vmap(jacrev), or jacrev sample by sample where vmap cannot
-    batch the model (the CPU LSTM backward)."""
+    """(name, function) of torch.func's answer, vmap(jacrev), timed under torch.no_grad like ours; in grad mode
+    where a kernel needs it (the CPU LSTM keeps its backward's workspace only there); the classic loop of
+    backward passes, sample by sample, where vmap cannot batch the model at all."""
     def single(sample):
         return model(sample.unsqueeze(0)).squeeze(0)
 
     batched = torch.func.vmap(torch.func.jacrev(single))
-    try:
-        batched(x)
-        return "vmap(jacrev)", batched
-    except Exception:  # noqa: BLE001  (vmap has no batching rule for one of the model's ops)
-        each = torch.func.jacrev(single)
-        return "jacrev per sample", lambda t: torch.stack([each(sample) for sample in t])
+
+    def in_grad_mode(t):
+        with torch.enable_grad():
+            return batched(t)
+
+    for name, function in (("vmap(jacrev)", batched), ("vmap(jacrev), grad mode", in_grad_mode)):
+        try:
+            with torch.no_grad():
+                function(x)
+            return name, function
+        except Exception:  # noqa: BLE001
+            continue
+    return "autograd loop", lambda t: torch.stack([torch.autograd.functional.jacobian(single, s) for s in t])
 
 
 def main(argv=None):

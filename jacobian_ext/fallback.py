@@ -14,6 +14,16 @@ from torch.func import jacfwd, jacrev, jvp, vjp, vmap
 FORWARD_AD_LOCK = threading.Lock()
 
 
+def vjp_in_grad_mode(function: Callable, *primals):
+    """torch.func.vjp with autograd's grad mode on for the forward pass: some kernels read the grad mode, not
+    torch.func's levels, to decide what to keep for the backward (the CPU LSTM drops the workspace its
+    backward needs under torch.no_grad). The value is detached when the caller is in no-grad mode."""
+    caller_tracks = torch.is_grad_enabled()
+    with torch.enable_grad():
+        value, pull = vjp(function, *primals)
+    return (value if caller_tracks else value.detach()), pull
+
+
 def _single_sample(fn: Callable) -> Callable:
     """fn on one sample: modules expect a batch axis, so the sample travels as a batch of one."""
 
@@ -102,7 +112,7 @@ def _reverse_rule_vmapped(single: Callable, x: torch.Tensor, cotangent: Optional
     cotangents = cotangent.reshape(batch, rows, *output_shape)
 
     def pull_sample(sample, sample_cotangents):
-        _, pull = vjp(single, sample)
+        _, pull = vjp_in_grad_mode(single, sample)
         return vmap(pull)(sample_cotangents)[0]
 
     pulled = vmap(pull_sample)(x, cotangents)  # [B, C, *in]

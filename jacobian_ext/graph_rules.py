@@ -15,7 +15,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
-from torch.func import jvp, vjp, vmap
+from torch.func import jvp, vmap
 
 from . import ops
 from . import rules as layer_rules
@@ -23,7 +23,7 @@ from .program import entry
 from . import attention_rules, spatial_rules
 from .errors import GraphCaptureError
 from .blocks import IDENTITY, NodeRule, explicit_block
-from .fallback import FORWARD_AD_LOCK, per_sample_jacobians
+from .fallback import FORWARD_AD_LOCK, per_sample_jacobians, vjp_in_grad_mode
 
 
 def _node_args(plan, node: fx.Node, env, substitute: Optional[Dict] = None):
@@ -72,7 +72,7 @@ class TorchFuncRule(NodeRule):
         """T_out = J_node T_in with J_node [B, out, in] built row by row with vjp: for nodes whose ops
         have no forward-mode derivative."""
         batch, out_features = value.shape[0], math.prod(value.shape[1:])
-        _, pull = vjp(function, *primals)
+        _, pull = vjp_in_grad_mode(function, *primals)
         rows = explicit_block(IDENTITY, batch, value.shape[1:], value)
         node_jacobians = vmap(pull, in_dims=1, out_dims=1)(rows)  # per input: [B, out, *in]
         total = None
@@ -88,11 +88,15 @@ class TorchFuncRule(NodeRule):
     def reverse(self, plan, g, env, cotangent):
         function = self.function_of(plan, env)
         primals = tuple(env[i] for i in g.inputs)
-        value, pull = vjp(function, *primals)
+        value, pull = vjp_in_grad_mode(function, *primals)
         rows = explicit_block(cotangent, value.shape[0], value.shape[1:], value)
         try:
             return list(vmap(pull, in_dims=1, out_dims=1)(rows))
         except Exception:  # noqa: BLE001  (an op vmap cannot batch, e.g. the CPU LSTM backward)
+            pass
+        try:  # one backward pass over the whole batch per cotangent row: the classic loop
+            return [torch.stack(parts, dim=1) for parts in zip(*(pull(rows[:, r]) for r in range(rows.shape[1])))]
+        except Exception:  # noqa: BLE001  (data-dependent control flow: sample by sample)
             jacobians = per_sample_jacobians(function, primals)
             batch, out_features = value.shape[0], math.prod(value.shape[1:])
             flat_rows = rows.reshape(batch, rows.shape[1], out_features)
@@ -849,7 +853,7 @@ def rule_for(gm: fx.GraphModule, node: fx.Node, values: Dict, carries: Dict,
     inputs = [a for a in node.all_input_nodes if carries.get(a, False)]
     is_pick = node.op == "call_function" and node.target is operator.getitem
     out_numel = math.prod(values[node].shape[1:])
-    picked = _unbind_pick_rule(node, values, carries, batch_axes, out_numel) if is_pick else None
+    picked = _split_pick_rule(node, values, carries, batch_axes, out_numel) if is_pick else None
     if picked is not None:
         return picked
     if not is_pick and any(not isinstance(values[i], torch.Tensor) for i in inputs):
@@ -1068,25 +1072,41 @@ def _index_rule(index, ndim: int, x_axis: int, out_numel) -> Optional[NodeRule]:
     return IndexRule((slice(None), slice(None), *per_sample), out_numel)
 
 
-def _unbind_pick_rule(node: fx.Node, values, carries, batch_axes: Dict[fx.Node, int],
-                      out_numel) -> Optional[Tuple[NodeRule, List]]:
-    """unbind(x, dim)[i] (q, k, v = qkv.unbind(0)) is x.select(dim, i): an index of x's block."""
+_SPLITS = {"unbind": 1, torch.unbind: 1, "chunk": 2, torch.chunk: 2, "split": 2, torch.split: 2,
+           "tensor_split": 2, torch.tensor_split: 2}  # each producer's position of its dim argument
+
+
+def _split_pick_rule(node: fx.Node, values, carries, batch_axes: Dict[fx.Node, int],
+                     out_numel) -> Optional[Tuple[NodeRule, List]]:
+    """A part of x picked from unbind / chunk / split / tensor_split along a per-sample axis (q, k, v =
+    qkv.unbind(0); shufflenet's x.chunk(2, dim=1)): an index of x's block, the part's offset and size read
+    from the probe (they do not depend on the batch size)."""
     producer, pick = node.args
-    if not (isinstance(producer, fx.Node) and producer.target in ("unbind", torch.unbind) and isinstance(pick, int)):
+    if not (isinstance(producer, fx.Node) and isinstance(pick, int) and producer.op in ("call_function", "call_method")
+            and producer.target in _SPLITS and isinstance(values[producer], (tuple, list))):
         return None
     x_node = producer.args[0] if producer.args else None
     if not (isinstance(x_node, fx.Node) and carries.get(x_node, False) and isinstance(values[x_node], torch.Tensor)):
         return None
-    dim = producer.args[1] if len(producer.args) > 1 else producer.kwargs.get("dim", 0)
-    if not isinstance(dim, int) or len(producer.args) + len(producer.kwargs) > 2:
+    dim_position = _SPLITS[producer.target]
+    if set(producer.kwargs) - {"dim"} or len(producer.args) > dim_position + 1:
         return None
+    dim = producer.args[dim_position] if len(producer.args) > dim_position else producer.kwargs.get("dim", 0)
+    if not isinstance(dim, int):
+        return None
+    parts = values[producer]
     ndim, x_axis = values[x_node].dim(), batch_axes.get(x_node, 0)
     dim = _normalize_dim(dim, ndim)
-    if dim == x_axis:
+    if dim == x_axis or not -len(parts) <= pick < len(parts):
         return None
+    pick %= len(parts)
     position = _batch_first_position(dim, x_axis)
-    pick = pick + values[x_node].shape[position] if pick < 0 else pick
-    return IndexRule((slice(None),) * (position + 1) + (pick,), out_numel), [x_node]
+    if producer.target in ("unbind", torch.unbind):
+        index = pick
+    else:
+        offset = sum(part.shape[dim] for part in parts[:pick])
+        index = slice(offset, offset + parts[pick].shape[dim])
+    return IndexRule((slice(None),) * (position + 1) + (index,), out_numel), [x_node]
 
 
 def _sum_rule(node: fx.Node, values, inputs, out_numel) -> Optional[NodeRule]:

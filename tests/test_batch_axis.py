@@ -124,3 +124,55 @@ def test_classifier_on_the_last_hidden_state_falls_back_in_the_recurrent_layer_o
     model = LastHiddenState(kind).double()
     x = torch.randn(3, 4, 3, dtype=torch.float64)
     assert planned(model, x, mode, reference=loop_jacobian).fallbacks == ["rnn"]  # vmap cannot batch the RNN
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("kind", ["GRU", "LSTM"])
+def test_recurrent_fallback_under_no_grad(dtype, kind, monkeypatch):
+    """Under torch.no_grad the CPU LSTM keeps no workspace for its backward unless the fallback's forward runs
+    in grad mode (vjp_in_grad_mode): the batched vjp then runs, not the sample-by-sample last resort (made to
+    fail here); the answer and the output carry no autograd history."""
+    from jacobian_ext import graph_rules
+
+    def not_this_slow_path(*args):
+        raise AssertionError("the sample-by-sample fallback ran")
+
+    monkeypatch.setattr(graph_rules, "per_sample_jacobians", not_this_slow_path)
+    torch.manual_seed(5)
+    model = LastHiddenState(kind).to(dtype)
+    x = torch.randn(3, 4, 3, dtype=dtype)
+    jm = jx.compile(model, mode="reverse")
+    with torch.no_grad():
+        y, jacobian = jm(x)
+    assert not y.requires_grad and not jacobian.requires_grad
+    assert_matches_reference(jacobian, loop_jacobian(model, x), dtype)
+
+
+class Splits(nn.Module):
+    """Parts picked from chunk / split / tensor_split / unbind along feature axes, also on a time-major view."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(6, 6)
+
+    def forward(self, x):  # x [B, 4, 6]
+        first, second = self.linear(x).chunk(2, dim=-1)  # [B, 4, 3] each
+        a, b, c = torch.split(x, [1, 2, 3], dim=2)
+        left, right = torch.tensor_split(x, 2, dim=1)  # [B, 2, 6] each
+        rows = x.transpose(0, 1).unbind(0)  # 4 x [B, 6]; picks from a value whose batch axis is 1
+        parts = x.transpose(0, 1).chunk(2, dim=0)  # 2 x [2, B, 6]
+        return torch.cat([
+            (first * torch.sigmoid(second)).flatten(1), (a * 2).flatten(1), b.flatten(1), c[:, ::2].flatten(1),
+            (left - right).flatten(1), rows[-1] + rows[1], parts[1].transpose(0, 1).flatten(1)], dim=1)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("batch", [0, 1, 3])
+def test_parts_of_splits_are_index_maps(mode, batch):
+    torch.manual_seed(6)
+    model = Splits().double()
+    x = torch.randn(batch, 4, 6, dtype=torch.float64)
+    jm = planned(model, x, mode)
+    assert jm.fallbacks == []
+    picks = [line for line in repr(jm).splitlines() if "getitem" in line]
+    assert len(picks) == 11 and all("index map (slice)" in line for line in picks), picks
