@@ -19,7 +19,7 @@ import torch
 from torch import fx, nn
 from torch._subclasses.fake_tensor import FakeTensor
 
-from . import graph_rules
+from . import graph_rules, traced_forms
 from .errors import GraphCaptureError, StructuredOutputError
 from .blocks import IDENTITY, NodeRule, accumulate, explicit_block
 from .plan import FlatWidths, short_repr
@@ -75,6 +75,9 @@ class _Tracer(fx.Tracer):
     def call_module(self, module, forward, args, kwargs):
         if threading.get_ident() != self._thread:
             return forward(*args, **kwargs)
+        form = traced_forms.form_for(module, args, kwargs)
+        if form is not None:  # a composite torch layer, traced into as the ops it is made of
+            return form()
         try:
             return super().call_module(module, forward, args, kwargs)
         except Exception:

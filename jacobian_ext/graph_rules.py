@@ -861,7 +861,8 @@ def rule_for(gm: fx.GraphModule, node: fx.Node, values: Dict, carries: Dict,
     if any(n in batch_axes for n in (node, *inputs)):
         # Only index maps know where the batch axis went; any other node is the fallback's, whose function
         # sees its inputs in its own layout (Evaluator.arguments).
-        native = _layout_rule(node, values, inputs, batch_axes, out_numel)
+        native = (_layout_rule(node, values, inputs, batch_axes, out_numel)
+                  or _layout_free_rule(gm, node, values, inputs, batch_axes))
     else:
         native = _native_rule(gm, node, values, inputs, out_numel)
     if native is not None:
@@ -1018,6 +1019,30 @@ def _layout_rule(node: fx.Node, values, inputs, batch_axes: Dict[fx.Node, int], 
     if node.target is operator.getitem:
         return _index_rule(node.args[1], ndim, x_axis, out_numel)
     return None
+
+
+def _layout_free_rule(gm, node: fx.Node, values, inputs, batch_axes: Dict[fx.Node, int]) -> Optional[NodeRule]:
+    """Nodes whose rule does not care where the batch axis is, as long as it stays put: activations (elementwise)
+    and a Linear over the last axis when the batch is not that axis (a time-major RNN's projections)."""
+    if len(inputs) != 1 or not node.args or node.args[0] is not inputs[0]:
+        return None
+    x = values[inputs[0]]
+    x_axis = batch_axes.get(inputs[0], 0)
+    if batch_axes.get(node, 0) != x_axis:
+        return None
+    module = gm.get_submodule(node.target) if node.op == "call_module" else None
+    if module is not None and layer_rules.rule_type(module) is nn.Linear:
+        return None if x_axis == x.dim() - 1 else _linear_rule(module, tuple(x.shape[1:]))
+    if values[node].shape != x.shape:
+        return None
+    features = math.prod(x.shape[1:])
+    if module is not None:
+        chain_rule = layer_rules.native_rule(module, tuple(x.shape[1:]))
+        if chain_rule is None or chain_rule.layer in ("softmax", "log_softmax"):
+            return None
+        return ReshapeRule(0) if chain_rule.is_reshape else _activation_rule(chain_rule.layer, features)
+    spec = layer_rules.functional_activation_spec(node.target, node.args, node.kwargs)
+    return None if spec is None else _activation_rule(spec, features)
 
 
 def _batch_first_position(axis: int, batch_axis: int) -> int:

@@ -40,17 +40,18 @@ class Block(nn.Module):
 
 
 class SequenceFirst(nn.Module):
-    """[B, T, H] -> [T, B, H] and back, with sequence-first slicing and a layer on the moved layout."""
+    """[B, T, H] -> [T, B, H] and back, with sequence-first slicing, a Linear and an activation on the moved
+    layout (their rules do not care where the batch axis is)."""
 
     def __init__(self):
         super().__init__()
-        self.inner = nn.Linear(4, 4)
-        self.out = nn.Linear(4, 2)
+        self.inner = nn.Linear(4, 5)
+        self.out = nn.Linear(6, 2)
 
     def forward(self, x):  # x [B, T, 4]
         steps = x.transpose(0, 1)  # [T, B, 4]
-        steps = torch.tanh(self.inner(steps))[1:, :, ::2]  # [T-1, B, 2]: stays sequence-first
-        last = steps[-1]  # [B, 2]
+        steps = torch.tanh(self.inner(steps))[1:, :, ::2]  # [T-1, B, 3]: stays sequence-first
+        last = steps[-1]  # [B, 3]
         return self.out(torch.cat([last, steps.permute(1, 0, 2)[:, 0]], dim=1))
 
 
@@ -85,7 +86,9 @@ def test_sequence_first_layouts(mode, batch):
     torch.manual_seed(1)
     model = SequenceFirst().double()
     x = torch.randn(batch, 6, 4, dtype=torch.float64)
-    plan = repr(planned(model, x, mode))
+    jm = planned(model, x, mode)
+    assert jm.fallbacks == []
+    plan = repr(jm)
     for node in ("transpose", "getitem", "getitem_1", "permute", "getitem_2"):
         line = next(line for line in plan.splitlines() if line.split() and line.split()[0] == node)
         assert "index map" in line, line
