@@ -74,9 +74,9 @@ sanitize: setup
 bench: build
 	$(PY) -m bench --memory --plot
 
-# Optional peers and the plot: JAX (CPU) and matplotlib.
+# Optional peers and extras: JAX (CPU), matplotlib for the plot, timm for bench.models' timm set.
 bench-peers: setup
-	$(PY) -m pip install -q jax jaxlib matplotlib
+	$(PY) -m pip install -q jax jaxlib matplotlib timm
 
 clean:
 	rm -rf build $(LIBRARY) jacobian_ext/_build_info.py *.egg-info
