@@ -6,7 +6,11 @@ from .functions import input_x_gradient, integrated_gradients, saliency, smoothg
 from .quadrature import METHODS, points_and_weights
 from .targets import classes
 
+# The classes that stand in for Captum's of the same name (tests/captum_swap.py runs Captum's tests on them).
+CAPTUM_CLASSES = ("Saliency", "InputXGradient", "IntegratedGradients", "NoiseTunnel")
+
 __all__ = [
     "saliency", "input_x_gradient", "integrated_gradients", "smoothgrad", "classes",
     "Saliency", "InputXGradient", "IntegratedGradients", "NoiseTunnel", "METHODS", "points_and_weights",
+    "CAPTUM_CLASSES",
 ]
