@@ -4,13 +4,14 @@ replacements for Captum's classes. `python -m jacobian_ext.explain --demo OUT.pn
 from .captum_api import InputXGradient, IntegratedGradients, NoiseTunnel, Saliency
 from .functions import input_x_gradient, integrated_gradients, saliency, smoothgrad
 from .quadrature import METHODS, points_and_weights
-from .targets import classes
+from .targets import InvalidTarget, InvalidTargetType, all_classes, classes
 
 # The classes that stand in for Captum's of the same name (tests/captum_swap.py runs Captum's tests on them).
 CAPTUM_CLASSES = ("Saliency", "InputXGradient", "IntegratedGradients", "NoiseTunnel")
 
 __all__ = [
-    "saliency", "input_x_gradient", "integrated_gradients", "smoothgrad", "classes",
+    "saliency", "input_x_gradient", "integrated_gradients", "smoothgrad", "classes", "all_classes",
+    "InvalidTarget", "InvalidTargetType",
     "Saliency", "InputXGradient", "IntegratedGradients", "NoiseTunnel", "METHODS", "points_and_weights",
     "CAPTUM_CLASSES",
 ]
