@@ -170,7 +170,7 @@ def test_noise_tunnel_tuple_inputs_same_noise(name, nt_type, batch_size):
 def test_additional_forward_args_per_sample_tensors_and_constants():
     model, inputs = two_inputs(3)
     shift = torch.randn(3, 10, dtype=torch.float64)  # per sample: expanded over steps and noise as in Captum
-    for arguments in ((shift, 2, [0.5, -1.5]), (None, 3), 2, (shift,)):
+    for arguments in ((shift, 2, [0.5, -1.5]), (None, 3), 2, (shift,), (shift, torch.tensor(2.0))):
         for name in ("Saliency", "InputXGradient", "IntegratedGradients"):
             ours, theirs = both(name, model)
             kwargs = dict(target=[2, 1, 0], additional_forward_args=arguments)
@@ -181,6 +181,14 @@ def test_additional_forward_args_per_sample_tensors_and_constants():
             nt_ours, nt_theirs = explain.NoiseTunnel(ours), captum_attr.NoiseTunnel(theirs)
             assert_same(nt_ours, nt_theirs, inputs, seed=11, nt_samples=3, nt_samples_batch_size=2, stdevs=0.1,
                         **kwargs)
+
+
+def test_additional_tensors_without_the_batch_dimension_are_passed_unchanged():
+    """As Captum's gradient methods pass them (its integration and noise expand them, which breaks for them)."""
+    model, inputs = two_inputs(3)
+    arguments = (torch.randn(1, 10, dtype=torch.float64), torch.tensor(2.0))
+    for name in ("Saliency", "InputXGradient"):
+        assert_same(*both(name, model), inputs, target=[2, 1, 0], additional_forward_args=arguments)
 
 
 def test_additional_forward_args_do_not_replan_when_unchanged():
