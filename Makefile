@@ -81,11 +81,12 @@ bench-peers: setup
 clean:
 	rm -rf build $(LIBRARY) jacobian_ext/_build_info.py *.egg-info
 
-# Captum's own tests of the classes jacobian_ext.explain replaces, run on ours (tests/captum_swap.py).
+# Captum's own tests of the classes jacobian_ext.explain replaces (explain.CAPTUM_CLASSES), run on ours
+# (tests/captum_swap.py).
 # CAPTUM_SRC: a checkout of pytorch/captum (its tests/ and captum/ folders); the tests run against that
 # checkout's captum package, so they match it. Skipped when CAPTUM_SRC is unset or holds no tests.
 CAPTUM_TESTS := test_saliency.py test_input_x_gradient.py test_integrated_gradients_basic.py \
-	test_integrated_gradients_classification.py test_targets.py test_hook_removal.py
+	test_integrated_gradients_classification.py test_gradient_shap.py test_targets.py test_hook_removal.py
 test-captum: build
 	@if [ -z "$(CAPTUM_SRC)" ] || [ ! -d "$(CAPTUM_SRC)/tests/attr" ]; then \
 		echo "test-captum: skipped (set CAPTUM_SRC to a pytorch/captum checkout)"; \

@@ -1,4 +1,5 @@
-"""Drop-in replacements for Captum's Saliency, InputXGradient, IntegratedGradients and NoiseTunnel, with
+"""Drop-in replacements for Captum's Saliency, InputXGradient, IntegratedGradients and NoiseTunnel (GradientShap:
+gradient_shap.py), with
 Captum's signatures and argument forms (captum_inputs.py: a tensor or a tuple of tensors, per-input
 baselines, additional_forward_args, N-d outputs; targets.py: every target form). Each object caches its
 plans, so repeated calls plan once. target=None means what it means in Captum, the model's one output per
@@ -8,7 +9,7 @@ from typing import Callable, Optional
 import torch
 
 from . import gradients as methods
-from .captum_inputs import EngineCache, as_captum_result
+from .captum_inputs import EngineCache, InvalidArgument, as_captum_result
 from .targets import parse_target
 
 
@@ -24,6 +25,25 @@ class _Attribution:
 
     def attribute_future(self, *args, **kwargs):
         raise NotImplementedError(f"attribute_future is not implemented for {type(self).__name__} (nor in Captum)")
+
+    def compute_convergence_delta(self, attributions, start_point, end_point, target=None,
+                                  additional_forward_args=None) -> torch.Tensor:
+        """Captum's delta of given attributions (any gradient method's, as Captum's GradientAttribution): their
+        sum per sample (and class, for several targets) minus f(end_point) - f(start_point); start_point takes
+        every form of baselines."""
+        call = self._engines.call(end_point, additional_forward_args, name="end_point")
+        spec = parse_target(target, call.batch, call.output_shape, none_means_all=False)
+        pieces = attributions if isinstance(attributions, tuple) else (attributions,)
+        if len(pieces) != len(call.inputs) or not all(isinstance(p, torch.Tensor) for p in pieces):
+            raise InvalidArgument(f"attributions must be a tensor per end_point tensor ({len(call.inputs)}), got "
+                                  f"{len(pieces)} of types {[type(p).__name__ for p in pieces]}")
+        for k, piece in enumerate(pieces):
+            if piece.shape[0] != call.batch:
+                raise InvalidArgument(f"attributions[{k}] has {piece.shape[0]} samples, its end_point {call.batch}")
+        with torch.no_grad():
+            sums = sum(p.reshape(call.batch, -1, t[:1].numel()).sum(-1) for p, t in zip(pieces, call.inputs))
+            sums = sums[:, 0] if spec.squeezes_row_axis else sums
+            return methods.convergence_delta(call.rows, sums, call.x, call.baseline(start_point, "start_point"), spec)
 
     def _prepare(self, inputs, target, additional_forward_args):
         """(the call on its engine, the checked target)."""
@@ -50,6 +70,14 @@ def finish(call, spec, result):
         pieces = [p.reshape(p.shape[0], *call.output_shape, *p.shape[2:]) for p in pieces]
     formatted = as_captum_result(pieces, call.given_as_tuple)
     return formatted if delta is None else (formatted, delta)
+
+
+def delta_on_engine(call, spec, attributions, end, start):
+    """Captum's completeness gap of engine-layout attributions: their sum over the attributed inputs (not
+    the per-sample arguments riding in the engine's input) minus f(end) - f(start)."""
+    row_axes = 0 if spec.squeezes_row_axis else 1
+    sums = sum(p.reshape(*p.shape[:1 + row_axes], -1).sum(-1) for p in call.unpack(attributions, row_axes))
+    return methods.convergence_delta(call.rows, sums, end, start, spec)
 
 
 class Saliency(_Attribution):
@@ -99,33 +127,10 @@ class IntegratedGradients(_Attribution):
                                                     self._multiply_by_inputs)
         if not return_convergence_delta:
             return attributions
-        return attributions, self._delta(call, spec, attributions, x, baseline)
+        return attributions, delta_on_engine(call, spec, attributions, x, baseline)
 
-    @staticmethod
-    def _delta(call, spec, attributions, end, start):
-        """Captum's completeness gap on the engine: the attributions' sum over the attributed inputs (not the
-        per-sample arguments riding in the engine's input) minus f(end) - f(start)."""
-        row_axes = 0 if spec.squeezes_row_axis else 1
-        sums = sum(p.reshape(*p.shape[:1 + row_axes], -1).sum(-1) for p in call.unpack(attributions, row_axes))
-        return methods.convergence_delta(call.rows, sums, end, start, spec)
 
-    def compute_convergence_delta(self, attributions, start_point, end_point, target=None,
-                                  additional_forward_args=None) -> torch.Tensor:
-        """Captum's delta of given attributions: their sum per sample (and class, for several targets) minus
-        f(end_point) - f(start_point); start_point takes every form of baselines."""
-        call = self._engines.call(end_point, additional_forward_args, name="end_point")
-        spec = parse_target(target, call.batch, call.output_shape, none_means_all=False)
-        pieces = attributions if isinstance(attributions, tuple) else (attributions,)
-        if len(pieces) != len(call.inputs) or not all(isinstance(p, torch.Tensor) for p in pieces):
-            raise ValueError(f"attributions must be a tensor per end_point tensor ({len(call.inputs)}), got "
-                             f"{len(pieces)} of types {[type(p).__name__ for p in pieces]}")
-        for k, piece in enumerate(pieces):
-            if piece.shape[0] != call.batch:
-                raise ValueError(f"attributions[{k}] has {piece.shape[0]} samples, its end_point {call.batch}")
-        with torch.no_grad():
-            sums = sum(p.reshape(call.batch, -1, t[:1].numel()).sum(-1) for p, t in zip(pieces, call.inputs))
-            sums = sums[:, 0] if spec.squeezes_row_axis else sums
-            return methods.convergence_delta(call.rows, sums, call.x, call.baseline(start_point, "start_point"), spec)
+_NOISE_TUNNEL_METHODS = (Saliency, InputXGradient, IntegratedGradients)
 
 
 class NoiseTunnel:
@@ -133,6 +138,8 @@ class NoiseTunnel:
     same torch seed and nt_samples_batch_size: per partition of copies, one draw per input tensor in order)."""
 
     def __init__(self, attribution_method: _Attribution):
+        if isinstance(attribution_method, _Attribution) and not isinstance(attribution_method, _NOISE_TUNNEL_METHODS):
+            raise NotImplementedError(f"NoiseTunnel around {type(attribution_method).__name__} is not supported")
         if not isinstance(attribution_method, _Attribution):
             raise TypeError("attribution_method must be an explain.Saliency, InputXGradient or IntegratedGradients, "
                             f"got {type(attribution_method).__name__}")

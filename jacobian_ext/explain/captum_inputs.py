@@ -27,6 +27,14 @@ from .rows import JacobianRows
 MAX_CACHED_ENGINES = 8
 
 
+class InvalidArgument(ValueError, AssertionError):
+    """An argument that does not fit the call; also an AssertionError, which is what Captum raises there."""
+
+
+class InvalidArgumentType(TypeError, AssertionError):
+    """An argument of the wrong type; also an AssertionError, which is what Captum raises there."""
+
+
 def as_tuple(inputs, name: str = "inputs") -> Tuple[Tuple[torch.Tensor, ...], bool]:
     """(the input tensors, whether they came as a tuple), checked as the engine needs them."""
     given_as_tuple = isinstance(inputs, tuple)
