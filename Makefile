@@ -86,7 +86,8 @@ clean:
 # CAPTUM_SRC: a checkout of pytorch/captum (its tests/ and captum/ folders); the tests run against that
 # checkout's captum package, so they match it. Skipped when CAPTUM_SRC is unset or holds no tests.
 CAPTUM_TESTS := test_saliency.py test_input_x_gradient.py test_integrated_gradients_basic.py \
-	test_integrated_gradients_classification.py test_gradient_shap.py test_targets.py test_hook_removal.py
+	test_integrated_gradients_classification.py test_gradient_shap.py test_targets.py test_hook_removal.py \
+	layer/test_layer_integrated_gradients.py layer/test_layer_gradient_x_activation.py
 test-captum: build
 	@if [ -z "$(CAPTUM_SRC)" ] || [ ! -d "$(CAPTUM_SRC)/tests/attr" ]; then \
 		echo "test-captum: skipped (set CAPTUM_SRC to a pytorch/captum checkout)"; \

@@ -7,8 +7,34 @@ captum.testing.attr.helpers.test_config, built when that module is imported. So 
 the config's algorithm lists before any test module is imported (pytest_configure), and every collected
 test module's own names before its tests run (pytest_collection_modifyitems). Captum's library modules
 are left alone, so Captum's other classes still use Captum's code. Generated tests of other algorithms
-are deselected: they test code that is not ours."""
+are deselected: they test code that is not ours. Tests of parts we do not support are expected to fail
+with our NotImplementedError or TypeError (UNSUPPORTED, each with its reason)."""
 import pytest
+
+_LAYER_LIST = "a list of layers (layer=[...]) is not supported"
+_TUPLE_LAYER = "a layer returning a tuple of tensors is not supported"
+# Captum tests of parts of the interface we do not support; each must raise NotImplementedError or
+# TypeError saying so (strict: a test that starts passing, or fails otherwise, is reported).
+UNSUPPORTED = {
+    "test_layer_integrated_gradients.py::Test::test_compare_with_emb_patching":
+        "integer per-sample additional_forward_args (token ids) in IntegratedGradients",
+    "test_layer_integrated_gradients.py::Test::test_compare_with_emb_patching_batch":
+        "integer per-sample additional_forward_args (token ids) in IntegratedGradients",
+    "test_layer_integrated_gradients.py::Test::test_compare_with_emb_patching_wo_mult_by_inputs":
+        "integer per-sample additional_forward_args (token ids) in IntegratedGradients",
+    "test_layer_integrated_gradients.py::Test::test_compare_with_layer_conductance_attr_to_inputs":
+        "attribute_to_layer_input=True",
+    "test_layer_integrated_gradients.py::Test::test_multiple_layers_multiple_input_outputs": _LAYER_LIST,
+    "test_layer_integrated_gradients.py::Test::test_multiple_layers_multiple_inputs_shared_input": _LAYER_LIST,
+    "test_layer_integrated_gradients.py::Test::test_multiple_layers_single_inputs": _LAYER_LIST,
+    "test_layer_integrated_gradients.py::Test::test_simple_multi_gradient_activation_with_unused_layer": _LAYER_LIST,
+    "test_layer_integrated_gradients.py::Test::test_multiple_tensors_compare_with_expected": _TUPLE_LAYER,
+    "test_layer_integrated_gradients.py::Test::test_multiple_tensors_compare_with_exp_wo_mult_by_inputs": _TUPLE_LAYER,
+    "test_layer_gradient_x_activation.py::Test::test_multi_layer_linear_gradient_activation": _LAYER_LIST,
+    "test_layer_gradient_x_activation.py::Test::test_multi_layer_multi_gradient_activation": _LAYER_LIST,
+    "test_layer_gradient_x_activation.py::Test::test_simple_multi_gradient_activation_with_unused_layer": _LAYER_LIST,
+    "test_layer_gradient_x_activation.py::Test::test_simple_multi_gradient_activation": _TUPLE_LAYER,
+}
 
 
 def _swaps():
@@ -57,6 +83,10 @@ def pytest_collection_modifyitems(config, items):
         for name, value in list(vars(module).items()):
             if isinstance(value, type) and value in swaps:
                 setattr(module, name, swaps[value])
+    for item in items:
+        reason = next((why for test, why in UNSUPPORTED.items() if item.nodeid.endswith("/" + test)), None)
+        if reason is not None:
+            item.add_marker(pytest.mark.xfail(reason=reason, strict=True, raises=(NotImplementedError, TypeError)))
     kept = [item for item in items if _is_ours(item, swaps.values())]
     deselected = [item for item in items if item not in kept]
     if deselected:

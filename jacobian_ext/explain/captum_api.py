@@ -1,9 +1,9 @@
-"""Drop-in replacements for Captum's Saliency, InputXGradient, IntegratedGradients and NoiseTunnel (GradientShap:
-gradient_shap.py), with
-Captum's signatures and argument forms (captum_inputs.py: a tensor or a tuple of tensors, per-input
-baselines, additional_forward_args, N-d outputs; targets.py: every target form). Each object caches its
-plans, so repeated calls plan once. target=None means what it means in Captum, the model's one output per
-sample; target=explain.all_classes (or explain.classes(...)) attributes several outputs in one pass."""
+"""Drop-in replacements for Captum's Saliency, InputXGradient, IntegratedGradients and NoiseTunnel
+(GradientShap: gradient_shap.py), with Captum's signatures and argument forms (captum_inputs.py: a tensor
+or a tuple of tensors, per-input baselines, additional_forward_args, N-d outputs; targets.py: every target
+form). Each object caches its plans, so repeated calls plan once. target=None means what it means in
+Captum, the model's one output per sample; target=explain.all_classes (or explain.classes(...))
+attributes several outputs in one pass."""
 from typing import Callable, Optional
 
 import torch

@@ -161,7 +161,7 @@ class EngineCache:
     def call(self, inputs, additional_forward_args=None, name: str = "inputs") -> CaptumCall:
         tensors, given_as_tuple = as_tuple(inputs, name)
         batch = tensors[0].shape[0]
-        arguments = _format_arguments(additional_forward_args)
+        arguments = format_arguments(additional_forward_args)
         per_sample = [k for k, a in enumerate(arguments or ())
                       if isinstance(a, torch.Tensor) and a.dim() > 0 and a.shape[0] == batch]
         for k in per_sample:
@@ -206,7 +206,7 @@ class EngineCache:
         return JacobianRows(packed, self._direct.mode), output_shape, True
 
 
-def _format_arguments(additional_forward_args) -> Optional[tuple]:
+def format_arguments(additional_forward_args) -> Optional[tuple]:
     """Captum's form: None, a tuple of arguments, or one argument (made a one-element tuple)."""
     if additional_forward_args is None:
         return None

@@ -1,0 +1,187 @@
+"""Attributions to a layer's output, with Captum's signatures: LayerGradientXActivation and
+LayerIntegratedGradients (e.g. to an nn.Embedding fed integer token ids, whose inputs have no gradient).
+
+The model is split at the layer by a forward hook: one forward records the layer's output (the activation),
+and a forward whose hook replaces the layer's output by given values is a function of those values; the
+rows of the targeted outputs with respect to them come from one backward per targeted row over the whole
+batch (the samples are independent, so the gradient of the batch's sum is each sample's own), all targeted
+rows of every integration step in one forward. The engine's rules are not used here: it has no Jacobian
+with respect to a module yet (its inputs must be floating-point tensors it can differentiate).
+Integration points, weights and their order are IntegratedGradients' (quadrature.py, step-major)."""
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+from .budget import rows_per_call
+from .captum_inputs import InvalidArgumentType, format_arguments
+from .gradients import per_sample_factor
+from .quadrature import points_and_weights
+from .targets import parse_target
+
+
+class _LayerAttribution:
+    def __init__(self, forward_func: Callable, layer: nn.Module, multiply_by_inputs: bool = True):
+        if not callable(forward_func):
+            raise TypeError(f"forward_func must be an nn.Module or a callable, got {type(forward_func).__name__}")
+        if not isinstance(layer, nn.Module):
+            raise TypeError(f"layer must be an nn.Module (one layer; lists are not supported), got "
+                            f"{type(layer).__name__}")
+        self.forward_func, self.layer = forward_func, layer
+        self._multiply_by_inputs = multiply_by_inputs
+
+    @property
+    def multiplies_by_inputs(self) -> bool:
+        return self._multiply_by_inputs
+
+    def attribute_future(self, *args, **kwargs):
+        raise NotImplementedError(f"attribute_future is not implemented for {type(self).__name__} (nor in Captum)")
+
+    def _run(self, inputs, arguments, replacement: Optional[torch.Tensor] = None):
+        """(model output, layer output) of forward_func(*inputs, *arguments); with a replacement, the layer's
+        output is replaced by it (the model then depends on it)."""
+        recorded = []
+
+        def hook(module, hook_inputs, output):
+            if not isinstance(output, torch.Tensor):
+                raise NotImplementedError(f"layer {type(module).__name__} returns a {type(output).__name__}; only a "
+                                          "layer returning one tensor is supported")
+            recorded.append(output)
+            if replacement is not None:
+                if replacement.shape != output.shape:
+                    raise ValueError(f"the layer's output has shape {list(output.shape)}, its replacement "
+                                     f"{list(replacement.shape)}")
+                return replacement
+            return None
+
+        handle = self.layer.register_forward_hook(hook)
+        try:
+            output = self.forward_func(*inputs, *(arguments or ()))
+        finally:
+            handle.remove()
+        if not recorded:
+            raise ValueError(f"layer {type(self.layer).__name__} did not run in forward_func")
+        if not isinstance(output, torch.Tensor) or output.dim() < 1:
+            raise ValueError(f"forward_func must return a tensor [B, *out], got "
+                             f"{list(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__}")
+        return output, recorded[0]
+
+    def _rows(self, inputs, arguments, values, spec):
+        """Rows of the targeted outputs with respect to the layer's output at `values` [B', *layer]:
+        [B', *layer], or [B', K, *layer] for several targets per sample."""
+        with torch.enable_grad():
+            values = values.detach().requires_grad_(True)
+            output, _ = self._run(inputs, arguments, values)
+            flat = output.reshape(output.shape[0], -1)
+            picked = spec.select(flat)
+            if spec.squeezes_row_axis:
+                (grad,) = torch.autograd.grad(picked.sum(), values)
+                return grad
+            columns = picked.unbind(1)
+            grads = [torch.autograd.grad(column.sum(), values, retain_graph=k + 1 < len(columns))[0]
+                     for k, column in enumerate(columns)]
+            return torch.stack(grads, 1)
+
+    def _prepare(self, inputs, target, additional_forward_args):
+        given = inputs if isinstance(inputs, tuple) else (inputs,)
+        for k, tensor in enumerate(given):
+            if not isinstance(tensor, torch.Tensor):
+                raise InvalidArgumentType(f"inputs[{k}] must be a torch.Tensor, got {type(tensor).__name__}")
+        arguments = format_arguments(additional_forward_args)
+        with torch.no_grad():
+            output, activation = self._run(given, arguments)
+        spec = parse_target(target, output.shape[0], tuple(output.shape[1:]), none_means_all=False)
+        return given, arguments, spec, output, activation
+
+
+class LayerGradientXActivation(_LayerAttribution):
+    """Captum's LayerGradientXActivation: the gradient of the target with respect to the layer's output,
+    times that output (multiply_by_inputs=False: the gradient alone)."""
+
+    def attribute(self, inputs, target=None, additional_forward_args=None, attribute_to_layer_input: bool = False):
+        if attribute_to_layer_input:
+            raise NotImplementedError("attribute_to_layer_input=True is not supported")
+        given, arguments, spec, _, activation = self._prepare(inputs, target, additional_forward_args)
+        grads = self._rows(given, arguments, activation, spec)
+        with torch.no_grad():
+            return grads * per_sample_factor(activation, spec) if self._multiply_by_inputs else grads
+
+
+class LayerIntegratedGradients(_LayerAttribution):
+    """Captum's LayerIntegratedGradients: integrated gradients in the layer's output space, from the layer's
+    output at the baselines (inputs' baselines: None, a number, a tensor, or a tuple of those) to its output
+    at the inputs."""
+
+    def has_convergence_delta(self) -> bool:
+        return True
+
+    def attribute(self, inputs, baselines=None, target=None, additional_forward_args=None, n_steps: int = 50,
+                  method: str = "gausslegendre", internal_batch_size: Optional[int] = None,
+                  return_convergence_delta: bool = False, attribute_to_layer_input: bool = False):
+        if attribute_to_layer_input:
+            raise NotImplementedError("attribute_to_layer_input=True is not supported")
+        given, arguments, spec, output, activation = self._prepare(inputs, target, additional_forward_args)
+        starts = _input_baselines(baselines, given)
+        with torch.no_grad():
+            start_output, start_activation = self._run(starts, arguments)
+        alphas, weights = (t.to(dtype=activation.dtype, device=activation.device)
+                           for t in points_and_weights(method, n_steps))
+        batch, path = activation.shape[0], activation - start_activation
+        # Whole steps per forward: internal_batch_size points (Captum's meaning), else what fits the memory.
+        width = 1 if spec.squeezes_row_axis else len(spec.rows) if spec.rows is not None else output[:1].numel()
+        bytes_per_row = 3 * width * activation[:1].numel() * activation.element_size()
+        points = rows_per_call(n_steps * batch, batch, bytes_per_row, activation.device, internal_batch_size)
+        steps_per_call = max(1, points // max(batch, 1))
+        total = None
+        for first in range(0, n_steps, steps_per_call):
+            steps = range(first, min(n_steps, first + steps_per_call))
+            values = torch.cat([start_activation + alphas[s] * path for s in steps])
+            expand = len(steps)
+            rows = self._rows(tuple(_repeat(t, expand) for t in given), _repeat_arguments(arguments, expand), values,
+                              spec.repeat(expand))
+            with torch.no_grad():
+                weighted = rows.view(expand, batch, *rows.shape[1:]) * weights[first:first + expand].view(
+                    -1, *[1] * rows.dim())
+                total = weighted.sum(0) if total is None else total + weighted.sum(0)
+        with torch.no_grad():
+            attributions = total * per_sample_factor(path, spec) if self._multiply_by_inputs else total
+            if not return_convergence_delta:
+                return attributions
+            sums = attributions.reshape(*attributions.shape[:1 + (not spec.squeezes_row_axis)], -1).sum(-1)
+            change = spec.select(output.reshape(batch, -1)) - spec.select(start_output.reshape(batch, -1))
+            return attributions, sums - change
+
+
+def _repeat(value, times: int):
+    """Captum's expansion of an input or argument over integration steps: tensors with a batch dimension
+    repeated step-major (torch.cat of copies), anything else unchanged."""
+    if isinstance(value, torch.Tensor) and value.dim() > 0 and times > 1:
+        return torch.cat([value] * times)
+    return value
+
+
+def _repeat_arguments(arguments, times: int):
+    return None if arguments is None else tuple(_repeat(a, times) for a in arguments)
+
+
+def _input_baselines(baselines, inputs):
+    """Captum's baselines of the inputs (None: zeros; a number; a tensor [B or 1, *in]; a tuple of those),
+    as tensors like the inputs (their dtype: integer token ids have integer baselines)."""
+    per_input = baselines if isinstance(baselines, tuple) else (baselines,) * len(inputs)
+    if len(per_input) != len(inputs):
+        raise ValueError(f"baselines as a tuple needs one entry per input tensor ({len(inputs)}), got {len(per_input)}")
+    starts = []
+    for k, (baseline, x) in enumerate(zip(per_input, inputs)):
+        if baseline is None:
+            baseline = 0
+        if isinstance(baseline, (int, float)) and not isinstance(baseline, bool):
+            starts.append(torch.full_like(x, baseline))
+            continue
+        if not isinstance(baseline, torch.Tensor):
+            raise TypeError(f"baselines[{k}] must be None, a number or a tensor, got {type(baseline).__name__}")
+        if baseline.shape[1:] != x.shape[1:] or baseline.shape[0] not in (1, x.shape[0]):
+            raise ValueError(f"baselines[{k}] must have the shape of its input {list(x.shape)} or [1, *in], got "
+                             f"{list(baseline.shape)}")
+        starts.append(baseline.expand_as(x).to(x.dtype))
+    return tuple(starts)
+

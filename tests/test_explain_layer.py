@@ -1,0 +1,109 @@
+"""explain.LayerIntegratedGradients and LayerGradientXActivation against Captum's in float64 (to 1e-9):
+attributions to an nn.Embedding's output of a text model fed integer token ids, and to a hidden layer of an
+MLP; every target form, baselines, additional_forward_args, internal_batch_size, deltas; hooks removed."""
+import warnings
+
+import pytest
+import torch
+from test_explain_captum_interface import assert_close
+from torch import nn
+
+from jacobian_ext import explain
+
+captum_attr = pytest.importorskip("captum.attr")
+VOCABULARY, WIDTH, C = 30, 6, 4
+
+
+@pytest.fixture(autouse=True)
+def quiet_captum():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        yield
+
+
+class TextModel(nn.Module):
+    """Token ids [B, T] -> class scores [B, C]; an optional per-sample mask [B, T] as an extra argument."""
+
+    def __init__(self):
+        super().__init__()
+        self.embedding = nn.Embedding(VOCABULARY, WIDTH)
+        self.mix = nn.Linear(WIDTH, WIDTH)
+        self.head = nn.Linear(WIDTH, C)
+
+    def forward(self, ids, mask=None, temperature=1.0):
+        hidden = torch.tanh(self.mix(self.embedding(ids)))
+        weights = torch.ones(ids.shape, dtype=hidden.dtype) if mask is None else mask
+        pooled = (hidden * weights.unsqueeze(-1)).sum(1) / weights.sum(1, keepdim=True)
+        return torch.softmax(self.head(pooled) / temperature, dim=1)
+
+
+def text_case(batch):
+    model = TextModel().double()
+    ids = torch.randint(1, VOCABULARY, (batch, 5))
+    return model, ids
+
+
+def both(name, model, layer, **kwargs):
+    return getattr(explain, name)(model, layer, **kwargs), getattr(captum_attr, name)(model, layer, **kwargs)
+
+
+def targets(batch):
+    return [2, [b % C for b in range(batch)], torch.arange(batch) % C]
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_layer_integrated_gradients_on_an_embedding(batch):
+    model, ids = text_case(batch)
+    mask = torch.rand(batch, 5, dtype=torch.float64) + 0.5
+    for target in targets(batch):
+        for kwargs in (dict(), dict(baselines=0, method="riemann_trapezoid", n_steps=9),
+                       dict(baselines=torch.zeros(1, 5, dtype=torch.long), n_steps=6, internal_batch_size=2 * batch),
+                       dict(additional_forward_args=(mask, 0.5), n_steps=5)):
+            for multiply in (True, False):
+                ours, theirs = both("LayerIntegratedGradients", model, model.embedding, multiply_by_inputs=multiply)
+                mine, delta = ours.attribute(ids, target=target, return_convergence_delta=True, **kwargs)
+                expected, expected_delta = theirs.attribute(ids, target=target, return_convergence_delta=True, **kwargs)
+                assert_close(mine, expected)
+                assert_close(delta, expected_delta, scale=expected.abs().sum().item() + 1.0)
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_layer_gradient_x_activation(batch):
+    model, ids = text_case(batch)
+    for target in targets(batch):
+        for layer in (model.embedding, model.mix):
+            for multiply in (True, False):
+                ours, theirs = both("LayerGradientXActivation", model, layer, multiply_by_inputs=multiply)
+                assert_close(ours.attribute(ids, target=target), theirs.attribute(ids, target=target))
+
+
+def test_layer_attributions_of_a_hidden_layer_with_tuple_inputs():
+    first, second = nn.Linear(3, 5).double(), nn.Linear(5, C).double()
+    model = lambda a, b: second(torch.relu(first(a * b)))  # noqa: E731
+    inputs = (torch.randn(4, 3, dtype=torch.float64), torch.randn(4, 3, dtype=torch.float64))
+    ours, theirs = both("LayerIntegratedGradients", model, first)
+    assert_close(ours.attribute(inputs, baselines=(0.0, 1.0), target=[0, 1, 2, 3], n_steps=8),
+                 theirs.attribute(inputs, baselines=(0.0, 1.0), target=[0, 1, 2, 3], n_steps=8))
+    every = ours.attribute(inputs, target=explain.all_classes, n_steps=8)
+    assert every.shape == (4, C, 5)
+    assert_close(every[:, 2], theirs.attribute(inputs, target=2, n_steps=8))
+
+
+def test_layer_errors_and_hooks_removed():
+    model, ids = text_case(2)
+    with pytest.raises(TypeError, match="lists are not supported"):
+        explain.LayerIntegratedGradients(model, [model.embedding, model.mix])
+    for method in (explain.LayerIntegratedGradients(model, model.embedding),
+                   explain.LayerGradientXActivation(model, model.embedding)):
+        with pytest.raises(NotImplementedError, match="attribute_to_layer_input"):
+            method.attribute(ids, target=0, attribute_to_layer_input=True)
+        with pytest.raises(AssertionError, match="target=None needs a model with one output"):
+            method.attribute(ids)
+        with pytest.raises(ValueError, match="out of range"):
+            method.attribute(ids, target=C)
+        with pytest.raises(NotImplementedError, match="attribute_future"):
+            method.attribute_future()
+    with pytest.raises(ValueError, match="did not run"):
+        explain.LayerGradientXActivation(model, nn.Linear(2, 2)).attribute(ids, target=0)
+    for module in model.modules():
+        assert not module._forward_hooks
