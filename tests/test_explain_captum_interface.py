@@ -306,3 +306,20 @@ def test_bad_input_raises_naming_the_argument():
         ig.compute_convergence_delta((inputs[0],), 0.0, inputs, target=0)
     with pytest.raises(ValueError, match="forward_func must return a tensor"):
         explain.Saliency(lambda a, b: (a, b)).attribute(inputs)
+
+
+def test_a_replaced_last_layer_is_seen_on_the_next_call():
+    """The engines are cached per call signature; a new output width must not be served the old plan."""
+    model, inputs = two_inputs(2)
+    ours, theirs = both("Saliency", model)
+    ours.attribute(inputs, target=explain.all_classes)
+    model.second = nn.Linear(8, C + 2).double()
+    every = ours.attribute(inputs, target=explain.all_classes)
+    assert every[0].shape == (2, C + 2, 4)
+    assert_close(tuple(e[:, C + 1] for e in every), theirs.attribute(inputs, target=C + 1, abs=True))
+    mlp = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, C)).double()
+    ours, theirs = both("Saliency", mlp)
+    x = inputs[0]
+    ours.attribute(x, target=0)
+    mlp.append(nn.Unflatten(1, (1, C)))  # now [B, 1, C]: targets are tuples
+    assert_close(ours.attribute(x, target=(0, 2)), theirs.attribute(x, target=(0, 2)))

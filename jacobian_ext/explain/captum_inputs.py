@@ -18,6 +18,7 @@ from typing import Callable, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from ..api import _layout, _same_layout
 from ..graph import capture_root
 from ..structured import PackedModel
 from .gradients import baseline_tensor
@@ -148,14 +149,16 @@ class CaptumCall:
 
 class EngineCache:
     """The engines of one attribution object, per call signature: the per-sample shapes of the inputs and
-    of the per-sample arguments, dtype, device, the model's parameter shapes and the fixed arguments
-    (numbers and lists by value, tensors by identity and version), since graph capture bakes those in."""
+    of the per-sample arguments, dtype, device and the fixed arguments (numbers and lists by value, tensors
+    by identity and version), since graph capture bakes those in; all rebuilt when the model changes
+    (_still_valid)."""
 
     def __init__(self, forward_func: Callable):
         if not callable(forward_func):
             raise TypeError(f"forward_func must be an nn.Module or a callable, got {type(forward_func).__name__}")
         self.forward_func = forward_func
         self._direct = JacobianRows(forward_func)
+        self._root = capture_root(forward_func)  # the modules forward_func runs, for _still_valid
         self._engines: "OrderedDict[tuple, tuple]" = OrderedDict()
 
     def call(self, inputs, additional_forward_args=None, name: str = "inputs") -> CaptumCall:
@@ -174,21 +177,30 @@ class EngineCache:
                     f"({tensors[0].dtype} on {tensors[0].device})")
         key = (tuple(tuple(t.shape[1:]) for t in tensors),
                tuple(tuple(arguments[k].shape[1:]) for k in per_sample), tensors[0].dtype, tensors[0].device,
-               _parameter_shapes(self.forward_func),
                tuple(_fixed_key(a) for k, a in enumerate(arguments or ()) if k not in per_sample)
                if arguments is not None else None, tuple(per_sample))
         engine = self._engines.get(key)
+        if engine is not None and not self._still_valid(engine):
+            self._engines.clear()  # every engine, the direct one too, was built for the old model
+            self._direct = JacobianRows(self.forward_func)
+            engine = None
         if engine is None:
             engine = self._engines[key] = self._engine(tensors, arguments, per_sample)
             if len(self._engines) > MAX_CACHED_ENGINES:
                 self._engines.popitem(last=False)
         else:
             self._engines.move_to_end(key)
-        rows, output_shape, packed = engine
+        rows, output_shape, packed, _ = engine
         return CaptumCall(tensors, given_as_tuple, arguments, per_sample, rows, output_shape, packed)
+
+    def _still_valid(self, engine) -> bool:
+        """Whether the model is still the one the engine was built for: the same module objects, parameter
+        shapes and training flags (a replaced or appended layer may change the output shape)."""
+        return _same_layout(engine[3], _layout(self._root))
 
     def _engine(self, tensors, arguments, per_sample):
         self._direct._check_eval_mode()  # before the probe, which would update BatchNorm statistics or draw dropout
+        layout = _layout(self._root)
         model = _WithArguments(self.forward_func, len(tensors), arguments, per_sample)
         engine_inputs = (*tensors, *(arguments[k] for k in per_sample))
         probes = [t[:1] if t.shape[0] else t.new_zeros((1, *t.shape[1:])) for t in engine_inputs]
@@ -201,9 +213,9 @@ class EngineCache:
         output_shape = tuple(output.shape[1:])
         if len(tensors) == 1 and tensors[0].dim() >= 2 and not per_sample and len(output_shape) == 1:
             rows = self._direct if arguments is None else JacobianRows(model)
-            return rows, output_shape, False
+            return rows, output_shape, False, layout
         packed = PackedModel(model, [t.shape[1:] for t in engine_inputs], [math.prod(output_shape)])
-        return JacobianRows(packed, self._direct.mode), output_shape, True
+        return JacobianRows(packed, self._direct.mode), output_shape, True, layout
 
 
 def format_arguments(additional_forward_args) -> Optional[tuple]:
@@ -217,11 +229,6 @@ def _fixed_key(argument):
     if isinstance(argument, torch.Tensor):
         return ("tensor", id(argument), argument._version)
     return (type(argument).__name__, repr(argument))
-
-
-def _parameter_shapes(forward_func) -> tuple:
-    owner = forward_func if isinstance(forward_func, nn.Module) else getattr(forward_func, "__self__", None)
-    return tuple(p.shape for p in owner.parameters()) if isinstance(owner, nn.Module) else ()
 
 
 def _is_number(value) -> bool:
