@@ -16,12 +16,6 @@ _TUPLE_LAYER = "a layer returning a tuple of tensors is not supported"
 # Captum tests of parts of the interface we do not support; each must raise NotImplementedError or
 # TypeError saying so (strict: a test that starts passing, or fails otherwise, is reported).
 UNSUPPORTED = {
-    "test_layer_integrated_gradients.py::Test::test_compare_with_emb_patching":
-        "integer per-sample additional_forward_args (token ids) in IntegratedGradients",
-    "test_layer_integrated_gradients.py::Test::test_compare_with_emb_patching_batch":
-        "integer per-sample additional_forward_args (token ids) in IntegratedGradients",
-    "test_layer_integrated_gradients.py::Test::test_compare_with_emb_patching_wo_mult_by_inputs":
-        "integer per-sample additional_forward_args (token ids) in IntegratedGradients",
     "test_layer_integrated_gradients.py::Test::test_compare_with_layer_conductance_attr_to_inputs":
         "attribute_to_layer_input=True",
     "test_layer_integrated_gradients.py::Test::test_multiple_layers_multiple_input_outputs": _LAYER_LIST,

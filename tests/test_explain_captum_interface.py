@@ -170,7 +170,8 @@ def test_noise_tunnel_tuple_inputs_same_noise(name, nt_type, batch_size):
 def test_additional_forward_args_per_sample_tensors_and_constants():
     model, inputs = two_inputs(3)
     shift = torch.randn(3, 10, dtype=torch.float64)  # per sample: expanded over steps and noise as in Captum
-    for arguments in ((shift, 2, [0.5, -1.5]), (None, 3), 2, (shift,), (shift, torch.tensor(2.0))):
+    for arguments in ((shift, 2, [0.5, -1.5]), (None, 3), 2, (shift,), (shift, torch.tensor(2.0)),
+                      (torch.randint(-3, 4, (3, 10)),), (shift.float(),)):  # other dtypes ride exactly
         for name in ("Saliency", "InputXGradient", "IntegratedGradients"):
             ours, theirs = both(name, model)
             kwargs = dict(target=[2, 1, 0], additional_forward_args=arguments)
@@ -298,8 +299,8 @@ def test_bad_input_raises_naming_the_argument():
         ig.attribute(inputs, baselines=(0.0, torch.zeros(3, 6, dtype=torch.float64)), target=0)
     with pytest.raises(TypeError, match=r"baselines\[0\] must be None, a number or a tensor"):
         ig.attribute(inputs, baselines=("zero", 0.0), target=0)
-    with pytest.raises(NotImplementedError, match=r"additional_forward_args\[0\] is a per-sample tensor"):
-        ig.attribute(inputs, target=0, additional_forward_args=(torch.ones(3, 10, dtype=torch.long),))
+    with pytest.raises(NotImplementedError, match=r"additional_forward_args\[0\] is a per-sample tensor.*exactly"):
+        ig.attribute(inputs, target=0, additional_forward_args=(torch.full((3, 10), 2**60),))
     with pytest.raises(ValueError, match="stdevs as a tuple needs one value per input"):
         explain.NoiseTunnel(ig).attribute(inputs, stdevs=(0.1,), target=0)
     with pytest.raises(ValueError, match="attributions"):

@@ -9,8 +9,10 @@ the per-sample additional arguments, side by side in one z [B, sum D_k], and the
 [B, prod(out)]. Per-sample additional arguments are the tensors with a batch dimension (dim 0 of size B):
 the ones Captum expands with the inputs over integration steps and noise samples. In z they ride along
 undifferentiated: their baseline is their own value, so every integration point and noisy copy carries
-them unchanged, and their columns are dropped from the results. Every other argument (numbers, lists,
-None, tensors without the batch dimension) is passed unchanged to every call, as Captum passes it."""
+them unchanged, and their columns are dropped from the results; one of another dtype (token ids, a bool
+mask) rides in the inputs' dtype and is converted back for the model, where that is exact. Every other
+argument (numbers, lists, None, tensors without the batch dimension) is passed unchanged to every call, as
+Captum passes it."""
 import math
 from collections import OrderedDict
 from typing import Callable, List, Optional, Sequence, Tuple
@@ -81,7 +83,9 @@ class _WithArguments(nn.Module):
             return self.forward_func(*tensors)
         arguments = list(self.arguments)
         for position, value in zip(self.per_sample, tensors[self.num_inputs:]):
-            arguments[position] = value
+            dtype = self.arguments[position].dtype
+            # An argument of another dtype travels in the inputs' (exactly: checked by EngineCache.call).
+            arguments[position] = value if value.dtype == dtype else value.to(dtype)
         return self.forward_func(*tensors[:self.num_inputs], *arguments)
 
 
@@ -100,7 +104,9 @@ class CaptumCall:
         self.x = self.pack(inputs)
 
     def _argument_tensors(self) -> List[torch.Tensor]:
-        return [self.arguments[k] for k in self.per_sample]
+        """The per-sample arguments in the inputs' dtype, as they travel in z."""
+        dtype = self.inputs[0].dtype
+        return [self.arguments[k].to(dtype) for k in self.per_sample]
 
     def pack(self, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
         """The engine's input for input tensors shaped like the inputs (noisy copies: a multiple of the
@@ -168,15 +174,10 @@ class EngineCache:
         per_sample = [k for k, a in enumerate(arguments or ())
                       if isinstance(a, torch.Tensor) and a.dim() > 0 and a.shape[0] == batch]
         for k in per_sample:
-            argument = arguments[k]
-            if argument.dtype != tensors[0].dtype or argument.device != tensors[0].device:
-                raise NotImplementedError(
-                    f"additional_forward_args[{k}] is a per-sample tensor (its dim 0 is the batch) of dtype "
-                    f"{argument.dtype} on {argument.device}; per-sample arguments travel with the inputs in one "
-                    f"floating-point tensor, so they must share the inputs' dtype and device "
-                    f"({tensors[0].dtype} on {tensors[0].device})")
+            _check_travels_exactly(arguments[k], tensors[0], f"additional_forward_args[{k}]")
         key = (tuple(tuple(t.shape[1:]) for t in tensors),
-               tuple(tuple(arguments[k].shape[1:]) for k in per_sample), tensors[0].dtype, tensors[0].device,
+               tuple((tuple(arguments[k].shape[1:]), arguments[k].dtype) for k in per_sample), tensors[0].dtype,
+               tensors[0].device,
                tuple(_fixed_key(a) for k, a in enumerate(arguments or ()) if k not in per_sample)
                if arguments is not None else None, tuple(per_sample))
         engine = self._engines.get(key)
@@ -216,6 +217,26 @@ class EngineCache:
             return rows, output_shape, False, layout
         packed = PackedModel(model, [t.shape[1:] for t in engine_inputs], [math.prod(output_shape)])
         return JacobianRows(packed, self._direct.mode), output_shape, True, layout
+
+
+def _check_travels_exactly(argument: torch.Tensor, x: torch.Tensor, name: str) -> None:
+    """A per-sample argument rides in the inputs' floating dtype: it must convert there and back unchanged
+    (integers, e.g. token ids or masks, up to the dtype's exact range; bool; a floating dtype no wider)."""
+    if argument.device != x.device:
+        raise NotImplementedError(f"{name} is a per-sample tensor (its dim 0 is the batch) on {argument.device}, the "
+                                  f"inputs on {x.device}: per-sample arguments travel with the inputs, on their device")
+    if argument.is_complex():
+        fits = False
+    elif argument.is_floating_point():
+        fits = torch.promote_types(argument.dtype, x.dtype) == x.dtype
+    elif argument.dtype == torch.bool or argument.numel() == 0:
+        fits = True
+    else:  # every integer up to 2 / eps (2 ** (mantissa bits + 1)) is exact
+        fits = int(argument.abs().max()) <= 2 / torch.finfo(x.dtype).eps
+    if not fits:
+        raise NotImplementedError(
+            f"{name} is a per-sample tensor (its dim 0 is the batch) of dtype {argument.dtype}; per-sample arguments "
+            f"travel with the inputs in one {x.dtype} tensor, which cannot hold its values exactly")
 
 
 def format_arguments(additional_forward_args) -> Optional[tuple]:
