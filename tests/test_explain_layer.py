@@ -105,5 +105,9 @@ def test_layer_errors_and_hooks_removed():
             method.attribute_future()
     with pytest.raises(ValueError, match="did not run"):
         explain.LayerGradientXActivation(model, nn.Linear(2, 2)).attribute(ids, target=0)
-    for module in model.modules():
+    shared = nn.Linear(4, 4).double()
+    reused = lambda v: shared(torch.tanh(shared(v)))  # noqa: E731
+    with pytest.raises(NotImplementedError, match="more than once"):
+        explain.LayerIntegratedGradients(reused, shared).attribute(torch.randn(2, 4, dtype=torch.float64), target=0)
+    for module in (*model.modules(), shared):
         assert not module._forward_hooks

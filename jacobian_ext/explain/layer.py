@@ -46,6 +46,9 @@ class _LayerAttribution:
             if not isinstance(output, torch.Tensor):
                 raise NotImplementedError(f"layer {type(module).__name__} returns a {type(output).__name__}; only a "
                                           "layer returning one tensor is supported")
+            if recorded:  # which call's output would be meant, and replaced, is ambiguous
+                raise NotImplementedError(f"layer {type(module).__name__} runs more than once in one forward; "
+                                          "attributing to a layer called several times is not supported")
             recorded.append(output)
             if replacement is not None:
                 if replacement.shape != output.shape:
