@@ -4,54 +4,14 @@ one-element tuples, additional_forward_args, models with one output per sample a
 feature dimension (target=None), N-d outputs with tuple targets, internal_batch_size, convergence deltas
 and compute_convergence_delta, attribute_future, Captum's errors for invalid targets, and bad input.
 (make test-captum runs Captum's own test files on these classes.)"""
-import warnings
-
 import pytest
 import torch
+from captum_checks import C, assert_close, quiet_captum, two_inputs  # noqa: F401  (quiet_captum: autouse)
 from torch import nn
 
 from jacobian_ext import explain
 
 captum_attr = pytest.importorskip("captum.attr")
-
-TOLERANCE = 1e-9
-C = 3
-
-
-@pytest.fixture(autouse=True)
-def quiet_captum():
-    with warnings.catch_warnings():  # Captum warns that it set requires_grad on our inputs
-        warnings.simplefilter("ignore", UserWarning)
-        yield
-
-
-def assert_close(actual, expected, scale=None):
-    """Tensors, or tuples of them, equal to TOLERANCE times the expected values' largest entry."""
-    if isinstance(expected, tuple):
-        assert isinstance(actual, tuple) and len(actual) == len(expected), f"{type(actual)} vs a tuple of {len(expected)}"
-        scale = scale if scale is not None else max(e.abs().max().item() for e in expected)
-        for a, e in zip(actual, expected):
-            assert_close(a, e, scale)
-        return
-    assert isinstance(actual, torch.Tensor), f"got {type(actual).__name__}, expected a tensor"
-    assert actual.shape == expected.shape, f"{tuple(actual.shape)} != {tuple(expected.shape)}"
-    scale = max(scale if scale is not None else expected.abs().max().item(), 1e-30)
-    error = (actual - expected).abs().max().item() if expected.numel() else 0.0
-    assert error <= TOLERANCE * scale, f"error {error:.3e}, scale {scale:.3e}"
-
-
-class TwoInputs(nn.Module):
-    """model(a [B, 4], b [B, 2, 3]) -> [B, C]; optional additional arguments as Captum passes them."""
-
-    def __init__(self):
-        super().__init__()
-        self.first, self.second = nn.Linear(10, 8), nn.Linear(8, C)
-
-    def forward(self, a, b, shift=None, power=1, weights=(1.0, 1.0)):
-        h = torch.cat([a * weights[0], b.flatten(1) * weights[1]], dim=1)
-        if shift is not None:
-            h = h + shift
-        return self.second(torch.tanh(self.first(h)) ** power)
 
 
 class GridOutput(nn.Module):
@@ -63,10 +23,6 @@ class GridOutput(nn.Module):
 
     def forward(self, x):
         return torch.sigmoid(self.linear(x)).view(-1, 2, C)
-
-
-def two_inputs(batch):
-    return TwoInputs().double(), (torch.randn(batch, 4, dtype=torch.float64), torch.randn(batch, 2, 3, dtype=torch.float64))
 
 
 def both(name, model, *args, **kwargs):

@@ -1,22 +1,13 @@
 """explain.GradientShap against Captum's in float64 (to 1e-9): the same random draws for the same torch and
 NumPy seeds (baseline rows, noise, points on the segments), tuple inputs, deltas, callable baselines."""
-import warnings
-
 import numpy as np
 import pytest
 import torch
-from test_explain_captum_interface import assert_close, two_inputs
+from captum_checks import assert_close, quiet_captum, two_inputs  # noqa: F401  (quiet_captum: autouse)
 
 from jacobian_ext import explain
 
 captum_attr = pytest.importorskip("captum.attr")
-
-
-@pytest.fixture(autouse=True)
-def quiet_captum():
-    with warnings.catch_warnings():  # Captum warns that it set requires_grad on our inputs
-        warnings.simplefilter("ignore", UserWarning)
-        yield
 
 
 def both_with_one_seed(model, inputs, multiply_by_inputs=True, **kwargs):

@@ -1,24 +1,15 @@
 """explain.LayerIntegratedGradients and LayerGradientXActivation against Captum's in float64 (to 1e-9):
 attributions to an nn.Embedding's output of a text model fed integer token ids, and to a hidden layer of an
 MLP; every target form, baselines, additional_forward_args, internal_batch_size, deltas; hooks removed."""
-import warnings
-
 import pytest
 import torch
-from test_explain_captum_interface import assert_close
+from captum_checks import assert_close, quiet_captum  # noqa: F401  (quiet_captum: autouse)
 from torch import nn
 
 from jacobian_ext import explain
 
 captum_attr = pytest.importorskip("captum.attr")
 VOCABULARY, WIDTH, C = 30, 6, 4
-
-
-@pytest.fixture(autouse=True)
-def quiet_captum():
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        yield
 
 
 class TextModel(nn.Module):
