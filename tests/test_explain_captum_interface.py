@@ -280,3 +280,15 @@ def test_a_replaced_last_layer_is_seen_on_the_next_call():
     ours.attribute(x, target=0)
     mlp.append(nn.Unflatten(1, (1, C)))  # now [B, 1, C]: targets are tuples
     assert_close(ours.attribute(x, target=(0, 2)), theirs.attribute(x, target=(0, 2)))
+
+
+def test_an_empty_batch_gives_empty_results_of_every_form():
+    model, inputs = two_inputs(0)
+    for method, kwargs in ((explain.Saliency(model), {}), (explain.InputXGradient(model), {}),
+                           (explain.NoiseTunnel(explain.Saliency(model)), dict(nt_samples=2)),
+                           (explain.GradientShap(model), dict(baselines=(torch.zeros(2, 4, dtype=torch.float64), 0.0)))):
+        result = method.attribute(inputs, target=1, **kwargs)
+        assert [tuple(r.shape) for r in result] == [(0, 4), (0, 2, 3)]
+    result, delta = explain.IntegratedGradients(model).attribute(inputs, target=[], n_steps=3,
+                                                                 return_convergence_delta=True)
+    assert [tuple(r.shape) for r in result] == [(0, 4), (0, 2, 3)] and delta.shape == (0,)

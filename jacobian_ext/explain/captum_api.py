@@ -41,8 +41,9 @@ class _Attribution:
             if piece.shape[0] != call.batch:
                 raise InvalidArgument(f"attributions[{k}] has {piece.shape[0]} samples, its end_point {call.batch}")
         with torch.no_grad():
-            sums = sum(p.reshape(call.batch, -1, t[:1].numel()).sum(-1) for p, t in zip(pieces, call.inputs))
-            sums = sums[:, 0] if spec.squeezes_row_axis else sums
+            row_axes = 0 if spec.squeezes_row_axis else 1
+            sums = sum(methods.sum_over_input(p.reshape(call.batch, *((-1,) if row_axes else ()), *t.shape[1:]),
+                                              row_axes) for p, t in zip(pieces, call.inputs))
             return methods.convergence_delta(call.rows, sums, call.x, call.baseline(start_point, "start_point"), spec)
 
     def _prepare(self, inputs, target, additional_forward_args):
@@ -76,7 +77,7 @@ def delta_on_engine(call, spec, attributions, end, start):
     """Captum's completeness gap of engine-layout attributions: their sum over the attributed inputs (not
     the per-sample arguments riding in the engine's input) minus f(end) - f(start)."""
     row_axes = 0 if spec.squeezes_row_axis else 1
-    sums = sum(p.reshape(*p.shape[:1 + row_axes], -1).sum(-1) for p in call.unpack(attributions, row_axes))
+    sums = sum(methods.sum_over_input(p, row_axes) for p in call.unpack(attributions, row_axes))
     return methods.convergence_delta(call.rows, sums, end, start, spec)
 
 

@@ -116,7 +116,7 @@ class CaptumCall:
         batch = tensors[0].shape[0]
         copies = batch // max(self.batch, 1)
         arguments = [a.repeat_interleave(copies, 0) if copies != 1 else a for a in self._argument_tensors()]
-        return torch.cat([t.reshape(batch, -1) for t in (*tensors, *arguments)], dim=1)
+        return torch.cat([_flat(t, batch) for t in (*tensors, *arguments)], dim=1)
 
     def baseline(self, baselines, name: str = "baselines") -> torch.Tensor:
         """Captum's baselines (None, a number, a tensor [B or 1, *in], or a tuple of those per input) as one
@@ -136,8 +136,8 @@ class CaptumCall:
         if not self.packed:
             return tensors[0]
         rows = self.batch if self.per_sample or any(t.shape[0] != 1 for t in tensors) else 1
-        parts = [t.expand(rows, *t.shape[1:]).reshape(rows, -1) for t in tensors]
-        parts += [a.reshape(rows, -1) for a in self._argument_tensors()]
+        parts = [_flat(t.expand(rows, *t.shape[1:]), rows) for t in tensors]
+        parts += [_flat(a, rows) for a in self._argument_tensors()]
         return torch.cat(parts, dim=1)
 
     def unpack(self, result: torch.Tensor, row_axes: int) -> List[torch.Tensor]:
@@ -145,7 +145,7 @@ class CaptumCall:
         if not self.packed:
             return [result]
         lead = result.shape[:1 + row_axes]
-        flat = result.reshape(*lead, -1)
+        flat = result.reshape(*lead, math.prod(result.shape[1 + row_axes:]))
         pieces, start = [], 0
         for tensor, size in zip(self.inputs, self.input_sizes):
             pieces.append(flat[..., start:start + size].reshape(*lead, *tensor.shape[1:]))
@@ -217,6 +217,11 @@ class EngineCache:
             return rows, output_shape, False, layout
         packed = PackedModel(model, [t.shape[1:] for t in engine_inputs], [math.prod(output_shape)])
         return JacobianRows(packed, self._direct.mode), output_shape, True, layout
+
+
+def _flat(tensor: torch.Tensor, rows: int) -> torch.Tensor:
+    """[rows, *shape] as [rows, prod(shape)] (explicit: -1 is ambiguous for an empty batch)."""
+    return tensor.reshape(rows, math.prod(tensor.shape[1:]))
 
 
 def _check_travels_exactly(argument: torch.Tensor, x: torch.Tensor, name: str) -> None:

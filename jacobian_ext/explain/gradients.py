@@ -84,8 +84,14 @@ def integrated_gradients(rows: JacobianRows, x: torch.Tensor, spec: TargetSpec, 
     attributions = total * per_sample_factor(path, spec) if multiply_by_inputs else total
     if not return_convergence_delta:
         return attributions
-    sums = attributions.flatten(attributions.dim() - (x.dim() - 1)).sum(-1)
+    sums = sum_over_input(attributions, attributions.dim() - x.dim())
     return attributions, convergence_delta(rows, sums, x, baseline, spec)
+
+
+def sum_over_input(attributions: torch.Tensor, row_axes: int) -> torch.Tensor:
+    """Attributions [B, (K,) *in] summed over *in: [B] or [B, K] (also for an empty batch or in = ())."""
+    lead = attributions.shape[:1 + row_axes]
+    return attributions.reshape(*lead, math.prod(attributions.shape[1 + row_axes:])).sum(-1)
 
 
 def convergence_delta(rows: JacobianRows, attribution_sums, x, baseline, spec: TargetSpec) -> torch.Tensor:

@@ -15,7 +15,7 @@ from torch import nn
 
 from .budget import rows_per_call
 from .captum_inputs import InvalidArgumentType, format_arguments
-from .gradients import per_sample_factor
+from .gradients import per_sample_factor, sum_over_input
 from .quadrature import points_and_weights
 from .targets import parse_target
 
@@ -75,7 +75,7 @@ class _LayerAttribution:
         with torch.enable_grad():
             values = values.detach().requires_grad_(True)
             output, _ = self._run(inputs, arguments, values)
-            flat = output.reshape(output.shape[0], -1)
+            flat = output.reshape(output.shape[0], output[:1].numel())
             picked = spec.select(flat)
             if spec.squeezes_row_axis:
                 (grad,) = torch.autograd.grad(picked.sum(), values)
@@ -150,8 +150,9 @@ class LayerIntegratedGradients(_LayerAttribution):
             attributions = total * per_sample_factor(path, spec) if self._multiply_by_inputs else total
             if not return_convergence_delta:
                 return attributions
-            sums = attributions.reshape(*attributions.shape[:1 + (not spec.squeezes_row_axis)], -1).sum(-1)
-            change = spec.select(output.reshape(batch, -1)) - spec.select(start_output.reshape(batch, -1))
+            sums = sum_over_input(attributions, 0 if spec.squeezes_row_axis else 1)
+            width = output[:1].numel()
+            change = spec.select(output.reshape(batch, width)) - spec.select(start_output.reshape(batch, width))
             return attributions, sums - change
 
 
