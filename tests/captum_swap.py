@@ -12,7 +12,6 @@ with our NotImplementedError or TypeError (UNSUPPORTED, each with its reason).""
 import pytest
 
 _LAYER_LIST = "a list of layers (layer=[...]) is not supported"
-_TUPLE_LAYER = "a layer returning a tuple of tensors is not supported"
 # Captum tests of parts of the interface we do not support; each must raise NotImplementedError or
 # TypeError saying so (strict: a test that starts passing, or fails otherwise, is reported).
 UNSUPPORTED = {
@@ -22,12 +21,9 @@ UNSUPPORTED = {
     "test_layer_integrated_gradients.py::Test::test_multiple_layers_multiple_inputs_shared_input": _LAYER_LIST,
     "test_layer_integrated_gradients.py::Test::test_multiple_layers_single_inputs": _LAYER_LIST,
     "test_layer_integrated_gradients.py::Test::test_simple_multi_gradient_activation_with_unused_layer": _LAYER_LIST,
-    "test_layer_integrated_gradients.py::Test::test_multiple_tensors_compare_with_expected": _TUPLE_LAYER,
-    "test_layer_integrated_gradients.py::Test::test_multiple_tensors_compare_with_exp_wo_mult_by_inputs": _TUPLE_LAYER,
     "test_layer_gradient_x_activation.py::Test::test_multi_layer_linear_gradient_activation": _LAYER_LIST,
     "test_layer_gradient_x_activation.py::Test::test_multi_layer_multi_gradient_activation": _LAYER_LIST,
     "test_layer_gradient_x_activation.py::Test::test_simple_multi_gradient_activation_with_unused_layer": _LAYER_LIST,
-    "test_layer_gradient_x_activation.py::Test::test_simple_multi_gradient_activation": _TUPLE_LAYER,
 }
 
 

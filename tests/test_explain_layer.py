@@ -80,6 +80,36 @@ def test_layer_attributions_of_a_hidden_layer_with_tuple_inputs():
     assert_close(every[:, 2], theirs.attribute(inputs, target=2, n_steps=8))
 
 
+class Pair(nn.Module):
+    def forward(self, a, b):
+        return torch.relu(a), torch.tanh(b)
+
+
+class PairModel(nn.Module):
+    """A layer returning a tuple of tensors: attributions are a tuple too."""
+
+    def __init__(self):
+        super().__init__()
+        self.left, self.right, self.pair, self.head = nn.Linear(3, 4), nn.Linear(3, 2), Pair(), nn.Linear(6, C)
+
+    def forward(self, x):
+        a, b = self.pair(self.left(x), self.right(x))
+        return self.head(torch.cat([a * b.sum(1, keepdim=True), b], dim=1))
+
+
+def test_a_layer_returning_a_tuple():
+    model = PairModel().double()
+    x = torch.randn(3, 3, dtype=torch.float64)
+    for target in (1, [0, 3, 2]):
+        ours, theirs = both("LayerIntegratedGradients", model, model.pair)
+        mine, delta = ours.attribute(x, baselines=0.5, target=target, n_steps=7, return_convergence_delta=True)
+        expected, expected_delta = theirs.attribute(x, baselines=0.5, target=target, n_steps=7,
+                                                    return_convergence_delta=True)
+        assert_close(mine, expected)
+        assert_close(delta, expected_delta, scale=sum(e.abs().sum().item() for e in expected))
+        assert_close(*(m.attribute(x, target=target) for m in both("LayerGradientXActivation", model, model.pair)))
+
+
 def test_layer_errors_and_hooks_removed():
     model, ids = text_case(2)
     with pytest.raises(TypeError, match="lists are not supported"):

@@ -8,7 +8,7 @@ batch (the samples are independent, so the gradient of the batch's sum is each s
 rows of every integration step in one forward. The engine's rules are not used here: it has no Jacobian
 with respect to a module yet (its inputs must be floating-point tensors it can differentiate).
 Integration points, weights and their order are IntegratedGradients' (quadrature.py, step-major)."""
-from typing import Callable, Optional
+from typing import Callable, Optional, Tuple
 
 import torch
 from torch import nn
@@ -37,25 +37,27 @@ class _LayerAttribution:
     def attribute_future(self, *args, **kwargs):
         raise NotImplementedError(f"attribute_future is not implemented for {type(self).__name__} (nor in Captum)")
 
-    def _run(self, inputs, arguments, replacement: Optional[torch.Tensor] = None):
-        """(model output, layer output) of forward_func(*inputs, *arguments); with a replacement, the layer's
-        output is replaced by it (the model then depends on it)."""
+    def _run(self, inputs, arguments, replacement: Optional[Tuple[torch.Tensor, ...]] = None):
+        """(model output, layer output) of forward_func(*inputs, *arguments), the layer's output as a tuple of
+        tensors (one for a layer returning a tensor); with a replacement (a tuple like it), the layer's output
+        is replaced by it (the model then depends on it)."""
         recorded = []
 
         def hook(module, hook_inputs, output):
-            if not isinstance(output, torch.Tensor):
+            outputs = output if isinstance(output, tuple) else (output,)
+            if not outputs or not all(isinstance(t, torch.Tensor) for t in outputs):
                 raise NotImplementedError(f"layer {type(module).__name__} returns a {type(output).__name__}; only a "
-                                          "layer returning one tensor is supported")
+                                          "layer returning a tensor or a tuple of tensors is supported")
             if recorded:  # which call's output would be meant, and replaced, is ambiguous
                 raise NotImplementedError(f"layer {type(module).__name__} runs more than once in one forward; "
                                           "attributing to a layer called several times is not supported")
-            recorded.append(output)
-            if replacement is not None:
-                if replacement.shape != output.shape:
-                    raise ValueError(f"the layer's output has shape {list(output.shape)}, its replacement "
-                                     f"{list(replacement.shape)}")
-                return replacement
-            return None
+            recorded.append(outputs)
+            if replacement is None:
+                return None
+            if [t.shape for t in replacement] != [t.shape for t in outputs]:
+                raise ValueError(f"the layer's output has shapes {[list(t.shape) for t in outputs]}, its replacement "
+                                 f"{[list(t.shape) for t in replacement]}")
+            return tuple(replacement) if isinstance(output, tuple) else replacement[0]
 
         handle = self.layer.register_forward_hook(hook)
         try:
@@ -70,20 +72,20 @@ class _LayerAttribution:
         return output, recorded[0]
 
     def _rows(self, inputs, arguments, values, spec):
-        """Rows of the targeted outputs with respect to the layer's output at `values` [B', *layer]:
-        [B', *layer], or [B', K, *layer] for several targets per sample."""
+        """Rows of the targeted outputs with respect to the layer's output at `values` (a tuple of
+        [B', *layer_k]): per tensor [B', *layer_k], or [B', K, *layer_k] for several targets per sample
+        (zeros for a tensor the output does not depend on)."""
         with torch.enable_grad():
-            values = values.detach().requires_grad_(True)
+            values = tuple(v.detach().requires_grad_(True) for v in values)
             output, _ = self._run(inputs, arguments, values)
             flat = output.reshape(output.shape[0], output[:1].numel())
             picked = spec.select(flat)
+            columns = (picked,) if spec.squeezes_row_axis else picked.unbind(1)
+            grads = [torch.autograd.grad(column.sum(), values, retain_graph=k + 1 < len(columns), allow_unused=True,
+                                         materialize_grads=True) for k, column in enumerate(columns)]
             if spec.squeezes_row_axis:
-                (grad,) = torch.autograd.grad(picked.sum(), values)
-                return grad
-            columns = picked.unbind(1)
-            grads = [torch.autograd.grad(column.sum(), values, retain_graph=k + 1 < len(columns))[0]
-                     for k, column in enumerate(columns)]
-            return torch.stack(grads, 1)
+                return grads[0]
+            return tuple(torch.stack(per_tensor, 1) for per_tensor in zip(*grads))
 
     def _prepare(self, inputs, target, additional_forward_args):
         given = inputs if isinstance(inputs, tuple) else (inputs,)
@@ -97,6 +99,11 @@ class _LayerAttribution:
         return given, arguments, spec, output, activation
 
 
+def _as_captum_result(per_tensor: Tuple[torch.Tensor, ...]):
+    """Captum's form: a tuple for a layer returning several tensors, else the tensor."""
+    return per_tensor if len(per_tensor) > 1 else per_tensor[0]
+
+
 class LayerGradientXActivation(_LayerAttribution):
     """Captum's LayerGradientXActivation: the gradient of the target with respect to the layer's output,
     times that output (multiply_by_inputs=False: the gradient alone)."""
@@ -104,10 +111,12 @@ class LayerGradientXActivation(_LayerAttribution):
     def attribute(self, inputs, target=None, additional_forward_args=None, attribute_to_layer_input: bool = False):
         if attribute_to_layer_input:
             raise NotImplementedError("attribute_to_layer_input=True is not supported")
-        given, arguments, spec, _, activation = self._prepare(inputs, target, additional_forward_args)
-        grads = self._rows(given, arguments, activation, spec)
+        given, arguments, spec, _, activations = self._prepare(inputs, target, additional_forward_args)
+        grads = self._rows(given, arguments, activations, spec)
         with torch.no_grad():
-            return grads * per_sample_factor(activation, spec) if self._multiply_by_inputs else grads
+            if self._multiply_by_inputs:
+                grads = tuple(g * per_sample_factor(a, spec) for g, a in zip(grads, activations))
+            return _as_captum_result(grads)
 
 
 class LayerIntegratedGradients(_LayerAttribution):
@@ -123,37 +132,42 @@ class LayerIntegratedGradients(_LayerAttribution):
                   return_convergence_delta: bool = False, attribute_to_layer_input: bool = False):
         if attribute_to_layer_input:
             raise NotImplementedError("attribute_to_layer_input=True is not supported")
-        given, arguments, spec, output, activation = self._prepare(inputs, target, additional_forward_args)
+        given, arguments, spec, output, activations = self._prepare(inputs, target, additional_forward_args)
         starts = _input_baselines(baselines, given)
         with torch.no_grad():
-            start_output, start_activation = self._run(starts, arguments)
-        alphas, weights = (t.to(dtype=activation.dtype, device=activation.device)
+            start_output, start_activations = self._run(starts, arguments)
+        first_tensor = activations[0]
+        alphas, weights = (t.to(dtype=first_tensor.dtype, device=first_tensor.device)
                            for t in points_and_weights(method, n_steps))
-        batch, path = activation.shape[0], activation - start_activation
+        batch = first_tensor.shape[0]
+        paths = tuple(a - s for a, s in zip(activations, start_activations))
         # Whole steps per forward: internal_batch_size points (Captum's meaning), else what fits the memory.
         width = 1 if spec.squeezes_row_axis else len(spec.rows) if spec.rows is not None else output[:1].numel()
-        bytes_per_row = 3 * width * activation[:1].numel() * activation.element_size()
-        points = rows_per_call(n_steps * batch, batch, bytes_per_row, activation.device, internal_batch_size)
+        bytes_per_row = 3 * width * sum(a[:1].numel() * a.element_size() for a in activations)
+        points = rows_per_call(n_steps * batch, batch, bytes_per_row, first_tensor.device, internal_batch_size)
         steps_per_call = max(1, points // max(batch, 1))
-        total = None
+        totals = None
         for first in range(0, n_steps, steps_per_call):
             steps = range(first, min(n_steps, first + steps_per_call))
-            values = torch.cat([start_activation + alphas[s] * path for s in steps])
             expand = len(steps)
+            values = tuple(torch.cat([start + alphas[s] * path for s in steps])
+                           for start, path in zip(start_activations, paths))
             rows = self._rows(tuple(_repeat(t, expand) for t in given), _repeat_arguments(arguments, expand), values,
                               spec.repeat(expand))
             with torch.no_grad():
-                weighted = rows.view(expand, batch, *rows.shape[1:]) * weights[first:first + expand].view(
-                    -1, *[1] * rows.dim())
-                total = weighted.sum(0) if total is None else total + weighted.sum(0)
+                step_weights = weights[first:first + expand]
+                summed = tuple((r.view(expand, batch, *r.shape[1:]) * step_weights.view(-1, *[1] * r.dim())).sum(0)
+                               for r in rows)
+                totals = summed if totals is None else tuple(t + s for t, s in zip(totals, summed))
         with torch.no_grad():
-            attributions = total * per_sample_factor(path, spec) if self._multiply_by_inputs else total
+            attributions = (tuple(t * per_sample_factor(p, spec) for t, p in zip(totals, paths))
+                            if self._multiply_by_inputs else totals)
             if not return_convergence_delta:
-                return attributions
-            sums = sum_over_input(attributions, 0 if spec.squeezes_row_axis else 1)
+                return _as_captum_result(attributions)
+            sums = sum(sum_over_input(a, 0 if spec.squeezes_row_axis else 1) for a in attributions)
             width = output[:1].numel()
             change = spec.select(output.reshape(batch, width)) - spec.select(start_output.reshape(batch, width))
-            return attributions, sums - change
+            return _as_captum_result(attributions), sums - change
 
 
 def _repeat(value, times: int):
