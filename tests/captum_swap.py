@@ -11,19 +11,12 @@ are deselected: they test code that is not ours. Tests of parts we do not suppor
 with our NotImplementedError or TypeError (UNSUPPORTED, each with its reason)."""
 import pytest
 
-_LAYER_LIST = "a list of layers (layer=[...]) is not supported"
 # Captum tests of parts of the interface we do not support; each must raise NotImplementedError or
 # TypeError saying so (strict: a test that starts passing, or fails otherwise, is reported).
 UNSUPPORTED = {
-    "test_layer_integrated_gradients.py::Test::test_compare_with_layer_conductance_attr_to_inputs":
-        "attribute_to_layer_input=True",
-    "test_layer_integrated_gradients.py::Test::test_multiple_layers_multiple_input_outputs": _LAYER_LIST,
-    "test_layer_integrated_gradients.py::Test::test_multiple_layers_multiple_inputs_shared_input": _LAYER_LIST,
-    "test_layer_integrated_gradients.py::Test::test_multiple_layers_single_inputs": _LAYER_LIST,
-    "test_layer_integrated_gradients.py::Test::test_simple_multi_gradient_activation_with_unused_layer": _LAYER_LIST,
-    "test_layer_gradient_x_activation.py::Test::test_multi_layer_linear_gradient_activation": _LAYER_LIST,
-    "test_layer_gradient_x_activation.py::Test::test_multi_layer_multi_gradient_activation": _LAYER_LIST,
-    "test_layer_gradient_x_activation.py::Test::test_simple_multi_gradient_activation_with_unused_layer": _LAYER_LIST,
+    f"test_layer_integrated_gradients.py::Test::{test}": "attribute_to_layer_input=True"
+    for test in ("test_compare_with_layer_conductance_attr_to_inputs", "test_multiple_layers_multiple_input_outputs",
+                 "test_multiple_layers_multiple_inputs_shared_input")
 }
 
 

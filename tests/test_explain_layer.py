@@ -110,10 +110,32 @@ def test_a_layer_returning_a_tuple():
         assert_close(*(m.attribute(x, target=target) for m in both("LayerGradientXActivation", model, model.pair)))
 
 
+def test_a_list_of_layers():
+    """LayerIntegratedGradients interpolates every layer's output at once (so layers in sequence cut each
+    other off: Captum raises there, ours gives the upstream one zeros), LayerGradientXActivation takes each
+    layer's full gradient; both as Captum."""
+    model, ids = text_case(3)
+    pair_model, x = PairModel().double(), torch.randn(3, 3, dtype=torch.float64)
+    cases = [("LayerGradientXActivation", model, ids, [model.embedding, model.mix], {}),
+             ("LayerGradientXActivation", model, ids, [model.mix, model.embedding], {}),
+             ("LayerGradientXActivation", pair_model, x, [pair_model.pair, pair_model.left], {}),
+             ("LayerIntegratedGradients", model, ids, [model.mix], dict(n_steps=5, baselines=0)),
+             ("LayerIntegratedGradients", pair_model, x, [pair_model.left, pair_model.right], dict(n_steps=5))]
+    for name, net, inputs, layers, kwargs in cases:
+        ours, theirs = both(name, net, layers)
+        mine, expected = ours.attribute(inputs, target=[0, 2, 1], **kwargs), theirs.attribute(inputs, target=[0, 2, 1],
+                                                                                                 **kwargs)
+        assert isinstance(mine, list) and len(mine) == len(expected)
+        for m, e in zip(mine, expected):
+            assert_close(m, e)
+    cut_off = explain.LayerIntegratedGradients(model, [model.embedding, model.mix]).attribute(ids, target=0, n_steps=3)
+    assert cut_off[0].abs().max() == 0
+
+
 def test_layer_errors_and_hooks_removed():
     model, ids = text_case(2)
-    with pytest.raises(TypeError, match="lists are not supported"):
-        explain.LayerIntegratedGradients(model, [model.embedding, model.mix])
+    with pytest.raises(TypeError, match="non-empty list"):
+        explain.LayerIntegratedGradients(model, [])
     for method in (explain.LayerIntegratedGradients(model, model.embedding),
                    explain.LayerGradientXActivation(model, model.embedding)):
         with pytest.raises(NotImplementedError, match="attribute_to_layer_input"):

@@ -1,14 +1,19 @@
 """Attributions to a layer's output, with Captum's signatures: LayerGradientXActivation and
-LayerIntegratedGradients (e.g. to an nn.Embedding fed integer token ids, whose inputs have no gradient).
+LayerIntegratedGradients (e.g. to an nn.Embedding fed integer token ids, whose inputs have no gradient);
+`layer` may be a list of layers, and a layer may return a tuple of tensors, as in Captum.
 
 The model is split at the layer by a forward hook: one forward records the layer's output (the activation),
-and a forward whose hook replaces the layer's output by given values is a function of those values; the
-rows of the targeted outputs with respect to them come from one backward per targeted row over the whole
-batch (the samples are independent, so the gradient of the batch's sum is each sample's own), all targeted
-rows of every integration step in one forward. The engine's rules are not used here: it has no Jacobian
+and a forward whose hook replaces the layer's output by given values is a function of those values (with
+several layers, every layer's at once: LayerIntegratedGradients interpolates them all together, as Captum
+does; LayerGradientXActivation keeps each replaced output on its upstream path, so each layer's gradient is
+the full one, as Captum computes it on the unmodified forward); the rows of the targeted outputs with
+respect to them come from one backward per targeted row over the whole batch (the samples are
+independent, so the gradient of the batch's sum is each sample's own), all targeted rows of every
+integration step in one forward. The engine's rules are not used here: it has no Jacobian
 with respect to a module yet (its inputs must be floating-point tensors it can differentiate).
 Integration points, weights and their order are IntegratedGradients' (quadrature.py, step-major)."""
-from typing import Callable, Optional, Tuple
+import functools
+from typing import Callable, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -21,13 +26,17 @@ from .targets import parse_target
 
 
 class _LayerAttribution:
-    def __init__(self, forward_func: Callable, layer: nn.Module, multiply_by_inputs: bool = True):
+    # LayerGradientXActivation: a replaced output stays on its upstream path (see the module docstring).
+    keeps_upstream_path = False
+
+    def __init__(self, forward_func: Callable, layer, multiply_by_inputs: bool = True):
         if not callable(forward_func):
             raise TypeError(f"forward_func must be an nn.Module or a callable, got {type(forward_func).__name__}")
-        if not isinstance(layer, nn.Module):
-            raise TypeError(f"layer must be an nn.Module (one layer; lists are not supported), got "
-                            f"{type(layer).__name__}")
+        layers = layer if isinstance(layer, list) else [layer]
+        if not layers or not all(isinstance(m, nn.Module) for m in layers):
+            raise TypeError(f"layer must be an nn.Module or a non-empty list of them, got {layer!r}")
         self.forward_func, self.layer = forward_func, layer
+        self._layers = layers
         self._multiply_by_inputs = multiply_by_inputs
 
     @property
@@ -37,55 +46,68 @@ class _LayerAttribution:
     def attribute_future(self, *args, **kwargs):
         raise NotImplementedError(f"attribute_future is not implemented for {type(self).__name__} (nor in Captum)")
 
-    def _run(self, inputs, arguments, replacement: Optional[Tuple[torch.Tensor, ...]] = None):
-        """(model output, layer output) of forward_func(*inputs, *arguments), the layer's output as a tuple of
-        tensors (one for a layer returning a tensor); with a replacement (a tuple like it), the layer's output
-        is replaced by it (the model then depends on it)."""
-        recorded = []
+    def _run(self, inputs, arguments, replacement: Optional[List[Tuple[torch.Tensor, ...]]] = None):
+        """(model output, [per layer: its output as a tuple of tensors (one for a layer returning a tensor)])
+        of forward_func(*inputs, *arguments); with a replacement (a list like it), every layer's output is
+        replaced by its values (the model then depends on them)."""
+        recorded = [None] * len(self._layers)
 
-        def hook(module, hook_inputs, output):
+        def hook(index, module, hook_inputs, output):
             outputs = output if isinstance(output, tuple) else (output,)
             if not outputs or not all(isinstance(t, torch.Tensor) for t in outputs):
                 raise NotImplementedError(f"layer {type(module).__name__} returns a {type(output).__name__}; only a "
                                           "layer returning a tensor or a tuple of tensors is supported")
-            if recorded:  # which call's output would be meant, and replaced, is ambiguous
+            if recorded[index] is not None:  # which call's output would be meant, and replaced, is ambiguous
                 raise NotImplementedError(f"layer {type(module).__name__} runs more than once in one forward; "
                                           "attributing to a layer called several times is not supported")
-            recorded.append(outputs)
+            recorded[index] = outputs
             if replacement is None:
                 return None
-            if [t.shape for t in replacement] != [t.shape for t in outputs]:
+            values = replacement[index]
+            if [t.shape for t in values] != [t.shape for t in outputs]:
                 raise ValueError(f"the layer's output has shapes {[list(t.shape) for t in outputs]}, its replacement "
-                                 f"{[list(t.shape) for t in replacement]}")
-            return tuple(replacement) if isinstance(output, tuple) else replacement[0]
+                                 f"{[list(t.shape) for t in values]}")
+            if self.keeps_upstream_path:  # the same values, and the gradient still reaches the layers above
+                values = tuple(v + (o - o.detach()) for v, o in zip(values, outputs))
+            return tuple(values) if isinstance(output, tuple) else values[0]
 
-        handle = self.layer.register_forward_hook(hook)
+        handles = [layer.register_forward_hook(functools.partial(hook, index))
+                   for index, layer in enumerate(self._layers)]
         try:
             output = self.forward_func(*inputs, *(arguments or ()))
         finally:
-            handle.remove()
-        if not recorded:
-            raise ValueError(f"layer {type(self.layer).__name__} did not run in forward_func")
+            for handle in handles:
+                handle.remove()
+        for layer, outputs in zip(self._layers, recorded):
+            if outputs is None:
+                raise ValueError(f"layer {type(layer).__name__} did not run in forward_func")
         if not isinstance(output, torch.Tensor) or output.dim() < 1:
             raise ValueError(f"forward_func must return a tensor [B, *out], got "
                              f"{list(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__}")
-        return output, recorded[0]
+        return output, recorded
 
-    def _rows(self, inputs, arguments, values, spec):
-        """Rows of the targeted outputs with respect to the layer's output at `values` (a tuple of
-        [B', *layer_k]): per tensor [B', *layer_k], or [B', K, *layer_k] for several targets per sample
-        (zeros for a tensor the output does not depend on)."""
+    def _rows(self, inputs, arguments, values, spec, grad_kwargs=None):
+        """Rows of the targeted outputs with respect to the layers' outputs at `values` (per layer a tuple of
+        [B', *layer_k]): alike, each [B', *layer_k], or [B', K, *layer_k] for several targets per sample
+        (zeros for a tensor the output does not depend on, unless grad_kwargs, torch.autograd.grad's keyword
+        arguments as in Captum, say otherwise)."""
         with torch.enable_grad():
-            values = tuple(v.detach().requires_grad_(True) for v in values)
-            output, _ = self._run(inputs, arguments, values)
-            flat = output.reshape(output.shape[0], output[:1].numel())
-            picked = spec.select(flat)
+            leaves = [tuple(v.detach().requires_grad_(True) for v in layer) for layer in values]
+            flat = [v for layer in leaves for v in layer]
+            output, _ = self._run(inputs, arguments, leaves)
+            picked = spec.select(output.reshape(output.shape[0], output[:1].numel()))
             columns = (picked,) if spec.squeezes_row_axis else picked.unbind(1)
-            grads = [torch.autograd.grad(column.sum(), values, retain_graph=k + 1 < len(columns), allow_unused=True,
-                                         materialize_grads=True) for k, column in enumerate(columns)]
-            if spec.squeezes_row_axis:
-                return grads[0]
-            return tuple(torch.stack(per_tensor, 1) for per_tensor in zip(*grads))
+            options = {"allow_unused": True, "materialize_grads": True, **(grad_kwargs or {})}
+            grads = [torch.autograd.grad(column.sum(), flat, retain_graph=k + 1 < len(columns), **options)
+                     for k, column in enumerate(columns)]
+            rows = grads[0] if spec.squeezes_row_axis else [torch.stack(per_tensor, 1) for per_tensor in zip(*grads)]
+            return _like(values, rows)
+
+    def _result(self, per_layer):
+        """Captum's form: per layer a tuple for a layer returning several tensors, else the tensor; a list
+        over the layers when `layer` was a list."""
+        results = [layer if len(layer) > 1 else layer[0] for layer in per_layer]
+        return results if isinstance(self.layer, list) else results[0]
 
     def _prepare(self, inputs, target, additional_forward_args):
         given = inputs if isinstance(inputs, tuple) else (inputs,)
@@ -94,29 +116,37 @@ class _LayerAttribution:
                 raise InvalidArgumentType(f"inputs[{k}] must be a torch.Tensor, got {type(tensor).__name__}")
         arguments = format_arguments(additional_forward_args)
         with torch.no_grad():
-            output, activation = self._run(given, arguments)
+            output, per_layer = self._run(given, arguments)
         spec = parse_target(target, output.shape[0], tuple(output.shape[1:]), none_means_all=False)
-        return given, arguments, spec, output, activation
+        return given, arguments, spec, output, per_layer
 
 
-def _as_captum_result(per_tensor: Tuple[torch.Tensor, ...]):
-    """Captum's form: a tuple for a layer returning several tensors, else the tensor."""
-    return per_tensor if len(per_tensor) > 1 else per_tensor[0]
+def _like(per_layer, flat):
+    """The tensors `flat` regrouped per layer like `per_layer` (a list of tuples)."""
+    groups, start = [], 0
+    for layer in per_layer:
+        groups.append(tuple(flat[start:start + len(layer)]))
+        start += len(layer)
+    return groups
 
 
 class LayerGradientXActivation(_LayerAttribution):
     """Captum's LayerGradientXActivation: the gradient of the target with respect to the layer's output,
     times that output (multiply_by_inputs=False: the gradient alone)."""
 
-    def attribute(self, inputs, target=None, additional_forward_args=None, attribute_to_layer_input: bool = False):
+    keeps_upstream_path = True
+
+    def attribute(self, inputs, target=None, additional_forward_args=None, attribute_to_layer_input: bool = False,
+                  grad_kwargs=None):
         if attribute_to_layer_input:
             raise NotImplementedError("attribute_to_layer_input=True is not supported")
         given, arguments, spec, _, activations = self._prepare(inputs, target, additional_forward_args)
-        grads = self._rows(given, arguments, activations, spec)
+        grads = self._rows(given, arguments, activations, spec, grad_kwargs)
         with torch.no_grad():
             if self._multiply_by_inputs:
-                grads = tuple(g * per_sample_factor(a, spec) for g, a in zip(grads, activations))
-            return _as_captum_result(grads)
+                grads = [tuple(g * per_sample_factor(a, spec) for g, a in zip(layer_grads, layer_activations))
+                         for layer_grads, layer_activations in zip(grads, activations)]
+            return self._result(grads)
 
 
 class LayerIntegratedGradients(_LayerAttribution):
@@ -129,18 +159,21 @@ class LayerIntegratedGradients(_LayerAttribution):
 
     def attribute(self, inputs, baselines=None, target=None, additional_forward_args=None, n_steps: int = 50,
                   method: str = "gausslegendre", internal_batch_size: Optional[int] = None,
-                  return_convergence_delta: bool = False, attribute_to_layer_input: bool = False):
+                  return_convergence_delta: bool = False, attribute_to_layer_input: bool = False,
+                  grad_kwargs=None):
         if attribute_to_layer_input:
             raise NotImplementedError("attribute_to_layer_input=True is not supported")
-        given, arguments, spec, output, activations = self._prepare(inputs, target, additional_forward_args)
+        given, arguments, spec, output, per_layer = self._prepare(inputs, target, additional_forward_args)
         starts = _input_baselines(baselines, given)
         with torch.no_grad():
-            start_output, start_activations = self._run(starts, arguments)
+            start_output, start_per_layer = self._run(starts, arguments)
+        activations = [t for layer in per_layer for t in layer]
+        start_activations = [t for layer in start_per_layer for t in layer]
         first_tensor = activations[0]
         alphas, weights = (t.to(dtype=first_tensor.dtype, device=first_tensor.device)
                            for t in points_and_weights(method, n_steps))
         batch = first_tensor.shape[0]
-        paths = tuple(a - s for a, s in zip(activations, start_activations))
+        paths = [a - s for a, s in zip(activations, start_activations)]
         # Whole steps per forward: internal_batch_size points (Captum's meaning), else what fits the memory.
         width = 1 if spec.squeezes_row_axis else len(spec.rows) if spec.rows is not None else output[:1].numel()
         bytes_per_row = 3 * width * sum(a[:1].numel() * a.element_size() for a in activations)
@@ -150,24 +183,25 @@ class LayerIntegratedGradients(_LayerAttribution):
         for first in range(0, n_steps, steps_per_call):
             steps = range(first, min(n_steps, first + steps_per_call))
             expand = len(steps)
-            values = tuple(torch.cat([start + alphas[s] * path for s in steps])
-                           for start, path in zip(start_activations, paths))
-            rows = self._rows(tuple(_repeat(t, expand) for t in given), _repeat_arguments(arguments, expand), values,
-                              spec.repeat(expand))
+            values = [torch.cat([start + alphas[s] * path for s in steps])
+                      for start, path in zip(start_activations, paths)]
+            rows = self._rows(tuple(_repeat(t, expand) for t in given), _repeat_arguments(arguments, expand),
+                              _like(per_layer, values), spec.repeat(expand), grad_kwargs)
             with torch.no_grad():
                 step_weights = weights[first:first + expand]
-                summed = tuple((r.view(expand, batch, *r.shape[1:]) * step_weights.view(-1, *[1] * r.dim())).sum(0)
-                               for r in rows)
-                totals = summed if totals is None else tuple(t + s for t, s in zip(totals, summed))
+                summed = [(r.view(expand, batch, *r.shape[1:]) * step_weights.view(-1, *[1] * r.dim())).sum(0)
+                          for layer in rows for r in layer]
+                totals = summed if totals is None else [t + s for t, s in zip(totals, summed)]
         with torch.no_grad():
-            attributions = (tuple(t * per_sample_factor(p, spec) for t, p in zip(totals, paths))
+            attributions = ([t * per_sample_factor(p, spec) for t, p in zip(totals, paths)]
                             if self._multiply_by_inputs else totals)
+            result = self._result(_like(per_layer, attributions))
             if not return_convergence_delta:
-                return _as_captum_result(attributions)
+                return result
             sums = sum(sum_over_input(a, 0 if spec.squeezes_row_axis else 1) for a in attributions)
             width = output[:1].numel()
             change = spec.select(output.reshape(batch, width)) - spec.select(start_output.reshape(batch, width))
-            return _as_captum_result(attributions), sums - change
+            return result, sums - change
 
 
 def _repeat(value, times: int):
