@@ -19,10 +19,12 @@ def quiet_captum():
 
 
 def assert_close(actual, expected, scale=None):
-    """Tensors, or tuples of them, equal to TOLERANCE times the expected values' largest entry."""
-    if isinstance(expected, tuple):
-        assert isinstance(actual, tuple) and len(actual) == len(expected), f"{type(actual)} vs a tuple of {len(expected)}"
-        scale = scale if scale is not None else max(e.abs().max().item() for e in expected)
+    """Tensors, or tuples or lists of them (nested), equal to TOLERANCE times the expected values' largest
+    entry."""
+    if isinstance(expected, (tuple, list)):
+        assert type(actual) is type(expected) and len(actual) == len(expected), (
+            f"{type(actual).__name__} vs a {type(expected).__name__} of {len(expected)}")
+        scale = scale if scale is not None else max(_largest(e) for e in expected)
         for a, e in zip(actual, expected):
             assert_close(a, e, scale)
         return
@@ -31,6 +33,12 @@ def assert_close(actual, expected, scale=None):
     scale = max(scale if scale is not None else expected.abs().max().item(), 1e-30)
     error = (actual - expected).abs().max().item() if expected.numel() else 0.0
     assert error <= TOLERANCE * scale, f"error {error:.3e}, scale {scale:.3e}"
+
+
+def _largest(expected) -> float:
+    if isinstance(expected, (tuple, list)):
+        return max(_largest(e) for e in expected)
+    return expected.abs().max().item() if expected.numel() else 0.0
 
 
 class TwoInputs(nn.Module):

@@ -7,16 +7,17 @@ captum.testing.attr.helpers.test_config, built when that module is imported. So 
 the config's algorithm lists before any test module is imported (pytest_configure), and every collected
 test module's own names before its tests run (pytest_collection_modifyitems). Captum's library modules
 are left alone, so Captum's other classes still use Captum's code. Generated tests of other algorithms
-are deselected: they test code that is not ours. Tests of parts we do not support are expected to fail
-with our NotImplementedError or TypeError (UNSUPPORTED, each with its reason)."""
+are deselected: they test code that is not ours. A test that holds two of our float32 results to a
+tighter tolerance than their rounding is expected to fail (FLOAT32_ROUNDING, with its reason)."""
 import pytest
 
-# Captum tests of parts of the interface we do not support; each must raise NotImplementedError or
-# TypeError saying so (strict: a test that starts passing, or fails otherwise, is reported).
-UNSUPPORTED = {
-    f"test_layer_integrated_gradients.py::Test::{test}": "attribute_to_layer_input=True"
-    for test in ("test_compare_with_layer_conductance_attr_to_inputs", "test_multiple_layers_multiple_input_outputs",
-                 "test_multiple_layers_multiple_inputs_shared_input")
+# Captum tests that compare two of our results at float32 rounding level, tighter than our classes agree
+# with each other there (the engine sums in another order than autograd); in float64 they agree exactly
+# (tests/test_explain_layer.py). Expected to fail on that comparison alone: an AssertionError.
+FLOAT32_ROUNDING = {
+    "test_layer_integrated_gradients.py::Test::test_multiple_layers_multiple_input_outputs":
+        "LayerIntegratedGradients to the layers' inputs against IntegratedGradients within an absolute 1e-7 "
+        "(the two differ by 1e-7 relative in float32, 9.5e-7 on entries of 8)",
 }
 
 
@@ -67,9 +68,9 @@ def pytest_collection_modifyitems(config, items):
             if isinstance(value, type) and value in swaps:
                 setattr(module, name, swaps[value])
     for item in items:
-        reason = next((why for test, why in UNSUPPORTED.items() if item.nodeid.endswith("/" + test)), None)
-        if reason is not None:
-            item.add_marker(pytest.mark.xfail(reason=reason, strict=True, raises=(NotImplementedError, TypeError)))
+        reason = next((why for test, why in FLOAT32_ROUNDING.items() if item.nodeid.endswith("/" + test)), None)
+        if reason is not None:  # strict: a test that starts passing, or fails otherwise, is reported
+            item.add_marker(pytest.mark.xfail(reason=reason, strict=True, raises=AssertionError))
     kept = [item for item in items if _is_ours(item, swaps.values())]
     deselected = [item for item in items if item not in kept]
     if deselected:

@@ -132,14 +132,28 @@ def test_a_list_of_layers():
     assert cut_off[0].abs().max() == 0
 
 
+def test_attribute_to_layer_input():
+    model, x = PairModel().double(), torch.randn(3, 3, dtype=torch.float64)
+    # left's input is the model's input, which right reads too: LayerGradientXActivation's gradient is with
+    # respect to that tensor (through both), as Captum's; LayerIntegratedGradients replaces it for left only.
+    for name, layers, kwargs in (("LayerGradientXActivation", model.pair, {}),
+                                 ("LayerGradientXActivation", [model.pair, model.left], {}),
+                                 ("LayerIntegratedGradients", model.pair, dict(n_steps=6, baselines=0.2)),
+                                 ("LayerIntegratedGradients", model.left, dict(n_steps=6))):
+        ours, theirs = both(name, model, layers)
+        assert_close(*(m.attribute(x, target=[1, 0, 3], attribute_to_layer_input=True, **kwargs)
+                       for m in (ours, theirs)))
+    fresh = x.detach().clone()
+    explain.LayerGradientXActivation(model, model.left).attribute(fresh, target=0, attribute_to_layer_input=True)
+    assert not fresh.requires_grad  # the flag set on the input for its gradient is undone (Captum leaves it)
+
+
 def test_layer_errors_and_hooks_removed():
     model, ids = text_case(2)
     with pytest.raises(TypeError, match="non-empty list"):
         explain.LayerIntegratedGradients(model, [])
     for method in (explain.LayerIntegratedGradients(model, model.embedding),
                    explain.LayerGradientXActivation(model, model.embedding)):
-        with pytest.raises(NotImplementedError, match="attribute_to_layer_input"):
-            method.attribute(ids, target=0, attribute_to_layer_input=True)
         with pytest.raises(AssertionError, match="target=None needs a model with one output"):
             method.attribute(ids)
         with pytest.raises(ValueError, match="out of range"):

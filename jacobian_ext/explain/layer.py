@@ -5,8 +5,8 @@ LayerIntegratedGradients (e.g. to an nn.Embedding fed integer token ids, whose i
 The model is split at the layer by a forward hook: one forward records the layer's output (the activation),
 and a forward whose hook replaces the layer's output by given values is a function of those values (with
 several layers, every layer's at once: LayerIntegratedGradients interpolates them all together, as Captum
-does; LayerGradientXActivation keeps each replaced output on its upstream path, so each layer's gradient is
-the full one, as Captum computes it on the unmodified forward); the rows of the targeted outputs with
+does). LayerGradientXActivation, as Captum's, differentiates instead at the recorded tensors themselves
+(the forward going on with copies), so each gets its full gradient through every use; the rows of the targeted outputs with
 respect to them come from one backward per targeted row over the whole batch (the samples are
 independent, so the gradient of the batch's sum is each sample's own), all targeted rows of every
 integration step in one forward. The engine's rules are not used here: it has no Jacobian
@@ -26,9 +26,6 @@ from .targets import parse_target
 
 
 class _LayerAttribution:
-    # LayerGradientXActivation: a replaced output stays on its upstream path (see the module docstring).
-    keeps_upstream_path = False
-
     def __init__(self, forward_func: Callable, layer, multiply_by_inputs: bool = True):
         if not callable(forward_func):
             raise TypeError(f"forward_func must be an nn.Module or a callable, got {type(forward_func).__name__}")
@@ -46,13 +43,19 @@ class _LayerAttribution:
     def attribute_future(self, *args, **kwargs):
         raise NotImplementedError(f"attribute_future is not implemented for {type(self).__name__} (nor in Captum)")
 
-    def _run(self, inputs, arguments, replacement: Optional[List[Tuple[torch.Tensor, ...]]] = None):
+    def _run(self, inputs, arguments, replacement: Optional[List[Tuple[torch.Tensor, ...]]] = None,
+             to_inputs: bool = False, made_to_require_grad: Optional[list] = None):
         """(model output, [per layer: its output as a tuple of tensors (one for a layer returning a tensor)])
         of forward_func(*inputs, *arguments); with a replacement (a list like it), every layer's output is
-        replaced by its values (the model then depends on them)."""
+        replaced by its values (the model then depends on them). to_inputs: the layers' inputs (their
+        positional arguments) instead of their outputs (Captum's attribute_to_layer_input). With a list
+        made_to_require_grad, the recorded tensors are made to require grad (those that did not are appended
+        to it, for the caller to restore) and the forward goes on with copies of them, so that the model's
+        gradient reaches them through every use."""
         recorded = [None] * len(self._layers)
 
-        def hook(index, module, hook_inputs, output):
+        def hook(index, module, hook_inputs, output=None):
+            output = hook_inputs if to_inputs else output
             outputs = output if isinstance(output, tuple) else (output,)
             if not outputs or not all(isinstance(t, torch.Tensor) for t in outputs):
                 raise NotImplementedError(f"layer {type(module).__name__} returns a {type(output).__name__}; only a "
@@ -61,18 +64,26 @@ class _LayerAttribution:
                 raise NotImplementedError(f"layer {type(module).__name__} runs more than once in one forward; "
                                           "attributing to a layer called several times is not supported")
             recorded[index] = outputs
+            if made_to_require_grad is not None:
+                for t in outputs:
+                    if not t.requires_grad:
+                        if not t.is_floating_point():
+                            raise NotImplementedError(f"layer {type(module).__name__}'s tensor of dtype {t.dtype} has "
+                                                      "no gradient; attribute to a floating-point one")
+                        t.requires_grad_(True)
+                        made_to_require_grad.append(t)
+                copies = tuple(t.clone() for t in outputs)
+                return copies if isinstance(output, tuple) else copies[0]
             if replacement is None:
                 return None
             values = replacement[index]
             if [t.shape for t in values] != [t.shape for t in outputs]:
                 raise ValueError(f"the layer's output has shapes {[list(t.shape) for t in outputs]}, its replacement "
                                  f"{[list(t.shape) for t in values]}")
-            if self.keeps_upstream_path:  # the same values, and the gradient still reaches the layers above
-                values = tuple(v + (o - o.detach()) for v, o in zip(values, outputs))
             return tuple(values) if isinstance(output, tuple) else values[0]
 
-        handles = [layer.register_forward_hook(functools.partial(hook, index))
-                   for index, layer in enumerate(self._layers)]
+        register = "register_forward_pre_hook" if to_inputs else "register_forward_hook"
+        handles = [getattr(layer, register)(functools.partial(hook, index)) for index, layer in enumerate(self._layers)]
         try:
             output = self.forward_func(*inputs, *(arguments or ()))
         finally:
@@ -86,22 +97,34 @@ class _LayerAttribution:
                              f"{list(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__}")
         return output, recorded
 
-    def _rows(self, inputs, arguments, values, spec, grad_kwargs=None):
-        """Rows of the targeted outputs with respect to the layers' outputs at `values` (per layer a tuple of
-        [B', *layer_k]): alike, each [B', *layer_k], or [B', K, *layer_k] for several targets per sample
-        (zeros for a tensor the output does not depend on, unless grad_kwargs, torch.autograd.grad's keyword
-        arguments as in Captum, say otherwise)."""
+    def _rows(self, inputs, arguments, values, spec, grad_kwargs=None, to_inputs=False):
+        """Rows of the targeted outputs with respect to the layers' outputs: at `values` (per layer a tuple
+        of [B', *layer_k]) replacing them, or, with values None, at the forward's own, differentiated at those
+        tensors themselves (through every use, as Captum's LayerGradientXActivation). Per layer alike, each
+        [B', *layer_k], or [B', K, *layer_k] for several targets per sample (zeros for a tensor the output
+        does not depend on, unless grad_kwargs, torch.autograd.grad's keyword arguments as in Captum, say
+        otherwise)."""
+        made_to_require_grad = []
         with torch.enable_grad():
-            leaves = [tuple(v.detach().requires_grad_(True) for v in layer) for layer in values]
-            flat = [v for layer in leaves for v in layer]
-            output, _ = self._run(inputs, arguments, leaves)
-            picked = spec.select(output.reshape(output.shape[0], output[:1].numel()))
-            columns = (picked,) if spec.squeezes_row_axis else picked.unbind(1)
-            options = {"allow_unused": True, "materialize_grads": True, **(grad_kwargs or {})}
-            grads = [torch.autograd.grad(column.sum(), flat, retain_graph=k + 1 < len(columns), **options)
-                     for k, column in enumerate(columns)]
-            rows = grads[0] if spec.squeezes_row_axis else [torch.stack(per_tensor, 1) for per_tensor in zip(*grads)]
-            return _like(values, rows)
+            try:
+                if values is None:
+                    output, values = self._run(inputs, arguments, to_inputs=to_inputs,
+                                               made_to_require_grad=made_to_require_grad)
+                    flat = [v for layer in values for v in layer]
+                else:
+                    leaves = [tuple(v.detach().requires_grad_(True) for v in layer) for layer in values]
+                    flat = [v for layer in leaves for v in layer]
+                    output, _ = self._run(inputs, arguments, leaves, to_inputs)
+                picked = spec.select(output.reshape(output.shape[0], output[:1].numel()))
+                columns = (picked,) if spec.squeezes_row_axis else picked.unbind(1)
+                options = {"allow_unused": True, "materialize_grads": True, **(grad_kwargs or {})}
+                grads = [torch.autograd.grad(column.sum(), flat, retain_graph=k + 1 < len(columns), **options)
+                         for k, column in enumerate(columns)]
+            finally:
+                for tensor in made_to_require_grad:  # e.g. the caller's own input tensors
+                    tensor.requires_grad_(False)
+        rows = grads[0] if spec.squeezes_row_axis else [torch.stack(per_tensor, 1) for per_tensor in zip(*grads)]
+        return _like(values, [r.detach() for r in rows]), [tuple(t.detach() for t in layer) for layer in values]
 
     def _result(self, per_layer):
         """Captum's form: per layer a tuple for a layer returning several tensors, else the tensor; a list
@@ -109,14 +132,14 @@ class _LayerAttribution:
         results = [layer if len(layer) > 1 else layer[0] for layer in per_layer]
         return results if isinstance(self.layer, list) else results[0]
 
-    def _prepare(self, inputs, target, additional_forward_args):
+    def _prepare(self, inputs, target, additional_forward_args, to_inputs):
         given = inputs if isinstance(inputs, tuple) else (inputs,)
         for k, tensor in enumerate(given):
             if not isinstance(tensor, torch.Tensor):
                 raise InvalidArgumentType(f"inputs[{k}] must be a torch.Tensor, got {type(tensor).__name__}")
         arguments = format_arguments(additional_forward_args)
         with torch.no_grad():
-            output, per_layer = self._run(given, arguments)
+            output, per_layer = self._run(given, arguments, to_inputs=to_inputs)
         spec = parse_target(target, output.shape[0], tuple(output.shape[1:]), none_means_all=False)
         return given, arguments, spec, output, per_layer
 
@@ -134,14 +157,11 @@ class LayerGradientXActivation(_LayerAttribution):
     """Captum's LayerGradientXActivation: the gradient of the target with respect to the layer's output,
     times that output (multiply_by_inputs=False: the gradient alone)."""
 
-    keeps_upstream_path = True
 
     def attribute(self, inputs, target=None, additional_forward_args=None, attribute_to_layer_input: bool = False,
                   grad_kwargs=None):
-        if attribute_to_layer_input:
-            raise NotImplementedError("attribute_to_layer_input=True is not supported")
-        given, arguments, spec, _, activations = self._prepare(inputs, target, additional_forward_args)
-        grads = self._rows(given, arguments, activations, spec, grad_kwargs)
+        given, arguments, spec, _, _ = self._prepare(inputs, target, additional_forward_args, attribute_to_layer_input)
+        grads, activations = self._rows(given, arguments, None, spec, grad_kwargs, attribute_to_layer_input)
         with torch.no_grad():
             if self._multiply_by_inputs:
                 grads = [tuple(g * per_sample_factor(a, spec) for g, a in zip(layer_grads, layer_activations))
@@ -161,12 +181,11 @@ class LayerIntegratedGradients(_LayerAttribution):
                   method: str = "gausslegendre", internal_batch_size: Optional[int] = None,
                   return_convergence_delta: bool = False, attribute_to_layer_input: bool = False,
                   grad_kwargs=None):
-        if attribute_to_layer_input:
-            raise NotImplementedError("attribute_to_layer_input=True is not supported")
-        given, arguments, spec, output, per_layer = self._prepare(inputs, target, additional_forward_args)
+        given, arguments, spec, output, per_layer = self._prepare(inputs, target, additional_forward_args,
+                                                                  attribute_to_layer_input)
         starts = _input_baselines(baselines, given)
         with torch.no_grad():
-            start_output, start_per_layer = self._run(starts, arguments)
+            start_output, start_per_layer = self._run(starts, arguments, to_inputs=attribute_to_layer_input)
         activations = [t for layer in per_layer for t in layer]
         start_activations = [t for layer in start_per_layer for t in layer]
         first_tensor = activations[0]
@@ -185,8 +204,8 @@ class LayerIntegratedGradients(_LayerAttribution):
             expand = len(steps)
             values = [torch.cat([start + alphas[s] * path for s in steps])
                       for start, path in zip(start_activations, paths)]
-            rows = self._rows(tuple(_repeat(t, expand) for t in given), _repeat_arguments(arguments, expand),
-                              _like(per_layer, values), spec.repeat(expand), grad_kwargs)
+            rows, _ = self._rows(tuple(_repeat(t, expand) for t in given), _repeat_arguments(arguments, expand),
+                                 _like(per_layer, values), spec.repeat(expand), grad_kwargs, attribute_to_layer_input)
             with torch.no_grad():
                 step_weights = weights[first:first + expand]
                 summed = [(r.view(expand, batch, *r.shape[1:]) * step_weights.view(-1, *[1] * r.dim())).sum(0)
