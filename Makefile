@@ -11,7 +11,7 @@ TEST_TOOLS := pytest numpy torchvision hypothesis tqdm captum
 LIBRARY := jacobian_ext/_C.abi3.so
 SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -name '*.cuh' -o -name '*.def') setup.py
 
-.PHONY: setup build cpp demo test test-slow fuzz sanitize bench bench-peers clean
+.PHONY: setup build cpp demo test test-slow test-captum fuzz sanitize bench bench-peers clean
 
 setup: $(VENV)/.deps-installed
 
@@ -80,3 +80,19 @@ bench-peers: setup
 
 clean:
 	rm -rf build $(LIBRARY) jacobian_ext/_build_info.py *.egg-info
+
+# Captum's own tests of the classes jacobian_ext.explain replaces (explain.CAPTUM_CLASSES), run on ours
+# (tests/captum_swap.py).
+# CAPTUM_SRC: a checkout of pytorch/captum (its tests/ and captum/ folders); the tests run against that
+# checkout's captum package, so they match it. Skipped when CAPTUM_SRC is unset or holds no tests.
+CAPTUM_TESTS := test_saliency.py test_input_x_gradient.py test_integrated_gradients_basic.py \
+	test_integrated_gradients_classification.py test_gradient_shap.py test_targets.py test_hook_removal.py \
+	layer/test_layer_integrated_gradients.py layer/test_layer_gradient_x_activation.py
+test-captum: build
+	@if [ -z "$(CAPTUM_SRC)" ] || [ ! -d "$(CAPTUM_SRC)/tests/attr" ]; then \
+		echo "test-captum: skipped (set CAPTUM_SRC to a pytorch/captum checkout)"; \
+	else \
+		PYTHONPATH="$(CURDIR):$(CURDIR)/tests:$(abspath $(CAPTUM_SRC))" $(abspath $(PY)) -m pytest -q \
+			-p captum_swap -p no:cacheprovider --rootdir="$(abspath $(CAPTUM_SRC))" \
+			$(addprefix $(abspath $(CAPTUM_SRC))/tests/attr/,$(CAPTUM_TESTS)) $(PYTEST_ARGS); \
+	fi

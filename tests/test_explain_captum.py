@@ -82,7 +82,8 @@ def test_saliency_and_input_x_gradient(model_name, dtype):
             assert_close(ours.attribute(x, target=target, abs=absolute),
                          theirs.attribute(x, target=target, abs=absolute), dtype)
         assert_close(ours_ixg.attribute(x, target=target), theirs_ixg.attribute(x, target=target), dtype)
-    assert_close(ours.attribute(x, abs=False), captum_all_classes(theirs.attribute, inputs=x, abs=False), dtype)
+    assert_close(ours.attribute(x, target=explain.all_classes, abs=False),
+                 captum_all_classes(theirs.attribute, inputs=x, abs=False), dtype)
     assert_close(explain.input_x_gradient(model, x), captum_all_classes(theirs_ixg.attribute, inputs=x), dtype)
 
 
@@ -90,7 +91,7 @@ def test_saliency_and_input_x_gradient(model_name, dtype):
 def test_resnet18(dtype):
     """The graph path (BatchNorm, residual adds, pooling) on a real architecture; few calls: it is slow here."""
     model, x = model_and_input("resnet18", dtype, 2)
-    assert_close(explain.Saliency(model).attribute(x, abs=False),
+    assert_close(explain.Saliency(model).attribute(x, target=explain.all_classes, abs=False),
                  captum_all_classes(captum_attr.Saliency(model).attribute, inputs=x, abs=False), dtype)
     kwargs = dict(target=[1, 2], n_steps=2, method="riemann_trapezoid", return_convergence_delta=True)
     attributions, delta = explain.IntegratedGradients(model).attribute(x, **kwargs)
@@ -116,7 +117,8 @@ def test_integrated_gradients_and_convergence_deltas(dtype, model_name, method, 
         assert_close(attributions, expected, dtype)
         # A delta is a small difference of O(|attributions|) terms: compare at their scale.
         assert_close(delta, expected_delta, dtype, scale=expected.abs().sum().item())
-    attributions, delta = ours.attribute(x, internal_batch_size=2, **kwargs)  # every class, chunked by steps
+    # every class, chunked by steps
+    attributions, delta = ours.attribute(x, target=explain.all_classes, internal_batch_size=2, **kwargs)
     expected, expected_delta = captum_all_classes(theirs.attribute, inputs=x, **kwargs)
     assert_close(attributions, expected, dtype)
     assert_close(delta, expected_delta, dtype, scale=expected.abs().sum().item())

@@ -56,14 +56,16 @@ def smoothgrad(model: Callable, x: torch.Tensor, target=None, nt_samples: int = 
         generator = torch.Generator(device=x.device)
         generator.manual_seed(seed)
 
-    def noisy_saliency(noisy, copies):
-        grads = methods.gradients(rows, noisy, spec.repeat_interleave(copies))
+    stdev = methods.stdevs_per_input(stdevs, 1)[0]
+
+    def noisy_saliency(copies):
+        grads = methods.gradients(rows, methods.add_noise(x, copies, stdev, generator), spec.repeat_interleave(copies))
         return grads.abs() if abs else grads
 
     bytes_per_copy = 3 * methods.rows_width(rows, x, spec) * x[:1].numel() * x.element_size()
     with torch.no_grad():
-        return methods.noise_tunnel(noisy_saliency, x, nt_type, nt_samples, nt_samples_batch_size, stdevs,
-                                    generator, bytes_per_copy, progress=progress)
+        return methods.noise_tunnel(noisy_saliency, x.shape[0], x.device, nt_type, nt_samples, nt_samples_batch_size,
+                                    bytes_per_copy, progress=progress)
 
 
 def _prepare(model, x, target):

@@ -2,7 +2,7 @@
 gradient), integrated gradients along a straight path, and the noise tunnel (SmoothGrad and its kin)
 around any of them. Results keep the target's layout: [B, C, *in], [B, *in] or [B, K, *in]."""
 import math
-from typing import Callable, Optional
+from typing import Callable, Optional, Tuple
 
 import torch
 
@@ -32,7 +32,7 @@ def rows_width(rows: JacobianRows, x: torch.Tensor, spec: TargetSpec) -> int:
     return 1 if spec.squeezes_row_axis else len(spec.rows)
 
 
-def baseline_tensor(baselines, x: torch.Tensor) -> torch.Tensor:
+def baseline_tensor(baselines, x: torch.Tensor, name: str = "baselines") -> torch.Tensor:
     """Captum's baselines for one input: None (zeros), a number, or a tensor shaped like x or like one
     sample ([1, *in]); returned broadcastable against x."""
     if baselines is None:
@@ -40,9 +40,9 @@ def baseline_tensor(baselines, x: torch.Tensor) -> torch.Tensor:
     if isinstance(baselines, (int, float)) and not isinstance(baselines, bool):
         return torch.full((1, *x.shape[1:]), float(baselines), dtype=x.dtype, device=x.device)
     if not isinstance(baselines, torch.Tensor):
-        raise TypeError(f"baselines must be None, a number or a tensor, got {type(baselines).__name__}")
-    if baselines.shape[1:] != x.shape[1:] or baselines.shape[0] not in (1, x.shape[0]):
-        raise ValueError(f"baselines must have the shape of inputs {list(x.shape)} or [1, *in], got "
+        raise TypeError(f"{name} must be None, a number or a tensor, got {type(baselines).__name__}")
+    if baselines.dim() != x.dim() or baselines.shape[1:] != x.shape[1:] or baselines.shape[0] not in (1, x.shape[0]):
+        raise ValueError(f"{name} must have the shape of inputs {list(x.shape)} or [1, *in], got "
                          f"{list(baselines.shape)}")
     return baselines.to(dtype=x.dtype, device=x.device)
 
@@ -84,35 +84,40 @@ def integrated_gradients(rows: JacobianRows, x: torch.Tensor, spec: TargetSpec, 
     attributions = total * per_sample_factor(path, spec) if multiply_by_inputs else total
     if not return_convergence_delta:
         return attributions
-    return attributions, convergence_delta(rows, attributions, x, baseline, spec)
+    sums = sum_over_input(attributions, attributions.dim() - x.dim())
+    return attributions, convergence_delta(rows, sums, x, baseline, spec)
 
 
-def convergence_delta(rows: JacobianRows, attributions, x, baseline, spec: TargetSpec) -> torch.Tensor:
-    """Captum's completeness gap: the attributions' sum over the input minus f(x) - f(baseline), per sample
-    and requested class ([B], [B, K] or [B, C])."""
+def sum_over_input(attributions: torch.Tensor, row_axes: int) -> torch.Tensor:
+    """Attributions [B, (K,) *in] summed over *in: [B] or [B, K] (also for an empty batch or in = ())."""
+    lead = attributions.shape[:1 + row_axes]
+    return attributions.reshape(*lead, math.prod(attributions.shape[1 + row_axes:])).sum(-1)
+
+
+def convergence_delta(rows: JacobianRows, attribution_sums, x, baseline, spec: TargetSpec) -> torch.Tensor:
+    """Captum's completeness gap: the attributions' sums over the input (attribution_sums, per sample and
+    requested class: [B], [B, K] or [B, C]) minus f(x) - f(baseline)."""
     with torch.no_grad():
         change = spec.select(rows.model(x)) - spec.select(rows.model(baseline.expand_as(x)))
-    return attributions.flatten(attributions.dim() - (x.dim() - 1)).sum(-1) - change
+    return attribution_sums - change
 
 
-def noise_tunnel(attribute: Callable, x: torch.Tensor, nt_type: str, nt_samples: int,
-                 nt_samples_batch_size: Optional[int], stdevs: float, generator=None, bytes_per_copy=None,
-                 return_convergence_delta: bool = False, progress=None):
-    """Captum's NoiseTunnel over `attribute(noisy, copies)` (noisy: each sample repeated `copies` times,
-    adjacent, plus Gaussian noise; returns attributions [B * copies, ...] or with deltas). The noise is
-    drawn as Captum draws it, one partition of nt_samples_batch_size copies at a time, so the same seed
-    gives the same noise. Without nt_samples_batch_size all copies go in one call if they fit the memory
-    budget (bytes_per_copy per sample copy), else in as many partitions as needed."""
+def noise_tunnel(attribute_copies: Callable, batch: int, device: torch.device, nt_type: str, nt_samples: int,
+                 nt_samples_batch_size: Optional[int], bytes_per_copy=None, return_convergence_delta: bool = False,
+                 progress=None):
+    """Captum's NoiseTunnel over `attribute_copies(copies)`, which draws noise for `copies` noisy copies of
+    each of the `batch` samples (add_noise: adjacent copies, Captum's draw) and returns their attributions
+    [batch * copies, ...] (with deltas when return_convergence_delta). Called once per partition of
+    nt_samples_batch_size copies, as Captum partitions, so the same seed gives the same noise. Without
+    nt_samples_batch_size all copies go in one call if they fit the memory budget (bytes_per_copy per
+    sample copy), else in as many partitions as needed."""
     if nt_type not in NOISE_TUNNEL_TYPES:
         raise ValueError(f"nt_type must be one of {', '.join(NOISE_TUNNEL_TYPES)}; got {nt_type!r}")
     for name, value in (("nt_samples", nt_samples), ("nt_samples_batch_size", nt_samples_batch_size)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise ValueError(f"{name} must be a positive int, got {value!r}")
-    if isinstance(stdevs, bool) or not isinstance(stdevs, (int, float)):
-        raise TypeError(f"stdevs must be a number (one input tensor), got {type(stdevs).__name__}")
-    batch = x.shape[0]
     if nt_samples_batch_size is None:
-        per_call = rows_per_call(nt_samples * batch, batch, bytes_per_copy or 0, x.device)
+        per_call = rows_per_call(nt_samples * batch, batch, bytes_per_copy or 0, device)
         nt_samples_batch_size = max(1, per_call // max(batch, 1))
     partition = min(nt_samples, nt_samples_batch_size)
     sizes = [partition] * (nt_samples // partition) + ([nt_samples % partition] if nt_samples % partition else [])
@@ -120,7 +125,7 @@ def noise_tunnel(attribute: Callable, x: torch.Tensor, nt_type: str, nt_samples:
     deltas = []
     bar = Progress(len(sizes), "noise tunnel", progress)
     for copies in sizes:
-        result = attribute(_with_noise(x, copies, stdevs, generator), copies)
+        result = attribute_copies(copies)
         if return_convergence_delta:
             result, delta = result
             deltas.append(delta)
@@ -135,8 +140,21 @@ def noise_tunnel(attribute: Callable, x: torch.Tensor, nt_type: str, nt_samples:
     return (smoothed, torch.cat(deltas)) if return_convergence_delta else smoothed
 
 
-def _with_noise(x, copies, stdev, generator):
-    # As Captum: normal(0, a tensor of stdevs) in the default dtype, added to the repeated inputs.
+def stdevs_per_input(stdevs, count: int) -> Tuple[float, ...]:
+    """Captum's stdevs: one number for every input tensor, or a tuple of one per input."""
+    per_input = stdevs if isinstance(stdevs, tuple) else (stdevs,) * count
+    if len(per_input) != count:
+        raise ValueError(f"stdevs as a tuple needs one value per input tensor ({count}), got {len(per_input)}")
+    for value in per_input:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"stdevs must be a number or a tuple of numbers (one per input), got "
+                            f"{type(value).__name__}")
+    return per_input
+
+
+def add_noise(x: torch.Tensor, copies: int, stdev: float, generator=None) -> torch.Tensor:
+    """`copies` noisy copies of each sample, adjacent, drawn as Captum draws them: normal(0, a tensor of
+    stdevs) in the default dtype, added to the repeated inputs."""
     shape = (x.shape[0] * copies, *x.shape[1:])
     noise = torch.normal(0, torch.tensor(float(stdev), device=x.device).repeat(shape), generator=generator)
     return x.repeat_interleave(copies, dim=0) + noise

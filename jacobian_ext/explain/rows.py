@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from ..api import JacobianModule, breaks_per_sample_jacobian
+from ..graph import capture_root
 from .prefix import split_affine_prefix
 from .targets import TargetSpec
 
@@ -30,7 +31,9 @@ class _SelectedOutputs(nn.Module):
 
     def __init__(self, model: Callable, head: nn.Linear):
         super().__init__()
-        self.model = model
+        # A function (a bound method, a lambda) with the modules it reaches as submodules: else graph capture
+        # meets their calls outside the module tree and the whole model falls back to torch.func.
+        self.model = capture_root(model)
         self.head = head
 
     def forward(self, x):
