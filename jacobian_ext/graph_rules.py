@@ -248,7 +248,7 @@ class LastAxisLinearRule(NodeRule):
     def forward(self, plan, g, env, tangents):
         x = env[g.inputs[0]]
         tangent = explicit_block(tangents[0], x.shape[0], x.shape[1:], x)
-        return self.module(x), torch.matmul(tangent, self.module.weight.t())
+        return plan.evaluator.evaluate(g.node, env), torch.matmul(tangent, self.module.weight.t())
 
     def reverse(self, plan, g, env, cotangent):
         x = env[g.inputs[0]]
@@ -474,17 +474,28 @@ def _functional_pool_rule(gm: fx.GraphModule, node: fx.Node, x, out_numel: int) 
     return _spatial_rule(module, tuple(x.shape[1:]), out_numel)
 
 
-def _functional_norm_rule(gm: fx.GraphModule, node: fx.Node, x, out_numel: int) -> Optional[NodeRule]:
-    """F.batch_norm in eval mode (training=False) and F.layer_norm on the node's carried input, with the
-    model's own parameters and buffers: the module rules of BatchNorm and LayerNorm (a subclass whose forward
-    calls them functionally, e.g. timm's BatchNormAct2d and convnext's LayerNorm2d, is traced into)."""
-    if node.op != "call_function" or node.target not in (F.batch_norm, F.layer_norm):
+def _functional_layer_rule(gm: fx.GraphModule, node: fx.Node, x, out_numel: int) -> Optional[NodeRule]:
+    """F.linear, F.batch_norm in eval mode (training=False) and F.layer_norm on the node's carried input, with
+    the model's own parameters and buffers: the module rules of Linear, BatchNorm and LayerNorm (a subclass whose
+    forward calls them functionally, e.g. timm's BatchNormAct2d, convnext's LayerNorm2d and timm's classifier
+    Linear, is traced into)."""
+    if node.op != "call_function" or node.target not in (F.linear, F.batch_norm, F.layer_norm):
         return None
     normalized = node.normalized_arguments(gm, normalize_to_only_use_kwargs=True)
     if normalized is None or not isinstance(normalized.kwargs.get("input"), fx.Node):
         return None
     arguments = normalized.kwargs
     input_shape = tuple(x.shape[1:])
+    if node.target is F.linear:
+        targets = _get_attr_targets(arguments, ("weight", "bias"))
+        if targets is None or targets["weight"] is None:
+            return None
+        tensors = _GraphTensors(gm, targets)
+        if tensors.weight.dim() != 2 or not input_shape or input_shape[-1] != tensors.weight.shape[1]:
+            return None
+        out_features, in_features = tensors.weight.shape
+        return _linear_rule(_GraphTensors(gm, targets, in_features=in_features, out_features=out_features),
+                            input_shape)
     eps = arguments.get("eps", 1e-5)
     if not isinstance(eps, (int, float)):
         return None
@@ -886,7 +897,7 @@ def _native_rule(gm, node: fx.Node, values, inputs, out_numel) -> Optional[NodeR
     if node.op in ("call_function", "call_method"):
         x = values[inputs[0]]
         # _function_rule first: it reads F.adaptive_avg_pool2d(x, 1) as the reduction it is (an index map).
-        return (_functional_norm_rule(gm, node, x, out_numel) or _function_rule(node, values, inputs, out_numel)
+        return (_functional_layer_rule(gm, node, x, out_numel) or _function_rule(node, values, inputs, out_numel)
                 or _functional_pool_rule(gm, node, x, out_numel))
     return None
 

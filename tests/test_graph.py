@@ -326,6 +326,41 @@ def test_subclasses_calling_functional_norms_are_traced_into_and_native(mode, ba
         assert_matches_reference(jm(x)[1], reference_jacobian(model, x), torch.float64)
 
 
+class FunctionalLinear(nn.Linear):
+    """timm's classifier pattern: a Linear subclass whose forward calls F.linear with its own parameters."""
+
+    def forward(self, x):
+        return F.linear(x, self.weight, self.bias)
+
+
+class ScaledLinear(nn.Linear):
+    def forward(self, x):  # a weight computed in the forward: not the model's parameter, so the fallback
+        return F.linear(x, self.weight * 2.0, self.bias)
+
+
+class FunctionalLinears(nn.Module):
+    def __init__(self, computed_weight: bool):
+        super().__init__()
+        self.tokens = FunctionalLinear(4, 5)
+        self.head = (ScaledLinear if computed_weight else FunctionalLinear)(15, 2, bias=False)
+
+    def forward(self, x):  # x [B, 3, 4]
+        return self.head(torch.tanh(self.tokens(x)).flatten(1))
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("batch", [0, 1, 3])
+@pytest.mark.parametrize("computed_weight", [False, True], ids=["parameters", "computed_weight"])
+def test_functional_linear_on_the_models_parameters_is_native(mode, batch, computed_weight):
+    torch.manual_seed(5)
+    model = FunctionalLinears(computed_weight).double()
+    x = torch.randn(batch, 3, 4, dtype=torch.float64)
+    jm = check(model, x, mode, torch.float64, expect_fallbacks=["head"] if computed_weight else [])
+    with torch.no_grad():  # parameters are read at every call
+        model.tokens.weight.mul_(-3.0)
+    assert_matches_reference(jm(x)[1], reference_jacobian(model, x), torch.float64)
+
+
 class GroupNormNet(nn.Module):
     """GroupNorm over [C, H, W] and over [C, L], affine or not; with_fallback puts a node without a native
     rule in the middle, so that the Python walker runs the rule instead of the single op."""
