@@ -197,7 +197,8 @@ class FeatureOpRule(NodeRule):
             sources = ()
         entries.append((entry(layers[0], sources), getters))
         entries += [(layer, []) for layer in layers[1:]]
-        out_shape = input_shape if pointwise else (math.prod(g.shape),)
+        # The chain executor reads a 0-d sample as one feature: [B] comes back [B, 1].
+        out_shape = input_shape if pointwise and input_shape else (math.prod(g.shape),)
         if tuple(out_shape) != tuple(g.shape):
             entries.append((entry("reshape", shape=list(g.shape)), []))
         return entries

@@ -24,7 +24,8 @@ MAX_WIDTH = 300
 
 
 class ScaledLinear(nn.Linear):
-    """A subclass of a native layer with its own forward (LoRA-like): must run on the fallback."""
+    """A subclass of a native layer with its own forward (LoRA-like): traced into, where its F.linear on its own
+    parameters and the scale are native."""
 
     def forward(self, x):
         return 0.5 * super().forward(x)
@@ -112,7 +113,7 @@ LAYERS: List[LayerFactory] = [
     LayerFactory("layer_norm", True, _layer_norm, graph_path=True),
     # No native rule: the torch.func fallback, mixed freely with native layers.
     LayerFactory("sin", False, same_width(Sin)),
-    LayerFactory("scaled_linear", False, _linear(ScaledLinear)),
+    LayerFactory("scaled_linear", True, _linear(ScaledLinear)),
     LayerFactory("saturating_linear", True, _saturating_linear),
 ]
 # Heads close the model (None: the last layer is the output); they are LAYERS too, drawn more often here.

@@ -57,6 +57,20 @@ def test_several_inputs_and_a_nested_output_match_jacrev(mode, argnums):
     assert_same_structure(J, reference(model, (x, y), (0, 1) if argnums is None else argnums), DOUBLE)
 
 
+@pytest.mark.parametrize("mode", ["forward", "reverse"])
+def test_inputs_without_a_feature_axis_through_an_activation_and_a_sum(mode):
+    """x [B] (one number per sample) through tanh(x) + x: the chain executor returns a 0-d sample's activation
+    as [B, 1], which the add once broadcast against [B] into [B, B] (a ValueError from the graph program)."""
+    torch.manual_seed(1)
+    x, y = torch.randn(4, dtype=DOUBLE), torch.randn(4, 3, dtype=DOUBLE)
+
+    def model(x, y):
+        return torch.tanh(x) + x * y.sum(1)
+
+    J = jx.batch_jacobian(model, (x, y), mode=mode)
+    assert_same_structure(J, reference(model, (x, y), (0, 1)), DOUBLE)
+
+
 def test_output_values_and_float32_and_a_list_of_inputs():
     torch.manual_seed(1)
     model = TwoInputs().eval()
