@@ -97,3 +97,17 @@ def test_training_mode_is_not_traced_into():
     model = Encoder(False, "relu", False).double().train()
     with pytest.raises(ValueError, match="training mode"):
         jx.compile(model)(torch.randn(2, 4, 8, dtype=torch.float64))
+
+
+def test_a_form_that_fails_to_trace_leaves_the_layer_whole(monkeypatch):
+    """A torch release whose private helpers differ (here: the encoder layer's form raising) gets the layer as
+    one fallback node, not a failed capture."""
+    from jacobian_ext import traced_forms
+
+    def other_release(module, x):
+        raise TypeError("_sa_block() takes 3 positional arguments")
+
+    monkeypatch.setattr(traced_forms, "_encoder_layer", other_release)
+    model = Encoder(False, "relu", False).double().eval()
+    jm = planned(model, torch.randn(2, 4, 8, dtype=torch.float64), "reverse")
+    assert jm.fallbacks == ["encoder.layers.0", "encoder.layers.1"]
