@@ -597,6 +597,31 @@ class PermuteRule(NodeRule):
         return [(entry("permute", sources, dims=[p - 2 for p in self.block_permutation[2:]]), [])]
 
 
+class ShiftRule(NodeRule):
+    """torch.roll / torch.flip over per-sample axes: the same permutation of positions on the block's axes
+    (shifted past the rows axis); reverse rolls back by the opposite shifts (a flip is its own inverse)."""
+
+    label = "index map (roll/flip)"
+
+    def __init__(self, block_dims: Sequence[int], shifts: Optional[Sequence[int]], work_per_row: float):
+        super().__init__(work_per_row)
+        self.block_dims, self.shifts = list(block_dims), None if shifts is None else list(shifts)
+
+    def _moved(self, block, inverse: bool):
+        if self.shifts is None:
+            return block.flip(self.block_dims)
+        return block.roll([-s if inverse else s for s in self.shifts], self.block_dims)
+
+    def forward(self, plan, g, env, tangents):
+        x = env[g.inputs[0]]
+        tangent = explicit_block(tangents[0], x.shape[0], x.shape[1:], x)
+        return plan.evaluator.evaluate(g.node, env), self._moved(tangent, inverse=False)
+
+    def reverse(self, plan, g, env, cotangent):
+        x = env[g.inputs[0]]
+        return [self._moved(explicit_block(cotangent, x.shape[0], g.shape, x), inverse=True)]
+
+
 class IndexRule(NodeRule):
     """Basic slicing x[:, ...] that keeps the batch axis: the same index on the block (a view);
     reverse writes the cotangent into zeros of the input's shape."""
@@ -1030,7 +1055,29 @@ def _layout_rule(node: fx.Node, values, inputs, batch_axes: Dict[fx.Node, int], 
         return _permute_rule(node, ndim, x_axis, out_axis, out_numel)
     if node.target is operator.getitem:
         return _index_rule(node.args[1], ndim, x_axis, out_numel)
+    if node.target in ("roll", torch.roll, "flip", torch.flip) and out_axis == x_axis:
+        return _shift_rule(node, ndim, x_axis, out_numel)
     return None
+
+
+def _shift_rule(node: fx.Node, ndim: int, x_axis: int, out_numel) -> Optional[NodeRule]:
+    """roll(x, shifts, dims) with explicit dims (none: a roll of the flattened tensor, batch included) and
+    flip(x, dims), over per-sample axes."""
+    roll = node.target in ("roll", torch.roll)
+    names = ("shifts", "dims") if roll else ("dims",)
+    if len(node.args) > 1 + len(names) or set(node.kwargs) - set(names):
+        return None
+    arguments = dict(zip(names, node.args[1:]), **node.kwargs)
+    as_list = lambda v: list(v) if isinstance(v, (tuple, list)) else [v]  # noqa: E731
+    dims = as_list(arguments.get("dims"))
+    shifts = as_list(arguments.get("shifts")) if roll else None
+    if not all(isinstance(d, int) for d in dims) or (roll and (not all(isinstance(s, int) for s in shifts)
+                                                             or len(shifts) != len(dims))):
+        return None
+    dims = [_normalize_dim(d, ndim) for d in dims]
+    if not dims or x_axis in dims:
+        return None  # moves samples
+    return ShiftRule([_batch_first_position(d, x_axis) + 1 for d in dims], shifts, out_numel)
 
 
 def _layout_free_rule(gm, node: fx.Node, values, inputs, batch_axes: Dict[fx.Node, int]) -> Optional[NodeRule]:

@@ -179,3 +179,35 @@ def test_parts_of_splits_are_index_maps(mode, batch):
     assert jm.fallbacks == []
     picks = [line for line in repr(jm).splitlines() if "getitem" in line]
     assert len(picks) == 11 and all("index map (slice)" in line for line in picks), picks
+
+
+class Shifts(nn.Module):
+    """swin's cyclic shift and flips, over feature axes, also on a time-major view."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(4, 4)
+
+    def forward(self, x):  # x [B, 3, 5, 4]
+        rolled = torch.roll(self.linear(x), shifts=(-1, 2), dims=(1, 2))
+        flipped = torch.tanh(x).flip(-1).flip([1, 2])
+        steps = x.transpose(0, 1).roll(1, 0)  # [3, B, 5, 4], batch second
+        return rolled * flipped + steps.transpose(0, 1).roll(-2, dims=3)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("batch", [0, 1, 3])
+def test_roll_and_flip_over_feature_axes_are_index_maps(mode, batch):
+    torch.manual_seed(7)
+    model = Shifts().double()
+    x = torch.randn(batch, 3, 5, 4, dtype=torch.float64)
+    jm = planned(model, x, mode)
+    assert jm.fallbacks == []
+    assert repr(jm).count("index map (roll/flip)") == 5
+
+
+def test_roll_over_the_flattened_tensor_mixes_samples():
+    x = torch.randn(3, 4, dtype=torch.float64)
+    with pytest.warns(UserWarning, match="mixes the samples"):
+        jacobian = jx.batch_jacobian(lambda t: torch.roll(t, 1), x)
+    assert_matches_reference(jacobian, reference_jacobian(lambda t: torch.roll(t, 1), x), torch.float64)
