@@ -211,3 +211,26 @@ def test_roll_over_the_flattened_tensor_mixes_samples():
     with pytest.warns(UserWarning, match="mixes the samples"):
         jacobian = jx.batch_jacobian(lambda t: torch.roll(t, 1), x)
     assert_matches_reference(jacobian, reference_jacobian(lambda t: torch.roll(t, 1), x), torch.float64)
+
+
+class MovedAndBackEncodable(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(4, 3)
+
+    def forward(self, x):  # x [B, 5, 4]
+        steps = torch.tanh(x.transpose(0, 1)[1:, :, ::2]).permute(1, 2, 0)  # [T-1, B, 2] -> [B, 2, T-1]
+        return self.linear(steps.flatten(1)[:, :4])
+
+
+@pytest.mark.parametrize("mode", ["forward", "reverse"])
+def test_a_moved_batch_axis_runs_in_the_graph_program_and_exports(mode):
+    """The program's values are batch-first: the moved-batch permute and slices are encoded in those terms,
+    so the whole graph is one jacext call, also under torch.export."""
+    torch.manual_seed(8)
+    model = MovedAndBackEncodable().double()
+    x = torch.randn(3, 5, 4, dtype=torch.float64)
+    jm = planned(model, x, mode)
+    assert jm._last["plan"].native_program() is not None
+    exported = torch.export.export(jm, (x,))
+    assert_matches_reference(exported.module()(x)[1], reference_jacobian(model, x), torch.float64)
