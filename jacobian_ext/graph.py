@@ -603,9 +603,7 @@ def build_graph_plan(captured: Tuple[fx.GraphModule, List[str]], x: torch.Tensor
         rule, inputs = graph_rules.rule_for(gm, node, values, carries, evaluator.batch_axes)
         owner = node.target if node.op == "call_module" else _owner(node)
         if inputs and node.target is operator.getitem and node.args[0] not in inputs:
-            producer = node.args[0]  # a pick from a multi-output module differentiates that module
-            while producer.op == "call_function" and producer.target is operator.getitem:
-                producer = producer.args[0]  # an LSTM's (h_n, c_n)[0]
+            producer, _ = graph_rules.tuple_origin(node, values)  # a pick differentiates its module
             owner = producer.target if producer.op == "call_module" else owner
         nodes.append(GraphNode(node, name, rule, tuple(inputs), tuple(value.shape[1:]), owner))
 

@@ -125,6 +125,16 @@ def _call_with_inputs(node: fx.Node, inputs: Sequence[fx.Node]):
     return function_of
 
 
+def tuple_origin(node: fx.Node, values) -> Tuple[fx.Node, List]:
+    """(the node that returned several tensors, the indices picking this value from it) for a pick from a
+    multi-output node, through nested picks (an LSTM's (h_n, c_n)[0]); (node, []) for any other node."""
+    producer, indices = node, []
+    while (producer.op == "call_function" and producer.target is operator.getitem
+           and isinstance(values[producer.args[0]], (tuple, list))):
+        producer, indices = producer.args[0], [producer.args[1], *indices]
+    return producer, indices
+
+
 def _pick_from_tuple(node: fx.Node, producer: fx.Node, indices: Sequence, inputs: Sequence[fx.Node]):
     """getitem on a node that returns several tensors (e.g. MultiheadAttention; an LSTM's (h_n, c_n)[0] picks
     twice): the producer is differentiated as a whole and the wanted output picked (batch-first, as the plan
@@ -905,11 +915,8 @@ def rule_for(gm: fx.GraphModule, node: fx.Node, values: Dict, carries: Dict,
     if native is not None:
         return native, inputs
     # getitem on a multi-output node: differentiate the producer as a whole.
-    if node.op == "call_function" and node.target is operator.getitem and isinstance(values[node.args[0]], (tuple, list)):
-        producer, indices = node.args[0], [node.args[1]]
-        while (producer.op == "call_function" and producer.target is operator.getitem
-               and isinstance(values[producer.args[0]], (tuple, list))):
-            producer, indices = producer.args[0], [producer.args[1], *indices]
+    producer, indices = tuple_origin(node, values)
+    if indices:
         producer_inputs = [a for a in producer.all_input_nodes if carries.get(a, False)]
         return TorchFuncRule(_pick_from_tuple(node, producer, indices, producer_inputs), 4 * out_numel), producer_inputs
     return TorchFuncRule(_call_with_inputs(node, inputs), 4 * out_numel), inputs

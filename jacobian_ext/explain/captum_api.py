@@ -100,7 +100,10 @@ class InputXGradient(_Attribution):
         return methods.gradients(call.rows, x, spec) * methods.per_sample_factor(x, spec)
 
 
-class IntegratedGradients(_Attribution):
+class PathAttribution(_Attribution):
+    """The gradient-along-a-path methods (IntegratedGradients, GradientShap): multiplying by the inputs is the
+    caller's choice, and their attributions have a convergence delta."""
+
     def __init__(self, forward_func: Callable, multiply_by_inputs: bool = True):
         super().__init__(forward_func)
         self._multiply_by_inputs = multiply_by_inputs
@@ -111,6 +114,9 @@ class IntegratedGradients(_Attribution):
 
     def has_convergence_delta(self) -> bool:
         return True
+
+
+class IntegratedGradients(PathAttribution):
 
     def attribute(self, inputs, baselines=None, target=None, additional_forward_args=None, n_steps: int = 50,
                   method: str = "gausslegendre", internal_batch_size: Optional[int] = None,

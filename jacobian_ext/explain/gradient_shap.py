@@ -4,28 +4,16 @@ input, times (noisy input - baseline). The random draws are Captum's, in Captum'
 rows (NumPy's global generator), the Gaussian noise (torch's, as NoiseTunnel draws it), the points on the
 segments (NumPy's), so the same torch and NumPy seeds give Captum's result."""
 import inspect
-from typing import Callable
 
 import numpy as np
 import torch
 
 from . import gradients as methods
-from .captum_api import _Attribution, delta_on_engine, finish
+from .captum_api import PathAttribution, delta_on_engine, finish
 from .captum_inputs import InvalidArgument, InvalidArgumentType
 
 
-class GradientShap(_Attribution):
-    def __init__(self, forward_func: Callable, multiply_by_inputs: bool = True):
-        super().__init__(forward_func)
-        self._multiply_by_inputs = multiply_by_inputs
-
-    @property
-    def multiplies_by_inputs(self) -> bool:
-        return self._multiply_by_inputs
-
-    def has_convergence_delta(self) -> bool:
-        return True
-
+class GradientShap(PathAttribution):
     def attribute(self, inputs, baselines, n_samples: int = 5, stdevs=0.0, target=None,
                   additional_forward_args=None, return_convergence_delta: bool = False):
         """baselines: the distribution to draw from, a tensor [N, *in] (a tuple of one per input; a number
