@@ -17,7 +17,7 @@ from .errors import GraphCaptureError, StructuredOutputError
 from .fusion import chain_plan, fuse_interior_chains
 from .graph import FunctionRoot, build_graph_plan, capture, capture_root, closed_over_modules, warn_whole_model_fallback
 from .memory import parse_max_memory, run_within_budget
-from .plan import NATIVE_DTYPES, Plan, whole_model_plan
+from .plan import NATIVE_DTYPES, Plan, short_repr, whole_model_plan
 from .structured import ModelLocalCache, structured_jacobian
 
 MODES = ("auto", "forward", "reverse", "mixed")
@@ -35,7 +35,7 @@ def breaks_per_sample_jacobian(module: nn.Module) -> bool:
 
 
 def batch_jacobian(model: Callable, x, mode: str = "auto", return_output: bool = False,
-                   max_memory=None, argnums=None):
+                   max_memory=None, argnums=None, wrt=None):
     """Per-sample Jacobian J[b, *o, *i] = d model(x)[b, *o] / d x[b, *i], shape [B, *out_shape, *in_shape].
 
     model: an nn.Module or callable mapping [B, *in_shape] to [B, *out_shape], samples independent.
@@ -54,7 +54,23 @@ def batch_jacobian(model: Callable, x, mode: str = "auto", return_output: bool =
     up to rounding; MemoryError when y and J plus one sample's working memory do not fit (memory.py).
     The plan is cached with the model (as jacobian_ext.compile(model) caches it) and rebuilt when a layer
     or a parameter's shape, dtype or device changes.
+    wrt: a submodule of the model (or its name, e.g. "encoder.embed") to differentiate with respect to
+    instead of x: J[b, *o, *l] = d model(x)[b, *o] / d layer_output[b, *l], shape [B, *out_shape, *layer_out].
+    Whatever the model computes from x other than through the layer (a skip connection around it, a mask
+    from token ids) is held fixed, so x may be integer-valued (token ids into an nn.Embedding). The layer
+    must run once per forward and return one tensor [B, *layer_out]; x is then one tensor, and the result
+    carries no gradient back to the parameters (eager calls only: see JacobianModule).
     """
+    if wrt is not None:
+        if isinstance(x, (tuple, list)) or argnums is not None:
+            raise NotImplementedError("wrt= takes one input tensor x (the model called as model(x)); wrap a model of "
+                                      "several inputs, e.g. lambda ids: model(ids, mask)")
+        try:
+            output, jacobian = _cached_module(model, mode, max_memory, wrt)(x)
+        except StructuredOutputError as error:
+            raise NotImplementedError(f"wrt= differentiates one output tensor: {error}") from error
+        return (output, jacobian) if return_output else jacobian
+
     def engine(fn, inputs):
         return _cached_module(fn, mode, max_memory)(inputs)
 
@@ -88,41 +104,46 @@ class _PlanCache(ModelLocalCache):
 _CACHE_ATTRIBUTE = "_jacobian_ext_plans"
 
 
-def _cached_module(model: Callable, mode: str, max_memory) -> "JacobianModule":
+def _cached_module(model: Callable, mode: str, max_memory, wrt=None) -> "JacobianModule":
     holder = getattr(model, "__dict__", None)
     if not isinstance(model, nn.Module) and not isinstance(model, FunctionType):
         holder = None  # a bound method or a callable object: its __dict__ is not its own
     if holder is None:
-        return JacobianModule(model, mode=mode, max_memory=max_memory)
+        return JacobianModule(model, mode=mode, max_memory=max_memory, wrt=wrt)
     cache = holder.get(_CACHE_ATTRIBUTE)
     if cache is None or cache.owner is None or cache.owner() is not model:
         cache = holder[_CACHE_ATTRIBUTE] = _PlanCache(model)
-    key = (mode, parse_max_memory(max_memory))
+    key = (mode, parse_max_memory(max_memory), wrt)
     module = cache.get(key)
     if module is None:
-        module = cache[key] = JacobianModule(model, mode=mode, max_memory=max_memory)
+        module = cache[key] = JacobianModule(model, mode=mode, max_memory=max_memory, wrt=wrt)
     return module
 
 
-def compile(model: Callable, mode: str = "auto", max_memory=None) -> "JacobianModule":
+def compile(model: Callable, mode: str = "auto", max_memory=None, wrt=None) -> "JacobianModule":
     """A module whose call jm(x) returns (model(x), J), caching the plan per input shape, dtype and device.
     Parameters are read at every call; a replaced layer, or a parameter of another shape, dtype or device,
-    is detected and the plan rebuilt. max_memory: as in batch_jacobian."""
-    return JacobianModule(model, mode=mode, max_memory=max_memory)
+    is detected and the plan rebuilt. max_memory, wrt: as in batch_jacobian."""
+    return JacobianModule(model, mode=mode, max_memory=max_memory, wrt=wrt)
 
 
 class JacobianModule(nn.Module):
     """jm(x) -> (y, J) for a wrapped model; see batch_jacobian. print(jm) shows every layer with its
     path (native rule or torch.func fallback) and the accumulation order chosen."""
 
-    def __init__(self, model: Callable, mode: str = "auto", max_memory=None):
+    def __init__(self, model: Callable, mode: str = "auto", max_memory=None, wrt=None):
         super().__init__()
         if not callable(model):
             raise TypeError(f"model must be an nn.Module or a callable, got {type(model).__name__}")
         if mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(repr(m) for m in MODES)}; got {mode!r}")
+        if wrt is not None and not isinstance(wrt, (str, nn.Module)):
+            raise TypeError(f"wrt must be a submodule of the model or its name (a str), got {type(wrt).__name__}")
         self.model = model
         self.mode = mode
+        # Plain attribute (not a submodule: it is one of the model's own): the layer whose output J is taken
+        # with respect to, or None for the model input.
+        self.__dict__["wrt"] = wrt
         self.max_memory = parse_max_memory(max_memory)
         self._layout = None  # the model's structure the plans were built for (see _forget_stale_plans)
         self._plans: Dict[tuple, Plan] = {}
@@ -139,7 +160,9 @@ class JacobianModule(nn.Module):
         return self._holder["root"]
 
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        _check_input(x)
+        _check_input(x, integers_allowed=self.wrt is not None)
+        if self.wrt is not None:
+            return self._layer_jacobian(x)
         if torch.compiler.is_compiling():  # torch.compile or torch.export tracing this call
             encoding = self._fused_encoding(self._traced_input_shape(x), x.dtype, x.device)
             return deploy.call_fused(encoding, deploy.read_params(self._root, encoding), x)
@@ -153,6 +176,17 @@ class JacobianModule(nn.Module):
             return differentiable_call(lambda inputs: run_within_budget(plan, inputs, mode, self.max_memory),
                                        self._root, x)
         return run_within_budget(plan, x, mode, self.max_memory)
+
+    def _layer_jacobian(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(y, J with respect to the wrt layer's output): the graph path's sweeps, seeded at the layer."""
+        if torch.compiler.is_compiling():
+            raise NotImplementedError("a Jacobian with respect to a layer (wrt=) runs eagerly; it is not one operator "
+                                      "call that torch.compile or torch.export could trace")
+        self._forget_stale_plans()
+        self._check_eval_mode()
+        plan = self.plan_for(x)
+        self._last["plan"] = plan
+        return run_within_budget(plan, x, plan.choose_mode(x.shape[0], self.mode), self.max_memory)
 
     def _traced_input_shape(self, x: torch.Tensor) -> Tuple[int, ...]:
         """x's per-sample shape as plain ints. torch.compile marks a dimension dynamic once the forward code,
@@ -271,11 +305,11 @@ class JacobianModule(nn.Module):
 
     def _capture_graph(self):
         """The model's fx capture, cached until the layout changes; GraphCaptureError (cached too) when the
-        model's own forward cannot be traced."""
+        model's own forward cannot be traced. The wrt layer is captured as one node."""
         with _PLANNING_LOCK:
             if "graph" not in self._capture:
                 try:
-                    self._capture["graph"] = capture(self._root)
+                    self._capture["graph"] = capture(self._root, leaves=[self._wrt_path()] if self.wrt is not None else [])
                 except GraphCaptureError as error:
                     self._capture["graph"] = error
         captured = self._capture["graph"]
@@ -283,10 +317,34 @@ class JacobianModule(nn.Module):
             raise captured
         return captured
 
+    def _wrt_path(self) -> str:
+        """The wrt layer's path in the captured root (checked against the model's modules as they are now)."""
+        modules = dict(self._root.named_modules())
+        if isinstance(self.wrt, str):
+            if not self.wrt or self.wrt not in modules:
+                raise ValueError(f"wrt: the model has no submodule named {self.wrt!r}; its submodules are "
+                                 f"{[name for name in modules if name][:20]}")
+            return self.wrt
+        path = next((name for name, module in modules.items() if module is self.wrt), None)
+        if not path:
+            raise ValueError(f"wrt: {short_repr(self.wrt)} is not a submodule of the model"
+                             + (" (it is the model itself: leave wrt=None for the input)" if path == "" else ""))
+        return path
+
     def _build_plan(self, x: torch.Tensor):
         """Every model is captured as a graph; one whose derivative-carrying nodes form a chain becomes a
         chain plan (the fused op, the chain kernels, bracketing), any other a graph plan. A model that
-        cannot be captured runs whole on the fallback, with a warning that says why."""
+        cannot be captured runs whole on the fallback, with a warning that says why. With wrt, always a
+        graph plan seeded at the layer (nothing to fall back to: the whole-model fallback differentiates x)."""
+        if self.wrt is not None:
+            try:
+                graph_plan = build_graph_plan(self._capture_graph(), x, wrt=self._wrt_path())
+            except GraphCaptureError as error:
+                raise NotImplementedError(f"wrt= needs the model's graph: {error}") from error
+            if graph_plan.dtype not in NATIVE_DTYPES:
+                raise NotImplementedError(f"wrt= runs float32 and float64 layers, layer '{graph_plan.input_node.target}' "
+                                          f"returns {graph_plan.dtype}")
+            return fuse_interior_chains(graph_plan)
         native = x.dtype in NATIVE_DTYPES
         try:
             graph_plan = build_graph_plan(self._capture_graph(), x)
@@ -316,7 +374,8 @@ class JacobianModule(nn.Module):
                 )
 
     def __repr__(self) -> str:
-        lines = [f"JacobianModule(mode={self.mode!r}, model={_model_name(self.model)}"]
+        wrt = "" if self.wrt is None else f", wrt={self.wrt if isinstance(self.wrt, str) else short_repr(self.wrt)!r}"
+        lines = [f"JacobianModule(mode={self.mode!r}, model={_model_name(self.model)}{wrt}"]
         plan = self._last["plan"]
         if plan is None:
             lines.append("  no plan yet: the plan (each layer's path, the accumulation order) is built for an "
@@ -360,9 +419,14 @@ def _same_layout(first: Optional[Tuple[list, list]], second: Tuple[list, list]) 
             and first[1] == second[1])
 
 
-def _check_input(x):
+def _check_input(x, integers_allowed: bool = False):
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if integers_allowed:  # wrt=: x is not differentiated, only fed to the model
+        if x.is_meta or x.dim() < 1:
+            raise ValueError(f"x must be a real tensor [B, *in_shape] with a batch dimension, got shape "
+                             f"{list(x.shape)}{' on the meta device' if x.is_meta else ''}")
+        return
     if not x.is_floating_point():
         raise TypeError(f"x must be a floating-point tensor (float32 or float64 run natively), got dtype {x.dtype}")
     if x.is_meta:
@@ -382,6 +446,8 @@ def _check_parameters(model: nn.Module, x):
             continue
         if tensor.device != x.device:
             raise ValueError(f"x is on {x.device} but the model's '{name}' is on {tensor.device}; move one of them")
+        if not x.is_floating_point():  # integer inputs (wrt=): the model's own dtypes decide
+            continue
         if tensor.dtype != x.dtype:
             raise TypeError(
                 f"x has dtype {x.dtype} but the model's '{name}' has dtype {tensor.dtype}; "

@@ -47,6 +47,8 @@ def chain_plan(graph_plan: GraphPlan, native: bool) -> Optional[Plan]:
     """The chain Plan of a graph plan, or None when the graph is not a chain that the chain Plan runs at
     least as natively as the graph path does. native=False (a dtype without native ops) puts every
     step on the fallback."""
+    if graph_plan.wrt_layer:
+        return None  # a chain Plan starts at the model input
     carrying = [g for g in graph_plan.nodes if g.rule is not None]
     previous = graph_plan.input_node
     for g in carrying:
@@ -86,7 +88,7 @@ def _helpers(graph_plan: GraphPlan, g: GraphNode) -> Optional[List[fx.Node]]:
         node = pending.pop()
         if node in needed or node is source:
             continue
-        if node is graph_plan.input_node or (node in by_node and by_node[node].rule is not None):
+        if node in (graph_plan.input_node, graph_plan.model_input) or (node in by_node and by_node[node].rule is not None):
             return None  # reads the model input or another carried value than g's own input
         needed.add(node)
         pending += node.all_input_nodes

@@ -75,7 +75,7 @@ class _Tracer(fx.Tracer):
     def call_module(self, module, forward, args, kwargs):
         if threading.get_ident() != self._thread:
             return forward(*args, **kwargs)
-        form = traced_forms.form_for(module, args, kwargs)
+        form = traced_forms.form_for(module, args, kwargs) if self.path_of_module(module) not in self.opaque else None
         if form is not None:  # a composite torch layer, traced into as the ops it is made of
             try:
                 return form()
@@ -152,10 +152,11 @@ def _runs_a_torch_layer(module: nn.Module) -> bool:
             and not issubclass(parent, (nn.Sequential, nn.ModuleList, nn.ModuleDict)))
 
 
-def capture(root: nn.Module) -> Tuple[fx.GraphModule, List[str]]:
-    """(graph module, user modules kept opaque) of capture_root(model). Raises GraphCaptureError when
+def capture(root: nn.Module, leaves: Sequence[str] = ()) -> Tuple[fx.GraphModule, List[str]]:
+    """(graph module, user modules kept opaque) of capture_root(model). `leaves`: module paths kept whole
+    as one call_module node (a layer a Jacobian is taken with respect to). Raises GraphCaptureError when
     the model's own forward cannot be traced."""
-    opaque: List[str] = []
+    opaque: List[str] = list(leaves)
     for _ in range(_MAX_TRACE_ATTEMPTS):
         tracer = _Tracer(opaque)
         try:
@@ -167,7 +168,7 @@ def capture(root: nn.Module) -> Tuple[fx.GraphModule, List[str]]:
             opaque.append(failed)
             continue
         name = getattr(root.fn, "__name__", "function") if isinstance(root, FunctionRoot) else type(root).__name__
-        return fx.GraphModule(root, graph, name), opaque
+        return fx.GraphModule(root, graph, name), opaque[len(leaves):]
     raise GraphCaptureError(f"torch.fx cannot trace it: more than {_MAX_TRACE_ATTEMPTS} modules fail to trace")
 
 
@@ -318,7 +319,10 @@ def _fetch_attr(module: nn.Module, target: str):
 
 @dataclass
 class GraphPlan(FlatWidths):
-    """The captured graph with a rule per node, planned for one per-sample input shape."""
+    """The captured graph with a rule per node, planned for one per-sample input shape. The Jacobian is
+    taken with respect to `input_node`: the model input, or a layer's output (wrt=, see build_graph_plan),
+    in which case `model_input` (the placeholder the model is called with) carries no derivative, and
+    `input_shape` and `dtype` are the layer output's."""
 
     gm: fx.GraphModule
     nodes: List[GraphNode]
@@ -333,8 +337,11 @@ class GraphPlan(FlatWidths):
     decisions: Dict[int, Tuple[str, dict]] = field(default_factory=dict, init=False)
     # Nodes inside a fused chain (fusion.fuse_interior_chains): computed by the chain's op, not evaluated.
     absorbed: set = field(default_factory=set, init=False)
+    model_input: Optional[fx.Node] = None  # None: input_node
 
     def __post_init__(self):
+        if self.model_input is None:
+            self.model_input = self.input_node
         self.node_info = {g.node: g for g in self.nodes}
         self._program: Optional[Tuple[List[str], List[Callable]]] = None
         self._slots: Dict[fx.Node, int] = {}
@@ -357,7 +364,16 @@ class GraphPlan(FlatWidths):
             self._program = self._encode()
         return self._program
 
+    @property
+    def wrt_layer(self) -> bool:
+        """Whether the Jacobian is taken with respect to a layer's output rather than the model input."""
+        return self.model_input is not self.input_node
+
     def _encode(self):
+        if self.wrt_layer:
+            # The program's slot 0 is the model input; the layer's output would have to be computed first.
+            self.unencoded = [f"{self.input_node.target} (a Jacobian with respect to a layer's output runs eagerly)"]
+            return None
         layers: List[str] = []
         getters: List[Callable] = []
         self._slots = {self.input_node: 0}
@@ -423,18 +439,19 @@ class GraphPlan(FlatWidths):
             output, jacobian = torch.ops.jacext.batch_jacobian(x, layers, [get() for get in getters], mode)
             return output.reshape(batch, *self.output_shape), jacobian.reshape(batch, *self.output_shape,
                                                                                *self.input_shape)
+        like = torch.empty(0, dtype=self.dtype, device=self.device)  # x may be integer-valued (wrt=)
         if mode == "forward":
             output, block = self._forward_sweep(x)
-            jacobian = explicit_block(block, batch, self.output_shape, x)  # the identity: output == input
+            jacobian = explicit_block(block, batch, self.output_shape, like)  # the identity: output == input
             jacobian = jacobian.reshape(batch, self.in_features, self.out_features).transpose(1, 2)
         else:
             output, block = self._reverse_sweep(x)
-            jacobian = explicit_block(block, batch, self.input_shape, x)
+            jacobian = explicit_block(block, batch, self.input_shape, like)
         jacobian = jacobian.reshape(batch, *self.output_shape, *self.input_shape)
         return output, jacobian.contiguous()
 
     def _forward_sweep(self, x: torch.Tensor):
-        env: Dict[fx.Node, object] = {self.input_node: x}
+        env: Dict[fx.Node, object] = {self.model_input: x}
         tangents: Dict[fx.Node, object] = {self.input_node: IDENTITY}
         for node in self.gm.graph.nodes:
             if node in env or node.op == "output" or node in self.absorbed:
@@ -449,12 +466,13 @@ class GraphPlan(FlatWidths):
                 env[node], tangents[node] = g.rule.forward(self, g, env, [tangents[i] for i in g.inputs])
         out = self.output_node
         if out not in tangents:  # the output does not depend on the input
-            return env[out], torch.zeros(x.shape[0], self.in_features, *self.output_shape, dtype=x.dtype, device=x.device)
+            return env[out], torch.zeros(x.shape[0], self.in_features, *self.output_shape, dtype=self.dtype,
+                                         device=x.device)
         return env[out], tangents[out]
 
     def _reverse_sweep(self, x: torch.Tensor):
         env = self.evaluator.run(x)
-        env[self.input_node] = x
+        env[self.model_input] = x
         cotangents: Dict[fx.Node, object] = {self.output_node: IDENTITY}
         for g in reversed(self.nodes):
             if g.rule is None or g.node not in cotangents:
@@ -464,7 +482,7 @@ class GraphPlan(FlatWidths):
                 accumulate(cotangents, source, cotangent, env[source])
         block = cotangents.get(self.input_node)
         if block is None:
-            block = torch.zeros(x.shape[0], self.out_features, *self.input_shape, dtype=x.dtype, device=x.device)
+            block = torch.zeros(x.shape[0], self.out_features, *self.input_shape, dtype=self.dtype, device=x.device)
         return env[self.output_node], block
 
 
@@ -552,14 +570,21 @@ def _check_per_sample(node: fx.Node, pair, singles, name: str) -> int:
     return axis
 
 
-def build_graph_plan(captured: Tuple[fx.GraphModule, List[str]], x: torch.Tensor) -> GraphPlan:
+def build_graph_plan(captured: Tuple[fx.GraphModule, List[str]], x: torch.Tensor,
+                     wrt: Optional[str] = None) -> GraphPlan:
     """Plans a captured model (capture()) for inputs shaped like x [B, *in_shape]; raises GraphCaptureError
-    (the caller falls back to the whole model) or TypeError (bad model signature or output)."""
+    (the caller falls back to the whole model) or TypeError (bad model signature or output). wrt: the path
+    of a layer (captured as a leaf) whose output the Jacobian is taken with respect to; x may then hold
+    integers (token ids), and everything the model computes from x but not through the layer is a
+    per-sample constant."""
     gm, opaque = captured
-    input_node, output_node = _input_node(gm), _output_node(gm)
+    model_input, output_node = _input_node(gm), _output_node(gm)
+    input_node = model_input if wrt is None else _layer_node(gm, wrt)
     evaluator = Evaluator(gm)
     first = x[:1] if x.shape[0] > 0 else x.new_zeros((1, *x.shape[1:]))
-    second = x[1:2] if x.shape[0] > 1 else first * 0.5 + 0.25
+    # A second probe sample unlike the first, so that a node mixing the samples shows; integers (token ids)
+    # cannot be moved without leaving their range, so the same sample twice.
+    second = x[1:2] if x.shape[0] > 1 else first * 0.5 + 0.25 if x.is_floating_point() else first.clone()
     pair = torch.cat([first, second])
     values = _probe_values(evaluator, pair)
     singles = [_probe_single(evaluator, values, pair, index) for index in range(2)]
@@ -577,6 +602,10 @@ def build_graph_plan(captured: Tuple[fx.GraphModule, List[str]], x: torch.Tensor
         if node.op in ("placeholder", "output"):
             continue
         name = names[node]
+        if node is input_node:  # wrt: the layer's output seeds the sweeps; the layer itself has no rule
+            _check_layer_output(node, values[node], [s[node] for s in singles], name)
+            nodes.append(GraphNode(node, name, None, shape=tuple(values[node].shape[1:]), owner=node.target))
+            continue
         sources = [a for a in node.all_input_nodes if carries.get(a, False)]
         value = values[node]
         # A value that no path takes to the output (an RNN's unused h_n, [layers, B, H]) carries no
@@ -607,8 +636,33 @@ def build_graph_plan(captured: Tuple[fx.GraphModule, List[str]], x: torch.Tensor
             owner = producer.target if producer.op == "call_module" else owner
         nodes.append(GraphNode(node, name, rule, tuple(inputs), tuple(value.shape[1:]), owner))
 
-    return GraphPlan(gm, nodes, input_node, output_node, tuple(x.shape[1:]), tuple(out_value.shape[1:]),
-                     x.dtype, x.device, opaque, evaluator)
+    input_value = values[input_node] if wrt is not None else x
+    return GraphPlan(gm, nodes, input_node, output_node, tuple(input_value.shape[1:]), tuple(out_value.shape[1:]),
+                     input_value.dtype, x.device, opaque, evaluator, model_input=model_input)
+
+
+def _layer_node(gm: fx.GraphModule, path: str) -> fx.Node:
+    """The one call of the layer at `path` (captured as a leaf, capture(leaves=...))."""
+    calls = [n for n in gm.graph.nodes if n.op == "call_module" and n.target == path]
+    if not calls:
+        raise ValueError(f"wrt: layer '{path}' does not run in the model's forward (or runs inside a module that "
+                         "torch.fx cannot trace), so the output has no derivative with respect to it to take")
+    if len(calls) > 1:
+        raise NotImplementedError(f"wrt: layer '{path}' runs {len(calls)} times in one forward; which call's output "
+                                  "is meant is ambiguous, so a Jacobian with respect to it is not supported")
+    return calls[0]
+
+
+def _check_layer_output(node: fx.Node, pair, singles, name: str) -> None:
+    """The wrt layer's output must be one floating-point tensor [B, *shape], computed per sample."""
+    if not isinstance(pair, torch.Tensor):
+        raise NotImplementedError(f"wrt: layer '{name}' returns a {type(pair).__name__}; a Jacobian with respect "
+                                  "to a layer returning one tensor is supported, not several")
+    if not pair.is_floating_point():
+        raise ValueError(f"wrt: layer '{name}' returns a tensor of dtype {pair.dtype}, which has no derivative")
+    if _check_per_sample(node, pair, singles, name) != 0:
+        raise NotImplementedError(f"wrt: layer '{name}' returns its samples along axis "
+                                  f"{_batch_axis(pair, singles[0])}; a batch-first output [B, *shape] is supported")
 
 
 def _ancestors(node: fx.Node) -> set:

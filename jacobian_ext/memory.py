@@ -170,8 +170,8 @@ def run_within_budget(plan, x: torch.Tensor, mode: str, max_memory: Optional[int
     if batch * (result + work) <= budget(max_memory, x.device):
         return run_plan(plan, x, mode)
     chunk = samples_per_chunk(plan, mode, batch, budget(max_memory, x.device))
-    output = x.new_empty(batch, *plan.output_shape)
-    jacobian = x.new_empty(batch, *plan.output_shape, *plan.input_shape)
+    output = x.new_empty(batch, *plan.output_shape, dtype=plan.dtype)  # x may be integer-valued (wrt=)
+    jacobian = x.new_empty(batch, *plan.output_shape, *plan.input_shape, dtype=plan.dtype)
     for start in range(0, batch, chunk):
         part_output, part_jacobian = run_plan(plan, x[start:start + chunk], mode)
         output[start:start + chunk] = part_output

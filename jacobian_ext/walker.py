@@ -18,7 +18,8 @@ def run_plan(plan: Plan, x: torch.Tensor, mode: Union[str, Bracketing]) -> Tuple
         return _run_bracketing(plan, x, mode)
     if isinstance(plan, GraphPlan):
         if batch == 0:
-            return x.new_empty(0, *plan.output_shape), x.new_empty(0, *plan.output_shape, *plan.input_shape)
+            return (x.new_empty(0, *plan.output_shape, dtype=plan.dtype),
+                    x.new_empty(0, *plan.output_shape, *plan.input_shape, dtype=plan.dtype))
         return plan.run(x, mode)
     if plan.all_native:
         output, jacobian = ops.batch_jacobian(x, plan.native_layers, plan.native_params(), mode)
