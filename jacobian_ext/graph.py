@@ -19,7 +19,7 @@ import torch
 from torch import fx, nn
 from torch._subclasses.fake_tensor import FakeTensor
 
-from . import graph_rules, traced_forms
+from . import graph_rules, ops, traced_forms
 from .errors import GraphCaptureError, StructuredOutputError
 from .blocks import IDENTITY, NodeRule, accumulate, explicit_block
 from .plan import FlatWidths, short_repr
@@ -436,7 +436,7 @@ class GraphPlan(FlatWidths):
         program = self.native_program()
         if program is not None:  # the whole graph in one C++ call
             layers, getters = program
-            output, jacobian = torch.ops.jacext.batch_jacobian(x, layers, [get() for get in getters], mode)
+            output, jacobian = ops.batch_jacobian(x, layers, [get() for get in getters], mode)
             return output.reshape(batch, *self.output_shape), jacobian.reshape(batch, *self.output_shape,
                                                                                *self.input_shape)
         like = torch.empty(0, dtype=self.dtype, device=self.device)  # x may be integer-valued (wrt=)
