@@ -9,8 +9,10 @@ does). LayerGradientXActivation, as Captum's, differentiates instead at the reco
 (the forward going on with copies), so each gets its full gradient through every use; the rows of the targeted outputs with
 respect to them come from one backward per targeted row over the whole batch (the samples are
 independent, so the gradient of the batch's sum is each sample's own), all targeted rows of every
-integration step in one forward. The engine's rules are not used here: it has no Jacobian
-with respect to a module yet (its inputs must be floating-point tensors it can differentiate).
+integration step in one forward. The engine's Jacobian with respect to a layer (batch_jacobian's wrt=) is
+not used here: it differentiates at the layer's own output, while integrated gradients need the rows at
+replaced values (the integration points), and Captum's forms (lists of layers, layer inputs, tuple outputs,
+per-sample arguments) would each need a path of their own.
 Integration points, weights and their order are IntegratedGradients' (quadrature.py, step-major)."""
 import functools
 from typing import Callable, List, Optional, Tuple
