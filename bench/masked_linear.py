@@ -1,7 +1,7 @@
 """python -m bench.masked_linear [--case mnist] [--fractions 0.2,0.5,0.8] [--rounds 7] [--runs 5] [--dtype float32]
-                               [--threads N]
+                               [--threads N] [--mode reverse|forward]
 
-Micro-benchmark (not a test): the reverse-mode Jacobian of a suite case's model with its ReLU biases
+Micro-benchmark (not a test): the Jacobian (reverse or forward sweep) of a suite case's model with its ReLU biases
 shifted so that a given fraction of hidden units is active, computed with the dense GEMM chain and
 with the masked kernel that skips inactive units (sequential.cpp, skip_inactive_units). Each branch
 runs in its own worker process, forced by JACEXT_MASKED_LINEAR_CROSSOVER (read once per process);
@@ -53,7 +53,7 @@ def active_fraction_of(model, x) -> float:
 
 
 def worker(threads):
-    """Reads requests {"case", "fraction", "dtype", "runs"} from stdin, answers seconds per call."""
+    """Reads requests {"case", "fraction", "dtype", "runs", "mode"} from stdin, answers seconds per call."""
     import jacobian_ext as jx
 
     if threads:
@@ -61,10 +61,10 @@ def worker(threads):
     models = {}
     for line in sys.stdin:
         request = json.loads(line)
-        key = (request["case"], request["fraction"], request["dtype"])
+        key = (request["case"], request["fraction"], request["dtype"], request["mode"])
         if key not in models:
             model, x = shifted_model(request["case"], request["fraction"], getattr(torch, request["dtype"]))
-            compiled = jx.compile(model, mode="reverse")
+            compiled = jx.compile(model, mode=request["mode"])
             with torch.no_grad():
                 compiled(x)  # warm-up: plan, allocator, threads
             models[key] = (compiled, x, active_fraction_of(model, x))
@@ -87,6 +87,7 @@ def main(argv=None):
     parser.add_argument("--runs", type=int, default=5, help="timed calls per branch per round")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     parser.add_argument("--threads", type=int, default=0, help="torch threads in the workers (default: torch's)")
+    parser.add_argument("--mode", default="reverse", choices=["reverse", "forward"], help="the sweep timed")
     arguments = parser.parse_args(argv)
     fractions = [float(f) for f in arguments.fractions.split(",")]
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -97,7 +98,7 @@ def main(argv=None):
         for name, value in BRANCHES.items()
     }
     threads = arguments.threads or torch.get_num_threads()
-    print(f"case {arguments.case}, {arguments.dtype}, torch threads {threads}, "
+    print(f"case {arguments.case}, {arguments.mode} sweep, {arguments.dtype}, torch threads {threads}, "
           f"load average {os.getloadavg()[0]:.2f} at start")
     print("| active (target) | active (measured) | dense | masked | dense / masked | dense CPU | masked CPU | "
           "dense / masked (CPU) |")
@@ -110,7 +111,7 @@ def main(argv=None):
             for round_index in range(arguments.rounds + 1):  # round 0 builds and warms up
                 for name, process in workers.items():
                     request = {"case": arguments.case, "fraction": fraction, "dtype": arguments.dtype,
-                               "runs": arguments.runs}
+                               "runs": arguments.runs, "mode": arguments.mode}
                     process.stdin.write(json.dumps(request) + "\n")
                     process.stdin.flush()
                     answer = json.loads(process.stdout.readline())

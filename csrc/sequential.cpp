@@ -112,16 +112,13 @@ bool skip_inactive_units(const at::Tensor& factor, const at::Tensor& block_value
 // A per-sample column factor (activation derivative) not yet applied to the block. Kept pending until
 // the next rule, so that before a Linear it can scale the weight's rows instead of the block:
 // (G diag(f_b)) M == G (diag(f_b) M), which materialises [B, H, K] instead of [B, R, H] and, for the
-// identity, skips the diagonal [B, H, H] block and its GEMM entirely. In reverse mode a ReLU mask
-// also stays pending on a per-sample block, so that the Linear can skip the inactive units' rows.
+// identity, skips the diagonal [B, H, H] block and its GEMM entirely. A ReLU mask also stays pending on
+// a per-sample block, so that the Linear can skip the inactive units' rows of its matrix (the masked
+// kernel: W in reverse mode, W^T in forward mode, made contiguous by the kernel's call).
 class PendingScale {
  public:
-  // masked_kernel: whether a ReLU factor may go to the masked kernel (reverse mode: rows are the
-  // model's few outputs and the matrix is W, row-contiguous, as the kernel wants).
-  explicit PendingScale(bool masked_kernel) : masked_kernel_(masked_kernel) {}
-
   void push(JacobianBlock& block, const at::Tensor& factor, Activation activation) {
-    const bool maskable = masked_kernel_ && activation.kind == ActivationKind::ReLU;
+    const bool maskable = activation.kind == ActivationKind::ReLU;
     if (block.kind == JacobianBlock::Kind::PerSample && !maskable && !maskable_) {
       block = scale_features(block, factor);  // nothing to gain by waiting
       return;
@@ -164,16 +161,16 @@ class PendingScale {
   }
 
  private:
-  const bool masked_kernel_;
   at::Tensor factor_;
-  bool maskable_ = false;  // the pending factor contains a ReLU mask (and masked_kernel_)
+  bool maskable_ = false;  // the pending factor contains a ReLU mask
 };
 
 }  // namespace
 
 SweepResult forward_sweep(at::Tensor hidden, JacobianBlock tangents, const std::vector<Layer>& plan) {
-  // Forward rows are the model's many inputs and the matrix is W^T: the masked kernel does not apply.
-  PendingScale pending(/*masked_kernel=*/false);
+  // A ReLU zeroes the tangents' columns of inactive units, so the next Linear may skip their rows of W^T
+  // as the reverse sweep skips W's (skip_inactive_units decides).
+  PendingScale pending;
   for (const Layer& layer : plan) {
     switch (layer.type) {
       case Layer::Type::Linear:
@@ -227,7 +224,7 @@ std::pair<at::Tensor, std::vector<at::Tensor>> forward_with_factors(at::Tensor h
 
 JacobianBlock reverse_sweep(JacobianBlock cotangents, const std::vector<Layer>& plan,
                             const std::vector<at::Tensor>& factors) {
-  PendingScale pending(/*masked_kernel=*/true);
+  PendingScale pending;
   for (size_t i = plan.size(); i-- > 0;) {
     const Layer& layer = plan[i];
     switch (layer.type) {

@@ -1,5 +1,6 @@
-"""The masked Linear kernel of the reverse walker (ReLU mask, then a Linear: only the active units'
-weight rows are read) against torch.func, at active fractions on both sides of the crossover.
+"""The masked Linear kernel of the chain walkers (ReLU mask, then a Linear: only the active units' rows of
+W in reverse mode, of W^T in forward mode, are read) against torch.func, at active fractions on both sides
+of the crossover.
 
 Which branch runs depends on the batch's active fraction (sequential.cpp, skip_inactive_units):
 the fractions below cover both sides of the measured crossover in-process, and the subprocess tests
@@ -105,11 +106,12 @@ def inputs(batch, features, dtype):
 @pytest.mark.parametrize("active_fraction", ACTIVE_FRACTIONS)
 @pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
 @pytest.mark.parametrize("batch", [0, 1, 7, 64])
-def test_reverse_jacobian_at_each_active_fraction(dtype, active_fraction, shape, batch):
+@pytest.mark.parametrize("mode", ["forward", "reverse"])
+def test_jacobian_at_each_active_fraction(mode, dtype, active_fraction, shape, batch):
     in_features, hidden, out_features = shape
     model = relu_mlp(in_features, hidden, out_features, active_fraction, dtype)
     x = inputs(batch, in_features, dtype)
-    y, jacobian = jx.batch_jacobian(model, x, mode="reverse", return_output=True)
+    y, jacobian = jx.batch_jacobian(model, x, mode=mode, return_output=True)
     assert_matches_reference(y, model(x), dtype, scale=output_terms_scale(model, x))
     assert_matches_reference(jacobian, same_masks_reference(model, x), dtype, scale=terms_scale(model, x))
     if batch == 64 and active_fraction in (0.0, 1.0):
@@ -154,10 +156,11 @@ for dtype in (torch.float64, torch.float32):
                 model = relu_mlp(in_features, hidden, out_features, active_fraction, dtype)
                 x = inputs(batch, in_features, dtype)
                 expected = same_masks_reference(model, x).double()
-                actual = jx.batch_jacobian(model, x, mode="reverse").double()
-                scale = max(expected.abs().max().item(), 1e-300) if expected.numel() else 1.0
-                error = (actual - expected).abs().max().item() / scale if expected.numel() else 0.0
-                errors.append((str(dtype), active_fraction, batch, error))
+                for mode in ("forward", "reverse"):
+                    actual = jx.batch_jacobian(model, x, mode=mode).double()
+                    scale = max(expected.abs().max().item(), 1e-300) if expected.numel() else 1.0
+                    error = (actual - expected).abs().max().item() / scale if expected.numel() else 0.0
+                    errors.append((str(dtype), active_fraction, batch, mode, error))
 print(json.dumps(errors))
 """
 
@@ -170,9 +173,9 @@ def test_each_branch_forced_for_every_active_fraction(crossover):
                           text=True, timeout=600)
     assert done.returncode == 0, done.stderr
     errors = json.loads(done.stdout.strip().splitlines()[-1])
-    assert len(errors) == 2 * 4 * len(SHAPES) * 3
+    assert len(errors) == 2 * 4 * len(SHAPES) * 3 * 2
     tolerance = {"torch.float64": 1e-10, "torch.float32": 1e-5}
-    bad = [e for e in errors if e[3] > tolerance[e[0]]]
+    bad = [e for e in errors if e[-1] > tolerance[e[0]]]
     assert not bad, bad
 
 
