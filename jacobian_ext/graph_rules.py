@@ -405,6 +405,61 @@ class _GroupNormCall:
         ]
 
 
+class _RMSNormCall:
+    """nn.RMSNorm / F.rms_norm, y = w x r with r = (mean(x^2) + eps)^(-1/2) over the normalised trailing axes:
+    its Jacobian is diag(w) (r I - r^3 x x^T / n) per group, applied to tangents as w (r t - r^3 x mean(x t))
+    and to cotangents as r u - r^3 x mean(x u) with u = g w (the matrix in brackets is symmetric). A few
+    torch ops on the blocks; no kernel of its own and no program encoding."""
+
+    def __init__(self, module, input_shape):
+        self.module, self.input_shape = module, tuple(input_shape)
+        self.dims = tuple(range(-len(module.normalized_shape), 0))
+
+    def _eps(self, dtype):
+        eps = self.module.eps
+        return torch.finfo(dtype).eps if eps is None else eps
+
+    def _scale(self, input):
+        """r with the normalised axes kept (size 1), as F.rms_norm computes it."""
+        return torch.rsqrt(input.pow(2).mean(self.dims, keepdim=True) + self._eps(input.dtype))
+
+    def _identity(self, input):
+        """The identity block [B, F, *shape] (F = per-sample features) of a lazy seed."""
+        features = math.prod(self.input_shape)
+        return torch.eye(features, dtype=input.dtype, device=input.device).reshape(
+            1, features, *self.input_shape).expand(input.shape[0], features, *self.input_shape)
+
+    def _project(self, input, block):
+        """r b - r^3 x mean(x b) for a block b [B, R, *shape] (rows second)."""
+        x, r = input.unsqueeze(1), self._scale(input).unsqueeze(1)
+        return r * block - (r * r * r) * x * (x * block).mean(self.dims, keepdim=True)
+
+    def forward(self, input, jac):
+        m = self.module
+        output = F.rms_norm(input, m.normalized_shape, m.weight, m.eps)
+        tangent = self._identity(input) if jac is None else jac.movedim(-1, 1)
+        projected = self._project(input, tangent)
+        if m.weight is not None:
+            projected = projected * m.weight
+        return output, projected.movedim(1, -1)
+
+    def reverse(self, input, cotangent):
+        block = self._identity(input) if cotangent is None else cotangent
+        if self.module.weight is not None:
+            block = block * self.module.weight
+        return self._project(input, block)
+
+    def encode(self, module, sources, input_shape, output_shape):
+        return None
+
+
+def _rms_norm_rule(module, input_shape, out_numel: int) -> Optional[NodeRule]:
+    normalized = tuple(module.normalized_shape)
+    if len(normalized) > len(input_shape) or tuple(input_shape[len(input_shape) - len(normalized):]) != normalized:
+        return None
+    return NdOpRule(module, input_shape, _RMSNormCall, "rms_norm", 6 * out_numel)
+
+
 def _group_norm_rule(module: nn.GroupNorm, input_shape, out_numel: int) -> Optional[NodeRule]:
     if not input_shape or input_shape[0] != module.num_channels:
         return None
@@ -485,12 +540,16 @@ def _functional_pool_rule(gm: fx.GraphModule, node: fx.Node, x, out_numel: int) 
     return _spatial_rule(module, tuple(x.shape[1:]), out_numel)
 
 
+_RMS_NORM = getattr(F, "rms_norm", None)  # torch >= 2.4
+
+
 def _functional_layer_rule(gm: fx.GraphModule, node: fx.Node, x, out_numel: int) -> Optional[NodeRule]:
-    """F.linear, F.batch_norm in eval mode (training=False) and F.layer_norm on the node's carried input, with
-    the model's own parameters and buffers: the module rules of Linear, BatchNorm and LayerNorm (a subclass whose
+    """F.linear, F.batch_norm in eval mode (training=False), F.layer_norm and F.rms_norm on the node's carried
+    input, with the model's own parameters and buffers: the module rules of Linear, BatchNorm, LayerNorm and
+    RMSNorm (a subclass whose
     forward calls them functionally, e.g. timm's BatchNormAct2d, convnext's LayerNorm2d and timm's classifier
     Linear, is traced into)."""
-    if node.op != "call_function" or node.target not in (F.linear, F.batch_norm, F.layer_norm):
+    if node.op != "call_function" or node.target not in (F.linear, F.batch_norm, F.layer_norm, _RMS_NORM):
         return None
     normalized = node.normalized_arguments(gm, normalize_to_only_use_kwargs=True)
     if normalized is None or not isinstance(normalized.kwargs.get("input"), fx.Node):
@@ -507,16 +566,17 @@ def _functional_layer_rule(gm: fx.GraphModule, node: fx.Node, x, out_numel: int)
         out_features, in_features = tensors.weight.shape
         return _linear_rule(_GraphTensors(gm, targets, in_features=in_features, out_features=out_features),
                             input_shape)
-    eps = arguments.get("eps", 1e-5)
-    if not isinstance(eps, (int, float)):
+    # F.rms_norm's eps None means the dtype's epsilon (_RMSNormCall), the others' default is 1e-5.
+    eps = arguments.get("eps", None if node.target is _RMS_NORM else 1e-5)
+    if not (isinstance(eps, (int, float)) or eps is None and node.target is _RMS_NORM):
         return None
-    if node.target is F.layer_norm:
+    if node.target in (F.layer_norm, _RMS_NORM):
         shape = arguments.get("normalized_shape")
-        targets = _get_attr_targets(arguments, ("weight", "bias"))
+        targets = _get_attr_targets(arguments, ("weight", "bias") if node.target is F.layer_norm else ("weight",))
         if targets is None or not isinstance(shape, (tuple, list)) or not all(isinstance(n, int) for n in shape):
             return None
-        tensors = _GraphTensors(gm, targets, normalized_shape=tuple(shape), eps=float(eps))
-        return _layer_norm_rule(tensors, input_shape, out_numel)
+        tensors = _GraphTensors(gm, targets, normalized_shape=tuple(shape), eps=None if eps is None else float(eps))
+        return (_layer_norm_rule if node.target is F.layer_norm else _rms_norm_rule)(tensors, input_shape, out_numel)
     targets = _get_attr_targets(arguments, ("weight", "bias", "running_mean", "running_var"))
     if (arguments.get("training", False) is not False or targets is None or targets["running_mean"] is None
             or targets["running_var"] is None or len(input_shape) not in (1, 2, 3)):
@@ -961,6 +1021,8 @@ def _module_rule(module: nn.Module, x: torch.Tensor, out_numel: int) -> Optional
         return _layer_norm_rule(module, input_shape, out_numel)
     if kind is nn.GroupNorm:
         return _group_norm_rule(module, input_shape, out_numel)
+    if kind is getattr(nn, "RMSNorm", None):  # torch >= 2.4
+        return _rms_norm_rule(module, input_shape, out_numel)
     # The chain layers (activations, softmax, reshapes and eval-mode identities): their one table.
     chain_rule = layer_rules.native_rule(module, input_shape)
     if chain_rule is None and kind in (nn.Softmax, nn.LogSoftmax):  # over an axis of N-d features

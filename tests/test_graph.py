@@ -7,7 +7,7 @@ from torch import nn
 from torch.nn import functional as F
 
 import jacobian_ext as jx
-from conftest import DEVICES, DTYPES, assert_matches_reference, loop_jacobian, reference_jacobian
+from conftest import DEVICES, DTYPES, assert_matches_reference, loop_jacobian, non_contiguous, reference_jacobian
 
 MODES = ["auto", "forward", "reverse", "mixed"]
 
@@ -446,3 +446,44 @@ def test_a_training_flag_changed_after_planning_is_not_served_a_stale_eval_graph
     model.eval()
     jm(x)
     assert jm.fallbacks == []
+
+
+class RMSNormNet(nn.Module):
+    """nn.RMSNorm over the last axis and over the last two, and F.rms_norm on a parameter of the model (a
+    traced subclass's own forward), between Linear layers on [B, T, E] tokens."""
+
+    def __init__(self, affine: bool, eps):
+        super().__init__()
+        self.embed = nn.Linear(5, 6)
+        self.norm = nn.RMSNorm(6, eps=eps, elementwise_affine=affine)
+        self.norm2d = nn.RMSNorm((3, 6), eps=1e-3, elementwise_affine=affine)
+        self.scale = nn.Parameter(torch.rand(6) + 0.5)
+        self.head = nn.Linear(3 * 6, 4)
+        if affine:
+            with torch.no_grad():
+                for parameter in (*self.norm.parameters(), *self.norm2d.parameters()):
+                    parameter.uniform_(-1.5, 1.5)
+
+    def forward(self, x):
+        h = self.norm(self.embed(x))
+        h = F.rms_norm(torch.tanh(h), (6,), self.scale)
+        return self.head(self.norm2d(h).flatten(1))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("batch", [0, 1, 3])
+@pytest.mark.parametrize("affine, eps", [(True, None), (False, 1e-2)], ids=["affine-dtype-eps", "plain-eps"])
+def test_rms_norm_is_native(dtype, mode, batch, affine, eps):
+    torch.manual_seed(7)
+    model = RMSNormNet(affine, eps).to(dtype).eval()
+    x = non_contiguous(torch.randn(batch, 3, 5, dtype=dtype))
+    check(model, x, mode, dtype, expect_fallbacks=[])
+
+
+def test_rms_norm_near_zero_input_is_dominated_by_eps():
+    """Inputs far below sqrt(eps): r ~ eps^(-1/2), the x x^T term vanishes; both sweeps follow torch.func."""
+    model = nn.Sequential(nn.RMSNorm(4, eps=1e-2), nn.Linear(4, 3)).double().eval()
+    x = 1e-6 * torch.randn(2, 4, dtype=torch.float64)
+    for mode in ("forward", "reverse"):
+        check(model, x, mode, torch.float64, expect_fallbacks=[])
