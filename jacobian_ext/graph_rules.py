@@ -1120,7 +1120,7 @@ def _layout_rule(node: fx.Node, values, inputs, batch_axes: Dict[fx.Node, int], 
     if not isinstance(values[x_node], torch.Tensor):
         return None  # a pick from a multi-output node
     ndim, x_axis, out_axis = values[x_node].dim(), batch_axes.get(x_node, 0), batch_axes.get(node, 0)
-    if node.target in ("permute", "transpose", torch.permute, torch.transpose):
+    if node.target in _PERMUTES:
         return _permute_rule(node, ndim, x_axis, out_axis, out_numel)
     if node.target is operator.getitem:
         return _index_rule(node.args[1], ndim, x_axis, out_numel)
@@ -1178,14 +1178,23 @@ def _batch_first_position(axis: int, batch_axis: int) -> int:
     return 0 if axis == batch_axis else axis + 1 if axis < batch_axis else axis
 
 
+_SWAPS = {"transpose", torch.transpose, "swapaxes", torch.swapaxes, "swapdims", torch.swapdims}
+_PERMUTES = _SWAPS | {"permute", torch.permute, "movedim", torch.movedim, "moveaxis", torch.moveaxis}
+
+
 def _permute_rule(node: fx.Node, ndim: int, x_axis: int, out_axis: int, out_numel) -> Optional[NodeRule]:
-    args = node.args[1:]
-    if any(isinstance(a, fx.Node) for a in args) or node.kwargs:
+    args, traced = node.args[1:], []
+    fx.node.map_arg(args, traced.append)
+    if traced or node.kwargs:  # an axis computed in the graph
         return None
-    if node.target in ("transpose", torch.transpose):
+    if node.target in _SWAPS:
         first, second = (_normalize_dim(d, ndim) for d in args)
         permutation = list(range(ndim))
         permutation[first], permutation[second] = second, first
+    elif node.target in ("movedim", torch.movedim, "moveaxis", torch.moveaxis):
+        # Output axis k is input axis permutation[k]: read off a meta tensor whose sizes name its axes.
+        moved = torch.empty([axis + 2 for axis in range(ndim)], device="meta").movedim(*args)
+        permutation = [size - 2 for size in moved.shape]
     else:
         dims = args[0] if len(args) == 1 and isinstance(args[0], (tuple, list)) else args
         permutation = [_normalize_dim(d, ndim) for d in dims]

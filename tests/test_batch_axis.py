@@ -234,3 +234,28 @@ def test_a_moved_batch_axis_runs_in_the_graph_program_and_exports(mode):
     assert jm._last["plan"].native_program() is not None
     exported = torch.export.export(jm, (x,))
     assert_matches_reference(exported.module()(x)[1], reference_jacobian(model, x), torch.float64)
+
+
+class SwapsAndMoves(nn.Module):
+    """swapaxes / swapdims / movedim / moveaxis (maxvit's SwapAxes), over feature axes and moving the batch."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(3, 3)
+
+    def forward(self, x):  # x [B, 3, 5, 4]
+        a = torch.swapaxes(x, 1, 3).swapdims(2, 3)  # [B, 4, 3, 5]
+        b = self.linear(x.movedim(1, -1)).moveaxis(-1, 1)  # [B, 3, 5, 4]
+        c = torch.movedim(x, (0, 1), (1, 0)).tanh().swapaxes(0, 1)  # batch moved to 1 and back
+        return a.flatten(1) + (b * c).transpose(1, 3).flatten(1)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("batch", [0, 1, 3])
+def test_swapaxes_and_movedim_are_index_maps(mode, batch):
+    torch.manual_seed(9)
+    model = SwapsAndMoves().double()
+    x = torch.randn(batch, 3, 5, 4, dtype=torch.float64)
+    jm = planned(model, x, mode)
+    assert jm.fallbacks == []
+    assert repr(jm).count("index map (permute)") == 7, repr(jm)
