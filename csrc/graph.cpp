@@ -183,6 +183,8 @@ ReverseResult run_reverse(const Program& program, const at::Tensor& input) {
   // Chain runs: decoded once in the value pass, with forward_with_factors's factors, for the pull-back.
   std::vector<std::optional<ChainRun>> runs(program.nodes.size());
   std::vector<std::vector<at::Tensor>> factors(program.nodes.size());
+  // What a kind's value_saving kept for its reverse_saved.
+  std::vector<at::Tensor> saved(program.nodes.size());
   values[0] = input;
   for (size_t n = 0; n < program.nodes.size(); ++n) {
     const Node& node = program.nodes[n];
@@ -193,6 +195,8 @@ ReverseResult run_reverse(const Program& program, const at::Tensor& input) {
       at::Tensor output;
       std::tie(output, factors[n]) = forward_with_factors(run.flat, run.plan);
       values[node.slot] = chain_output(run, output);
+    } else if (node.rule->value_saving) {
+      std::tie(values[node.slot], saved[n]) = node.rule->value_saving(node, in);
     } else {
       values[node.slot] = node.rule->value(node, in);
     }
@@ -231,6 +235,8 @@ ReverseResult run_reverse(const Program& program, const at::Tensor& input) {
                     : JacobianBlock::identity();
       JacobianBlock result = reverse_sweep(std::move(block), run.plan, factors[n]);
       pulled.emplace_back(block_tensor(result, batch, features, x.options(), per_sample_shape(x)));
+    } else if (saved[n].defined()) {
+      pulled = node.rule->reverse_saved(node, in, saved[n], cotangent);
     } else {
       pulled = node.rule->reverse(node, in, values[node.slot], cotangent);
     }

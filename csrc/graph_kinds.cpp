@@ -180,6 +180,14 @@ GraphKind max_pool2d_kind() {
     const Attributes& a = node.attributes;
     return Blocks{max_pool2d_jac_reverse(in[0], g, a.kernel, a.stride, a.padding, a.dilation, a.ceil)};
   };
+  kind.value_saving = [](const Node& node, const Values& in) {
+    const Attributes& a = node.attributes;
+    auto [value, argmax] = max_pool2d_with_argmax(in[0], a.kernel, a.stride, a.padding, a.dilation, a.ceil);
+    return std::pair<at::Tensor, at::Tensor>{value, argmax};
+  };
+  kind.reverse_saved = [](const Node&, const Values& in, const at::Tensor& argmax, const std::optional<at::Tensor>& g) {
+    return Blocks{max_pool2d_jac_reverse_from_argmax(in[0], argmax, g)};
+  };
   return kind;
 }
 

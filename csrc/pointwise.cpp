@@ -23,6 +23,18 @@ JacobianBlock scale_features(const JacobianBlock& block, const at::Tensor& facto
   return JacobianBlock::per_sample(out);
 }
 
+JacobianBlock scale_by_activation_derivative(const JacobianBlock& block, const at::Tensor& input,
+                                             const Activation& activation) {
+  // The CUDA kernels take the derivative's round trip through memory (two launches); the CPU kernel
+  // fuses it into the scaling pass.
+  if (input.is_cuda()) return scale_features(block, std::get<1>(activation_with_derivative(input, activation)));
+  const int64_t batch = input.size(0), features = input.size(1);
+  at::Tensor values = block.explicit_values(features, input.options());
+  at::Tensor out = at::empty({batch, values.size(-2), features}, input.options());
+  cpu::scale_by_activation_derivative_kernel(out, values, input.contiguous(), activation);
+  return JacobianBlock::per_sample(out);
+}
+
 std::tuple<at::Tensor, at::Tensor> pointwise_jac_forward(const at::Tensor& input, const std::optional<at::Tensor>& jac,
                                                          std::string_view activation) {
   const char* op = "jacext::pointwise_jac_forward";
@@ -40,8 +52,7 @@ at::Tensor pointwise_jac_reverse(const at::Tensor& input, const std::optional<at
   check_feature_matrix(input, op, "input");
   const Activation parsed = activation_from_name(activation, op, "activation");
   const JacobianBlock cotangents = cotangents_from_arg(cotangent, input.size(0), input.size(1), input, op);
-  at::Tensor derivative = std::get<1>(activation_with_derivative(input, parsed));
-  return scale_features(cotangents, derivative).values;
+  return scale_by_activation_derivative(cotangents, input, parsed).values;
 }
 
 }  // namespace jacext

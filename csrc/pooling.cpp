@@ -72,16 +72,47 @@ struct MaxPoolSelection {
   at::Tensor plane_indices;  // [B, P, Ho * Wo]: the chosen input of each output, flat in its [H * W] plane
 };
 
-MaxPoolSelection select_max(const at::Tensor& input, const MaxPoolGeometry& pool) {
-  auto [pooled, indices] = at::max_pool2d_with_indices(as_planes(input), pool.kernel_size, pool.stride,
-                                                       pool.padding, pool.dilation, pool.ceil_mode);
+// From the pooled planes [N, P, Ho, Wo] and indices of at::max_pool2d_with_indices (pooled: undefined where
+// only the indices are wanted).
+MaxPoolSelection selection_from_indices(const at::Tensor& input, const at::Tensor& pooled, const at::Tensor& indices) {
   const int64_t batch = indices.size(0), planes = indices.size(1);
   const int64_t plane_outputs = indices.size(2) * indices.size(3);
   const int64_t plane_size = input.size(-2) * input.size(-1);
   at::Tensor plane_indices = indices.contiguous().view({batch, planes, plane_outputs});
   at::Tensor plane_offsets = at::arange(planes, plane_indices.options()).mul_(plane_size).view({1, planes, 1});
   at::Tensor flat_indices = (plane_indices + plane_offsets).view({batch, planes * plane_outputs});
-  return {from_planes(pooled, input.sizes().slice(1)).contiguous(), flat_indices, plane_indices};
+  const at::Tensor output = pooled.defined() ? from_planes(pooled, input.sizes().slice(1)).contiguous() : at::Tensor();
+  return {output, flat_indices, plane_indices};
+}
+
+MaxPoolSelection select_max(const at::Tensor& input, const MaxPoolGeometry& pool) {
+  auto [pooled, indices] = at::max_pool2d_with_indices(as_planes(input), pool.kernel_size, pool.stride,
+                                                       pool.padding, pool.dilation, pool.ceil_mode);
+  return selection_from_indices(input, pooled, indices);
+}
+
+// The reverse rule given the selection, for an output of per-sample shape output_features.
+at::Tensor max_pool_reverse(const at::Tensor& input, const MaxPoolSelection& selection,
+                            at::IntArrayRef output_features, const std::optional<at::Tensor>& cotangent,
+                            const char* op) {
+  const int64_t batch = input.size(0);
+  const std::optional<at::Tensor> cotangents = cotangents_nd_from_arg(cotangent, batch, output_features, input, op);
+  const int64_t rows = cotangents.has_value() ? cotangents->size(1) : selection.flat_indices.size(1);
+  std::vector<int64_t> result_shape{batch, rows};
+  result_shape.insert(result_shape.end(), input.sizes().begin() + 1, input.sizes().end());
+  if (!cotangents.has_value()) {
+    // Row c (an output) is the unit vector of its argmax: one 1 per row of a zero [B, outputs, D].
+    return at::zeros({batch, rows, c10::multiply_integers(input.sizes().slice(1))}, input.options())
+        .scatter_(2, selection.flat_indices.unsqueeze(2), 1.0)
+        .view(result_shape);
+  }
+  // Overlapping windows may pick one input for several outputs: their rows add up, as in autograd.
+  const auto& plane_indices = selection.plane_indices;
+  const int64_t planes = plane_indices.size(1), plane_outputs = plane_indices.size(2);
+  const at::Tensor index = plane_indices.unsqueeze(1).expand({batch, rows, planes, plane_outputs});
+  return at::zeros({batch, rows, planes, input.size(-2) * input.size(-1)}, input.options())
+      .scatter_add_(3, index, cotangents->view({batch, rows, planes, plane_outputs}))
+      .view(result_shape);
 }
 
 // ---- average pooling ----
@@ -158,25 +189,24 @@ at::Tensor max_pool2d_jac_reverse(const at::Tensor& input, const std::optional<a
   const MaxPoolGeometry pool{kernel_size, stride, padding, dilation, ceil_mode};
   check_max_pool_args(input, pool, op);
   const MaxPoolSelection selection = select_max(input, pool);
-  const int64_t batch = input.size(0);
-  const std::optional<at::Tensor> cotangents =
-      cotangents_nd_from_arg(cotangent, batch, selection.output.sizes().slice(1), input, op);
-  const int64_t rows = cotangents.has_value() ? cotangents->size(1) : selection.flat_indices.size(1);
-  std::vector<int64_t> result_shape{batch, rows};
-  result_shape.insert(result_shape.end(), input.sizes().begin() + 1, input.sizes().end());
-  if (!cotangents.has_value()) {
-    // Row c (an output) is the unit vector of its argmax: one 1 per row of a zero [B, outputs, D].
-    return at::zeros({batch, rows, c10::multiply_integers(input.sizes().slice(1))}, input.options())
-        .scatter_(2, selection.flat_indices.unsqueeze(2), 1.0)
-        .view(result_shape);
-  }
-  // Overlapping windows may pick one input for several outputs: their rows add up, as in autograd.
-  const auto& plane_indices = selection.plane_indices;
-  const int64_t planes = plane_indices.size(1), plane_outputs = plane_indices.size(2);
-  const at::Tensor index = plane_indices.unsqueeze(1).expand({batch, rows, planes, plane_outputs});
-  return at::zeros({batch, rows, planes, input.size(-2) * input.size(-1)}, input.options())
-      .scatter_add_(3, index, cotangents->view({batch, rows, planes, plane_outputs}))
-      .view(result_shape);
+  return max_pool_reverse(input, selection, selection.output.sizes().slice(1), cotangent, op);
+}
+
+std::tuple<at::Tensor, at::Tensor> max_pool2d_with_argmax(const at::Tensor& input, at::IntArrayRef kernel_size,
+                                                          at::IntArrayRef stride, at::IntArrayRef padding,
+                                                          at::IntArrayRef dilation, bool ceil_mode) {
+  const MaxPoolGeometry pool{kernel_size, stride, padding, dilation, ceil_mode};
+  check_max_pool_args(input, pool, "jacext::max_pool2d_jac_reverse");
+  auto [pooled, indices] = at::max_pool2d_with_indices(as_planes(input), pool.kernel_size, pool.stride, pool.padding,
+                                                       pool.dilation, pool.ceil_mode);
+  return {from_planes(pooled, input.sizes().slice(1)), indices};
+}
+
+at::Tensor max_pool2d_jac_reverse_from_argmax(const at::Tensor& input, const at::Tensor& argmax,
+                                              const std::optional<at::Tensor>& cotangent) {
+  const std::vector<int64_t> output_features = with_spatial(input.sizes().slice(1), argmax.size(2), argmax.size(3));
+  return max_pool_reverse(input, selection_from_indices(input, at::Tensor(), argmax), output_features, cotangent,
+                          "jacext::max_pool2d_jac_reverse");
 }
 
 std::tuple<at::Tensor, at::Tensor> avg_pool2d_jac_forward(const at::Tensor& input,

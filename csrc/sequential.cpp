@@ -65,6 +65,11 @@ namespace {
 // 784-1024x3-10, float32, 2-core AMD EPYC with AVX2): dense / masked = 1.95x at 20% active, 1.47x
 // (mnist) and 1.36x (deep) at 50%, 0.93x at 80%: even at about 70%; 0.65 keeps a margin.
 constexpr double kMaskedLinearCrossover = 0.65;
+// The same with one row per sample (a single-target attribution's reverse sweep): the kernel's register
+// block then holds one row, so each weight vector it loads feeds one multiply-add, where the dense GEMM
+// over all B rows reuses it across the batch. Measured like the above (B=32, 784-256-ReLU-1): even at
+// about 25% active units, the dense chain faster at 50%.
+constexpr double kMaskedLinearCrossoverOneRow = 0.3;
 // Below this many dense multiply-adds (about 40 us of GEMM) the dense chain is kept without counting
 // active units: the kernel's per-call work (counting, finiteness checks, packing) would not pay off.
 // At 2^20 the bench's `small` case (1.3 million at its second Linear, 50% active) took the masked
@@ -101,7 +106,8 @@ bool skip_inactive_units(const at::Tensor& factor, const at::Tensor& block_value
                             static_cast<double>(matrix.size(0)) * static_cast<double>(matrix.size(1));
   if (!override && dense_macs < kMaskedLinearMinimumMacs) return false;
   const double active = static_cast<double>(factor.count_nonzero().item<int64_t>()) / factor.numel();
-  if (active >= override.value_or(kMaskedLinearCrossover)) return false;
+  const double crossover = block_values.size(-2) == 1 ? kMaskedLinearCrossoverOneRow : kMaskedLinearCrossover;
+  if (active >= override.value_or(crossover)) return false;
   // One summing pass per tensor instead of isfinite's four (on mnist-sized weights these checks were
   // ~0.3 ms a call): a non-finite entry makes the sum non-finite. A finite tensor whose sum overflows
   // (float32 entries summing past 3e38) goes dense too, which is only slower.

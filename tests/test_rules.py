@@ -156,6 +156,28 @@ def test_reverse_rule_matches_torch_func(device, dtype, name, batch, block):
     assert_matches_reference(cot_in, expected, dtype, scale=rounding_scale(name, cot))
 
 
+# Shapes the CPU activation kernels treat apart: one row per sample (GELU, SiLU and ELU hand it whole to
+# autograd's backward kernel) and more features than one tile of the fused reverse kernel (a full tile and
+# a partial one), with the shared and the per-sample blocks that tile reads.
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name", list(ACTIVATION_FUNCTIONS))
+@pytest.mark.parametrize("rows, features", [(1, 6), (1, 1500), (2, 1500)], ids=["one_row", "one_row_wide", "wide"])
+@pytest.mark.parametrize("block", ["shared", "per_sample"])
+def test_reverse_activation_rule_on_one_row_and_wide_blocks(device, dtype, name, rows, features, block):
+    fn = ACTIVATION_FUNCTIONS[name]
+    batch = 3
+    x = non_contiguous(2.5 * torch.randn(batch, features, dtype=dtype, device=device))
+    cot = running_block(block, batch, rows, features, dtype, device)
+
+    cot_in = ops.pointwise_jac_reverse(x, cot, name)
+
+    x_ref = x.double().requires_grad_()
+    derivative = torch.autograd.grad(fn(x_ref).sum(), x_ref)[0]  # element-wise: the Jacobian's diagonal
+    expected = cot.double() * derivative[:, None, :]
+    assert_matches_reference(cot_in, expected, dtype)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_shared_linear_output_never_aliases_the_weight(device):
     weight = torch.randn(5, 3, device=device)

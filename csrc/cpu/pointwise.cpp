@@ -1,7 +1,9 @@
 // CPU kernels of the element-wise activation rule: value and derivative (one pass for ReLU; ATen's backward
-// kernels for the transcendental derivatives), then the fused
-// column scaling out[b, r, h] = values[b | shared, r, h] * factor[b, h].
+// kernels for the transcendental derivatives), the column scaling
+// out[b, r, h] = values[b | shared, r, h] * factor[b, h], and the reverse rule's fused form of both.
 #include <ATen/Dispatch.h>
+
+#include <string_view>
 
 #include "../jacext/jacobian_block.h"
 #include "parallel.h"
@@ -9,13 +11,27 @@
 namespace jacext::cpu {
 namespace {
 
+// Features per tile of the fused reverse kernel: the tile's derivative, computed once per sample and
+// feature, stays in L1 while every row of the block is scaled by it.
+constexpr int64_t kFeatureTile = 1024;
+
+// dst[h] = src[h] * factor[h] for h < count. A multiply, not a select, for ReLU's 0/1 factor too: a
+// non-finite entry times 0 stays NaN, as in the chain's other products. A plain loop that the compiler
+// vectorises for the build's ISA (restrict: no aliasing checks); at::vec's baseline-ISA Vectorized,
+// array-backed, ran slower.
+template <typename scalar_t>
+inline void multiply_row(scalar_t* __restrict__ dst, const scalar_t* __restrict__ src,
+                         const scalar_t* __restrict__ factor, int64_t count) {
+#pragma omp simd
+  for (int64_t h = 0; h < count; ++h) dst[h] = src[h] * factor[h];
+}
+
 // The kind is a template argument so that the switch in rule_math.h folds away and the loop
 // vectorises. With kValueGiven the output already holds activation(input) and only the derivative
 // is written.
 // Everything the loop reads is captured by value: through captured references GCC reloaded the pointers
 // and the activation's kind (an int8_t, which every store may alias) after each store, so the switch
-// stayed a jump per element and nothing vectorised (ReLU's reverse rule ran 20x slower than autograd's
-// threshold_backward).
+// stayed a jump per element and nothing vectorised.
 template <ActivationKind kKind, bool kValueGiven, typename scalar_t>
 void activation_loop(scalar_t* output, scalar_t* derivative, const scalar_t* input, int64_t count,
                      const Activation& parameters) {
@@ -26,6 +42,36 @@ void activation_loop(scalar_t* output, scalar_t* derivative, const scalar_t* inp
       const scalar_t y = kValueGiven ? output[i] : activation_value(activation, input[i]);
       if constexpr (!kValueGiven) output[i] = y;
       derivative[i] = activation_derivative(activation, input[i], y);
+    }
+  });
+}
+
+// out [B, R, H] = values ([R, H] or [B, R, H]) * activation'(input [B, H]), in one pass over the block:
+// per sample and tile of features, the derivative from rule_math.h into a buffer, then every row times
+// it. `value` holds activation(input) where the derivative reads it (derivative_uses_value), else null.
+template <ActivationKind kKind, typename scalar_t>
+void scale_by_derivative_loop(at::Tensor& out, const at::Tensor& values, const scalar_t* input, const scalar_t* value,
+                              const Activation& parameters) {
+  const int64_t batch = out.size(0), rows = out.size(1), features = out.size(2);
+  const int64_t tiles = (features + kFeatureTile - 1) / kFeatureTile;
+  const int64_t values_batch_stride = values.dim() == 3 ? rows * features : 0;
+  scalar_t* out_base = out.data_ptr<scalar_t>();
+  const scalar_t* values_base = values.const_data_ptr<scalar_t>();
+  const double first = parameters.first, second = parameters.second;
+  const int64_t grain = std::max<int64_t>(1, kParallelGrainElements / std::max<int64_t>(1, rows * kFeatureTile));
+  at::parallel_for(0, batch * tiles, grain, [=](int64_t begin, int64_t end) {
+    const Activation activation{kKind, first, second};
+    scalar_t derivative[kFeatureTile];
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t b = item / tiles, h0 = (item % tiles) * kFeatureTile;
+      const int64_t count = std::min(kFeatureTile, features - h0);
+      const scalar_t* z = input + b * features + h0;
+      const scalar_t* y = value != nullptr ? value + b * features + h0 : z;
+      for (int64_t i = 0; i < count; ++i) derivative[i] = activation_derivative(activation, z[i], y[i]);
+      for (int64_t r = 0; r < rows; ++r) {
+        multiply_row(out_base + (b * rows + r) * features + h0, values_base + b * values_batch_stride + r * features + h0,
+                     derivative, count);
+      }
     }
   });
 }
@@ -46,25 +92,39 @@ void aten_activation_value(at::Tensor& output, const at::Tensor& input, const Ac
   }
 }
 
-// Writes the derivative with autograd's own backward kernel (grad_output = 1, so grad * f' is f' exactly)
-// for the activations whose derivative needs erf/exp: ATen's kernels are vectorised, the formulas of
-// rule_math.h call scalar libm per element (GELU's rule took 2.0 ms where gelu_backward takes 0.2 ms,
-// [4, 16384] float32, one thread). False for the others (JACEXT_NO_ATEN in activations.def), whose
-// derivative the element loop computes.
-bool aten_activation_derivative(at::Tensor& derivative, const at::Tensor& input, const Activation& activation) {
-  const at::Tensor ones = at::scalar_tensor(1, input.options()).expand(input.sizes());
+// Whether the kind's row in activations.def names autograd's backward kernel for its derivative (its
+// aten_derivative argument, unexpanded, is not the token JACEXT_NO_ATEN).
+constexpr bool has_aten_derivative(ActivationKind kind) {
+  switch (kind) {
+#define JACEXT_ACTIVATION(kind, name, parameters, first, second, grammar, aten_value, aten_derivative) \
+  case ActivationKind::kind:                                                                         \
+    return std::string_view(#aten_derivative) != "JACEXT_NO_ATEN";
+#include "../jacext/activations.def"
+#undef JACEXT_ACTIVATION
+  }
+  return false;
+}
+
+// Writes grad * derivative into `derivative` with autograd's own backward kernel, for the activations whose
+// derivative needs erf/exp (has_aten_derivative): ATen's kernels are vectorised, the formulas of
+// rule_math.h call scalar libm per element (GELU's rule was 5x slower through them).
+void aten_activation_backward(at::Tensor& derivative, const at::Tensor& grad, const at::Tensor& input,
+                              const Activation& activation) {
   switch (activation.kind) {
-#define JACEXT_NO_ATEN return false
+#define JACEXT_NO_ATEN TORCH_INTERNAL_ASSERT(false, "no ATen backward kernel for this activation")
 #define JACEXT_ACTIVATION(kind, name, parameters, first, second, grammar, aten_value, aten_derivative) \
   case ActivationKind::kind:                                                                         \
     aten_derivative;                                                                                 \
-    return true;
+    break;
 #include "../jacext/activations.def"
 #undef JACEXT_ACTIVATION
 #undef JACEXT_ACTIVATION_ALIAS
 #undef JACEXT_NO_ATEN
   }
-  return false;
+}
+
+at::Tensor ones_like_input(const at::Tensor& input) {
+  return at::scalar_tensor(1, input.options()).expand(input.sizes());
 }
 
 }  // namespace
@@ -72,9 +132,8 @@ bool aten_activation_derivative(at::Tensor& derivative, const at::Tensor& input,
 void activation_kernel(at::Tensor& output, at::Tensor& derivative, const at::Tensor& input,
                        const Activation& activation) {
   // Values from ATen's vectorised (SLEEF) kernels: libm's scalar tanh/exp made the value pass, not the
-  // Jacobian, the cost of a tanh network (pinn case: 6.2 ms, 37x its floor).
+  // Jacobian, the cost of a tanh network.
   aten_activation_value(output, input, activation);
-  if (aten_activation_derivative(derivative, input, activation)) return;
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "jacext_activation_cpu", [&] {
     auto* out = output.data_ptr<scalar_t>();
     auto* deriv = derivative.data_ptr<scalar_t>();
@@ -82,7 +141,11 @@ void activation_kernel(at::Tensor& output, at::Tensor& derivative, const at::Ten
     const int64_t count = input.numel();
     visit_activation_kind(activation.kind, [&](auto kind) {
       constexpr ActivationKind kKind = decltype(kind)::value;
-      activation_loop<kKind, kKind != ActivationKind::ReLU>(out, deriv, in, count, activation);
+      if constexpr (has_aten_derivative(kKind)) {
+        aten_activation_backward(derivative, ones_like_input(input), input, activation);
+      } else {
+        activation_loop<kKind, kKind != ActivationKind::ReLU>(out, deriv, in, count, activation);
+      }
     });
   });
 }
@@ -91,7 +154,35 @@ void scale_features_kernel(at::Tensor& out, const at::Tensor& values, const at::
   const int64_t features = out.size(2);
   AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "jacext_scale_features_cpu", [&] {
     for_each_block_row<scalar_t>(out, values, factor, [&](const scalar_t* src, const scalar_t* f, scalar_t* dst) {
-      for (int64_t h = 0; h < features; ++h) dst[h] = src[h] * f[h];
+      multiply_row(dst, src, f, features);
+    });
+  });
+}
+
+void scale_by_activation_derivative_kernel(at::Tensor& out, const at::Tensor& values, const at::Tensor& input,
+                                           const Activation& activation) {
+  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "jacext_scale_by_activation_derivative_cpu", [&] {
+    visit_activation_kind(activation.kind, [&](auto kind) {
+      constexpr ActivationKind kKind = decltype(kind)::value;
+      if constexpr (has_aten_derivative(kKind)) {
+        // One row per sample: the row is autograd's grad, and its backward kernel is the whole rule.
+        if (out.size(1) == 1 && values.dim() == 3) {
+          at::Tensor out_rows = out.view({out.size(0), out.size(2)});
+          aten_activation_backward(out_rows, values.view({values.size(0), values.size(2)}), input, activation);
+          return;
+        }
+        at::Tensor derivative = at::empty_like(input);
+        aten_activation_backward(derivative, ones_like_input(input), input, activation);
+        scale_features_kernel(out, values, derivative);
+      } else if constexpr (derivative_uses_value(kKind)) {
+        at::Tensor value = at::empty_like(input);
+        aten_activation_value(value, input, activation);
+        scale_by_derivative_loop<kKind>(out, values, input.const_data_ptr<scalar_t>(), value.const_data_ptr<scalar_t>(),
+                                        activation);
+      } else {
+        scale_by_derivative_loop<kKind>(out, values, input.const_data_ptr<scalar_t>(),
+                                        static_cast<const scalar_t*>(nullptr), activation);
+      }
     });
   });
 }

@@ -87,6 +87,11 @@ struct GraphKind {
   // The inputs' cotangents from the output's value and cotangent (reverse mode).
   std::function<Blocks(const Node&, const Values& in, const at::Tensor& value, const std::optional<at::Tensor>& cotangent)>
       reverse;
+  // Optional, reverse mode, both or neither: the value with what `reverse` would recompute from the inputs
+  // (max pooling's argmax), and the reverse rule given it, so that the reverse walker evaluates it once.
+  std::function<std::pair<at::Tensor, at::Tensor>(const Node&, const Values& in)> value_saving;
+  std::function<Blocks(const Node&, const Values& in, const at::Tensor& saved, const std::optional<at::Tensor>& cotangent)>
+      reverse_saved;
 };
 
 // The rule of a graph kind, or nullptr for a chain layer's kind (linear, an activation, ...).

@@ -76,6 +76,10 @@ JacobianBlock chain_masked_matrix(const JacobianBlock& block, const at::Tensor& 
 std::tuple<at::Tensor, at::Tensor> activation_with_derivative(const at::Tensor& input, const Activation& activation);
 // out[b, r, h] = block[b, r, h] * factor[b, h].
 JacobianBlock scale_features(const JacobianBlock& block, const at::Tensor& factor);
+// out[b, r, h] = block[b, r, h] * activation'(input[b, h]): the reverse rule when no forward pass has kept
+// the derivative.
+JacobianBlock scale_by_activation_derivative(const JacobianBlock& block, const at::Tensor& input,
+                                             const Activation& activation);
 // Row update of softmax / log-softmax given the probabilities s [B, H].
 JacobianBlock softmax_rows(const JacobianBlock& block, const at::Tensor& probabilities, SoftmaxVariant variant);
 
@@ -84,6 +88,9 @@ namespace cpu {
 void activation_kernel(at::Tensor& output, at::Tensor& derivative, const at::Tensor& input,
                        const Activation& activation);
 void scale_features_kernel(at::Tensor& out, const at::Tensor& values, const at::Tensor& factor);
+// out [B, R, H] = values ([R, H] or [B, R, H]) * activation'(input [B, H]), the derivative never stored whole.
+void scale_by_activation_derivative_kernel(at::Tensor& out, const at::Tensor& values, const at::Tensor& input,
+                                           const Activation& activation);
 void softmax_rows_kernel(at::Tensor& out, const at::Tensor& values, const at::Tensor& probabilities,
                          SoftmaxVariant variant);
 // out [B, R, K] = values ([R, H] or [B, R, H]) diag(factor [B, H]) matrix [H, K], all contiguous.

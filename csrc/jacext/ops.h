@@ -66,6 +66,14 @@ std::tuple<at::Tensor, at::Tensor> max_pool2d_jac_forward(const at::Tensor& inpu
 at::Tensor max_pool2d_jac_reverse(const at::Tensor& input, const std::optional<at::Tensor>& cotangent,
                                   at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding,
                                   at::IntArrayRef dilation, bool ceil_mode);
+// The reverse rule in two halves, for a walker that evaluates the value first: the pooled value with its
+// argmax (at::max_pool2d_with_indices's indices, [N, P, Ho, Wo]), then the rule from that argmax, so the
+// pooling runs once per call.
+std::tuple<at::Tensor, at::Tensor> max_pool2d_with_argmax(const at::Tensor& input, at::IntArrayRef kernel_size,
+                                                          at::IntArrayRef stride, at::IntArrayRef padding,
+                                                          at::IntArrayRef dilation, bool ceil_mode);
+at::Tensor max_pool2d_jac_reverse_from_argmax(const at::Tensor& input, const at::Tensor& argmax,
+                                              const std::optional<at::Tensor>& cotangent);
 
 std::tuple<at::Tensor, at::Tensor> avg_pool2d_jac_forward(const at::Tensor& input,
                                                           const std::optional<at::Tensor>& jac,

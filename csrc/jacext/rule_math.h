@@ -64,7 +64,9 @@ JACEXT_HOST_DEVICE inline T relu6_of_shifted(T z) {
 // CUDA kernels, in at::opmath_type.
 // Always inlined, here and in activation_derivative: the kernels call them with a compile-time kind, and
 // only an inlined switch folds away and lets the element loop vectorise (GCC had kept
-// activation_derivative out of line, one call per element).
+// activation_derivative out of line, one call per element). For the same reason the derivatives evaluate
+// their operands before choosing (no conversion inside a branch, no short-circuit ||): GCC
+// if-converts only such selects, and a branch per element mispredicts on random signs.
 template <typename T>
 JACEXT_HOST_DEVICE JACEXT_ALWAYS_INLINE T activation_value(const Activation& activation, T z) {
   switch (activation.kind) {
@@ -98,6 +100,12 @@ JACEXT_HOST_DEVICE JACEXT_ALWAYS_INLINE T activation_value(const Activation& act
       return z * tanh(log1p(exp(z)));
   }
   return z;
+}
+
+// Whether activation_derivative below reads y; where it does not, a kernel that needs only the derivative
+// skips computing the value.
+JACEXT_HOST_DEVICE constexpr bool derivative_uses_value(ActivationKind kind) {
+  return kind == ActivationKind::Tanh || kind == ActivationKind::Sigmoid;
 }
 
 // d activation(z) / dz, given the input z and the already computed output y = activation(z), so that
@@ -135,16 +143,20 @@ JACEXT_HOST_DEVICE JACEXT_ALWAYS_INLINE T activation_derivative(const Activation
       const T s = stable_sigmoid(z);
       return s * (T(1) + z * (T(1) - s));
     }
-    case ActivationKind::LeakyReLU:
-      return z > T(0) ? T(1) : T(activation.first);
+    case ActivationKind::LeakyReLU: {
+      const T negative_slope = T(activation.first);
+      return z > T(0) ? T(1) : negative_slope;
+    }
     case ActivationKind::Elu:
       return z <= T(0) ? T(activation.first) * exp(z) : T(1);
     case ActivationKind::Softplus: {
       const T scaled = z * T(activation.first);
       return scaled > T(activation.second) ? T(1) : stable_sigmoid(scaled);
     }
-    case ActivationKind::Hardtanh:
-      return (z <= T(activation.first) || z >= T(activation.second)) ? T(0) : T(1);
+    case ActivationKind::Hardtanh: {
+      const T min_val = T(activation.first), max_val = T(activation.second);
+      return ((z <= min_val) | (z >= max_val)) ? T(0) : T(1);
+    }
     case ActivationKind::Hardswish:
       return z < T(-3) ? T(0) : (z <= T(3) ? z / T(3) + T(0.5) : T(1));
     case ActivationKind::Hardsigmoid:
