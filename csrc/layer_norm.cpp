@@ -6,7 +6,8 @@
 //   forward (tangent column t):  t' = w rstd (t - mean(t) - xhat mean(xhat t))
 //   reverse (cotangent row g):   g' = rstd (u - mean(u) - xhat mean(xhat u)),  u = w g
 // Layouts follow the N-d convention: jac [B, *feat, D] (None: identity), cotangent [B, C, *feat]
-// (None: identity); the block runs as [B, R, M, N] with M groups per sample. All ATen, so device-generic.
+// (None: identity); the block runs as [B, R, M, N] with M groups per sample. ATen ops, device-generic; on
+// the CPU the update of explicit rows is one pass per row (cpu/layer_norm.cpp).
 #include "cpu/layer_norm.h"
 #include "jacext/checks.h"
 #include "jacext/ops.h"
