@@ -487,7 +487,6 @@ class GraphPlan(FlatWidths):
             block = torch.zeros(x.shape[0], self.out_features, *self.input_shape, dtype=self.dtype, device=x.device)
         return env[self.output_node], block
 
-
     def _pull_back(self, g: GraphNode, env, cotangent) -> List:
         """The node's rule in reverse; a Picked cotangent whose box lies within the axes the node maps position
         by position runs the rule on the box of every value involved, and its input cotangents stay Picked."""
