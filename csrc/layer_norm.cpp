@@ -6,7 +6,9 @@
 //   forward (tangent column t):  t' = w rstd (t - mean(t) - xhat mean(xhat t))
 //   reverse (cotangent row g):   g' = rstd (u - mean(u) - xhat mean(xhat u)),  u = w g
 // Layouts follow the N-d convention: jac [B, *feat, D] (None: identity), cotangent [B, C, *feat]
-// (None: identity); the block runs as [B, R, M, N] with M groups per sample. All ATen, so device-generic.
+// (None: identity); the block runs as [B, R, M, N] with M groups per sample. ATen ops, device-generic; on
+// the CPU the update of explicit rows is one pass per row (cpu/layer_norm.cpp).
+#include "cpu/layer_norm.h"
 #include "jacext/checks.h"
 #include "jacext/ops.h"
 
@@ -60,6 +62,28 @@ at::Tensor project_rows(const at::Tensor& rows, const at::Tensor& normalized, co
   return (rows - row_mean - normalized * normalized_mean) * rstd;
 }
 
+// The rule on explicit rows [B, R, M, N] (tangent columns or cotangent rows), the weight scaling each row first
+// (reverse) or the result (forward): one CPU pass per row for float and double, the ATen ops above elsewhere.
+at::Tensor project_block_rows(const at::Tensor& rows, const at::Tensor& input, const at::Tensor& mean,
+                              const at::Tensor& rstd, const std::optional<at::Tensor>& weight, bool weight_first,
+                              const LayerNormGroups& g) {
+  const auto dtype = input.scalar_type();
+  if (input.is_cpu() && (dtype == at::kFloat || dtype == at::kDouble)) {
+    const at::Tensor contiguous_rows = rows.contiguous();
+    at::Tensor out = at::empty_like(contiguous_rows);
+    const std::optional<at::Tensor> contiguous_weight =
+        weight.has_value() ? std::optional<at::Tensor>(weight->contiguous()) : std::nullopt;
+    cpu::layer_norm_rows_kernel(out, contiguous_rows, input.contiguous(), mean.to(dtype).contiguous(),
+                                rstd.to(dtype).contiguous(), contiguous_weight, weight_first);
+    return out;
+  }
+  const auto [normalized, group_rstd] = normalized_and_rstd(input, mean, rstd, g);
+  const bool scale_rows = weight.has_value() && weight_first, scale_result = weight.has_value() && !weight_first;
+  const at::Tensor result =
+      project_rows(scale_rows ? rows * weight->reshape({g.group_size}) : rows, normalized, group_rstd);
+  return scale_result ? result * weight->reshape({g.group_size}) : result;
+}
+
 // The rule applied to the identity seed: J itself as rows [B, F, M, N], F = M N. J is block-diagonal over
 // the M groups, so only the diagonal [N, N] blocks rstd P are computed and placed into zeros (about 4x
 // faster than the general update on F unit rows for ViT tokens [8, 17, 64] in float32, which lost to
@@ -109,14 +133,13 @@ std::tuple<at::Tensor, at::Tensor> layer_norm_jac_forward(const at::Tensor& inpu
   }
 
   auto [output, mean, rstd] = at::native_layer_norm(input, normalized_shape, weight, bias, eps);
-  const auto [normalized, group_rstd] = normalized_and_rstd(input, mean, rstd, g);
   at::Tensor result;  // [B, D, M, N]
   if (jac.has_value()) {
     const at::Tensor tangents =
         jac->movedim(-1, 1).contiguous().view({g.batch, jac->size(-1), g.groups, g.group_size});
-    result = project_rows(tangents, normalized, group_rstd);
-    if (weight.has_value()) result = result * weight->reshape({g.group_size});
+    result = project_block_rows(tangents, input, mean, rstd, weight, /*weight_first=*/false, g);
   } else {
+    const auto [normalized, group_rstd] = normalized_and_rstd(input, mean, rstd, g);
     result = identity_jacobian_rows(normalized, group_rstd, weight, /*weight_on_rows=*/false, g);
   }
   return {output.contiguous(), rows_to_block(result, g).movedim(1, -1)};
@@ -136,15 +159,13 @@ at::Tensor layer_norm_jac_reverse(const at::Tensor& input, const std::optional<a
   }
 
   // Only the statistics are needed: no weight or bias in this forward.
-  const auto statistics = at::native_layer_norm(input, normalized_shape, {}, {}, eps);
-  const auto [normalized, group_rstd] =
-      normalized_and_rstd(input, std::get<1>(statistics), std::get<2>(statistics), g);
+  const auto [_, mean, rstd] = at::native_layer_norm(input, normalized_shape, {}, {}, eps);
   if (!cotangent.has_value()) {
+    const auto [normalized, group_rstd] = normalized_and_rstd(input, mean, rstd, g);
     return rows_to_block(identity_jacobian_rows(normalized, group_rstd, weight, /*weight_on_rows=*/true, g), g);
   }
-  at::Tensor rows = cotangent->reshape({g.batch, cotangent->size(1), g.groups, g.group_size});
-  if (weight.has_value()) rows = rows * weight->reshape({g.group_size});
-  return rows_to_block(project_rows(rows, normalized, group_rstd), g);
+  const at::Tensor rows = cotangent->reshape({g.batch, cotangent->size(1), g.groups, g.group_size});
+  return rows_to_block(project_block_rows(rows, input, mean, rstd, weight, /*weight_first=*/true, g), g);
 }
 
 }  // namespace jacext

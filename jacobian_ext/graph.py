@@ -7,6 +7,8 @@ their values only. Blocks keep the feature axes of the node intact:
   forward mode: tangents   T[b, d, *shape]  (d over the model's input features, D)
   reverse mode: cotangents G[b, c, *shape]  (c over the model's output features, C)
 """
+import collections
+import dataclasses
 import functools
 import operator
 import threading
@@ -21,7 +23,7 @@ from torch._subclasses.fake_tensor import FakeTensor
 
 from . import graph_rules, ops, traced_forms
 from .errors import GraphCaptureError, StructuredOutputError
-from .blocks import IDENTITY, NodeRule, accumulate, explicit_block
+from .blocks import IDENTITY, NodeRule, Picked, accumulate, explicit_block
 from .plan import FlatWidths, short_repr
 from .program import entry
 from .rules import rule_type
@@ -477,13 +479,29 @@ class GraphPlan(FlatWidths):
         for g in reversed(self.nodes):
             if g.rule is None or g.node not in cotangents:
                 continue
-            pulled = g.rule.reverse(self, g, env, cotangents.pop(g.node))
+            pulled = self._pull_back(g, env, cotangents.pop(g.node))
             for source, cotangent in zip(g.inputs, pulled):
                 accumulate(cotangents, source, cotangent, env[source])
         block = cotangents.get(self.input_node)
         if block is None:
             block = torch.zeros(x.shape[0], self.out_features, *self.input_shape, dtype=self.dtype, device=x.device)
         return env[self.output_node], block
+
+    def _pull_back(self, g: GraphNode, env, cotangent) -> List:
+        """The node's rule in reverse; a Picked cotangent whose box lies within the axes the node maps position
+        by position runs the rule on the box of every value involved, and its input cotangents stay Picked."""
+        if isinstance(cotangent, Picked) and cotangent.within(0):  # the box is everything
+            cotangent = cotangent.block
+        if not isinstance(cotangent, Picked):
+            return g.rule.reverse(self, g, env, cotangent)
+        axes = g.rule.position_axes(self, g)
+        if not cotangent.within(axes) or any(tuple(env[i].shape[1:1 + axes]) != g.shape[:axes] for i in g.inputs):
+            return g.rule.reverse(self, g, env, cotangent.dense())
+        box = cotangent.box[:axes]
+        on_box = collections.ChainMap({n: env[n][(slice(None), *box)] for n in (*g.inputs, g.node)}, env)
+        pulled = g.rule.reverse(self, dataclasses.replace(g, shape=tuple(cotangent.block.shape[2:])), on_box,
+                                cotangent.block)
+        return [Picked(box, block, env[i].shape[1:]) for i, block in zip(g.inputs, pulled)]
 
 
 def _output_node(gm: fx.GraphModule) -> fx.Node:

@@ -22,7 +22,7 @@ from . import rules as layer_rules
 from .program import entry
 from . import attention_rules, spatial_rules
 from .errors import GraphCaptureError
-from .blocks import IDENTITY, NodeRule, explicit_block
+from .blocks import IDENTITY, NodeRule, Picked, explicit_block
 from .fallback import FORWARD_AD_LOCK, per_sample_jacobians, vjp_in_grad_mode
 
 
@@ -195,12 +195,18 @@ class FeatureOpRule(NodeRule):
         self.forward_op, self.reverse_op, self.needs_output = forward_op, reverse_op, needs_output
         self.layers_of = layers_of  # () -> (chain layer names, parameter getters): the op encoding
 
+    def _pointwise(self) -> bool:
+        return all(layer.split(":")[0] in layer_rules.ACTIVATION_REPLAY for layer in self.layers_of()[0])
+
+    def position_axes(self, plan, g):
+        return len(g.shape) if self._pointwise() else 0
+
     def encode(self, plan, g, sources):
         """The chain layers, behind a flatten when they hold a Linear or softmax (the chain ops read [B, H])
         and before a reshape to the node's shape where the chain's own output shape differs."""
         layers, getters = self.layers_of()
         input_shape = plan.shape_of(g.inputs[0])
-        pointwise = all(layer.split(":")[0] in layer_rules.ACTIVATION_REPLAY for layer in layers)
+        pointwise = self._pointwise()
         entries = []
         if not pointwise and len(input_shape) != 1:
             entries.append((entry("reshape", sources, shape=[math.prod(input_shape)]), []))
@@ -265,6 +271,9 @@ class LastAxisLinearRule(NodeRule):
         x = env[g.inputs[0]]
         return [torch.matmul(explicit_block(cotangent, x.shape[0], g.shape, x), self.module.weight)]
 
+    def position_axes(self, plan, g):
+        return len(g.shape) - 1
+
     def encode(self, plan, g, sources):
         module = self.module
         getters = [lambda: module.weight] + ([lambda: module.bias] if module.bias is not None else [])
@@ -304,9 +313,14 @@ class NdOpRule(NodeRule):
     gives an object with forward(input, jac) and reverse(input, cotangent), built at every call from
     the module, so that updated weights are used."""
 
-    def __init__(self, module: nn.Module, input_shape, call_of: Callable, label: str, work_per_row: float):
+    def __init__(self, module: nn.Module, input_shape, call_of: Callable, label: str, work_per_row: float,
+                 position_axes: int = 0):
         super().__init__(work_per_row)
         self.module, self.input_shape, self.call_of, self.label = module, tuple(input_shape), call_of, f"native {label}"
+        self._position_axes = position_axes  # a layer norm's axes before its normalised ones
+
+    def position_axes(self, plan, g):
+        return self._position_axes
 
     def _call(self):
         call = self.call_of(self.module, self.input_shape)
@@ -457,7 +471,8 @@ def _rms_norm_rule(module, input_shape, out_numel: int) -> Optional[NodeRule]:
     normalized = tuple(module.normalized_shape)
     if len(normalized) > len(input_shape) or tuple(input_shape[len(input_shape) - len(normalized):]) != normalized:
         return None
-    return NdOpRule(module, input_shape, _RMSNormCall, "rms_norm", 6 * out_numel)
+    return NdOpRule(module, input_shape, _RMSNormCall, "rms_norm", 6 * out_numel,
+                    position_axes=len(input_shape) - len(normalized))
 
 
 def _group_norm_rule(module: nn.GroupNorm, input_shape, out_numel: int) -> Optional[NodeRule]:
@@ -597,7 +612,8 @@ def _layer_norm_rule(module: nn.LayerNorm, input_shape, out_numel: int) -> Optio
     normalized = tuple(module.normalized_shape)
     if tuple(input_shape[len(input_shape) - len(normalized):]) != normalized or len(normalized) > len(input_shape):
         return None
-    return NdOpRule(module, input_shape, lambda m, shape: _LayerNormCall(m), "layer_norm", 8 * out_numel)
+    return NdOpRule(module, input_shape, lambda m, shape: _LayerNormCall(m), "layer_norm", 8 * out_numel,
+                    position_axes=len(input_shape) - len(module.normalized_shape))
 
 
 def _spatial_rule(module: nn.Module, input_shape, out_numel: int) -> Optional[NodeRule]:
@@ -710,9 +726,30 @@ class IndexRule(NodeRule):
     def reverse(self, plan, g, env, cotangent):
         x = env[g.inputs[0]]
         block = explicit_block(cotangent, x.shape[0], g.shape, x)
+        box = self._box(x.shape[1:])
+        if box is not None:  # integers and unit-step slices: a Picked box, integer axes kept with size 1
+            kept = [slice(None), slice(None)] + [slice(None) if isinstance(p, slice) else None
+                                                 for p in self.block_index[2:]]
+            return [Picked(box, block[tuple(kept)], x.shape[1:])]
         pulled = block.new_zeros(x.shape[0], block.shape[1], *x.shape[1:])
         pulled[self.block_index] = block
         return [pulled]
+
+    def _box(self, shape) -> Optional[List[slice]]:
+        """The index as one unit-step slice per indexed per-sample axis, or None (a new axis, another step)."""
+        parts = self.block_index[2:]
+        if len(parts) > len(shape):  # new axes (None) among the parts
+            return None
+        box = []
+        for part, size in zip(parts, shape):
+            if isinstance(part, int):
+                box.append(slice(part % size, part % size + 1))
+            elif isinstance(part, slice) and part.indices(size)[2] == 1:
+                start, stop, _ = part.indices(size)
+                box.append(slice(start, max(start, stop)))
+            else:
+                return None
+        return box
 
     def encode(self, plan, g, sources):
         """One `slice` entry per sliced per-sample axis; integer indices and None have none."""
@@ -748,6 +785,9 @@ class SumRule(NodeRule):
             term = block if coefficient == 1 else block * coefficient
             total = term if total is None else total + term
         return value, total
+
+    def position_axes(self, plan, g):
+        return len(g.shape)  # its inputs have the node's shape (_sum_rule)
 
     def reverse(self, plan, g, env, cotangent):
         if all(c == 1 for c in self.coefficients):

@@ -166,3 +166,65 @@ def test_attention_with_dropout_in_training_is_not_native():
     with pytest.warns(UserWarning, match="mixes the samples"):
         jm(torch.randn(3, 5, 6, dtype=torch.float64))
     assert jm.fallbacks == ["model"]
+
+
+class PickedTokens(nn.Module):
+    """A vision transformer's tail: attention mixes the tokens, per-token layers follow (layer norm, a GELU MLP,
+    residual adds), and the head reads some tokens. The reverse sweep keeps the cotangent on the picked tokens
+    (blocks.Picked) through the per-token layers; picks it cannot keep so fall back to the dense block."""
+
+    WIDTHS = {"first": 6, "last": 6, "slice": 12, "strided": 18, "two": 6, "with_mean": 6, "feature": 5}
+
+    def __init__(self, pick):
+        super().__init__()
+        self.pick = pick
+        self.qkv = nn.Linear(6, 18)
+        self.norm = nn.LayerNorm(6)
+        self.fc1, self.fc2 = nn.Linear(6, 10), nn.Linear(10, 6)
+        self.head = nn.Linear(self.WIDTHS[pick], 3)
+
+    def forward(self, x):  # x [B, 5, 6]
+        batch, tokens, _ = x.shape
+        q, k, v = self.qkv(x).reshape(batch, tokens, 3, 2, 3).permute(2, 0, 3, 1, 4).unbind(0)
+        h = x + F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(batch, tokens, 6)
+        h = h + self.fc2(F.gelu(self.fc1(self.norm(h))))
+        picked = {
+            "first": lambda: h[:, 0],
+            "last": lambda: h[:, -1],
+            "slice": lambda: h[:, 1:3].flatten(1),
+            "strided": lambda: h[:, ::2].flatten(1),  # a step: written into zeros, not boxed
+            "two": lambda: h[:, 0] + h[:, 3],  # boxes that do not join: one dense block
+            "with_mean": lambda: h[:, 0] + h.mean(1),  # a box meeting a dense cotangent
+            "feature": lambda: h[:, :, 0],  # a box over the normalised axis: dense from the layer norm on
+        }[self.pick]()
+        return self.head(picked)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("batch", [0, 1, 3])
+@pytest.mark.parametrize("pick", list(PickedTokens.WIDTHS))
+def test_per_token_layers_after_a_pick_match_torch_func(mode, batch, pick):
+    torch.manual_seed(5)
+    model = PickedTokens(pick).double()
+    x = non_contiguous(torch.randn(batch, 5, 6, dtype=torch.float64))
+    # vmap has no batching rule for the CPU flash-attention kernel over an empty batch
+    expected = reference_jacobian if batch else torch.zeros(0, 3, 5, 6, dtype=torch.float64)
+    jm = planned(model, x, mode, expected)
+    assert jm.fallbacks == []
+
+
+def test_a_picked_token_runs_the_layers_after_attention_on_that_token_only(monkeypatch):
+    from jacobian_ext import graph_rules
+
+    tokens_seen = {}
+    reverse = graph_rules.LastAxisLinearRule.reverse
+
+    def spy(self, plan, g, env, cotangent):
+        tokens_seen[g.name] = cotangent.shape[2]
+        return reverse(self, plan, g, env, cotangent)
+
+    monkeypatch.setattr(graph_rules.LastAxisLinearRule, "reverse", spy)
+    torch.manual_seed(6)
+    model = PickedTokens("first").double()
+    planned(model, torch.randn(2, 5, 6, dtype=torch.float64), "reverse")
+    assert tokens_seen == {"fc2": 1, "fc1": 1, "qkv": 5}  # attention mixes the tokens again
