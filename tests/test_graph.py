@@ -487,3 +487,27 @@ def test_rms_norm_near_zero_input_is_dominated_by_eps():
     x = 1e-6 * torch.randn(2, 4, dtype=torch.float64)
     for mode in ("forward", "reverse"):
         check(model, x, mode, torch.float64, expect_fallbacks=[])
+
+
+class RMSNormClassToken(nn.Module):
+    """RMSNorm and a Linear over tokens, then the class token's row alone: the reverse sweep pulls the
+    picked cotangent back through the norm on that token only (blocks.Picked)."""
+
+    def __init__(self):
+        super().__init__()
+        self.mix = nn.Linear(6, 6)
+        self.norm = nn.RMSNorm(6)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x):  # x [B, T, 6]
+        h = self.mix(x).softmax(1) * x  # tokens mix, so the pick's box matters upstream of the norm
+        return self.head(self.norm(h)[:, 0])
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("batch", [0, 1, 3])
+def test_rms_norm_under_a_picked_token(mode, batch):
+    torch.manual_seed(11)
+    model = RMSNormClassToken().double()
+    x = torch.randn(batch, 4, 6, dtype=torch.float64)
+    check(model, x, mode, torch.float64, expect_fallbacks=[])
