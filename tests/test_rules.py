@@ -157,12 +157,14 @@ def test_reverse_rule_matches_torch_func(device, dtype, name, batch, block):
 
 
 # Shapes the CPU activation kernels treat apart: one row per sample (GELU, SiLU and ELU hand it whole to
-# autograd's backward kernel) and more features than one tile of the fused reverse kernel (a full tile and
-# a partial one), with the shared and the per-sample blocks that tile reads.
+# autograd's backward kernel), more features than one tile of the fused reverse kernel (a full tile and
+# a partial one), and more rows than that kernel takes in one pass (derivative, then scaling: above 4 rows
+# for tanh-like kinds, 16 for the others), with the shared and the per-sample blocks they read.
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("name", list(ACTIVATION_FUNCTIONS))
-@pytest.mark.parametrize("rows, features", [(1, 6), (1, 1500), (2, 1500)], ids=["one_row", "one_row_wide", "wide"])
+@pytest.mark.parametrize("rows, features", [(1, 6), (1, 1500), (2, 1500), (5, 1500), (17, 300)],
+                         ids=["one_row", "one_row_wide", "wide", "five_rows", "many_rows"])
 @pytest.mark.parametrize("block", ["shared", "per_sample"])
 def test_reverse_activation_rule_on_one_row_and_wide_blocks(device, dtype, name, rows, features, block):
     fn = ACTIVATION_FUNCTIONS[name]

@@ -15,6 +15,11 @@ namespace {
 // feature, stays in L1 while every row of the block is scaled by it.
 constexpr int64_t kFeatureTile = 1024;
 
+// Rows per sample up to which the reverse rule takes that one pass (scale_by_derivative_loop), measured
+// against the derivative-then-scaling pair at [4, R, 16384]: a kind whose derivative reads the value
+// (tanh, sigmoid) pays for the value tensor in either form and loses the one pass's advantage sooner.
+constexpr int64_t one_pass_max_rows(ActivationKind kind) { return derivative_uses_value(kind) ? 4 : 16; }
+
 // dst[h] = src[h] * factor[h] for h < count. A multiply, not a select, for ReLU's 0/1 factor too: a
 // non-finite entry times 0 stays NaN, as in the chain's other products. A plain loop that the compiler
 // vectorises for the build's ISA (restrict: no aliasing checks); at::vec's baseline-ISA Vectorized,
@@ -173,6 +178,12 @@ void scale_by_activation_derivative_kernel(at::Tensor& out, const at::Tensor& va
         }
         at::Tensor derivative = at::empty_like(input);
         aten_activation_backward(derivative, ones_like_input(input), input, activation);
+        scale_features_kernel(out, values, derivative);
+      } else if (out.size(1) > one_pass_max_rows(kKind)) {
+        // Wider blocks: the derivative [B, H] first, then the row-by-row scaling, which streams each row
+        // whole where the one pass interleaves pieces of every row.
+        at::Tensor value = at::empty_like(input), derivative = at::empty_like(input);
+        activation_kernel(value, derivative, input, activation);
         scale_features_kernel(out, values, derivative);
       } else if constexpr (derivative_uses_value(kKind)) {
         at::Tensor value = at::empty_like(input);
