@@ -161,9 +161,10 @@ class JacobianModule(nn.Module):
 
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         _check_input(x, integers_allowed=self.wrt is not None)
-        if self.wrt is not None:
-            return self._layer_jacobian(x)
         if torch.compiler.is_compiling():  # torch.compile or torch.export tracing this call
+            if self.wrt is not None:
+                raise NotImplementedError("a Jacobian with respect to a layer (wrt=) runs eagerly; it is not one "
+                                          "operator call that torch.compile or torch.export could trace")
             encoding = self._fused_encoding(self._traced_input_shape(x), x.dtype, x.device)
             return deploy.call_fused(encoding, deploy.read_params(self._root, encoding), x)
         self._forget_stale_plans()
@@ -171,22 +172,12 @@ class JacobianModule(nn.Module):
         plan = self.plan_for(x)
         self._last["plan"] = plan
         mode = plan.choose_mode(x.shape[0], self.mode)
-        # The fused op has its own backward; every other plan gets torch.func's gradients this way.
-        if not getattr(plan, "all_native", False) and needs_grad(self._root, x):
+        # The fused op has its own backward; every other plan gets torch.func's gradients this way (their
+        # recomputation differentiates the model input, so a Jacobian with respect to a layer has none).
+        if self.wrt is None and not getattr(plan, "all_native", False) and needs_grad(self._root, x):
             return differentiable_call(lambda inputs: run_within_budget(plan, inputs, mode, self.max_memory),
                                        self._root, x)
         return run_within_budget(plan, x, mode, self.max_memory)
-
-    def _layer_jacobian(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """(y, J with respect to the wrt layer's output): the graph path's sweeps, seeded at the layer."""
-        if torch.compiler.is_compiling():
-            raise NotImplementedError("a Jacobian with respect to a layer (wrt=) runs eagerly; it is not one operator "
-                                      "call that torch.compile or torch.export could trace")
-        self._forget_stale_plans()
-        self._check_eval_mode()
-        plan = self.plan_for(x)
-        self._last["plan"] = plan
-        return run_within_budget(plan, x, plan.choose_mode(x.shape[0], self.mode), self.max_memory)
 
     def _traced_input_shape(self, x: torch.Tensor) -> Tuple[int, ...]:
         """x's per-sample shape as plain ints. torch.compile marks a dimension dynamic once the forward code,

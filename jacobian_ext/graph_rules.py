@@ -389,12 +389,11 @@ class _GroupNormCall:
         return output, jac_out
 
     def reverse(self, input, cotangent):
-        batch, features = input.shape[0], math.prod(self.input_shape)
+        batch = input.shape[0]
         weight, _ = self._affine()
         if weight is not None:
-            if cotangent is None:  # the identity block, scaled: rows are the output features
-                cotangent = torch.eye(features, dtype=input.dtype, device=input.device).reshape(
-                    1, features, *self.input_shape).expand(batch, -1, *self.input_shape)
+            # The identity block too, scaled: its rows are the output features.
+            cotangent = explicit_block(IDENTITY if cotangent is None else cotangent, batch, self.input_shape, input)
             cotangent = cotangent * weight
         grouped = None if cotangent is None else cotangent.reshape(batch, cotangent.shape[1], *self.grouped)
         pulled = ops.layer_norm_jac_reverse(input.reshape(batch, *self.grouped), grouped, [self.grouped[1]], None,
@@ -437,12 +436,6 @@ class _RMSNormCall:
         """r with the normalised axes kept (size 1), as F.rms_norm computes it."""
         return torch.rsqrt(input.pow(2).mean(self.dims, keepdim=True) + self._eps(input.dtype))
 
-    def _identity(self, input):
-        """The identity block [B, F, *shape] (F = per-sample features) of a lazy seed."""
-        features = math.prod(self.input_shape)
-        return torch.eye(features, dtype=input.dtype, device=input.device).reshape(
-            1, features, *self.input_shape).expand(input.shape[0], features, *self.input_shape)
-
     def _project(self, input, block):
         """r b - r^3 x mean(x b) for a block b [B, R, *shape] (rows second)."""
         x, r = input.unsqueeze(1), self._scale(input).unsqueeze(1)
@@ -451,14 +444,14 @@ class _RMSNormCall:
     def forward(self, input, jac):
         m = self.module
         output = F.rms_norm(input, m.normalized_shape, m.weight, m.eps)
-        tangent = self._identity(input) if jac is None else jac.movedim(-1, 1)
+        tangent = explicit_block(IDENTITY, input.shape[0], self.input_shape, input) if jac is None else jac.movedim(-1, 1)
         projected = self._project(input, tangent)
         if m.weight is not None:
             projected = projected * m.weight
         return output, projected.movedim(1, -1)
 
     def reverse(self, input, cotangent):
-        block = self._identity(input) if cotangent is None else cotangent
+        block = explicit_block(IDENTITY if cotangent is None else cotangent, input.shape[0], self.input_shape, input)
         if self.module.weight is not None:
             block = block * self.module.weight
         return self._project(input, block)
@@ -467,12 +460,18 @@ class _RMSNormCall:
         return None
 
 
+def _leading_axes(normalized_shape, input_shape) -> Optional[int]:
+    """How many per-sample axes come before a norm's normalised ones (they end the per-sample shape), or None
+    when normalized_shape does not end input_shape."""
+    normalized, leading = tuple(normalized_shape), len(input_shape) - len(normalized_shape)
+    return leading if leading >= 0 and tuple(input_shape[leading:]) == normalized else None
+
+
 def _rms_norm_rule(module, input_shape, out_numel: int) -> Optional[NodeRule]:
-    normalized = tuple(module.normalized_shape)
-    if len(normalized) > len(input_shape) or tuple(input_shape[len(input_shape) - len(normalized):]) != normalized:
+    leading = _leading_axes(module.normalized_shape, input_shape)
+    if leading is None:
         return None
-    return NdOpRule(module, input_shape, _RMSNormCall, "rms_norm", 6 * out_numel,
-                    position_axes=len(input_shape) - len(normalized))
+    return NdOpRule(module, input_shape, _RMSNormCall, "rms_norm", 6 * out_numel, position_axes=leading)
 
 
 def _group_norm_rule(module: nn.GroupNorm, input_shape, out_numel: int) -> Optional[NodeRule]:
@@ -609,11 +608,11 @@ def _functional_layer_rule(gm: fx.GraphModule, node: fx.Node, x, out_numel: int)
 
 
 def _layer_norm_rule(module: nn.LayerNorm, input_shape, out_numel: int) -> Optional[NodeRule]:
-    normalized = tuple(module.normalized_shape)
-    if tuple(input_shape[len(input_shape) - len(normalized):]) != normalized or len(normalized) > len(input_shape):
+    leading = _leading_axes(module.normalized_shape, input_shape)
+    if leading is None:
         return None
     return NdOpRule(module, input_shape, lambda m, shape: _LayerNormCall(m), "layer_norm", 8 * out_numel,
-                    position_axes=len(input_shape) - len(module.normalized_shape))
+                    position_axes=leading)
 
 
 def _spatial_rule(module: nn.Module, input_shape, out_numel: int) -> Optional[NodeRule]:
@@ -1219,7 +1218,8 @@ def _batch_first_position(axis: int, batch_axis: int) -> int:
 
 
 _SWAPS = {"transpose", torch.transpose, "swapaxes", torch.swapaxes, "swapdims", torch.swapdims}
-_PERMUTES = _SWAPS | {"permute", torch.permute, "movedim", torch.movedim, "moveaxis", torch.moveaxis}
+_MOVES = {"movedim", torch.movedim, "moveaxis", torch.moveaxis}
+_PERMUTES = _SWAPS | _MOVES | {"permute", torch.permute}
 
 
 def _permute_rule(node: fx.Node, ndim: int, x_axis: int, out_axis: int, out_numel) -> Optional[NodeRule]:
@@ -1231,7 +1231,7 @@ def _permute_rule(node: fx.Node, ndim: int, x_axis: int, out_axis: int, out_nume
         first, second = (_normalize_dim(d, ndim) for d in args)
         permutation = list(range(ndim))
         permutation[first], permutation[second] = second, first
-    elif node.target in ("movedim", torch.movedim, "moveaxis", torch.moveaxis):
+    elif node.target in _MOVES:
         # Output axis k is input axis permutation[k]: read off a meta tensor whose sizes name its axes.
         moved = torch.empty([axis + 2 for axis in range(ndim)], device="meta").movedim(*args)
         permutation = [size - 2 for size in moved.shape]
