@@ -72,7 +72,8 @@ def batch_jacobian(model: Callable, x, mode: str = "auto", return_output: bool =
         return (output, jacobian) if return_output else jacobian
 
     def engine(fn, inputs):
-        return _cached_module(fn, mode, max_memory)(inputs)
+        # forward, not __call__: the cached module is private, so no hook can be on it, and this is every call's path
+        return _cached_module(fn, mode, max_memory).forward(inputs)
 
     holder = getattr(model, "__dict__", None)
     structured = isinstance(x, (tuple, list)) or argnums is not None or (
@@ -393,16 +394,21 @@ def _layout(model) -> Tuple[list, list]:
     """Every module of the model (as objects: a replaced layer is a new object; holding them, not their
     ids, keeps ids from being reused), its training flag (a capture bakes `self.training` into the graph
     as a constant: F.dropout(x, p, self.training)), and the shape, dtype and device of every parameter
-    and buffer."""
-    modules, tensors, pending = [], [], [model] if isinstance(model, nn.Module) else []
+    and buffer. Runs on every call: written for speed (no work for the empty dicts of most modules)."""
+    modules, state, pending = [], [], [model] if isinstance(model, nn.Module) else []
     while pending:
         module = pending.pop()
         modules.append(module)
-        tensors.append(module.training)
-        for tensor in (*module._parameters.values(), *module._buffers.values()):
-            tensors.append(None if tensor is None else (tensor.shape, tensor.dtype, tensor.device))
-        pending += (child for child in module._modules.values() if child is not None)
-    return modules, tensors
+        state.append(module.training)
+        for tensors in (module._parameters, module._buffers):
+            if tensors:
+                state += [None if tensor is None else _tensor_layout(tensor) for tensor in tensors.values()]
+        if module._modules:
+            pending += [child for child in module._modules.values() if child is not None]
+    return modules, state
+
+
+_tensor_layout = operator.attrgetter("shape", "dtype", "device")
 
 
 def _same_layout(first: Optional[Tuple[list, list]], second: Tuple[list, list]) -> bool:

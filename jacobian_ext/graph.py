@@ -439,6 +439,8 @@ class GraphPlan(FlatWidths):
         if program is not None:  # the whole graph in one C++ call
             layers, getters = program
             output, jacobian = ops.batch_jacobian(x, layers, [get() for get in getters], mode)
+            if len(self.output_shape) == 1:  # already [B, C] and [B, C, *in_shape]
+                return output, jacobian
             return output.reshape(batch, *self.output_shape), jacobian.reshape(batch, *self.output_shape,
                                                                                *self.input_shape)
         like = torch.empty(0, dtype=self.dtype, device=self.device)  # x may be integer-valued (wrt=)

@@ -23,6 +23,7 @@ from .program import entry
 from . import attention_rules, spatial_rules
 from .errors import GraphCaptureError
 from .blocks import IDENTITY, NodeRule, Picked, explicit_block
+from .rules import read_tensor, tensor_getter
 from .fallback import FORWARD_AD_LOCK, per_sample_jacobians, vjp_in_grad_mode
 
 
@@ -234,12 +235,12 @@ class FeatureOpRule(NodeRule):
 
 
 def _linear_rule(module: nn.Linear, input_shape) -> NodeRule:
-    weight = lambda: module.weight  # noqa: E731  (read at call time: parameters may be replaced)
+    weight = tensor_getter(module, "weight")  # read at call time: parameters may be replaced
     if len(input_shape) == 1:
         def layers_of():
             if module.bias is None:
                 return ["linear_no_bias"], [weight]
-            return ["linear"], [weight, lambda: module.bias]
+            return ["linear"], [weight, tensor_getter(module, "bias")]
 
         return FeatureOpRule(
             "linear",
@@ -276,7 +277,7 @@ class LastAxisLinearRule(NodeRule):
 
     def encode(self, plan, g, sources):
         module = self.module
-        getters = [lambda: module.weight] + ([lambda: module.bias] if module.bias is not None else [])
+        getters = [tensor_getter(module, "weight")] + ([tensor_getter(module, "bias")] if module.bias is not None else [])
         return [(entry("linear_last_axis", sources, bias=module.bias is not None), getters)]
 
 
@@ -411,8 +412,8 @@ class _GroupNormCall:
         return entries + [
             (entry("reshape", shape=[channels, self.grouped[0] * self.grouped[1] // channels]), []),
             (entry("permute", dims=[1, 0]), []),
-            (entry("scale", divide=False), [lambda: module.weight]),
-            (entry("add", coef="1.0", offset_param=1.0), [lambda: module.bias]),
+            (entry("scale", divide=False), [tensor_getter(module, "weight")]),
+            (entry("add", coef="1.0", offset_param=1.0), [tensor_getter(module, "bias")]),
             (entry("permute", dims=[1, 0]), []),
             (entry("reshape", shape=list(self.input_shape)), []),
         ]
@@ -499,7 +500,7 @@ class _GraphTensors:
             return None
         value = self._gm
         for part in target.split("."):
-            value = getattr(value, part)
+            value = read_tensor(value, part)
         return value
 
 

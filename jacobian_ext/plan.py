@@ -100,6 +100,7 @@ class Plan(FlatWidths):
     decisions: Dict[int, Tuple[Union[str, cost.Bracketing], dict, cost.Bracketing]] = field(
         default_factory=dict, init=False)
     _parts: Dict[Tuple[int, int], "Plan"] = field(default_factory=dict, init=False, repr=False)
+    _param_readers: List[Tuple[Callable, Callable]] = field(init=False, repr=False)
 
     def __post_init__(self):
         self.segments = []
@@ -112,9 +113,11 @@ class Plan(FlatWidths):
         self.all_native = all(segment.native for segment in self.segments)
         # The whole plan's op encoding, when every layer is native (the low-latency path).
         self.native_layers = [layer for segment in self.segments for layer in segment.layers]
+        self._param_readers = [(step.rule.params, step.module) for step in self.steps if step.native]
 
     def native_params(self) -> List[torch.Tensor]:
-        return [p for segment in self.segments for p in segment.params()]
+        # Read from the modules on every call (Segment.params), flattened once: this is on every call's path.
+        return [p for params, module in self._param_readers for p in params(module)]
 
     @property
     def fallbacks(self) -> List[str]:

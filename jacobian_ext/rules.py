@@ -4,6 +4,7 @@ Adding a native activation is one row of csrc/jacext/activations.def (with its f
 and one row of ACTIVATIONS here; another native layer one kernel file per backend, one schema line and
 one entry here.
 """
+import functools
 from dataclasses import dataclass
 from numbers import Real
 from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple
@@ -34,6 +35,24 @@ def rule_type(module: nn.Module) -> type:
     return cls
 
 
+def read_tensor(module: nn.Module, name: str):
+    """module.<name> as it is now: a registered parameter, buffer or submodule straight from its dict (plans
+    read their tensors at every call, and nn.Module.__getattr__ costs several dict lookups there), else getattr."""
+    if name in module._parameters:
+        return module._parameters[name]
+    if name in module._buffers:
+        return module._buffers[name]
+    if name in module._modules:
+        return module._modules[name]
+    return getattr(module, name)
+
+
+def tensor_getter(owner, name: str) -> Callable[[], Any]:
+    """A getter of owner.<name> for a plan's per-call parameter list (read_tensor for a module; any other
+    owner, such as a traced call's stand-in for one, by getattr)."""
+    return functools.partial(read_tensor if isinstance(owner, nn.Module) else getattr, owner, name)
+
+
 @dataclass(frozen=True)
 class NativeRule:
     """How one module runs natively: its layer name in the op's plan encoding (``None`` for a pure
@@ -56,8 +75,8 @@ def _linear(module: nn.Linear, input_shape) -> Optional[NativeRule]:
     if len(input_shape) != 1:
         return None
     if module.bias is None:
-        return NativeRule("linear_no_bias", lambda m: (m.weight,))
-    return NativeRule("linear", lambda m: (m.weight, m.bias))
+        return NativeRule("linear_no_bias", lambda m: (read_tensor(m, "weight"),))
+    return NativeRule("linear", lambda m: (read_tensor(m, "weight"), read_tensor(m, "bias")))
 
 
 def _number(value) -> str:

@@ -15,7 +15,7 @@ from torch.nn.modules.utils import _pair, _single
 
 from . import ops
 from .program import entry
-from .rules import rule_type
+from .rules import rule_type, tensor_getter
 
 
 def conv_params(module: nn.Module, input_shape: Sequence[int]) -> Optional[dict]:
@@ -164,7 +164,7 @@ class SpatialCall:
 def encode_with_module_params(module: nn.Module, kind: str, sources, attributes: dict, names: Sequence[str]):
     """(program entry, getters of the module's tensors `names` that are not None, read at call time)."""
     present = [name for name in names if getattr(module, name) is not None]
-    getters = [lambda name=name: getattr(module, name) for name in present]
+    getters = [tensor_getter(module, name) for name in present]
     return entry(kind, sources, **attributes), getters
 
 

@@ -23,6 +23,8 @@ def run_plan(plan: Plan, x: torch.Tensor, mode: Union[str, Bracketing]) -> Tuple
         return plan.run(x, mode)
     if plan.all_native:
         output, jacobian = ops.batch_jacobian(x, plan.native_layers, plan.native_params(), mode)
+        if len(plan.output_shape) == 1:  # already [B, C] and [B, C, *in_shape]
+            return output, jacobian
     elif batch == 0:
         output = x.new_empty(0, plan.out_features)
         jacobian = x.new_empty(0, plan.out_features, plan.in_features)

@@ -125,7 +125,7 @@ def test_denormal_inputs_and_weights(dtype, mode):
     with torch.no_grad():
         model[2].weight[:2] = tiny / 8  # denormal weights
         model[4].weight.mul_(tiny * 2**10)
-    x = torch.randn(6, 4, dtype=dtype) * (tiny / 4)
+    x = torch.randn(6, 4, dtype=dtype).clamp(-3.9, 3.9) * (tiny / 4)  # below tiny: |randn| < 4
     x[0] = tiny / 2**20  # deep in the denormal range
     assert (x.abs() < tiny).all()
     y, jacobian = jx.batch_jacobian(model, x, mode=mode, return_output=True)
@@ -329,6 +329,24 @@ def test_parameters_replaced_by_other_shapes_are_replanned(mode):
     model[2].weight = nn.Parameter(torch.randn(3, 9))
     with pytest.raises(TypeError, match=r"'2.weight' has dtype torch.float32"):
         jm(x)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_parameter_data_of_another_shape_and_a_plain_tensor_weight_are_seen(mode):
+    model = mlp(nn.Tanh, nn.Softmax(-1))
+    jm = jx.compile(model, mode=mode)
+    x = torch.randn(4, 4, dtype=torch.float64)
+    jm(x)
+    with torch.no_grad():  # the same Parameter objects, new storage of other shapes
+        model[0].weight.data = torch.randn(6, 4, dtype=torch.float64)
+        model[0].bias.data = torch.randn(6, dtype=torch.float64)
+        model[2].weight.data = torch.randn(3, 6, dtype=torch.float64)
+    assert_matches_reference(jm(x)[1], reference_jacobian(model, x), torch.float64)
+    # A weight that is no longer a registered parameter (a plain tensor attribute) is read as one.
+    weight = model[2].weight.detach() * 2
+    del model[2].weight
+    model[2].weight = weight
+    assert_matches_reference(jm(x)[1], reference_jacobian(model, x), torch.float64)
 
 
 @pytest.mark.parametrize("mode", MODES)
