@@ -1,8 +1,16 @@
 """python -m bench.models [--batch B] [--dtype float32|float64] [--out PATH]
 
 Real architectures with random weights on the graph path: for each, the nodes that fall back to
-torch.func, and our time against torch.func.vmap(jacrev) measured side by side (interleaved, median),
-written as a markdown table (default bench/MODELS.md). Not a test: nothing asserts a time."""
+torch.func, and our time against torch.func.vmap(jacrev) and against a multiply-add floor, all measured
+side by side (interleaved, median), written as a markdown table (default bench/MODELS.md). Not a test:
+nothing asserts a time.
+
+The floor: a reverse sweep runs every layer's input-gradient map once per output row (C rows per sample),
+a forward sweep its tangent map once per input row (D rows), and each such pass costs the layer's
+forward multiply-adds. So the floor is the time of the model's nn.Conv*d and nn.Linear layers alone,
+each run forward on B * rows random inputs of its own input shape (oneDNN/BLAS at the shapes the sweep
+meets). It leaves out attention products, recurrences and element-wise work, so where those matter the
+floor is low; it is not shown for recurrent models."""
 import argparse
 import datetime
 import platform
@@ -137,6 +145,32 @@ def _peer(model, x):
     return "autograd loop", lambda t: torch.stack([torch.autograd.functional.jacobian(single, s) for s in t])
 
 
+def _floor_runner(model: nn.Module, x: torch.Tensor, rows: int):
+    """A callable running each Conv/Linear layer of `model` once on B * rows inputs of the per-sample shape it
+    meets in model(x), or None for a recurrent model or one without such layers."""
+    if any(isinstance(m, nn.RNNBase) for m in model.modules()):
+        return None
+    met = []
+    hooks = [m.register_forward_hook(lambda m, args, out: met.append((m, tuple(args[0].shape[1:]))))
+             for m in model.modules() if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear))]
+    try:
+        with torch.no_grad():
+            model(x[:1])
+    finally:
+        for hook in hooks:
+            hook.remove()
+    if not met:
+        return None
+    samples = x.shape[0] * rows
+    inputs = {shape: torch.randn(samples, *shape, dtype=x.dtype) for shape in {shape for _, shape in met}}
+
+    def run():
+        for module, shape in met:
+            module(inputs[shape])
+
+    return run
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m bench.models", description=__doc__.split("\n\n")[1])
     parser.add_argument("--batch", type=int, default=8)
@@ -159,15 +193,23 @@ def main(argv=None):
             first = {"ours": seconds_of(lambda: jm(x), "cpu"), peer: seconds_of(lambda: reference(x), "cpu")}
             ours, theirs = jm(x)[1], reference(x)
         error = ((ours - theirs).abs().max() / theirs.abs().max()).item()
-        with torch.no_grad():
-            timings = time_interleaved({"ours": lambda: jm(x), peer: lambda: reference(x)}, first, FULL, "cpu")
-        ours_s, peer_s = (statistics.median(timings[k].samples) for k in ("ours", peer))
         plan = jm._last["plan"]
         mode = plan.decisions[args.batch][0]
+        runners = {"ours": lambda: jm(x), peer: lambda: reference(x)}
+        floor = _floor_runner(model, x, plan.out_features if mode == "reverse" else plan.in_features)
+        if floor is not None:
+            with torch.no_grad():
+                first["floor"] = seconds_of(floor, "cpu")
+            runners["floor"] = floor
+        with torch.no_grad():
+            timings = time_interleaved(runners, first, FULL, "cpu")
+        ours_s, peer_s = (statistics.median(timings[k].samples) for k in ("ours", peer))
+        floor_s = statistics.median(timings["floor"].samples) if floor is not None else None
         fallbacks = jm.fallbacks
-        rows.append((name, sample_shape, mode, ours_s, peer, peer_s, error, fallbacks))
+        rows.append((name, sample_shape, mode, ours_s, peer, peer_s, floor_s, error, fallbacks))
         print(f"{name:<26} {mode:<8} ours {ours_s * 1e3:9.1f} ms  {peer} {peer_s * 1e3:9.1f} ms  "
-              f"x{peer_s / ours_s:5.2f}  rel. err {error:.1e}  modules with fallback nodes {len(fallbacks)}", file=sys.stderr)
+              f"x{peer_s / ours_s:5.2f}  ours/floor {ours_s / floor_s if floor_s else float('nan'):5.2f}  "
+              f"rel. err {error:.1e}  modules with fallback nodes {len(fallbacks)}", file=sys.stderr)
 
     lines = [
         "# Real models on the graph path (CPU)",
@@ -177,15 +219,20 @@ def main(argv=None):
         f"B = {args.batch}, random weights (timm: its constructors, no download), median of interleaved runs; "
         "error: the largest difference from torch.func's Jacobian over its largest entry.",
         "",
-        "| model | per-sample input | mode | ours | torch.func | speed-up | max rel. error | modules holding fallback nodes |",
-        "| --- | --- | --- | ---: | ---: | ---: | ---: | --- |",
+        "floor: the model's Conv/Linear layers alone at B × rows samples (module docstring); ours / floor is how "
+        "far above it we are.",
+        "",
+        "| model | per-sample input | mode | ours | torch.func | speed-up | floor | ours / floor | max rel. error | "
+        "modules holding fallback nodes |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
-    for name, sample_shape, mode, ours_s, peer, peer_s, error, fallbacks in rows:
+    for name, sample_shape, mode, ours_s, peer, peer_s, floor_s, error, fallbacks in rows:
         shown = ", ".join(f"`{f}`" for f in fallbacks[:6]) + (f" … ({len(fallbacks)} in all)" if len(fallbacks) > 6 else "")
+        floor_cells = f"{floor_s * 1e3:.1f} ms | {ours_s / floor_s:.2f}×" if floor_s else "— | —"
         lines.append(f"| {name} | {list(sample_shape)} | {mode} | {ours_s * 1e3:.1f} ms | {peer_s * 1e3:.1f} ms ({peer}) | "
-                     f"{peer_s / ours_s:.2f}× | {error:.1e} | {shown or 'none'} |")
+                     f"{peer_s / ours_s:.2f}× | {floor_cells} | {error:.1e} | {shown or 'none'} |")
     if rows:
-        speedups = [peer_s / ours_s for _, _, _, ours_s, _, peer_s, _, _ in rows]
+        speedups = [peer_s / ours_s for _, _, _, ours_s, _, peer_s, _, _, _ in rows]
         lines += ["", f"Geometric mean speed-up over {len(rows)} models: "
                       f"{statistics.geometric_mean(speedups):.2f}× (lowest {min(speedups):.2f}×)."]
     args.out.write_text("\n".join(lines) + "\n")

@@ -396,13 +396,15 @@ def _layout(model) -> Tuple[list, list]:
     as a constant: F.dropout(x, p, self.training)), and the shape, dtype and device of every parameter
     and buffer. Runs on every call: written for speed (no work for the empty dicts of most modules)."""
     modules, state, pending = [], [], [model] if isinstance(model, nn.Module) else []
+    append = state.append
     while pending:
         module = pending.pop()
         modules.append(module)
-        state.append(module.training)
+        append(module.training)
         for tensors in (module._parameters, module._buffers):
             if tensors:
-                state += [None if tensor is None else _tensor_layout(tensor) for tensor in tensors.values()]
+                for tensor in tensors.values():
+                    append(None if tensor is None else _tensor_layout(tensor))
         if module._modules:
             pending += [child for child in module._modules.values() if child is not None]
     return modules, state
