@@ -25,9 +25,9 @@ class Method:
     devices: Tuple[str, ...] = DEVICES  # where it runs
 
 
-def _ours(mode: str):
+def _ours(mode: str, cuda_graphs: bool = False):
     def prepare(model, x):
-        jm = jx.compile(model, mode=mode)
+        jm = jx.compile(model, mode=mode, cuda_graphs=cuda_graphs)
 
         def run():
             with torch.no_grad():
@@ -75,6 +75,7 @@ METHODS = [
     Method("ours (auto)", "ours auto", True, _ours("auto")),
     Method("ours (forward)", "ours fwd", True, _ours("forward")),
     Method("ours (reverse)", "ours rev", True, _ours("reverse")),
+    Method("ours (auto, CUDA graphs)", "ours graphs", True, _ours("auto", cuda_graphs=True), devices=("cuda",)),
     Method("loop of autograd.grad", "grad loop", False, _loop_over_outputs),
     Method("autograd.functional.jacobian", "AF.jacobian", False, _functional_jacobian),
     Method("torch.func vmap(jacrev)", "vmap jacrev", False, _vmap_of(torch.func.jacrev)),

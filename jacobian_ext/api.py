@@ -16,9 +16,11 @@ from .differentiable import differentiable_call, needs_grad
 from .errors import GraphCaptureError, StructuredOutputError
 from .fusion import chain_plan, fuse_interior_chains
 from .graph import FunctionRoot, build_graph_plan, capture, capture_root, closed_over_modules, warn_whole_model_fallback
-from .memory import parse_max_memory, run_within_budget
+from .cuda_graphs import GraphCache
+from .memory import fits_in_one_run, parse_max_memory, run_within_budget
 from .plan import NATIVE_DTYPES, Plan, short_repr, whole_model_plan
 from .structured import ModelLocalCache, structured_jacobian
+from .walker import run_plan
 
 MODES = ("auto", "forward", "reverse", "mixed")
 # torch.fx tracing patches nn.Module.__call__ for the whole process while it runs, so two captures (or a
@@ -121,18 +123,22 @@ def _cached_module(model: Callable, mode: str, max_memory, wrt=None) -> "Jacobia
     return module
 
 
-def compile(model: Callable, mode: str = "auto", max_memory=None, wrt=None) -> "JacobianModule":
+def compile(model: Callable, mode: str = "auto", max_memory=None, wrt=None, cuda_graphs: bool = False
+            ) -> "JacobianModule":
     """A module whose call jm(x) returns (model(x), J), caching the plan per input shape, dtype and device.
     Parameters are read at every call; a replaced layer, or a parameter of another shape, dtype or device,
-    is detected and the plan rebuilt. max_memory, wrt: as in batch_jacobian."""
-    return JacobianModule(model, mode=mode, max_memory=max_memory, wrt=wrt)
+    is detected and the plan rebuilt. max_memory, wrt: as in batch_jacobian.
+    cuda_graphs=True: on CUDA inputs, each input shape (batch included) is captured once as a CUDA graph and
+    later calls replay it, one launch instead of one per kernel (cuda_graphs.py: what is and is not seen
+    between calls); calls that need gradients, run in chunks or cannot be captured run as usual."""
+    return JacobianModule(model, mode=mode, max_memory=max_memory, wrt=wrt, cuda_graphs=cuda_graphs)
 
 
 class JacobianModule(nn.Module):
     """jm(x) -> (y, J) for a wrapped model; see batch_jacobian. print(jm) shows every layer with its
     path (native rule or torch.func fallback) and the accumulation order chosen."""
 
-    def __init__(self, model: Callable, mode: str = "auto", max_memory=None, wrt=None):
+    def __init__(self, model: Callable, mode: str = "auto", max_memory=None, wrt=None, cuda_graphs: bool = False):
         super().__init__()
         if not callable(model):
             raise TypeError(f"model must be an nn.Module or a callable, got {type(model).__name__}")
@@ -155,6 +161,9 @@ class JacobianModule(nn.Module):
         self._holder = {"root": capture_root(model)}  # the module that is captured and read for parameters
         self._capture = {}
         self._encodings = {}  # input signature -> deploy.FusedEncoding, for traced calls
+        if not isinstance(cuda_graphs, bool):
+            raise TypeError(f"cuda_graphs must be True or False, got {type(cuda_graphs).__name__}")
+        self._holder["graphs"] = GraphCache() if cuda_graphs else None
 
     @property
     def _root(self) -> nn.Module:
@@ -178,6 +187,11 @@ class JacobianModule(nn.Module):
         if self.wrt is None and not getattr(plan, "all_native", False) and needs_grad(self._root, x):
             return differentiable_call(lambda inputs: run_within_budget(plan, inputs, mode, self.max_memory),
                                        self._root, x)
+        graphs = self._holder["graphs"]
+        if (graphs is not None and graphs.handles(x) and not needs_grad(self._root, x)
+                and fits_in_one_run(plan, x, mode, self.max_memory)):
+            return graphs.call(plan, mode, x, lambda inputs: run_plan(plan, inputs, mode),
+                               [*self._root.parameters(), *self._root.buffers()])
         return run_within_budget(plan, x, mode, self.max_memory)
 
     def _traced_input_shape(self, x: torch.Tensor) -> Tuple[int, ...]:
@@ -277,6 +291,8 @@ class JacobianModule(nn.Module):
             self._plans.clear()
             self._capture.clear()
             self._encodings.clear()
+            if self._holder["graphs"] is not None:
+                self._holder["graphs"].clear()
             self._last["plan"] = None
             self._coupled_modules = [(n, m) for n, m in self._root.named_modules()
                                      if isinstance(m, nn.modules.batchnorm._BatchNorm)

@@ -161,13 +161,18 @@ def samples_per_chunk(plan, mode: str, batch: int, budget_bytes: int, keep_resul
     return max(1, min(batch, (budget_bytes - kept) // work))
 
 
+def fits_in_one_run(plan, x: torch.Tensor, mode: str, max_memory: Optional[int]) -> bool:
+    """Whether the whole batch's estimated need fits the budget (else run_within_budget runs it in chunks)."""
+    result, work = bytes_per_sample(plan, mode)
+    return x.shape[0] * (result + work) <= budget(max_memory, x.device)
+
+
 def run_within_budget(plan, x: torch.Tensor, mode: str, max_memory: Optional[int]):
     """(y, J) of run_plan on the whole batch when it fits the budget, else in chunks that
     fill one preallocated y and J. Every chunk runs the mode resolved for the whole batch, so results
     equal the whole call's up to rounding: BLAS may round the forward pass differently by batch size."""
     batch = x.shape[0]
-    result, work = bytes_per_sample(plan, mode)
-    if batch * (result + work) <= budget(max_memory, x.device):
+    if fits_in_one_run(plan, x, mode, max_memory):
         return run_plan(plan, x, mode)
     chunk = samples_per_chunk(plan, mode, batch, budget(max_memory, x.device))
     output = x.new_empty(batch, *plan.output_shape, dtype=plan.dtype)  # x may be integer-valued (wrt=)
