@@ -94,19 +94,21 @@ std::vector<int64_t> conv_output_features(const at::Tensor& input, const at::Ten
   return shape;
 }
 
-// The transposed convolution of a strided 2-d convolution with few input channels (an RGB stem), on the
-// CPU, as one matrix product into the taps' columns and their scatter-add (col2im): oneDNN's strided
-// transposed convolution leaves most of its vector lanes idle when it writes so few channels (with
-// stride 1 it is as fast as this form, or faster on small maps). The rows go in chunks, so that the
-// columns (in_channels * taps times the output positions per row) stay a few MiB.
+// The transposed convolution of a 2-d convolution with few input channels (an RGB or grey stem), on the
+// CPU, as one matrix product into the taps' columns and their scatter-add (col2im): oneDNN's transposed
+// convolution leaves most of its vector lanes idle when it writes so few channels. With stride 1 that
+// only shows on larger maps (on an 8 x 8 map both forms take the same time), hence the minimum number of
+// input positions there. The rows go in chunks, so that the columns (in_channels * taps times the
+// output positions per row) stay a few MiB.
 constexpr int64_t kFewChannels = 4;
+constexpr int64_t kUnstridedMinimumPositions = 16 * 16;
 constexpr int64_t kColumnChunkElements = int64_t{1} << 20;
 
 std::optional<at::Tensor> transpose_by_columns(const at::Tensor& g, const at::Tensor& weight,
                                                at::IntArrayRef in_spatial, const ConvGeometry& conv) {
   const bool strided = std::any_of(conv.stride.begin(), conv.stride.end(), [](int64_t step) { return step > 1; });
   if (!g.device().is_cpu() || in_spatial.size() != 2 || conv.groups != 1 || weight.size(1) > kFewChannels ||
-      !strided || g.size(0) == 0) {
+      g.size(0) == 0 || (!strided && in_spatial[0] * in_spatial[1] < kUnstridedMinimumPositions)) {
     return std::nullopt;
   }
   const int64_t rows = g.size(0), out_channels = weight.size(0), positions = g.size(2) * g.size(3);

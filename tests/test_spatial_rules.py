@@ -110,6 +110,10 @@ CASES = {
     # cotangents go through a matrix product into the taps' columns and col2im; 5 channels keep ATen's.
     "conv2d_stem": ((3, 9, 10), make_conv((3, 9, 10), 4, (7, 7), [2, 2], [3, 3], [1, 1], 1, True)),
     "conv2d_five_channels": ((5, 6, 5), make_conv((5, 6, 5), 3, (3, 3), [2, 1], [1, 1], [1, 1], 1, False)),
+    # Stride 1 takes the columns too from 16 x 16 input positions on (a grey or RGB stem on a full image).
+    "conv2d_unstrided_stem": ((1, 16, 17), make_conv((1, 16, 17), 3, (3, 3), [1, 1], [1, 1], [1, 1], 1, True)),
+    "conv2d_unstrided_dilated_stem": ((2, 17, 16), make_conv((2, 17, 16), 2, (3, 2), [1, 1], [2, 0], [2, 1], 1,
+                                                             False)),
     "batch_norm2d": ((3, 4, 5), make_batch_norm((3, 4, 5), True)),
     "batch_norm1d_flat": ((5,), make_batch_norm((5,), True)),
     "batch_norm1d_sequence_no_affine": ((3, 6), make_batch_norm((3, 6), False)),
