@@ -36,6 +36,8 @@ SUITE = [
     Case("cifar", 128, 3072, (512, 512), 100, softmax_head=True, note="softmax head"),
     Case("bottleneck", 64, 512, (32, 512), 512, note="narrow first layer: reverse already multiplies by it last"),
     Case("hourglass", 64, 512, (512, 32, 512), 512, note="narrow middle layer: a split order wins"),
+    # Almost no arithmetic: its time is the per-call cost of Python, planning lookups and dispatch (bench.latency).
+    Case("linear", 1, 16, (), 4, note="per-call cost", default_devices=()),
     # A batch that fills a GPU; left out of CPU runs, where a forward-mode call takes minutes.
     Case("gpu-large", 4096, 784, (1024, 1024, 1024), 10, note="GEMM-bound at GPU scale", default_devices=("cuda",)),
 ]

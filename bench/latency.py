@@ -7,7 +7,7 @@ method runs blocks of `--calls` calls in a row; the blocks of all methods are in
 noise hits every method alike), and each method's time is the median over its blocks of the mean call
 time in the block.
 
-    python -m bench.latency                      # tiny and small, 2 threads; writes bench/LATENCY.md
+    python -m bench.latency                      # linear, tiny and small, 2 threads; writes bench/LATENCY.md
     python -m bench.latency --cases tiny --threads 1 --out /tmp/latency.md
 """
 import argparse
@@ -48,7 +48,7 @@ def measure(case_name: str, calls: int, blocks: int):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m bench.latency", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--cases", default="tiny,small")
+    parser.add_argument("--cases", default="linear,tiny,small")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--calls", type=int, default=200, help="calls per block")
     parser.add_argument("--blocks", type=int, default=15)
