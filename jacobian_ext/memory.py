@@ -29,6 +29,9 @@ DEFAULT_FRACTION = 0.5
 # on every call.
 _AVAILABLE_REFRESH_S = 1.0
 _available_cache = {}  # device -> (time read, bytes)
+# A need this small fits the default budget on any machine that runs torch (a latency-bound call must not
+# pay for reading the available memory).
+_ALWAYS_FITS_BYTES = 1 << 26
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
@@ -87,7 +90,9 @@ def budget(max_memory: Optional[int], device: torch.device) -> int:
 
 def bytes_per_sample(plan, mode: str) -> Tuple[int, int]:
     """(result bytes, work bytes) per sample for a resolved mode; computed once per plan and mode."""
-    cache = plan.__dict__.setdefault("_bytes_per_sample", {})  # the plan lives as long as its estimate
+    cache = plan.__dict__.get("_bytes_per_sample")  # the plan lives as long as its estimate
+    if cache is None:
+        cache = plan.__dict__["_bytes_per_sample"] = {}
     if mode not in cache:
         itemsize = torch.empty((), dtype=plan.dtype).element_size()
         out, inp = plan.out_features, plan.in_features
@@ -162,9 +167,13 @@ def samples_per_chunk(plan, mode: str, batch: int, budget_bytes: int, keep_resul
 
 
 def fits_in_one_run(plan, x: torch.Tensor, mode: str, max_memory: Optional[int]) -> bool:
-    """Whether the whole batch's estimated need fits the budget (else run_within_budget runs it in chunks)."""
+    """Whether the whole batch's estimated need fits the budget (else run_within_budget runs it in chunks).
+    Under the default budget a need below _ALWAYS_FITS_BYTES fits without reading the available memory."""
     result, work = bytes_per_sample(plan, mode)
-    return x.shape[0] * (result + work) <= budget(max_memory, x.device)
+    need = x.shape[0] * (result + work)
+    if max_memory is None and need <= _ALWAYS_FITS_BYTES:
+        return True
+    return need <= budget(max_memory, x.device)
 
 
 def run_within_budget(plan, x: torch.Tensor, mode: str, max_memory: Optional[int]):

@@ -91,13 +91,25 @@ def test_default_budget_follows_available_memory(monkeypatch):
     expected = jx.batch_jacobian(model, x, mode="reverse")
     plan = jx.compile(model).plan_for(x)
     result, work = memory.bytes_per_sample(plan, "reverse")
-    # Half the available memory is the budget: this leaves room for chunks of 3.
+    # Half the available memory is the budget: this leaves room for chunks of 3. (Needs this small are taken
+    # to fit without a look at the available memory, unless that threshold is lowered.)
+    monkeypatch.setattr(memory, "_ALWAYS_FITS_BYTES", 0)
     monkeypatch.setattr(memory, "available_memory", lambda device: 2 * (20 * result + 3 * work))
     chunks = []
     original = memory.run_plan
     monkeypatch.setattr(memory, "run_plan", lambda p, part, m: chunks.append(part.shape[0]) or original(p, part, m))
     assert_matches_reference(jx.batch_jacobian(model, x, mode="reverse"), expected, torch.float64)
     assert chunks == [3] * 6 + [2]
+
+
+def test_a_small_call_does_not_read_the_available_memory(monkeypatch):
+    def unreadable(device):
+        raise AssertionError("available memory read")
+
+    monkeypatch.setattr(memory, "available_memory", unreadable)
+    model = nn.Sequential(nn.Linear(6, 10), nn.ReLU(), nn.Linear(10, 4)).double()
+    x = torch.randn(20, 6, dtype=torch.float64)
+    assert_matches_reference(jx.batch_jacobian(model, x), reference_jacobian(model, x), torch.float64)
 
 
 def test_available_memory_is_positive_and_cached():
