@@ -67,6 +67,24 @@ def _backward_batch_jacobian(ctx, grad_output, grad_jacobian):
 torch.library.register_autograd("jacext::batch_jacobian", _backward_batch_jacobian, setup_context=_setup_batch_jacobian)
 
 
+class FusedJacobian(torch.autograd.Function):
+    """The op's gradient for eager calls of the Python API, with the registered setup and backward: the
+    registered autograd kernel flattens every argument (each layer string, each parameter) with pytree on
+    every call, which cost a tiny model's call three times its no-grad time. Traced and compiled calls
+    keep the registered kernel (ops.batch_jacobian picks)."""
+
+    @staticmethod
+    def forward(ctx, x, layers, mode, *params):  # ctx-style: a setup_context binds default args per call
+        _setup_batch_jacobian(ctx, (x, layers, params, mode), None)
+        with torch._C._AutoDispatchBelowAutograd():
+            return torch.ops.jacext.batch_jacobian.default(x, layers, list(params), mode)
+
+    @staticmethod
+    def backward(ctx, grad_output, grad_jacobian):
+        grad_x, _, grad_params, _ = _backward_batch_jacobian(ctx, grad_output, grad_jacobian)
+        return (grad_x, None, None, *grad_params)
+
+
 # ---- the Python API's other plans ----
 
 def needs_grad(model: nn.Module, x: torch.Tensor) -> bool:

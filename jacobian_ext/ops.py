@@ -102,7 +102,9 @@ def sequential_jac_reverse(
 
 def batch_jacobian(input: Tensor, layers: Sequence[str], params: Sequence[Tensor], mode: str):
     if torch.is_grad_enabled() and (input.requires_grad or any(p.requires_grad for p in params)):
-        return _ops.batch_jacobian.default(input, list(layers), list(params), mode)
+        if torch.compiler.is_compiling() or torch.jit.is_tracing():  # they record the op, not a Python Function
+            return _ops.batch_jacobian.default(input, list(layers), list(params), mode)
+        return differentiable.FusedJacobian.apply(input, list(layers), mode, *params)
     # Nothing to differentiate: call the kernel below the Autograd key. The op's autograd kernel
     # (differentiable.py, torch.library.register_autograd) is Python, and its no-grad redispatch alone
     # cost 80 us per call, twice the kernel's time on the `tiny` bench case.

@@ -289,6 +289,29 @@ def test_gradients_through_a_fused_chain_inside_a_graph():
         assert_matches_reference(parameter.grad, expected_params[name], torch.float64)
 
 
+@pytest.mark.parametrize("mode", ["forward", "reverse"])
+def test_the_eager_autograd_function_and_the_registered_kernel_give_the_same_gradients(mode):
+    """ops.batch_jacobian differentiates eager calls through differentiable.FusedJacobian, the dispatcher's
+    callers (torch.compile, export) through the registered kernel: same setup and backward, same gradients."""
+    from jacobian_ext import ops
+
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3), nn.LogSoftmax(-1)).double()
+    jm = jx.compile(model)
+    x = torch.randn(5, 4, dtype=torch.float64)
+    plan = jm.plan_for(x)
+    layers, params = plan.native_layers, plan.native_params()
+    weights = torch.randn(5, 3, 4, dtype=torch.float64)
+    gradients = []
+    for call in (ops.batch_jacobian, torch.ops.jacext.batch_jacobian.default):
+        inputs = x.clone().requires_grad_()
+        _, jacobian = call(inputs, layers, params, mode)
+        gradients.append(torch.autograd.grad((jacobian * weights).sum(), [inputs, *params]))
+    expected_x, expected_params = penalty_gradients(model, x, lambda j: (j * weights).sum())
+    for eager, registered, expected in zip(*gradients, [expected_x, *expected_params.values()]):
+        assert_matches_reference(eager, expected, torch.float64)
+        assert_matches_reference(registered, expected, torch.float64)
+
+
 def test_other_threads_run_their_models_untouched_while_a_model_is_captured():
     import threading
 
