@@ -13,6 +13,7 @@
 //   conv stride= padding= dilation= groups= bias=                   params weight[, bias]
 //   batch_norm eps= weight= bias=                                   params [weight][bias] mean var
 //   layer_norm shape= eps= weight= bias=                            params [weight][bias]
+//   rms_norm shape= [eps=] weight=                                  params [weight]; no eps: the dtype's epsilon
 //   max_pool2d kernel= stride= padding= dilation= ceil=
 //   avg_pool2d kernel= stride= padding= ceil= count_include_pad= [divisor=]
 //   adaptive_avg_pool2d size=

@@ -423,7 +423,7 @@ class _RMSNormCall:
     """nn.RMSNorm / F.rms_norm, y = w x r with r = (mean(x^2) + eps)^(-1/2) over the normalised trailing axes:
     its Jacobian is diag(w) (r I - r^3 x x^T / n) per group, applied to tangents as w (r t - r^3 x mean(x t))
     and to cotangents as r u - r^3 x mean(x u) with u = g w (the matrix in brackets is symmetric). A few
-    torch ops on the blocks; no kernel of its own and no program encoding."""
+    torch ops on the blocks, no kernel of its own; the program's rms_norm entry runs the same rule in ATen."""
 
     def __init__(self, module, input_shape):
         self.module, self.input_shape = module, tuple(input_shape)
@@ -458,7 +458,10 @@ class _RMSNormCall:
         return self._project(input, block)
 
     def encode(self, module, sources, input_shape, output_shape):
-        return None
+        # No eps= in the entry stands for eps=None: the dtype's epsilon, resolved where the dtype is known.
+        eps = {} if module.eps is None else {"eps": float(module.eps)}
+        attributes = dict(shape=list(module.normalized_shape), **eps, weight=module.weight is not None)
+        return [spatial_rules.encode_with_module_params(module, "rms_norm", sources, attributes, ("weight",))]
 
 
 def _leading_axes(normalized_shape, input_shape) -> Optional[int]:

@@ -16,9 +16,8 @@ from torch import Tensor
 from .rules import ACTIVATION_REPLAY
 
 CHAIN_KINDS = ("linear", "linear_no_bias", "softmax", "log_softmax")
-GRAPH_KINDS = ("conv", "batch_norm", "layer_norm", "max_pool2d", "avg_pool2d", "adaptive_avg_pool2d",
-               "linear_last_axis", "reshape",
-               "permute", "mean", "sum", "cat", "add", "mul", "div", "scale", "slice")
+GRAPH_KINDS = ("conv", "batch_norm", "layer_norm", "rms_norm", "max_pool2d", "avg_pool2d", "adaptive_avg_pool2d",
+               "linear_last_axis", "reshape", "permute", "mean", "sum", "cat", "add", "mul", "div", "scale", "slice")
 
 
 def _text(value) -> str:
@@ -65,7 +64,7 @@ def _param_count(kind: str, a: Dict[str, str]) -> int:
         return 1 + _flag(a, "bias")
     if kind == "batch_norm":
         return 2 + _flag(a, "weight") + _flag(a, "bias")
-    if kind == "layer_norm":
+    if kind in ("layer_norm", "rms_norm"):
         return _flag(a, "weight") + _flag(a, "bias")
     if kind == "add":
         return int("offset_param" in a)
@@ -102,6 +101,9 @@ def _apply(kind: str, a: Dict[str, str], inputs: List[Tensor], params: List[Tens
     if kind == "layer_norm":
         weight, bias = _affine(a, params)
         return F.layer_norm(x, _ints(a["shape"]), weight, bias, float(a["eps"]))
+    if kind == "rms_norm":
+        weight, _ = _affine(a, params)
+        return F.rms_norm(x, _ints(a["shape"]), weight, float(a["eps"]) if "eps" in a else None)
     if kind == "max_pool2d":
         return F.max_pool2d(x, _ints(a["kernel"]), _ints(a["stride"]), _ints(a["padding"]), _ints(a["dilation"]),
                             _flag(a, "ceil"))
