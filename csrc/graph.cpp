@@ -20,6 +20,8 @@
 //   linear_last_axis bias=                                          params weight[, bias]; over the last axis
 //   reshape shape=            permute dims=          mean|sum dims= keepdim=       cat in= dim=
 //   slice dim= start= stop= step=                                   basic slicing of one per-sample axis
+//   gather dim= | index_select dim=                                 params index; x.gather / x.index_select
+//                                                                   (a gather index of batch 1 broadcasts)
 //   add in= coef= [offset=number] [offset_param=coefficient]       sum of coef_i * in_i (+ constants;
 //                                                                   offset_param takes one tensor)
 //   mul in=a,b | div in=a,b                                         product / quotient of two values

@@ -532,6 +532,71 @@ GraphKind slice_kind() {
   return kind;
 }
 
+// x.gather(dim, index) (`gather`) and x.index_select(dim, index) along a per-sample axis, the index a tensor of
+// params (a buffer of the model, constant for the derivative): the same selection of the tangent block's
+// positions, the index broadcast over the rows axis; reverse adds each cotangent position back where it was read
+// from (scatter_add / index_add into zeros), so that a position read twice gets both and one never read gets zero.
+// A gather index has x's rank and batch 1 (broadcast over the batch, a buffer the model expands) or B; an
+// index_select index is a vector (or one number).
+at::Tensor selection_index(const Node& node, const at::Tensor& x, bool gather) {
+  const at::Tensor& index = node.params[0];
+  const int64_t axis = dim_axis(node, x);
+  TORCH_CHECK_VALUE(index.device() == x.device(), kOp, ": ", where(node), " needs its index on ", x.device(),
+                    ", got ", index.device());
+  if (!gather) {
+    TORCH_CHECK_TYPE(index.scalar_type() == at::kLong || index.scalar_type() == at::kInt, kOp, ": ", where(node),
+                     " needs an int64 or int32 index, got ", index.scalar_type());
+    TORCH_CHECK_VALUE(index.dim() <= 1, kOp, ": ", where(node), " needs a vector index, got shape ", index.sizes());
+    return index.reshape({-1});
+  }
+  TORCH_CHECK_TYPE(index.scalar_type() == at::kLong, kOp, ": ", where(node), " needs an int64 index, got ",
+                   index.scalar_type());
+  TORCH_CHECK_VALUE(index.dim() == x.dim() && (index.size(0) == 1 || index.size(0) == x.size(0)), kOp, ": ",
+                    where(node), " needs an index [1 or ", x.size(0), ", ...] of the input's rank ", x.dim(),
+                    ", got shape ", index.sizes());
+  for (int64_t d = 1; d < x.dim(); ++d) {
+    TORCH_CHECK_VALUE(d == axis + 1 || index.size(d) <= x.size(d), kOp, ": ", where(node), " index of shape ",
+                      index.sizes(), " is larger than the input ", x.sizes(), " along axis ", d);
+  }
+  return index.expand(with_leading({x.size(0)}, per_sample_shape(index)));
+}
+
+// The gather index against a block [B, R, *shape]: the rows axis inserted and broadcast.
+at::Tensor block_index(const at::Tensor& index, int64_t rows) {
+  return index.unsqueeze(1).expand(with_leading({index.size(0), rows}, per_sample_shape(index)));
+}
+
+GraphKind selection_kind(bool gather) {
+  GraphKind kind;
+  kind.attribute_names = {"dim"};
+  kind.decode = [](const AttributeText& text, Node& node) -> size_t {
+    node.attributes.dim = text.integer("dim");
+    return 1;
+  };
+  kind.value = [gather](const Node& node, const Values& in) {
+    const at::Tensor index = selection_index(node, in[0], gather);
+    const int64_t axis = dim_axis(node, in[0]) + 1;
+    return gather ? in[0].gather(axis, index) : in[0].index_select(axis, index);
+  };
+  kind.forward = value_then_tangent([gather](const Node& node, const Values& in, const Blocks& tangents,
+                                             const at::Tensor&) -> std::optional<at::Tensor> {
+    const at::Tensor index = selection_index(node, in[0], gather);
+    const at::Tensor t = explicit_block(tangents[0], in[0]);
+    const int64_t axis = dim_axis(node, in[0]) + 2;
+    return gather ? t.gather(axis, block_index(index, t.size(1))) : t.index_select(axis, index);
+  });
+  kind.reverse = [gather](const Node& node, const Values& in, const at::Tensor& value,
+                          const std::optional<at::Tensor>& cotangent) {
+    const at::Tensor index = selection_index(node, in[0], gather);
+    const at::Tensor g = explicit_block(cotangent, value);
+    const int64_t axis = dim_axis(node, in[0]) + 2;
+    at::Tensor pulled = at::zeros(with_leading({in[0].size(0), g.size(1)}, per_sample_shape(in[0])), g.options());
+    return Blocks{gather ? pulled.scatter_add_(axis, block_index(index, g.size(1)), g)
+                         : pulled.index_add_(axis, index, g)};
+  };
+  return kind;
+}
+
 GraphKind add_kind() {
   GraphKind kind;
   kind.attribute_names = {"coef", "offset", "offset_param"};
@@ -663,6 +728,8 @@ const std::map<std::string, GraphKind>& graph_kinds() {
       {"sum", reduction_kind(false)},
       {"cat", cat_kind()},
       {"slice", slice_kind()},
+      {"gather", selection_kind(true)},
+      {"index_select", selection_kind(false)},
       {"add", add_kind()},
       {"mul", product_kind(false)},
       {"div", product_kind(true)},
