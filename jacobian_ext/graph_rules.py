@@ -1358,7 +1358,8 @@ def _split_pick_rule(node: fx.Node, values, carries, batch_axes: Dict[fx.Node, i
     return IndexRule((slice(None),) * (position + 1) + (index,), out_numel), [x_node]
 
 
-_SELECTIONS = {torch.gather: True, "gather": True, torch.index_select: False, "index_select": False}  # gather?
+# Each selection's target, and whether it is gather (True) or index_select (False).
+_SELECTIONS = {torch.gather: True, "gather": True, torch.index_select: False, "index_select": False}
 _ARG_EXTREMA = {torch.argmax, "argmax", torch.argmin, "argmin"}
 
 

@@ -142,6 +142,26 @@ def test_gather_at_argmax_indices_is_native_on_the_walker(mode, batch):
     check(model, x, output, jacobian)
 
 
+class ShapeIndices(nn.Module):
+    """Indices computed in the forward from the input's shape alone (the same for every sample): native on the
+    walker, no tensor of the model for a program to read."""
+
+    def forward(self, x):  # x [B, 3, 4]
+        backwards = x.index_select(1, torch.arange(x.shape[1] - 1, -1, -1))
+        shifted = torch.gather(x, 2, (torch.arange(x.shape[2]) + 1).remainder(x.shape[2]).expand(x.shape[0], 2, -1))
+        return torch.cat([backwards * backwards, shifted], dim=1)
+
+
+@pytest.mark.parametrize("mode", ["forward", "reverse"])
+@pytest.mark.parametrize("batch", [0, 1, 3])
+def test_indices_from_the_shape_alone_are_native_on_the_walker(mode, batch):
+    torch.manual_seed(14)
+    model = ShapeIndices()
+    x = torch.randn(batch, 3, 4, dtype=DOUBLE)
+    plan, output, jacobian = planned(model, x, mode)
+    assert plan.fallbacks == [] and plan.native_program() is None
+    check(model, x, output, jacobian)
+
 class ComputedIndices(nn.Module):
     """Indices the rules do not take, each left to a fallback node of its own: computed from the input's
     values by a comparison, and argmax without keepdim (then unsqueezed)."""
