@@ -13,12 +13,15 @@
 //   conv stride= padding= dilation= groups= bias=                   params weight[, bias]
 //   batch_norm eps= weight= bias=                                   params [weight][bias] mean var
 //   layer_norm shape= eps= weight= bias=                            params [weight][bias]
+//   rms_norm shape= [eps=] weight=                                  params [weight]; no eps: the dtype's epsilon
 //   max_pool2d kernel= stride= padding= dilation= ceil=
 //   avg_pool2d kernel= stride= padding= ceil= count_include_pad= [divisor=]
 //   adaptive_avg_pool2d size=
 //   linear_last_axis bias=                                          params weight[, bias]; over the last axis
 //   reshape shape=            permute dims=          mean|sum dims= keepdim=       cat in= dim=
 //   slice dim= start= stop= step=                                   basic slicing of one per-sample axis
+//   gather dim= | index_select dim=                                 params index; x.gather / x.index_select
+//                                                                   (a gather index of batch 1 broadcasts)
 //   add in= coef= [offset=number] [offset_param=coefficient]       sum of coef_i * in_i (+ constants;
 //                                                                   offset_param takes one tensor)
 //   mul in=a,b | div in=a,b                                         product / quotient of two values

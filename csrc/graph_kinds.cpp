@@ -8,6 +8,7 @@
 #include "jacext/graph_program.h"
 
 #include <algorithm>
+#include <limits>
 #include <numeric>
 
 namespace jacext::graph {
@@ -155,6 +156,72 @@ GraphKind layer_norm_kind() {
   };
   return kind;
 }
+
+// nn.RMSNorm / F.rms_norm over the trailing axes `shape`: y = w x r with r = (mean x^2 + eps)^(-1/2) per
+// group. Its Jacobian diag(w) (r I - r^3 x x^T / N) is applied to the rows of a block without forming it: the
+// matrix in brackets is symmetric, so the forward rule scales by w after it and the reverse rule before it.
+// ATen ops on the blocks, device-generic (at::rms_norm exists from torch 2.4, as nn.RMSNorm does).
+#if __has_include(<ATen/ops/rms_norm.h>)
+// The normalised axes counted from the end, after checking that `shape` ends x's per-sample shape and that the
+// weight has that shape.
+std::vector<int64_t> rms_norm_axes(const Node& node, const at::Tensor& x) {
+  const at::IntArrayRef shape = node.attributes.shape;
+  const int64_t count = static_cast<int64_t>(shape.size());
+  TORCH_CHECK_VALUE(count >= 1 && x.dim() - 1 >= count && x.sizes().slice(x.dim() - count) == shape, kOp, ": ",
+                    where(node), " needs a per-sample shape ending in shape=", shape, ", got ", x.sizes().slice(1));
+  if (node.attributes.weight) {
+    check_same_dtype_device(x, node.params[0], kOp, "params (rms_norm weight)");
+    TORCH_CHECK_VALUE(node.params[0].sizes() == shape, kOp, ": ", where(node), " needs a weight of shape ", shape,
+                      ", got ", node.params[0].sizes());
+  }
+  std::vector<int64_t> axes;
+  for (int64_t axis = -count; axis < 0; ++axis) axes.push_back(axis);
+  return axes;
+}
+
+std::optional<double> rms_norm_eps(const Node& node) {
+  return node.attributes.dtype_eps ? std::nullopt : std::optional<double>(node.attributes.eps);
+}
+
+// r b - r^3 x mean(x b) over the normalised axes, for the rows b [B, R, *shape] of a block.
+at::Tensor rms_norm_project(const Node& node, const at::Tensor& x, const at::Tensor& rows) {
+  const std::vector<int64_t> axes = rms_norm_axes(node, x);
+  // at::rms_norm's default: the epsilon of the input's accumulation type (float for float and narrower).
+  const double dtype_eps = x.scalar_type() == at::kDouble ? std::numeric_limits<double>::epsilon()
+                                                           : std::numeric_limits<float>::epsilon();
+  const double eps = node.attributes.dtype_eps ? dtype_eps : node.attributes.eps;
+  const at::Tensor xs = x.unsqueeze(1);
+  const at::Tensor r = (xs.pow(2).mean(axes, /*keepdim=*/true) + eps).rsqrt();
+  return r * rows - r.pow(3) * xs * (xs * rows).mean(axes, /*keepdim=*/true);
+}
+
+GraphKind rms_norm_kind() {
+  GraphKind kind;
+  kind.attribute_names = {"shape", "eps", "weight"};
+  kind.decode = [](const AttributeText& text, Node& node) -> size_t {
+    Attributes& a = node.attributes;
+    a.shape = text.ints("shape");
+    a.dtype_eps = !text.has("eps");
+    if (!a.dtype_eps) a.eps = text.number("eps");
+    a.weight = text.flag("weight");
+    return a.weight;
+  };
+  kind.value = [](const Node& node, const Values& in) {
+    rms_norm_axes(node, in[0]);
+    return at::rms_norm(in[0], node.attributes.shape, affine(node).weight, rms_norm_eps(node));
+  };
+  kind.forward = value_then_tangent(
+      [](const Node& node, const Values& in, const Blocks& tangents, const at::Tensor&) -> std::optional<at::Tensor> {
+        const at::Tensor projected = rms_norm_project(node, in[0], explicit_block(tangents[0], in[0]));
+        return node.attributes.weight ? projected * node.params[0] : projected;
+      });
+  kind.reverse = [](const Node& node, const Values& in, const at::Tensor& value, const std::optional<at::Tensor>& g) {
+    const at::Tensor block = explicit_block(g, value);
+    return Blocks{rms_norm_project(node, in[0], node.attributes.weight ? block * node.params[0] : block)};
+  };
+  return kind;
+}
+#endif
 
 GraphKind max_pool2d_kind() {
   GraphKind kind;
@@ -465,6 +532,71 @@ GraphKind slice_kind() {
   return kind;
 }
 
+// x.gather(dim, index) (`gather`) and x.index_select(dim, index) along a per-sample axis, the index a tensor of
+// params (a buffer of the model, constant for the derivative): the same selection of the tangent block's
+// positions, the index broadcast over the rows axis; reverse adds each cotangent position back where it was read
+// from (scatter_add / index_add into zeros), so that a position read twice gets both and one never read gets zero.
+// A gather index has x's rank and batch 1 (broadcast over the batch, a buffer the model expands) or B; an
+// index_select index is a vector (or one number).
+at::Tensor selection_index(const Node& node, const at::Tensor& x, bool gather) {
+  const at::Tensor& index = node.params[0];
+  const int64_t axis = dim_axis(node, x);
+  TORCH_CHECK_VALUE(index.device() == x.device(), kOp, ": ", where(node), " needs its index on ", x.device(),
+                    ", got ", index.device());
+  if (!gather) {
+    TORCH_CHECK_TYPE(index.scalar_type() == at::kLong || index.scalar_type() == at::kInt, kOp, ": ", where(node),
+                     " needs an int64 or int32 index, got ", index.scalar_type());
+    TORCH_CHECK_VALUE(index.dim() <= 1, kOp, ": ", where(node), " needs a vector index, got shape ", index.sizes());
+    return index.reshape({-1});
+  }
+  TORCH_CHECK_TYPE(index.scalar_type() == at::kLong, kOp, ": ", where(node), " needs an int64 index, got ",
+                   index.scalar_type());
+  TORCH_CHECK_VALUE(index.dim() == x.dim() && (index.size(0) == 1 || index.size(0) == x.size(0)), kOp, ": ",
+                    where(node), " needs an index [1 or ", x.size(0), ", ...] of the input's rank ", x.dim(),
+                    ", got shape ", index.sizes());
+  for (int64_t d = 1; d < x.dim(); ++d) {
+    TORCH_CHECK_VALUE(d == axis + 1 || index.size(d) <= x.size(d), kOp, ": ", where(node), " index of shape ",
+                      index.sizes(), " is larger than the input ", x.sizes(), " along axis ", d);
+  }
+  return index.expand(with_leading({x.size(0)}, per_sample_shape(index)));
+}
+
+// The gather index against a block [B, R, *shape]: the rows axis inserted and broadcast.
+at::Tensor block_index(const at::Tensor& index, int64_t rows) {
+  return index.unsqueeze(1).expand(with_leading({index.size(0), rows}, per_sample_shape(index)));
+}
+
+GraphKind selection_kind(bool gather) {
+  GraphKind kind;
+  kind.attribute_names = {"dim"};
+  kind.decode = [](const AttributeText& text, Node& node) -> size_t {
+    node.attributes.dim = text.integer("dim");
+    return 1;
+  };
+  kind.value = [gather](const Node& node, const Values& in) {
+    const at::Tensor index = selection_index(node, in[0], gather);
+    const int64_t axis = dim_axis(node, in[0]) + 1;
+    return gather ? in[0].gather(axis, index) : in[0].index_select(axis, index);
+  };
+  kind.forward = value_then_tangent([gather](const Node& node, const Values& in, const Blocks& tangents,
+                                             const at::Tensor&) -> std::optional<at::Tensor> {
+    const at::Tensor index = selection_index(node, in[0], gather);
+    const at::Tensor t = explicit_block(tangents[0], in[0]);
+    const int64_t axis = dim_axis(node, in[0]) + 2;
+    return gather ? t.gather(axis, block_index(index, t.size(1))) : t.index_select(axis, index);
+  });
+  kind.reverse = [gather](const Node& node, const Values& in, const at::Tensor& value,
+                          const std::optional<at::Tensor>& cotangent) {
+    const at::Tensor index = selection_index(node, in[0], gather);
+    const at::Tensor g = explicit_block(cotangent, value);
+    const int64_t axis = dim_axis(node, in[0]) + 2;
+    at::Tensor pulled = at::zeros(with_leading({in[0].size(0), g.size(1)}, per_sample_shape(in[0])), g.options());
+    return Blocks{gather ? pulled.scatter_add_(axis, block_index(index, g.size(1)), g)
+                         : pulled.index_add_(axis, index, g)};
+  };
+  return kind;
+}
+
 GraphKind add_kind() {
   GraphKind kind;
   kind.attribute_names = {"coef", "offset", "offset_param"};
@@ -583,6 +715,9 @@ const std::map<std::string, GraphKind>& graph_kinds() {
       {"conv", conv_kind()},
       {"batch_norm", batch_norm_kind()},
       {"layer_norm", layer_norm_kind()},
+#if __has_include(<ATen/ops/rms_norm.h>)
+      {"rms_norm", rms_norm_kind()},
+#endif
       {"max_pool2d", max_pool2d_kind()},
       {"avg_pool2d", avg_pool2d_kind()},
       {"adaptive_avg_pool2d", adaptive_avg_pool2d_kind()},
@@ -593,6 +728,8 @@ const std::map<std::string, GraphKind>& graph_kinds() {
       {"sum", reduction_kind(false)},
       {"cat", cat_kind()},
       {"slice", slice_kind()},
+      {"gather", selection_kind(true)},
+      {"index_select", selection_kind(false)},
       {"add", add_kind()},
       {"mul", product_kind(false)},
       {"div", product_kind(true)},

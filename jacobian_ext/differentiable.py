@@ -56,12 +56,20 @@ def _setup_batch_jacobian(ctx, inputs, output):
 
 def _backward_batch_jacobian(ctx, grad_output, grad_jacobian):
     x, *params = ctx.saved_tensors
+    # Integer params (a gather's index) are constants of the replay: they have no gradient and vjp takes none.
+    floating = [i for i, p in enumerate(params) if p.is_floating_point()]
 
     def outputs(sample_x, *weights):
-        return per_sample_outputs_and_jacobians(lambda v: flat_output(v, replay(v, ctx.layers, weights)), sample_x)
+        replayed = list(params)
+        for i, weight in zip(floating, weights):
+            replayed[i] = weight
+        return per_sample_outputs_and_jacobians(lambda v: flat_output(v, replay(v, ctx.layers, replayed)), sample_x)
 
-    grads = _pull_back(outputs, (x, *params), grad_output, grad_jacobian)
-    return grads[0], None, list(grads[1:]), None
+    grads = _pull_back(outputs, (x, *(params[i] for i in floating)), grad_output, grad_jacobian)
+    param_grads = [None] * len(params)
+    for i, grad in zip(floating, grads[1:]):
+        param_grads[i] = grad
+    return grads[0], None, param_grads, None
 
 
 torch.library.register_autograd("jacext::batch_jacobian", _backward_batch_jacobian, setup_context=_setup_batch_jacobian)

@@ -423,7 +423,7 @@ class _RMSNormCall:
     """nn.RMSNorm / F.rms_norm, y = w x r with r = (mean(x^2) + eps)^(-1/2) over the normalised trailing axes:
     its Jacobian is diag(w) (r I - r^3 x x^T / n) per group, applied to tangents as w (r t - r^3 x mean(x t))
     and to cotangents as r u - r^3 x mean(x u) with u = g w (the matrix in brackets is symmetric). A few
-    torch ops on the blocks; no kernel of its own and no program encoding."""
+    torch ops on the blocks, no kernel of its own; the program's rms_norm entry runs the same rule in ATen."""
 
     def __init__(self, module, input_shape):
         self.module, self.input_shape = module, tuple(input_shape)
@@ -458,7 +458,10 @@ class _RMSNormCall:
         return self._project(input, block)
 
     def encode(self, module, sources, input_shape, output_shape):
-        return None
+        # No eps= in the entry stands for eps=None: the dtype's epsilon, resolved where the dtype is known.
+        eps = {} if module.eps is None else {"eps": float(module.eps)}
+        attributes = dict(shape=list(module.normalized_shape), **eps, weight=module.weight is not None)
+        return [spatial_rules.encode_with_module_params(module, "rms_norm", sources, attributes, ("weight",))]
 
 
 def _leading_axes(normalized_shape, input_shape) -> Optional[int]:
@@ -767,6 +770,48 @@ class IndexRule(NodeRule):
         return entries or [(entry("reshape", sources, shape=list(g.shape)), [])]
 
 
+class SelectionRule(NodeRule):
+    """x.gather(dim, index) / x.index_select(dim, index) along a per-sample axis, the index carrying no
+    derivative (a buffer, a constant, or argmax indices): the same selection of the block's positions, the
+    index broadcast over the rows axis (forward); reverse adds each cotangent position back where it was read
+    from (scatter_add / index_add into zeros: a position read twice gets both, one never read gets zero)."""
+
+    def __init__(self, gather: bool, dim: int, index: fx.Node, program_index: Optional[fx.Node],
+                 work_per_row: float):
+        super().__init__(work_per_row)
+        self.gather, self.dim, self.index = gather, dim, index  # dim: an axis of [B, *shape], not 0
+        self.program_index = program_index  # the get_attr node the program reads the index from, or None
+        self.label = f"index map ({'gather' if gather else 'index_select'})"
+
+    def _block_index(self, env, rows: int) -> torch.Tensor:
+        index = env[self.index]
+        if not self.gather:
+            return index.reshape(-1)  # one number selects one position and keeps the axis, as index_select does
+        return index.unsqueeze(1).expand(index.shape[0], rows, *index.shape[1:])
+
+    def forward(self, plan, g, env, tangents):
+        x = env[g.inputs[0]]
+        tangent = explicit_block(tangents[0], x.shape[0], x.shape[1:], x)
+        index = self._block_index(env, tangent.shape[1])
+        selected = tangent.gather(self.dim + 1, index) if self.gather else tangent.index_select(self.dim + 1, index)
+        return plan.evaluator.evaluate(g.node, env), selected
+
+    def reverse(self, plan, g, env, cotangent):
+        x = env[g.inputs[0]]
+        block = explicit_block(cotangent, x.shape[0], g.shape, x)
+        index = self._block_index(env, block.shape[1])
+        pulled = block.new_zeros(x.shape[0], block.shape[1], *x.shape[1:])
+        if self.gather:
+            return [pulled.scatter_add_(self.dim + 1, index, block)]
+        return [pulled.index_add_(self.dim + 1, index, block)]
+
+    def encode(self, plan, g, sources):
+        if self.program_index is None:
+            return None  # an index computed in the forward: not a tensor the program can read from the model
+        kind = "gather" if self.gather else "index_select"
+        return [(entry(kind, sources, dim=self.dim - 1), [_attribute_getter(plan, self.program_index)])]
+
+
 class SumRule(NodeRule):
     """x + y, x - y, -x, x + constant (residual connections): the blocks of the inputs that carry a
     derivative, each times its coefficient (x + x has 2, x - x has 0); constants drop out."""
@@ -1011,7 +1056,8 @@ def rule_for(gm: fx.GraphModule, node: fx.Node, values: Dict, carries: Dict,
         native = (_layout_rule(node, values, inputs, batch_axes, out_numel)
                   or _layout_free_rule(gm, node, values, inputs, batch_axes))
     else:
-        native = _native_rule(gm, node, values, inputs, out_numel)
+        native = (_selection_rule(node, values, inputs, carries, batch_axes, out_numel)
+                  or _native_rule(gm, node, values, inputs, out_numel))
     if native is not None:
         return native, inputs
     # getitem on a multi-output node: differentiate the producer as a whole.
@@ -1310,6 +1356,93 @@ def _split_pick_rule(node: fx.Node, values, carries, batch_axes: Dict[fx.Node, i
         offset = sum(part.shape[dim] for part in parts[:pick])
         index = slice(offset, offset + parts[pick].shape[dim])
     return IndexRule((slice(None),) * (position + 1) + (index,), out_numel), [x_node]
+
+
+# Each selection's target, and whether it is gather (True) or index_select (False).
+_SELECTIONS = {torch.gather: True, "gather": True, torch.index_select: False, "index_select": False}
+_ARG_EXTREMA = {torch.argmax, "argmax", torch.argmin, "argmin"}
+
+
+def _selection_rule(node: fx.Node, values, inputs, carries, batch_axes, out_numel) -> Optional[NodeRule]:
+    """gather / index_select of the one carried value along a per-sample axis, with an index that cannot carry
+    samples into one another: computed without reading any sample (_reads_no_samples) or argmax / argmin over a
+    per-sample axis of a value the probe checked (_per_sample_extremum). Any other index and the batch axis are
+    left to the fallback (rule_for sends a node whose batch axis moved to the layout rules, which have none)."""
+    if node.op not in ("call_function", "call_method") or node.target not in _SELECTIONS or len(inputs) != 1:
+        return None
+    gather = _SELECTIONS[node.target]
+    names = ("dim", "index", "sparse_grad") if gather else ("dim", "index")
+    if (not node.args or node.args[0] is not inputs[0] or len(node.args) > 1 + len(names)
+            or set(node.kwargs) - set(names)):
+        return None
+    arguments = dict(zip(names, node.args[1:]), **node.kwargs)
+    dim, index = arguments.get("dim"), arguments.get("index")
+    if (arguments.get("sparse_grad", False) is not False or not isinstance(dim, int) or isinstance(dim, bool)
+            or not isinstance(index, fx.Node)):
+        return None
+    dim = _normalize_dim(dim, values[inputs[0]].dim())
+    if dim == 0:
+        return None  # selects samples
+    if not (_reads_no_samples(index) or _per_sample_extremum(index, values, carries, batch_axes)):
+        return None
+    return SelectionRule(gather, dim, index, _program_index(index, values, gather), out_numel)
+
+
+def _reads_no_samples(node: fx.Node) -> bool:
+    """Whether a value is computed from parameters, buffers and constants alone, reading at most the input's
+    shape (x.size(0), x.shape): the same for every sample, a constant of the derivative."""
+    pending, seen = [node], set()
+    while pending:
+        current = pending.pop()
+        if current in seen:
+            continue
+        seen.add(current)
+        if current.op == "placeholder":
+            return False
+        if _is_shape_query(current):
+            continue
+        pending += current.all_input_nodes
+    return True
+
+
+def _is_shape_query(node: fx.Node) -> bool:
+    return (node.op == "call_method" and node.target in ("size", "dim")
+            or node.op == "call_function" and node.target is getattr and len(node.args) == 2
+            and node.args[1] in ("shape", "ndim", "dtype", "device"))
+
+
+def _per_sample_extremum(node: fx.Node, values, carries, batch_axes) -> bool:
+    """argmax / argmin(v, dim, keepdim=True) over a per-sample axis of a batch-first value v that the probe
+    checked maps samples on their own (a carried value): per-sample indices, piecewise constant in x."""
+    if node.op not in ("call_function", "call_method") or node.target not in _ARG_EXTREMA or not node.args:
+        return False
+    names = ("dim", "keepdim")
+    if len(node.args) > 1 + len(names) or set(node.kwargs) - set(names):
+        return False
+    arguments = dict(zip(names, node.args[1:]), **node.kwargs)
+    source, dim = node.args[0], arguments.get("dim")
+    if not (isinstance(source, fx.Node) and carries.get(source, False) and source not in batch_axes
+            and isinstance(values[source], torch.Tensor) and isinstance(dim, int) and not isinstance(dim, bool)
+            and arguments.get("keepdim") is True):
+        return False
+    return _normalize_dim(dim, values[source].dim()) != 0
+
+
+def _program_index(index: fx.Node, values, gather: bool) -> Optional[fx.Node]:
+    """The parameter or buffer (get_attr) a program reads the index from: the index itself, or for gather the
+    batch-1 tensor the model expands over the batch (expand / expand_as changing nothing else); None otherwise."""
+    if index.op == "get_attr":
+        return index
+    if not gather or index.op != "call_method" or index.target not in ("expand", "expand_as"):
+        return None
+    source = index.args[0]
+    if not (isinstance(source, fx.Node) and source.op == "get_attr"
+            and isinstance(values.get(source), torch.Tensor)):
+        return None
+    base, expanded = values[source], values[index]
+    if base.dim() != expanded.dim() or base.shape[0] != 1 or base.shape[1:] != expanded.shape[1:]:
+        return None
+    return source
 
 
 def _sum_rule(node: fx.Node, values, inputs, out_numel) -> Optional[NodeRule]:

@@ -16,9 +16,9 @@ from torch import Tensor
 from .rules import ACTIVATION_REPLAY
 
 CHAIN_KINDS = ("linear", "linear_no_bias", "softmax", "log_softmax")
-GRAPH_KINDS = ("conv", "batch_norm", "layer_norm", "max_pool2d", "avg_pool2d", "adaptive_avg_pool2d",
-               "linear_last_axis", "reshape",
-               "permute", "mean", "sum", "cat", "add", "mul", "div", "scale", "slice")
+GRAPH_KINDS = ("conv", "batch_norm", "layer_norm", "rms_norm", "max_pool2d", "avg_pool2d", "adaptive_avg_pool2d",
+               "linear_last_axis", "reshape", "permute", "mean", "sum", "cat", "add", "mul", "div", "scale", "slice",
+               "gather", "index_select")
 
 
 def _text(value) -> str:
@@ -65,8 +65,10 @@ def _param_count(kind: str, a: Dict[str, str]) -> int:
         return 1 + _flag(a, "bias")
     if kind == "batch_norm":
         return 2 + _flag(a, "weight") + _flag(a, "bias")
-    if kind == "layer_norm":
+    if kind in ("layer_norm", "rms_norm"):
         return _flag(a, "weight") + _flag(a, "bias")
+    if kind in ("gather", "index_select"):
+        return 1
     if kind == "add":
         return int("offset_param" in a)
     if kind == "scale":
@@ -102,6 +104,9 @@ def _apply(kind: str, a: Dict[str, str], inputs: List[Tensor], params: List[Tens
     if kind == "layer_norm":
         weight, bias = _affine(a, params)
         return F.layer_norm(x, _ints(a["shape"]), weight, bias, float(a["eps"]))
+    if kind == "rms_norm":
+        weight, _ = _affine(a, params)
+        return F.rms_norm(x, _ints(a["shape"]), weight, float(a["eps"]) if "eps" in a else None)
     if kind == "max_pool2d":
         return F.max_pool2d(x, _ints(a["kernel"]), _ints(a["stride"]), _ints(a["padding"]), _ints(a["dilation"]),
                             _flag(a, "ceil"))
@@ -122,6 +127,16 @@ def _apply(kind: str, a: Dict[str, str], inputs: List[Tensor], params: List[Tens
         return torch.cat(inputs, int(a["dim"]) + 1)
     if kind == "slice":
         return x[(slice(None),) * (int(a["dim"]) + 1) + (slice(int(a["start"]), int(a["stop"]), int(a["step"])),)]
+    if kind == "gather":  # an index of batch 1 broadcasts over the batch
+        index = params[0]
+        if index.shape[0] not in (1, batch):
+            # The backward replays one sample at a time, where an index row per sample cannot be told apart.
+            raise NotImplementedError(f"a gather index of batch {index.shape[0]} on {batch} samples: only an index "
+                                      "of batch 1 (expanded over the batch) replays sample by sample, so gradients "
+                                      "of a Jacobian through a per-sample index are not supported")
+        return x.gather(int(a["dim"]) + 1, index.expand(batch, *index.shape[1:]))
+    if kind == "index_select":
+        return x.index_select(int(a["dim"]) + 1, params[0].reshape(-1))
     if kind == "add":
         total = None
         for coefficient, value in zip(map(float, a["coef"].split(",")), inputs):

@@ -28,6 +28,7 @@ struct Attributes {
   std::optional<int64_t> divisor;
   std::optional<double> offset, offset_param, factor;
   double eps = 0;
+  bool dtype_eps = false;  // rms_norm without eps=: the epsilon of the input's dtype, as at::rms_norm
   bool weight = false, bias = false, ceil = false, count_include_pad = false, keepdim = false, divide = false;
 };
 
