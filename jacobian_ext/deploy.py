@@ -55,7 +55,8 @@ def fused_encoding(plan, root: nn.Module, mode: str) -> FusedEncoding:
         if program is None:
             raise NotImplementedError(
                 "torch.compile, torch.export and TorchScript run the Jacobian as one operator call, which needs "
-                f"every node of the model to have a native rule; nodes {plan.unencoded} have none. Call the "
+                f"every node of the model to have a native rule with an op encoding; nodes {plan.unencoded} have none "
+                "(a torch.func fallback, or a native rule that runs on the Python walker only). Call the "
                 "JacobianModule eagerly (the native parts still run as op calls), or compute the Jacobian "
                 "outside the traced code")
         layers, params = program[0], [get() for get in program[1]]
