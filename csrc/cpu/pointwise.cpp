@@ -1,5 +1,5 @@
-// CPU kernels of the element-wise activation rule: value and derivative (one pass for ReLU; ATen's backward
-// kernels for the transcendental derivatives), the column scaling
+// CPU kernels of the element-wise activation rule: value and derivative (one pass for ReLU and tanh; ATen's
+// backward kernels for the transcendental derivatives), the column scaling
 // out[b, r, h] = values[b | shared, r, h] * factor[b, h], and the reverse rule's fused form of both.
 #include <ATen/Dispatch.h>
 
@@ -10,6 +10,28 @@
 
 namespace jacext::cpu {
 namespace {
+
+// Which of the kind's value and derivative its row in activations.def computes with torch's own kernels
+// (the aten_value and aten_derivative arguments, unexpanded, are not the token JACEXT_NO_ATEN).
+struct AtenKernels {
+  bool value, derivative;
+};
+
+constexpr AtenKernels aten_kernels(ActivationKind kind) {
+  switch (kind) {
+#define JACEXT_ACTIVATION(kind, name, parameters, first, second, grammar, aten_value, aten_derivative) \
+  case ActivationKind::kind:                                                                         \
+    return {std::string_view(#aten_value) != "JACEXT_NO_ATEN", std::string_view(#aten_derivative) != "JACEXT_NO_ATEN"};
+#define JACEXT_ACTIVATION_ALIAS(...)
+#include "../jacext/activations.def"
+#undef JACEXT_ACTIVATION
+#undef JACEXT_ACTIVATION_ALIAS
+  }
+  return {false, false};
+}
+
+constexpr bool has_aten_value(ActivationKind kind) { return aten_kernels(kind).value; }
+constexpr bool has_aten_derivative(ActivationKind kind) { return aten_kernels(kind).derivative; }
 
 // Features per tile of the fused reverse kernel: the tile's derivative, computed once per sample and
 // feature, stays in L1 while every row of the block is scaled by it.
@@ -31,48 +53,76 @@ inline void multiply_row(scalar_t* __restrict__ dst, const scalar_t* __restrict_
   for (int64_t h = 0; h < count; ++h) dst[h] = src[h] * factor[h];
 }
 
-// The kind is a template argument so that the switch in rule_math.h folds away and the loop
-// vectorises. With kValueGiven the output already holds activation(input) and only the derivative
-// is written.
-// Everything the loop reads is captured by value: through captured references GCC reloaded the pointers
-// and the activation's kind (an int8_t, which every store may alias) after each store, so the switch
-// stayed a jump per element and nothing vectorised.
+// The element loops below in copies for AVX-512 and for AVX2 besides the build's baseline ISA, the CPU's
+// best picked when the library loads (GCC's target_clones, an ifunc): the extension is built for baseline
+// x86-64, whose 4-wide vectors leave a transcendental loop such as tanh's well behind what the CPU's wider
+// vectors do. No FMA contraction (GCC's C++ default would fuse a * b + c where the copy's ISA has FMA): so
+// every copy, and a vector loop's body and its scalar remainder, round alike, and a result depends neither
+// on the CPU nor on where in a row an element sits. One copy where the compiler or platform lacks ifuncs.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#define JACEXT_ISA_CLONES \
+  __attribute__((target_clones("avx512f", "arch=x86-64-v3", "default"), optimize("fp-contract=off")))
+#else
+#define JACEXT_ISA_CLONES
+#endif
+
+// Where activation_range takes activation(input) from: torch's kernel wrote it (Read), the loop computes
+// and writes it (Write), or the derivative does not read it and no one needs it (Skip).
+enum class ValueSource { Read, Write, Skip };
+
+// derivative[i] = activation'(input[i]) for i < count, reading activation(input[i]) from given_value[i]
+// (Read) or writing it to computed_value[i] (Write). The kind is a template argument so that the switch in
+// rule_math.h folds away and the loop vectorises; everything it reads arrives by value (through captured
+// references GCC reloaded the pointers and the activation's kind, an int8_t that every store may alias,
+// after each store, so the switch stayed a jump per element and nothing vectorised).
+template <ActivationKind kKind, ValueSource kSource, typename scalar_t>
+JACEXT_ISA_CLONES void activation_range(const scalar_t* input, const scalar_t* given_value, scalar_t* computed_value,
+                                        scalar_t* derivative, int64_t count, const Activation& parameters) {
+  const Activation activation{kKind, parameters.first, parameters.second};  // the kind a constant
+  for (int64_t i = 0; i < count; ++i) {
+    const scalar_t z = input[i];
+    scalar_t y = z;  // Skip: activation_derivative does not read it
+    if constexpr (kSource == ValueSource::Read) y = given_value[i];
+    if constexpr (kSource == ValueSource::Write) computed_value[i] = y = activation_value(activation, z);
+    derivative[i] = activation_derivative(activation, z, y);
+  }
+}
+
+// output = activation(input) (unless kValueGiven: torch's kernel wrote it) and derivative = activation'(input).
 template <ActivationKind kKind, bool kValueGiven, typename scalar_t>
 void activation_loop(scalar_t* output, scalar_t* derivative, const scalar_t* input, int64_t count,
-                     const Activation& parameters) {
-  const double first = parameters.first, second = parameters.second;
+                     const Activation& activation) {
+  constexpr ValueSource source = kValueGiven ? ValueSource::Read : ValueSource::Write;
   at::parallel_for(0, count, kParallelGrainElements, [=](int64_t begin, int64_t end) {
-    const Activation activation{kKind, first, second};
-    for (int64_t i = begin; i < end; ++i) {
-      const scalar_t y = kValueGiven ? output[i] : activation_value(activation, input[i]);
-      if constexpr (!kValueGiven) output[i] = y;
-      derivative[i] = activation_derivative(activation, input[i], y);
-    }
+    activation_range<kKind, source>(input + begin, output + begin, output + begin, derivative + begin, end - begin,
+                                    activation);
   });
 }
 
 // out [B, R, H] = values ([R, H] or [B, R, H]) * activation'(input [B, H]), in one pass over the block:
 // per sample and tile of features, the derivative from rule_math.h into a buffer, then every row times
-// it. `value` holds activation(input) where the derivative reads it (derivative_uses_value), else null.
+// it. `value` holds activation(input) where the derivative reads it and torch's kernel computes it
+// (derivative_uses_value and has_aten_value), else null; a value the loop computes goes to a tile buffer.
 template <ActivationKind kKind, typename scalar_t>
 void scale_by_derivative_loop(at::Tensor& out, const at::Tensor& values, const scalar_t* input, const scalar_t* value,
-                              const Activation& parameters) {
+                              const Activation& activation) {
+  constexpr ValueSource source = !derivative_uses_value(kKind) ? ValueSource::Skip
+                                 : has_aten_value(kKind)       ? ValueSource::Read
+                                                               : ValueSource::Write;
   const int64_t batch = out.size(0), rows = out.size(1), features = out.size(2);
   const int64_t tiles = (features + kFeatureTile - 1) / kFeatureTile;
   const int64_t values_batch_stride = values.dim() == 3 ? rows * features : 0;
   scalar_t* out_base = out.data_ptr<scalar_t>();
   const scalar_t* values_base = values.const_data_ptr<scalar_t>();
-  const double first = parameters.first, second = parameters.second;
   const int64_t grain = std::max<int64_t>(1, kParallelGrainElements / std::max<int64_t>(1, rows * kFeatureTile));
   at::parallel_for(0, batch * tiles, grain, [=](int64_t begin, int64_t end) {
-    const Activation activation{kKind, first, second};
-    scalar_t derivative[kFeatureTile];
+    scalar_t derivative[kFeatureTile], computed_value[kFeatureTile];
     for (int64_t item = begin; item < end; ++item) {
       const int64_t b = item / tiles, h0 = (item % tiles) * kFeatureTile;
       const int64_t count = std::min(kFeatureTile, features - h0);
-      const scalar_t* z = input + b * features + h0;
-      const scalar_t* y = value != nullptr ? value + b * features + h0 : z;
-      for (int64_t i = 0; i < count; ++i) derivative[i] = activation_derivative(activation, z[i], y[i]);
+      const scalar_t* given_value = value != nullptr ? value + b * features + h0 : nullptr;
+      activation_range<kKind, source>(input + b * features + h0, given_value, computed_value, derivative, count,
+                                      activation);
       for (int64_t r = 0; r < rows; ++r) {
         multiply_row(out_base + (b * rows + r) * features + h0, values_base + b * values_batch_stride + r * features + h0,
                      derivative, count);
@@ -82,7 +132,8 @@ void scale_by_derivative_loop(at::Tensor& out, const at::Tensor& values, const s
 }
 
 // Writes activation(input) with torch's own vectorised kernel, so the values equal the module's forward
-// exactly; except for ReLU, whose value the derivative loop produces in the same pass.
+// exactly; nothing for the kinds without one (has_aten_value), whose value the derivative loop produces in
+// the same pass.
 void aten_activation_value(at::Tensor& output, const at::Tensor& input, const Activation& activation) {
   switch (activation.kind) {
 #define JACEXT_NO_ATEN
@@ -93,21 +144,9 @@ void aten_activation_value(at::Tensor& output, const at::Tensor& input, const Ac
 #define JACEXT_ACTIVATION_ALIAS(...)
 #include "../jacext/activations.def"
 #undef JACEXT_ACTIVATION
+#undef JACEXT_ACTIVATION_ALIAS
 #undef JACEXT_NO_ATEN
   }
-}
-
-// Whether the kind's row in activations.def names autograd's backward kernel for its derivative (its
-// aten_derivative argument, unexpanded, is not the token JACEXT_NO_ATEN).
-constexpr bool has_aten_derivative(ActivationKind kind) {
-  switch (kind) {
-#define JACEXT_ACTIVATION(kind, name, parameters, first, second, grammar, aten_value, aten_derivative) \
-  case ActivationKind::kind:                                                                         \
-    return std::string_view(#aten_derivative) != "JACEXT_NO_ATEN";
-#include "../jacext/activations.def"
-#undef JACEXT_ACTIVATION
-  }
-  return false;
 }
 
 // Writes grad * derivative into `derivative` with autograd's own backward kernel, for the activations whose
@@ -121,6 +160,7 @@ void aten_activation_backward(at::Tensor& derivative, const at::Tensor& grad, co
   case ActivationKind::kind:                                                                         \
     aten_derivative;                                                                                 \
     break;
+#define JACEXT_ACTIVATION_ALIAS(...)
 #include "../jacext/activations.def"
 #undef JACEXT_ACTIVATION
 #undef JACEXT_ACTIVATION_ALIAS
@@ -136,8 +176,8 @@ at::Tensor ones_like_input(const at::Tensor& input) {
 
 void activation_kernel(at::Tensor& output, at::Tensor& derivative, const at::Tensor& input,
                        const Activation& activation) {
-  // Values from ATen's vectorised (SLEEF) kernels: libm's scalar tanh/exp made the value pass, not the
-  // Jacobian, the cost of a tanh network.
+  // Values from ATen's vectorised kernels where the loop's formula would call scalar libm (exp, erf):
+  // that made the value pass, not the Jacobian, the cost of such a network.
   aten_activation_value(output, input, activation);
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "jacext_activation_cpu", [&] {
     auto* out = output.data_ptr<scalar_t>();
@@ -149,7 +189,7 @@ void activation_kernel(at::Tensor& output, at::Tensor& derivative, const at::Ten
       if constexpr (has_aten_derivative(kKind)) {
         aten_activation_backward(derivative, ones_like_input(input), input, activation);
       } else {
-        activation_loop<kKind, kKind != ActivationKind::ReLU>(out, deriv, in, count, activation);
+        activation_loop<kKind, has_aten_value(kKind)>(out, deriv, in, count, activation);
       }
     });
   });
@@ -185,7 +225,7 @@ void scale_by_activation_derivative_kernel(at::Tensor& out, const at::Tensor& va
         at::Tensor value = at::empty_like(input), derivative = at::empty_like(input);
         activation_kernel(value, derivative, input, activation);
         scale_features_kernel(out, values, derivative);
-      } else if constexpr (derivative_uses_value(kKind)) {
+      } else if constexpr (derivative_uses_value(kKind) && has_aten_value(kKind)) {
         at::Tensor value = at::empty_like(input);
         aten_activation_value(value, input, activation);
         scale_by_derivative_loop<kKind>(out, values, input.const_data_ptr<scalar_t>(), value.const_data_ptr<scalar_t>(),

@@ -6,6 +6,9 @@
 
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
+
+#include "tanh_math.h"
 
 #if defined(__CUDACC__) || defined(__HIPCC__)
 #define JACEXT_HOST_DEVICE __host__ __device__
@@ -59,9 +62,9 @@ JACEXT_HOST_DEVICE inline T relu6_of_shifted(T z) {
   return shifted < T(0) ? T(0) : (shifted > T(6) ? T(6) : shifted);
 }
 
-// activation(z). The CPU kernels take the values of the non-ReLU activations from ATen (vectorised and
-// equal to torch's by construction); the CUDA kernel evaluates them here, with the formulas of torch's
-// CUDA kernels, in at::opmath_type.
+// activation(z). The CPU kernels take the values of most activations from ATen (vectorised and equal to
+// torch's by construction; activations.def says which); the CUDA kernel evaluates them here, with the
+// formulas of torch's CUDA kernels, in at::opmath_type. Tanh on the CPU is tanh_math.h's, which vectorises.
 // Always inlined, here and in activation_derivative: the kernels call them with a compile-time kind, and
 // only an inlined switch folds away and lets the element loop vectorise (GCC had kept
 // activation_derivative out of line, one call per element). For the same reason the derivatives evaluate
@@ -73,7 +76,12 @@ JACEXT_HOST_DEVICE JACEXT_ALWAYS_INLINE T activation_value(const Activation& act
     case ActivationKind::ReLU:
       return z <= T(0) ? T(0) : z;  // NaN stays NaN, as in torch.relu
     case ActivationKind::Tanh:
+#if defined(__CUDA_ARCH__) || defined(__HIP_DEVICE_COMPILE__)
       return tanh(z);
+#else
+      if constexpr (std::is_same_v<T, float> || std::is_same_v<T, double>) return tanh_via_expm1(z);
+      else return tanh(z);
+#endif
     case ActivationKind::Sigmoid:
       return stable_sigmoid(z);
     case ActivationKind::Gelu:
