@@ -71,6 +71,13 @@ SPECS = [
         ([9, 12, 4], "log_softmax", "float32", 3, ""),
         ([4, 6, 3], "none", "float64", 3, "nan"),
         ([4, 6, 3], "softmax", "float64", 3, "inf"),
+        # The register-blocked products' edges (blocks of up to 6 rows, tiles of 2 and 1 vectors of
+        # 4 to 16 entries, then a scalar tail): 13 rows run as three blocks, 27 and 9 columns end in
+        # every kind of tile for float32 and float64 alike; width 1 on both sides of a Linear.
+        ([27, 13, 9, 13], "none", "float32", 3, ""),
+        ([27, 13, 9, 13], "log_softmax", "float64", 2, ""),
+        ([1, 17, 1, 33, 2], "softmax", "float32", 2, ""),
+        ([11, 23, 7], "softmax", "float64", 0, ""),
     ])
 ] + [  # every activation at least once, in both positions of a two-activation chain
     {"seed": seed, "widths": [4, 6, 5, 3], "head": "none", "dtype": "float64", "batch": 3, "special": ""}
