@@ -62,13 +62,14 @@ struct ChainStep {
 // mode [H, D] (transposed tangents, `width` fixed); or the lazy identity (rows == width).
 template <typename scalar_t>
 struct Block {
-  std::vector<scalar_t> values, scratch;
+  scalar_t* values = nullptr;  // views of the thread's workspace (run_samples)
+  scalar_t* scratch = nullptr;
   int64_t rows = 0, width = 0;
   bool identity = true;
 
   void materialise() {
     if (!identity) return;
-    std::fill(values.begin(), values.begin() + rows * width, scalar_t(0));
+    std::fill(values, values + rows * width, scalar_t(0));
     for (int64_t r = 0; r < rows; ++r) values[r * width + r] = scalar_t(1);
     identity = false;
   }
@@ -79,7 +80,7 @@ template <typename scalar_t>
 void scale_columns(Block<scalar_t>& block, const scalar_t* factor) {
   block.materialise();
   for (int64_t r = 0; r < block.rows; ++r) {
-    scalar_t* row = block.values.data() + r * block.width;
+    scalar_t* row = block.values + r * block.width;
 #pragma omp simd
     for (int64_t j = 0; j < block.width; ++j) row[j] *= factor[j];
   }
@@ -90,7 +91,7 @@ template <typename scalar_t>
 void scale_rows(Block<scalar_t>& block, const scalar_t* factor) {
   block.materialise();
   for (int64_t r = 0; r < block.rows; ++r) {
-    scalar_t* row = block.values.data() + r * block.width;
+    scalar_t* row = block.values + r * block.width;
     const scalar_t f = factor[r];
 #pragma omp simd
     for (int64_t j = 0; j < block.width; ++j) row[j] *= f;
@@ -114,13 +115,13 @@ void softmax_family_update(Block<scalar_t>& block, const scalar_t* s, Layer::Typ
                                  : reverse                    ? SoftmaxVariant::LogSoftmaxReverse
                                                               : SoftmaxVariant::LogSoftmaxForward;
   const int64_t rows = reverse ? block.rows : block.width, features = reverse ? block.width : block.rows;
-  scalar_t* feature_rows = reverse ? block.values.data() : block.scratch.data();
-  if (!reverse) transpose(block.values.data(), block.rows, block.width, feature_rows);
+  scalar_t* feature_rows = reverse ? block.values : block.scratch;
+  if (!reverse) transpose(block.values, block.rows, block.width, feature_rows);
   for (int64_t r = 0; r < rows; ++r) {
     scalar_t* row = feature_rows + r * features;
     softmax_family_row<scalar_t>(variant, row, s, row, features);
   }
-  if (!reverse) transpose(feature_rows, rows, features, block.values.data());
+  if (!reverse) transpose(feature_rows, rows, features, block.values);
 }
 
 // A Linear on the block: reverse G' [C, in] = G [C, out] @ W, forward T' [out, D] = W @ T [in, D]. On
@@ -128,14 +129,14 @@ void softmax_family_update(Block<scalar_t>& block, const scalar_t* s, Layer::Typ
 template <typename scalar_t>
 void linear_update(Block<scalar_t>& block, const ChainStep<scalar_t>& step, bool reverse) {
   if (block.identity) {
-    std::copy(step.weight, step.weight + step.out * step.in, block.values.begin());
+    std::copy(step.weight, step.weight + step.out * step.in, block.values);
     block.identity = false;
   } else if (reverse) {
-    run_dense_rows_matmul(DenseRowsProblem<scalar_t>{block.values.data(), step.weight, block.scratch.data(),
+    run_dense_rows_matmul(DenseRowsProblem<scalar_t>{block.values, step.weight, block.scratch,
                                                      block.rows, step.out, step.in});
     std::swap(block.values, block.scratch);
   } else {
-    run_dense_rows_matmul(DenseRowsProblem<scalar_t>{step.weight, block.values.data(), block.scratch.data(),
+    run_dense_rows_matmul(DenseRowsProblem<scalar_t>{step.weight, block.values, block.scratch,
                                                      step.out, step.in, block.width});
     std::swap(block.values, block.scratch);
   }
@@ -150,13 +151,13 @@ void linear_update(Block<scalar_t>& block, const ChainStep<scalar_t>& step, bool
 // activation's derivative and each softmax's probabilities go to factors (and, in forward mode, onto
 // the tangent block right away).
 template <typename scalar_t>
-void forward_pass(const std::vector<ChainStep<scalar_t>>& steps, std::vector<scalar_t>& hidden,
-                  std::vector<scalar_t>& next, scalar_t* factors, Block<scalar_t>* tangents) {
+void forward_pass(const std::vector<ChainStep<scalar_t>>& steps, scalar_t*& hidden, scalar_t*& next,
+                  scalar_t* factors, Block<scalar_t>* tangents) {
   for (const ChainStep<scalar_t>& step : steps) {
     scalar_t* factor = factors + step.factor_offset;
     switch (step.type) {
       case Layer::Type::Linear:
-        run_dense_rows_matmul(DenseRowsProblem<scalar_t>{step.weight, hidden.data(), next.data(), step.out, step.in, 1});
+        run_dense_rows_matmul(DenseRowsProblem<scalar_t>{step.weight, hidden, next, step.out, step.in, 1});
         if (step.bias != nullptr) {
           for (int64_t o = 0; o < step.out; ++o) next[o] += step.bias[o];
         }
@@ -199,32 +200,36 @@ void run_samples(const at::Tensor& input, const std::vector<ChainStep<scalar_t>>
   scalar_t* output_data = output.data_ptr<scalar_t>();
   scalar_t* jacobian_data = jacobian.data_ptr<scalar_t>();
   at::parallel_for(0, input.size(0), grain, [&](int64_t begin, int64_t end) {
-    std::vector<scalar_t> hidden(max_width), next(max_width), factors(factor_size);
-    Block<scalar_t> block;
     // The fixed side of the block: C rows in reverse mode, D columns in forward mode.
     const int64_t fixed = reverse ? out_features : in_features;
-    block.values.resize(fixed * max_width);
-    block.scratch.resize(fixed * max_width);
+    // One allocation per thread for all its buffers (at the smallest sizes a call's mallocs count).
+    std::vector<scalar_t> workspace(2 * max_width + factor_size + 2 * fixed * max_width);
+    scalar_t* hidden = workspace.data();
+    scalar_t* next = hidden + max_width;
+    scalar_t* factors = next + max_width;
+    Block<scalar_t> block;
+    block.values = factors + factor_size;
+    block.scratch = block.values + fixed * max_width;
     for (int64_t b = begin; b < end; ++b) {
-      std::copy(input_data + b * in_features, input_data + (b + 1) * in_features, hidden.begin());
+      std::copy(input_data + b * in_features, input_data + (b + 1) * in_features, hidden);
       block.identity = true;
       block.rows = block.width = fixed;
-      forward_pass(steps, hidden, next, factors.data(), reverse ? nullptr : &block);
-      std::copy(hidden.begin(), hidden.begin() + out_features, output_data + b * out_features);
+      forward_pass(steps, hidden, next, factors, reverse ? nullptr : &block);
+      std::copy(hidden, hidden + out_features, output_data + b * out_features);
       if (reverse) {
         for (auto step = steps.rbegin(); step != steps.rend(); ++step) {
           if (step->type == Layer::Type::Linear) {
             linear_update(block, *step, /*reverse=*/true);
           } else if (step->type == Layer::Type::Activation) {
-            scale_columns(block, factors.data() + step->factor_offset);
+            scale_columns(block, factors + step->factor_offset);
           } else {
-            softmax_family_update(block, factors.data() + step->factor_offset, step->type, /*reverse=*/true);
+            softmax_family_update(block, factors + step->factor_offset, step->type, /*reverse=*/true);
           }
         }
       }
       block.materialise();  // a plan without layers: the identity
       // Either way the block is now [C, D], the sample's Jacobian.
-      std::copy(block.values.begin(), block.values.begin() + out_features * in_features,
+      std::copy(block.values, block.values + out_features * in_features,
                 jacobian_data + b * out_features * in_features);
     }
   });
@@ -254,12 +259,14 @@ std::optional<std::tuple<at::Tensor, at::Tensor>> small_chain_jacobian(const at:
   if (static_cast<double>(batch) * sample_macs > max_macs()) return std::nullopt;
 
   std::vector<at::Tensor> contiguous;  // keeps contiguous copies of the parameters alive
+  contiguous.reserve(2 * plan.size());
   at::Tensor output = at::empty({batch, out_features}, input.options());
   at::Tensor jacobian = at::empty({batch, out_features, in_features}, input.options());
   const at::Tensor flat = input.contiguous();
   const int64_t grain = std::max<int64_t>(1, static_cast<int64_t>(kParallelGrainMacs / std::max(sample_macs, 1.0)));
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "jacext_small_chain", [&] {
     std::vector<ChainStep<scalar_t>> steps;
+    steps.reserve(plan.size());
     int64_t features = in_features, factor_size = 0;
     for (const Layer& layer : plan) {
       ChainStep<scalar_t> step{layer.type, layer.activation};
