@@ -1,5 +1,5 @@
 """The CPU small-chain kernel (csrc/cpu/small_chain.cpp), which batch_jacobian runs for plans under
-JACEXT_SMALL_CHAIN_MAX_MACS multiply-adds (default 2^18), against the ATen walker and torch.func.
+JACEXT_SMALL_CHAIN_MAX_MACS multiply-adds (default 2^22), against the ATen walker and torch.func.
 
 Every small CPU model in the other tests already runs on it; here the same models run on both paths
 (the limit is read once per process, so the other path runs in a subprocess), and wide models are

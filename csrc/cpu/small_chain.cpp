@@ -26,11 +26,13 @@ namespace jacext::cpu {
 namespace {
 
 // Multiply-adds of a whole call (the forward pass and the sweep, all samples) up to which this kernel
-// runs. Measured on the op alone (float32, 1 thread, 2-core AMD EPYC, loaded machine): the bench's tiny
-// case (27 thousand) 14 us here against 39 us on the walker; a 64-128-128-10 softmax MLP at B=1 (0.29
-// million, near this limit) 100-190 us against 130-150 us, and at B=4 (1.2 million) 360-580 against
-// 215 us: the loops run at about 3-6 GFLOP/s where BLAS reaches 50.
-constexpr double kDefaultMaxMacs = 1 << 18;
+// runs. What decides it: below, the walker's fixed cost (some 30 ATen calls, each a few microseconds)
+// outweighs its GEMMs' better rate; above, its GEMMs over all B * rows rows at once run faster than
+// this kernel's per-sample register blocks (measured with bench/op_latency.py on the bench's tiny and
+// small cases at several batch sizes and a 784-wide input, both paths forced; numbers in the commit
+// that set it). A B = 1 call stays faster here somewhat beyond the limit (the walker's GEMMs then have
+// only C rows), but a per-call limit keeps the rule simple and errs towards the walker.
+constexpr double kDefaultMaxMacs = 1 << 22;
 // Multiply-adds a thread should own before a parallel region pays for its start-up.
 constexpr double kParallelGrainMacs = 1 << 16;
 
