@@ -138,8 +138,7 @@ Program parse_program(c10::ArrayRef<std::string> layers, const LayerParams& para
     node.rule = find_graph_kind(kind);
     if (!node.rule) {
       if (!is_chain_layer_name(kind)) {
-        const std::string arg = "layers[" + std::to_string(i) + "] (" + kLayerEntryKinds + ")";
-        activation_from_name(kind, kOp, arg.c_str());  // throws for an unknown kind
+        activation_entry(kind, kOp, i);  // throws for an unknown kind
       }
       node.chain_layers = {kind};
     }

@@ -1,4 +1,5 @@
 #include "jacext/jacobian_block.h"
+#include "jacext/graph.h"
 
 #include <cmath>
 #include <cstdlib>
@@ -86,18 +87,35 @@ std::optional<Activation> parse_activation(std::string_view text) {
 
 }  // namespace
 
-Activation activation_from_name(std::string_view name, const char* op, const char* arg) {
+namespace {
+
+// activation_from_name's checks, with the argument's description built only for an error message.
+template <typename DescribeArg>
+Activation checked_activation(std::string_view name, const char* op, const DescribeArg& describe_arg) {
   const std::optional<Activation> activation = parse_activation(name);
-  TORCH_CHECK_VALUE(activation.has_value(), op, ": ", arg, " is '", name, "'; expected an activation: ",
+  TORCH_CHECK_VALUE(activation.has_value(), op, ": ", describe_arg(), " is '", name, "'; expected an activation: ",
                     kAcceptedActivations);
   if (activation->kind == ActivationKind::Softplus) {
-    TORCH_CHECK_VALUE(activation->first != 0.0, op, ": ", arg, " is '", name, "'; softplus needs a nonzero beta");
+    TORCH_CHECK_VALUE(activation->first != 0.0, op, ": ", describe_arg(), " is '", name,
+                      "'; softplus needs a nonzero beta");
   }
   if (activation->kind == ActivationKind::Hardtanh) {
-    TORCH_CHECK_VALUE(activation->first <= activation->second, op, ": ", arg, " is '", name,
+    TORCH_CHECK_VALUE(activation->first <= activation->second, op, ": ", describe_arg(), " is '", name,
                       "'; hardtanh needs min_val <= max_val");
   }
   return *activation;
+}
+
+}  // namespace
+
+Activation activation_from_name(std::string_view name, const char* op, const char* arg) {
+  return checked_activation(name, op, [arg] { return arg; });
+}
+
+Activation activation_entry(std::string_view name, const char* op, size_t index) {
+  return checked_activation(name, op, [index] {
+    return "layers[" + std::to_string(index) + "] (" + kLayerEntryKinds + ")";
+  });
 }
 
 }  // namespace jacext

@@ -45,9 +45,7 @@ std::vector<Layer> parse_plan(const at::Tensor& input, c10::ArrayRef<std::string
       layer.type = Layer::Type::LogSoftmax;
     } else {
       layer.type = Layer::Type::Activation;
-      const std::string arg =
-          "layers[" + std::to_string(i) + "] (" + kLayerEntryKinds + ")";
-      layer.activation = activation_from_name(name, op, arg.c_str());
+      layer.activation = activation_entry(name, op, i);
     }
     plan.push_back(std::move(layer));
   }
@@ -293,15 +291,22 @@ std::tuple<at::Tensor, at::Tensor> batch_jacobian(const at::Tensor& input, c10::
   TORCH_CHECK_VALUE(mode == "forward" || mode == "reverse", op, ": mode must be 'forward' or 'reverse', got '", mode,
                     "' (jacobian_ext.batch_jacobian and jacobian_ext.compile resolve mode='auto' before calling the op)");
   const int64_t batch = input.size(0);
-  std::vector<int64_t> jacobian_shape{batch, 0};
-  jacobian_shape.insert(jacobian_shape.end(), input.sizes().begin() + 1, input.sizes().end());
+  // [B, C, *in_shape]; a [B, D] input's Jacobian is already [B, C, D] and goes out without a view (a
+  // view is a tensor of its own, a cost of every call at the smallest sizes), as its input goes in.
+  const bool flat = input.dim() == 2;
+  const auto shaped = [&](const at::Tensor& jacobian, int64_t out_features) {
+    if (flat) return jacobian;
+    at::DimVector shape{batch, out_features};
+    shape.append(input.sizes().begin() + 1, input.sizes().end());
+    return jacobian.view(shape);
+  };
   if (is_graph_program(layers)) {
     auto [output, jacobian] = graph_jacobian(input, layers, params, mode == "reverse");
-    jacobian_shape[1] = output.size(1);
-    return {output, jacobian.view(jacobian_shape)};
+    return {output, shaped(jacobian, output.size(1))};
   }
   // Explicit width: reshape({0, -1}) is ambiguous for an empty batch.
-  const at::Tensor flat_input = input.reshape({batch, c10::multiply_integers(input.sizes().slice(1))});
+  const at::Tensor flat_input =
+      flat ? input : input.reshape({batch, c10::multiply_integers(input.sizes().slice(1))});
   check_feature_matrix(flat_input, op, "input");
   const std::vector<Layer> plan = parse_plan(flat_input, layers, params, op);
   const int64_t in_features = flat_input.size(1);
@@ -318,8 +323,7 @@ std::tuple<at::Tensor, at::Tensor> batch_jacobian(const at::Tensor& input, c10::
     std::tie(output, factors) = forward_with_factors(flat_input, plan);
     jacobian = reverse_sweep(JacobianBlock::identity(), plan, factors).dense(batch, in_features, input.options());
   }
-  jacobian_shape[1] = output.size(1);
-  return {unaliased(output, input), jacobian.view(jacobian_shape)};
+  return {unaliased(output, input), shaped(jacobian, output.size(1))};
 }
 
 }  // namespace jacext

@@ -1,5 +1,5 @@
 """The CPU small-chain kernel (csrc/cpu/small_chain.cpp), which batch_jacobian runs for plans under
-JACEXT_SMALL_CHAIN_MAX_MACS multiply-adds (default 2^18), against the ATen walker and torch.func.
+JACEXT_SMALL_CHAIN_MAX_MACS multiply-adds (default 2^22), against the ATen walker and torch.func.
 
 Every small CPU model in the other tests already runs on it; here the same models run on both paths
 (the limit is read once per process, so the other path runs in a subprocess), and wide models are
@@ -71,6 +71,13 @@ SPECS = [
         ([9, 12, 4], "log_softmax", "float32", 3, ""),
         ([4, 6, 3], "none", "float64", 3, "nan"),
         ([4, 6, 3], "softmax", "float64", 3, "inf"),
+        # The register-blocked products' edges (blocks of up to 6 rows, tiles of 2 and 1 vectors of
+        # 4 to 16 entries, then a scalar tail): 13 rows run as three blocks, 27 and 9 columns end in
+        # every kind of tile for float32 and float64 alike; width 1 on both sides of a Linear.
+        ([27, 13, 9, 13], "none", "float32", 3, ""),
+        ([27, 13, 9, 13], "log_softmax", "float64", 2, ""),
+        ([1, 17, 1, 33, 2], "softmax", "float32", 2, ""),
+        ([11, 23, 7], "softmax", "float64", 0, ""),
     ])
 ] + [  # every activation at least once, in both positions of a two-activation chain
     {"seed": seed, "widths": [4, 6, 5, 3], "head": "none", "dtype": "float64", "batch": 3, "special": ""}

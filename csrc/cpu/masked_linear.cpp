@@ -29,7 +29,18 @@ void run_samples(const MaskedRowsProblem<scalar_t>& problem, int64_t begin, int6
   masked_rows_matmul(problem, begin, end);
 }
 
+template <typename scalar_t>
+void dense_rows_matmul_dispatch(const DenseRowsProblem<scalar_t>& problem) {
+#ifdef JACEXT_MASKED_ROWS_AVX2
+  if (cpu_has_avx2_fma()) return dense_rows_matmul_avx2(problem);
+#endif
+  dense_rows_matmul(problem);
+}
+
 }  // namespace
+
+void run_dense_rows_matmul(const DenseRowsProblem<float>& problem) { dense_rows_matmul_dispatch(problem); }
+void run_dense_rows_matmul(const DenseRowsProblem<double>& problem) { dense_rows_matmul_dispatch(problem); }
 
 void masked_linear_kernel(at::Tensor& out, const at::Tensor& values, const at::Tensor& factor,
                           const at::Tensor& matrix) {

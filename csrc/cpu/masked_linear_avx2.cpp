@@ -1,4 +1,4 @@
-// The masked-rows kernel compiled for AVX2 + FMA, whatever the build's baseline ISA: masked_linear.cpp
+// The row-product kernels (masked and dense) compiled for AVX2 + FMA, whatever the build's baseline ISA: masked_linear.cpp
 // calls it only when the CPU reports both, so the extension stays loadable on any x86-64 (no
 // -march=native). Everything this file includes before the target switch is compiled for the
 // baseline, so no inline function shared with other files gets AVX2 code; only at::vec's AVX2
@@ -49,6 +49,8 @@ void masked_rows_matmul_avx2(const MaskedRowsProblem<float>& problem, int64_t be
 void masked_rows_matmul_avx2(const MaskedRowsProblem<double>& problem, int64_t begin, int64_t end) {
   AVX2::masked_rows_matmul(problem, begin, end);
 }
+void dense_rows_matmul_avx2(const DenseRowsProblem<float>& problem) { AVX2::dense_rows_matmul(problem); }
+void dense_rows_matmul_avx2(const DenseRowsProblem<double>& problem) { AVX2::dense_rows_matmul(problem); }
 }  // namespace jacext::cpu
 
 #if defined(__clang__)

@@ -1,5 +1,6 @@
-// The masked-rows micro-kernel: out[b] = values[b] diag(factor[b]) matrix, touching only the rows of
-// `matrix` whose factor entry is nonzero (the active units of a ReLU mask).
+// The register-blocked row products of the CPU kernels: the masked rows product out[b] = values[b]
+// diag(factor[b]) matrix, touching only the rows of `matrix` whose factor entry is nonzero (the active
+// units of a ReLU mask), and the dense product of the small-chain kernel, out = a @ matrix.
 //
 // Included once per instruction set: by masked_linear.cpp (the build's baseline ISA) and by
 // masked_linear_avx2.cpp (AVX2 + FMA, chosen at run time). at::vec::Vectorized is whatever
@@ -25,25 +26,34 @@ inline namespace CPU_CAPABILITY {
 // the block FMA-bound rather than load-bound (12 FMAs per 2 weight loads and 6 broadcasts).
 constexpr int64_t kMaxRowBlock = 6;
 
-// One register block: kRows rows x kVecs vectors of columns of the output. packed[i * kRows + r] is
-// the scaled value of row r at the i-th active unit, whose kVecs weight vectors start at
-// weights + offsets[i]; out points at the block's first element, rows out_stride apart.
-template <int64_t kRows, int64_t kVecs, typename scalar_t>
-inline void register_block(const scalar_t* packed, const int64_t* offsets, int64_t active, const scalar_t* weights,
-                           scalar_t* out, int64_t out_stride) {
+// Where a register block finds the matrix row of its i-th step: the masked kernel passes the active
+// units' offsets (an int64_t array), the dense product every row in turn.
+struct EveryRow {
+  int64_t stride;
+  int64_t operator[](int64_t i) const { return i * stride; }
+};
+
+// One register block: kRows rows x kVecs vectors of columns of the output, summed over `steps`:
+// out[r, :] = sum_i a[r * row_stride + i * step_stride] * weights[offsets[i] : + kVecs vectors]. The
+// masked kernel's packed values are step-major (row_stride 1, step_stride kRows), the dense product
+// reads a row-major block in place (row_stride its width, step_stride 1). out points at the block's
+// first element, rows out_stride apart.
+template <int64_t kRows, int64_t kVecs, typename scalar_t, typename Offsets>
+inline void register_block(const scalar_t* a, int64_t row_stride, int64_t step_stride, const Offsets& offsets,
+                           int64_t steps, const scalar_t* weights, scalar_t* out, int64_t out_stride) {
   using Vec = at::vec::Vectorized<scalar_t>;
   constexpr int64_t kWidth = Vec::size();
   Vec acc[kRows][kVecs];
   for (int64_t r = 0; r < kRows; ++r) {
     for (int64_t j = 0; j < kVecs; ++j) acc[r][j] = Vec(scalar_t(0));
   }
-  for (int64_t i = 0; i < active; ++i) {
+  for (int64_t i = 0; i < steps; ++i) {
     const scalar_t* weight_row = weights + offsets[i];
     Vec w[kVecs];
     for (int64_t j = 0; j < kVecs; ++j) w[j] = Vec::loadu(weight_row + j * kWidth);
-    const scalar_t* g = packed + i * kRows;
+    const scalar_t* g = a + i * step_stride;
     for (int64_t r = 0; r < kRows; ++r) {
-      const Vec gr(g[r]);
+      const Vec gr(g[r * row_stride]);
       for (int64_t j = 0; j < kVecs; ++j) acc[r][j] = at::vec::fmadd(gr, w[j], acc[r][j]);
     }
   }
@@ -53,19 +63,25 @@ inline void register_block(const scalar_t* packed, const int64_t* offsets, int64
 }
 
 // A compile-time row count for the register block (the accumulators must be a fixed-size array to
-// stay in registers).
-template <int64_t kVecs, typename scalar_t>
-void register_block_rows(int64_t rows, const scalar_t* packed, const int64_t* offsets, int64_t active,
-                         const scalar_t* weights, scalar_t* out, int64_t out_stride) {
+// stay in registers). `a` as in register_block, with step_stride `rows` when packed (the masked kernel)
+// or 1 (the dense product).
+template <int64_t kVecs, typename scalar_t, typename Offsets>
+void register_block_rows(int64_t rows, const scalar_t* a, int64_t row_stride, bool packed, const Offsets& offsets,
+                         int64_t steps, const scalar_t* weights, scalar_t* out, int64_t out_stride) {
   static_assert(kMaxRowBlock == 6, "extend the switch below");
+  // Each case spells its strides out, so that the packed layout's are compile-time constants.
+#define JACEXT_REGISTER_BLOCK(ROWS)                                                                                \
+  return packed ? register_block<ROWS, kVecs>(a, 1, ROWS, offsets, steps, weights, out, out_stride)               \
+                : register_block<ROWS, kVecs>(a, row_stride, 1, offsets, steps, weights, out, out_stride)
   switch (rows) {
-    case 1: return register_block<1, kVecs>(packed, offsets, active, weights, out, out_stride);
-    case 2: return register_block<2, kVecs>(packed, offsets, active, weights, out, out_stride);
-    case 3: return register_block<3, kVecs>(packed, offsets, active, weights, out, out_stride);
-    case 4: return register_block<4, kVecs>(packed, offsets, active, weights, out, out_stride);
-    case 5: return register_block<5, kVecs>(packed, offsets, active, weights, out, out_stride);
-    default: return register_block<6, kVecs>(packed, offsets, active, weights, out, out_stride);
+    case 1: JACEXT_REGISTER_BLOCK(1);
+    case 2: JACEXT_REGISTER_BLOCK(2);
+    case 3: JACEXT_REGISTER_BLOCK(3);
+    case 4: JACEXT_REGISTER_BLOCK(4);
+    case 5: JACEXT_REGISTER_BLOCK(5);
+    default: JACEXT_REGISTER_BLOCK(6);
   }
+#undef JACEXT_REGISTER_BLOCK
 }
 
 // Rows are split into balanced blocks of at most kMaxRowBlock (10 rows run as 5 + 5, not 6 + 4).
@@ -116,8 +132,8 @@ void masked_rows_matmul(const MaskedRowsProblem<scalar_t>& p, int64_t begin, int
     const auto column_tile = [&](auto vecs, const scalar_t* weights, const int64_t* offsets, int64_t column) {
       for (int64_t block = 0, first_row = 0; block < blocks; first_row += rows_in_block(rows, blocks, block++)) {
         register_block_rows<decltype(vecs)::value>(rows_in_block(rows, blocks, block),
-                                                   packed.data() + first_row * active, offsets, active, weights,
-                                                   out + first_row * columns + column, columns);
+                                                   packed.data() + first_row * active, 1, /*packed=*/true, offsets,
+                                                   active, weights, out + first_row * columns + column, columns);
       }
     };
     for (int64_t panel = 0; panel < panels; ++panel) {
@@ -140,6 +156,66 @@ void masked_rows_matmul(const MaskedRowsProblem<scalar_t>& p, int64_t begin, int
           out[(first_row + r) * columns + column] = sum;
         }
       }
+    }
+  }
+}
+
+// kRows dot products out[r] = a[r, :] . column, a's rows `steps` long and contiguous like the column:
+// one load of the column's vector serves kRows multiply-adds.
+template <int64_t kRows, typename scalar_t>
+inline void dot_rows(const scalar_t* a, const scalar_t* column, int64_t steps, scalar_t* out) {
+  using Vec = at::vec::Vectorized<scalar_t>;
+  constexpr int64_t kWidth = Vec::size();
+  Vec acc[kRows];
+  for (int64_t r = 0; r < kRows; ++r) acc[r] = Vec(scalar_t(0));
+  int64_t i = 0;
+  for (; i + kWidth <= steps; i += kWidth) {
+    const Vec x = Vec::loadu(column + i);
+    for (int64_t r = 0; r < kRows; ++r) acc[r] = at::vec::fmadd(Vec::loadu(a + r * steps + i), x, acc[r]);
+  }
+  for (int64_t r = 0; r < kRows; ++r) {
+    scalar_t lanes[kWidth];
+    acc[r].store(lanes);
+    scalar_t sum = 0;
+    for (int64_t lane = 0; lane < kWidth; ++lane) sum += lanes[lane];
+    for (int64_t j = i; j < steps; ++j) sum += a[r * steps + j] * column[j];
+    out[r] = sum;
+  }
+}
+
+// The dense product out [R, N] = a [R, K] @ matrix [K, N] (DenseRowsProblem): tiles of two vectors of
+// columns, then one, each run over all row blocks, then a scalar tail. a's rows are read in place:
+// the small-chain kernel's blocks are a few rows, so packing them would cost as much as it saves.
+// A single column (a matrix-vector product: the small-chain kernel's forward pass) has no vector of
+// columns to tile, so it runs as dot products along a's contiguous rows instead.
+template <typename scalar_t>
+void dense_rows_matmul(const DenseRowsProblem<scalar_t>& p) {
+  constexpr int64_t kWidth = at::vec::Vectorized<scalar_t>::size();
+  const int64_t rows = p.rows, steps = p.steps, columns = p.columns;
+  if (columns == 1) {
+    constexpr int64_t kDotRows = 4;
+    int64_t r = 0;
+    for (; r + kDotRows <= rows; r += kDotRows) dot_rows<kDotRows>(p.a + r * steps, p.matrix, steps, p.out + r);
+    for (; r < rows; ++r) dot_rows<1>(p.a + r * steps, p.matrix, steps, p.out + r);
+    return;
+  }
+  const int64_t blocks = (rows + kMaxRowBlock - 1) / kMaxRowBlock;
+  const EveryRow offsets{columns};
+  const auto column_tile = [&](auto vecs, int64_t column) {
+    for (int64_t block = 0, first_row = 0; block < blocks; first_row += rows_in_block(rows, blocks, block++)) {
+      register_block_rows<decltype(vecs)::value>(rows_in_block(rows, blocks, block), p.a + first_row * steps, steps,
+                                                 /*packed=*/false, offsets, steps, p.matrix + column,
+                                                 p.out + first_row * columns + column, columns);
+    }
+  };
+  int64_t column = 0;
+  for (; column + 2 * kWidth <= columns; column += 2 * kWidth) column_tile(std::integral_constant<int64_t, 2>(), column);
+  for (; column + kWidth <= columns; column += kWidth) column_tile(std::integral_constant<int64_t, 1>(), column);
+  for (; column < columns; ++column) {
+    for (int64_t r = 0; r < rows; ++r) {
+      scalar_t sum = 0;
+      for (int64_t i = 0; i < steps; ++i) sum += p.a[r * steps + i] * p.matrix[i * columns + column];
+      p.out[r * columns + column] = sum;
     }
   }
 }

@@ -5,8 +5,15 @@
 // overhead. Here each sample runs its forward pass and its sweep over raw buffers, with the same rules
 // as the ATen walker (lazy identity seed, activation factors from rule_math.h, the softmax row
 // updates), and samples run in parallel. Larger plans stay on the ATen walker, whose GEMMs are faster.
+//
+// Both sweeps multiply a sample's block by a weight with the register-blocked dense product of
+// masked_linear_kernel.h (each weight row loaded once per tile of rows, accumulators in vector
+// registers). For that the forward sweep keeps its tangents transposed, [H, D] (one row per feature of
+// the current layer), so that a Linear is W [out, in] @ T [in, D] with no transpose of W, and the
+// last block is the Jacobian [C, D] itself; the reverse sweep's cotangents are [C, H] as on the walker.
 #include <ATen/Parallel.h>
 
+#include "cpu/masked_linear.h"
 #include "jacext/chain_plan.h"
 
 #include <algorithm>
@@ -19,11 +26,13 @@ namespace jacext::cpu {
 namespace {
 
 // Multiply-adds of a whole call (the forward pass and the sweep, all samples) up to which this kernel
-// runs. Measured on the op alone (float32, 1 thread, 2-core AMD EPYC, loaded machine): the bench's tiny
-// case (27 thousand) 14 us here against 39 us on the walker; a 64-128-128-10 softmax MLP at B=1 (0.29
-// million, near this limit) 100-190 us against 130-150 us, and at B=4 (1.2 million) 360-580 against
-// 215 us: the loops run at about 3-6 GFLOP/s where BLAS reaches 50.
-constexpr double kDefaultMaxMacs = 1 << 18;
+// runs. What decides it: below, the walker's fixed cost (some 30 ATen calls, each a few microseconds)
+// outweighs its GEMMs' better rate; above, its GEMMs over all B * rows rows at once run faster than
+// this kernel's per-sample register blocks (measured with bench/op_latency.py on the bench's tiny and
+// small cases at several batch sizes and a 784-wide input, both paths forced; numbers in the commit
+// that set it). A B = 1 call stays faster here somewhat beyond the limit (the walker's GEMMs then have
+// only C rows), but a per-call limit keeps the rule simple and errs towards the walker.
+constexpr double kDefaultMaxMacs = 1 << 22;
 // Multiply-adds a thread should own before a parallel region pays for its start-up.
 constexpr double kParallelGrainMacs = 1 << 16;
 
@@ -51,111 +60,111 @@ struct ChainStep {
   int64_t factor_offset = 0;  // where this step's per-sample factor lives in the sample's factor buffer
 };
 
-// A Jacobian block of one sample: `rows` rows of `width` entries, or the lazy identity (rows == width).
+// A Jacobian block of one sample, row-major: reverse mode [C, H] (cotangents, `rows` fixed), forward
+// mode [H, D] (transposed tangents, `width` fixed); or the lazy identity (rows == width).
 template <typename scalar_t>
 struct Block {
-  std::vector<scalar_t> values, scratch;
+  scalar_t* values = nullptr;  // views of the thread's workspace (run_samples)
+  scalar_t* scratch = nullptr;
   int64_t rows = 0, width = 0;
   bool identity = true;
 
   void materialise() {
     if (!identity) return;
-    std::fill(values.begin(), values.begin() + rows * width, scalar_t(0));
+    std::fill(values, values + rows * width, scalar_t(0));
     for (int64_t r = 0; r < rows; ++r) values[r * width + r] = scalar_t(1);
     identity = false;
   }
 };
 
+// Reverse mode: an activation scales the cotangents' columns.
 template <typename scalar_t>
 void scale_columns(Block<scalar_t>& block, const scalar_t* factor) {
   block.materialise();
   for (int64_t r = 0; r < block.rows; ++r) {
-    scalar_t* row = block.values.data() + r * block.width;
+    scalar_t* row = block.values + r * block.width;
 #pragma omp simd
     for (int64_t j = 0; j < block.width; ++j) row[j] *= factor[j];
   }
 }
 
-// Softmax (symmetric Jacobian: the same update in both directions) and log-softmax rows with the
-// probabilities s (rule_math.h).
+// Forward mode: an activation scales the (transposed) tangents' rows.
 template <typename scalar_t>
-void softmax_family_rows(Block<scalar_t>& block, const scalar_t* s, Layer::Type type, bool reverse) {
+void scale_rows(Block<scalar_t>& block, const scalar_t* factor) {
+  block.materialise();
+  for (int64_t r = 0; r < block.rows; ++r) {
+    scalar_t* row = block.values + r * block.width;
+    const scalar_t f = factor[r];
+#pragma omp simd
+    for (int64_t j = 0; j < block.width; ++j) row[j] *= f;
+  }
+}
+
+template <typename scalar_t>
+void transpose(const scalar_t* from, int64_t rows, int64_t width, scalar_t* to) {
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t j = 0; j < width; ++j) to[j * rows + r] = from[r * width + j];
+  }
+}
+
+// Softmax (symmetric Jacobian: the same update in both directions) and log-softmax with the
+// probabilities s (rule_math.h's row rule, over the feature axis). The forward sweep's transposed
+// tangents go through their [D, H] transpose: a softmax is a narrow head, so the two copies are small.
+template <typename scalar_t>
+void softmax_family_update(Block<scalar_t>& block, const scalar_t* s, Layer::Type type, bool reverse) {
   block.materialise();
   const SoftmaxVariant variant = type == Layer::Type::Softmax ? SoftmaxVariant::Softmax
                                  : reverse                    ? SoftmaxVariant::LogSoftmaxReverse
                                                               : SoftmaxVariant::LogSoftmaxForward;
-  for (int64_t r = 0; r < block.rows; ++r) {
-    scalar_t* row = block.values.data() + r * block.width;
-    softmax_family_row<scalar_t>(variant, row, s, row, block.width);
+  const int64_t rows = reverse ? block.rows : block.width, features = reverse ? block.width : block.rows;
+  scalar_t* feature_rows = reverse ? block.values : block.scratch;
+  if (!reverse) transpose(block.values, block.rows, block.width, feature_rows);
+  for (int64_t r = 0; r < rows; ++r) {
+    scalar_t* row = feature_rows + r * features;
+    softmax_family_row<scalar_t>(variant, row, s, row, features);
   }
+  if (!reverse) transpose(feature_rows, rows, features, block.values);
 }
 
-// Forward mode: rows are the input features, T'[r, o] = sum_i T[r, i] W[o, i].
+// A Linear on the block: reverse G' [C, in] = G [C, out] @ W, forward T' [out, D] = W @ T [in, D]. On
+// the identity both are W itself.
 template <typename scalar_t>
-void linear_forward_rows(Block<scalar_t>& block, const ChainStep<scalar_t>& step) {
-  if (block.identity) {  // T = W^T
-    for (int64_t r = 0; r < block.rows; ++r) {
-      for (int64_t o = 0; o < step.out; ++o) block.values[r * step.out + o] = step.weight[o * step.in + r];
-    }
+void linear_update(Block<scalar_t>& block, const ChainStep<scalar_t>& step, bool reverse) {
+  if (block.identity) {
+    std::copy(step.weight, step.weight + step.out * step.in, block.values);
     block.identity = false;
+  } else if (reverse) {
+    run_dense_rows_matmul(DenseRowsProblem<scalar_t>{block.values, step.weight, block.scratch,
+                                                     block.rows, step.out, step.in});
+    std::swap(block.values, block.scratch);
   } else {
-    for (int64_t r = 0; r < block.rows; ++r) {
-      const scalar_t* row = block.values.data() + r * step.in;
-      for (int64_t o = 0; o < step.out; ++o) {
-        const scalar_t* weight_row = step.weight + o * step.in;
-        scalar_t dot = 0;
-#pragma omp simd reduction(+ : dot)
-        for (int64_t i = 0; i < step.in; ++i) dot += row[i] * weight_row[i];
-        block.scratch[r * step.out + o] = dot;
-      }
-    }
+    run_dense_rows_matmul(DenseRowsProblem<scalar_t>{step.weight, block.values, block.scratch,
+                                                     step.out, step.in, block.width});
     std::swap(block.values, block.scratch);
   }
-  block.width = step.out;
-}
-
-// Reverse mode: rows are the output features, G'[r, i] = sum_o G[r, o] W[o, i].
-template <typename scalar_t>
-void linear_reverse_rows(Block<scalar_t>& block, const ChainStep<scalar_t>& step) {
-  if (block.identity) {  // G = W
-    std::copy(step.weight, step.weight + step.out * step.in, block.values.begin());
-    block.identity = false;
+  if (reverse) {
+    block.width = step.in;
   } else {
-    for (int64_t r = 0; r < block.rows; ++r) {
-      const scalar_t* row = block.values.data() + r * step.out;
-      scalar_t* result = block.scratch.data() + r * step.in;
-      std::fill(result, result + step.in, scalar_t(0));
-      for (int64_t o = 0; o < step.out; ++o) {
-        const scalar_t g = row[o];
-        const scalar_t* weight_row = step.weight + o * step.in;
-#pragma omp simd
-        for (int64_t i = 0; i < step.in; ++i) result[i] += g * weight_row[i];
-      }
-    }
-    std::swap(block.values, block.scratch);
+    block.rows = step.out;
   }
-  block.width = step.in;
 }
 
 // The forward pass of one sample: hidden holds the input and ends holding the output; each
 // activation's derivative and each softmax's probabilities go to factors (and, in forward mode, onto
 // the tangent block right away).
 template <typename scalar_t>
-void forward_pass(const std::vector<ChainStep<scalar_t>>& steps, std::vector<scalar_t>& hidden,
-                  std::vector<scalar_t>& next, scalar_t* factors, Block<scalar_t>* tangents) {
+void forward_pass(const std::vector<ChainStep<scalar_t>>& steps, scalar_t*& hidden, scalar_t*& next,
+                  scalar_t* factors, Block<scalar_t>* tangents) {
   for (const ChainStep<scalar_t>& step : steps) {
     scalar_t* factor = factors + step.factor_offset;
     switch (step.type) {
       case Layer::Type::Linear:
-        for (int64_t o = 0; o < step.out; ++o) {
-          const scalar_t* weight_row = step.weight + o * step.in;
-          scalar_t dot = 0;
-#pragma omp simd reduction(+ : dot)
-          for (int64_t i = 0; i < step.in; ++i) dot += hidden[i] * weight_row[i];
-          next[o] = step.bias != nullptr ? dot + step.bias[o] : dot;
+        run_dense_rows_matmul(DenseRowsProblem<scalar_t>{step.weight, hidden, next, step.out, step.in, 1});
+        if (step.bias != nullptr) {
+          for (int64_t o = 0; o < step.out; ++o) next[o] += step.bias[o];
         }
         std::swap(hidden, next);
-        if (tangents != nullptr) linear_forward_rows(*tangents, step);
+        if (tangents != nullptr) linear_update(*tangents, step, /*reverse=*/false);
         continue;
       case Layer::Type::Activation:
         for (int64_t j = 0; j < step.in; ++j) {
@@ -164,7 +173,7 @@ void forward_pass(const std::vector<ChainStep<scalar_t>>& steps, std::vector<sca
           factor[j] = activation_derivative(step.activation, z, y);
           hidden[j] = y;
         }
-        if (tangents != nullptr) scale_columns(*tangents, factor);
+        if (tangents != nullptr) scale_rows(*tangents, factor);
         continue;
       case Layer::Type::Softmax:
       case Layer::Type::LogSoftmax: {
@@ -178,7 +187,7 @@ void forward_pass(const std::vector<ChainStep<scalar_t>>& steps, std::vector<sca
           factor[j] = std::exp(log_s);
           hidden[j] = step.type == Layer::Type::Softmax ? factor[j] : log_s;
         }
-        if (tangents != nullptr) softmax_family_rows(*tangents, factor, step.type, /*reverse=*/false);
+        if (tangents != nullptr) softmax_family_update(*tangents, factor, step.type, /*reverse=*/false);
         continue;
       }
     }
@@ -193,36 +202,37 @@ void run_samples(const at::Tensor& input, const std::vector<ChainStep<scalar_t>>
   scalar_t* output_data = output.data_ptr<scalar_t>();
   scalar_t* jacobian_data = jacobian.data_ptr<scalar_t>();
   at::parallel_for(0, input.size(0), grain, [&](int64_t begin, int64_t end) {
-    std::vector<scalar_t> hidden(max_width), next(max_width), factors(factor_size);
+    // The fixed side of the block: C rows in reverse mode, D columns in forward mode.
+    const int64_t fixed = reverse ? out_features : in_features;
+    // One allocation per thread for all its buffers (at the smallest sizes a call's mallocs count).
+    std::vector<scalar_t> workspace(2 * max_width + factor_size + 2 * fixed * max_width);
+    scalar_t* hidden = workspace.data();
+    scalar_t* next = hidden + max_width;
+    scalar_t* factors = next + max_width;
     Block<scalar_t> block;
-    block.rows = reverse ? out_features : in_features;
-    block.values.resize(block.rows * max_width);
-    block.scratch.resize(block.rows * max_width);
+    block.values = factors + factor_size;
+    block.scratch = block.values + fixed * max_width;
     for (int64_t b = begin; b < end; ++b) {
-      std::copy(input_data + b * in_features, input_data + (b + 1) * in_features, hidden.begin());
+      std::copy(input_data + b * in_features, input_data + (b + 1) * in_features, hidden);
       block.identity = true;
-      block.width = reverse ? out_features : in_features;
-      forward_pass(steps, hidden, next, factors.data(), reverse ? nullptr : &block);
-      std::copy(hidden.begin(), hidden.begin() + out_features, output_data + b * out_features);
-      scalar_t* sample_jacobian = jacobian_data + b * out_features * in_features;  // [C, D]
+      block.rows = block.width = fixed;
+      forward_pass(steps, hidden, next, factors, reverse ? nullptr : &block);
+      std::copy(hidden, hidden + out_features, output_data + b * out_features);
       if (reverse) {
         for (auto step = steps.rbegin(); step != steps.rend(); ++step) {
           if (step->type == Layer::Type::Linear) {
-            linear_reverse_rows(block, *step);
+            linear_update(block, *step, /*reverse=*/true);
           } else if (step->type == Layer::Type::Activation) {
-            scale_columns(block, factors.data() + step->factor_offset);
+            scale_columns(block, factors + step->factor_offset);
           } else {
-            softmax_family_rows(block, factors.data() + step->factor_offset, step->type, /*reverse=*/true);
+            softmax_family_update(block, factors + step->factor_offset, step->type, /*reverse=*/true);
           }
         }
-        block.materialise();  // a plan without layers: the identity
-        std::copy(block.values.begin(), block.values.begin() + out_features * in_features, sample_jacobian);
-      } else {
-        block.materialise();
-        for (int64_t d = 0; d < in_features; ++d) {  // the block is [D, C]
-          for (int64_t c = 0; c < out_features; ++c) sample_jacobian[c * in_features + d] = block.values[d * out_features + c];
-        }
       }
+      block.materialise();  // a plan without layers: the identity
+      // Either way the block is now [C, D], the sample's Jacobian.
+      std::copy(block.values, block.values + out_features * in_features,
+                jacobian_data + b * out_features * in_features);
     }
   });
 }
@@ -251,12 +261,14 @@ std::optional<std::tuple<at::Tensor, at::Tensor>> small_chain_jacobian(const at:
   if (static_cast<double>(batch) * sample_macs > max_macs()) return std::nullopt;
 
   std::vector<at::Tensor> contiguous;  // keeps contiguous copies of the parameters alive
+  contiguous.reserve(2 * plan.size());
   at::Tensor output = at::empty({batch, out_features}, input.options());
   at::Tensor jacobian = at::empty({batch, out_features, in_features}, input.options());
   const at::Tensor flat = input.contiguous();
   const int64_t grain = std::max<int64_t>(1, static_cast<int64_t>(kParallelGrainMacs / std::max(sample_macs, 1.0)));
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "jacext_small_chain", [&] {
     std::vector<ChainStep<scalar_t>> steps;
+    steps.reserve(plan.size());
     int64_t features = in_features, factor_size = 0;
     for (const Layer& layer : plan) {
       ChainStep<scalar_t> step{layer.type, layer.activation};

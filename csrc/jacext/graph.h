@@ -4,9 +4,11 @@
 #include <ATen/ATen.h>
 
 #include <string>
+#include <string_view>
 #include <tuple>
 
 #include "jacext/ops.h"
+#include "jacext/rule_math.h"
 
 namespace jacext {
 
@@ -15,6 +17,11 @@ inline constexpr const char* kLayerEntryKinds =
     "linear, linear_no_bias, softmax, log_softmax, an activation, or an entry of a graph program: conv, batch_norm, "
     "layer_norm, rms_norm, max_pool2d, avg_pool2d, adaptive_avg_pool2d, linear_last_axis, reshape, permute, mean, sum, cat, slice, gather, index_select, add, mul, div, scale; "
     "grammar in csrc/graph.cpp";
+
+// Entry `index` of `layers` as an activation (activation_from_name's grammar); a bad one raises an error
+// naming the entry and the kinds an entry may be. The plan parsers run on every call of the op, so the
+// message is built only then.
+Activation activation_entry(std::string_view name, const char* op, size_t index);
 
 // Whether `layers` is a graph program (an entry with attributes or of a graph kind) rather than a chain.
 bool is_graph_program(c10::ArrayRef<std::string> layers);
