@@ -79,13 +79,15 @@ def test_rules_keep_the_tail_at_saturation(device, dtype, log, gap, features):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("log", [False, True], ids=["softmax", "log_softmax"])
 @pytest.mark.parametrize("mode", ["forward", "reverse", "auto"])
-@pytest.mark.parametrize("hidden", [None, 200])  # a small chain, and one past the small-chain kernel
+# A small chain, and one past the small-chain kernel's limit (2^22 multiply-adds a call at batch 40 in either
+# sweep): the ATen walker.
+@pytest.mark.parametrize("hidden", [None, 2000])
 def test_saturated_softmax_head_through_every_walker(dtype, log, mode, hidden):
     """A Linear + (log-)softmax head with one class leading by 60 (sigma about 1e-26), as a chain and as
     a subclass: J = J_softmax(z) W J_trunk to rounding, whichever sweep and kernel run it. The allowance
     is the products' rounding plus the sensitivity of sigma to the rounding of logits near 60."""
     torch.manual_seed(0)
-    features_in, classes, batch = 4, 10, 5
+    features_in, classes, batch = 4, 10, 40 if hidden else 5
     trunk = nn.Sequential(nn.Linear(features_in, hidden), nn.Tanh()) if hidden else nn.Sequential()
     head = nn.Linear(hidden or features_in, classes)
     with torch.no_grad():
