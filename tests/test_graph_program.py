@@ -90,6 +90,13 @@ def planned(model, x, mode):
     return plan, output, jacobian
 
 
+def program_kinds(plan):
+    """The kinds of the plan's program entries, in order (the plan must have a program)."""
+    program = plan.native_program()
+    assert program is not None, plan.unencoded
+    return [entry.split()[0] for entry in program[0]]
+
+
 def check(model, x, output, jacobian):
     with torch.no_grad():
         expected_output = model(x)
@@ -107,8 +114,8 @@ def test_every_kind_runs_as_one_program(mode, batch):
     model = EveryKind().double().eval()
     x = torch.randn(batch, 2, 5, 5, dtype=DOUBLE)
     plan, output, jacobian = planned(model, x, mode)
-    assert isinstance(plan, GraphPlan) and plan.native_program() is not None, plan.unencoded
-    kinds = {entry.split()[0] for entry in plan.native_program()[0]}
+    assert isinstance(plan, GraphPlan)
+    kinds = set(program_kinds(plan))
     assert {"conv", "batch_norm", "max_pool2d", "avg_pool2d", "adaptive_avg_pool2d", "layer_norm", "reshape",
             "permute", "mean", "sum", "cat", "slice", "add", "mul", "div", "scale"} <= kinds, kinds
     check(model, x, output, jacobian)
@@ -219,7 +226,12 @@ def jacext_calls(graph):
                                                (lambda: FunctionalNorms(affine=True), (2, 4, 4))],
                          ids=["resnet18", "ResidualMLP", "FunctionalNorms"])
 def test_torch_export_with_a_dynamic_batch_save_and_load(make_model, shape):
-    model = make_model().double().eval()
+    check_export_with_a_dynamic_batch(make_model().double().eval(), shape)
+
+
+def check_export_with_a_dynamic_batch(model, shape):
+    """torch.export of jx.compile(model) with a dynamic batch is one op call, and after save and load it
+    computes the model's Jacobian at other batch sizes."""
     batch = torch.export.Dim("batch")
     program = torch.export.export(jx.compile(model), (torch.randn(3, *shape, dtype=DOUBLE),),
                                   dynamic_shapes={"x": {0: batch}})
@@ -262,16 +274,23 @@ def test_opcheck_of_a_graph_program():
     torch.manual_seed(3)
     model = EveryKind().double().eval()
     x = torch.randn(2, 2, 5, 5, dtype=DOUBLE)
+    opcheck_program(model, x, gradient_mode="reverse")
+
+
+def opcheck_program(model, x, gradient_mode):
+    """opcheck of the op on the model's program in both sweeps, and with gradients (x and every floating
+    parameter requiring grad; integer params such as an index stay constants) in gradient_mode: the registered
+    backward differentiates the replayed program. Returns the program's entries."""
     plan, _, _ = planned(model, x, "reverse")
     layers, getters = plan.native_program()
     params = [get().detach() for get in getters]
     for mode in ("forward", "reverse"):
         torch.library.opcheck(torch.ops.jacext.batch_jacobian.default, (x, layers, params, mode))
-    # With gradients: the registered backward differentiates the replayed program.
-    weight = params[0].clone().requires_grad_()
+    differentiable = [p.clone().requires_grad_() if p.is_floating_point() else p for p in params]
     torch.library.opcheck(torch.ops.jacext.batch_jacobian.default,
-                          (x.clone().requires_grad_(), layers, [weight, *params[1:]], "reverse"),
+                          (x.clone().requires_grad_(), layers, differentiable, gradient_mode),
                           test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+    return layers
 
 
 def test_gradients_of_a_program_jacobian_equal_torch_func():

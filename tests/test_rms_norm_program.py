@@ -3,26 +3,18 @@ sweeps as one op call (eps None or a number, with and without weight, one or two
 epsilon in float32, one exported op with opcheck, clear errors for bad entries, and the Python walker's rule
 where another node keeps the model off the single-op path."""
 import copy
-import io
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-import jacobian_ext as jx
 from conftest import assert_matches_reference, non_contiguous, reference_jacobian
 from jacobian_ext.program import replay
-from test_graph_program import check, planned
+from test_graph_program import check, check_export_with_a_dynamic_batch, opcheck_program, planned, program_kinds
 
 DOUBLE = torch.float64
 MODES = ["forward", "reverse", "auto"]
-
-
-def program_kinds(plan):
-    program = plan.native_program()
-    assert program is not None, plan.unencoded
-    return [entry.split()[0] for entry in program[0]]
 
 
 class RMSNorms(nn.Module):
@@ -109,34 +101,14 @@ class TokenNorm(nn.Module):
 
 def test_torch_export_of_rms_norm_is_one_op():
     torch.manual_seed(10)
-    model = TokenNorm().double().eval()
-    batch = torch.export.Dim("batch")
-    program = torch.export.export(jx.compile(model), (torch.randn(3, 5, 4, dtype=DOUBLE),),
-                                  dynamic_shapes={"x": {0: batch}})
-    calls = [n for n in program.graph.nodes if n.op == "call_function" and "jacext" in str(n.target)]
-    assert len(calls) == 1, program.graph
-    buffer = io.BytesIO()
-    torch.export.save(program, buffer)
-    buffer.seek(0)
-    loaded = torch.export.load(buffer)
-    for size in (1, 4):
-        x = torch.randn(size, 5, 4, dtype=DOUBLE)
-        check(model, x, *loaded.module()(x))
+    check_export_with_a_dynamic_batch(TokenNorm().double().eval(), (5, 4))
 
 
 @pytest.mark.parametrize("eps", [None, 1e-3])
 def test_opcheck_of_a_program_with_rms_norm(eps):
     torch.manual_seed(11)
     model = RMSNorms(eps is None, eps).double().eval()
-    x = torch.randn(2, 3, 5, dtype=DOUBLE)
-    plan, _, _ = planned(model, x, "reverse")
-    layers, getters = plan.native_program()
-    params = [get().detach() for get in getters]
-    for mode in ("forward", "reverse"):
-        torch.library.opcheck(torch.ops.jacext.batch_jacobian.default, (x, layers, params, mode))
-    torch.library.opcheck(torch.ops.jacext.batch_jacobian.default,
-                          (x.clone().requires_grad_(), layers, [p.clone().requires_grad_() for p in params], "forward"),
-                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+    opcheck_program(model, torch.randn(2, 3, 5, dtype=DOUBLE), gradient_mode="forward")
 
 
 @pytest.mark.parametrize("layers, params, message", [

@@ -6,22 +6,15 @@ import io
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import jacobian_ext as jx
 from conftest import assert_matches_reference, non_contiguous
 from jacobian_ext.program import replay
-from test_graph_program import check, planned
+from test_graph_program import check, check_export_with_a_dynamic_batch, opcheck_program, planned, program_kinds
 
 DOUBLE = torch.float64
 MODES = ["forward", "reverse", "auto"]
-
-
-def program_kinds(plan):
-    program = plan.native_program()
-    assert program is not None, plan.unencoded
-    return [entry.split()[0] for entry in program[0]]
 
 
 class Selections(nn.Module):
@@ -218,19 +211,7 @@ class Deployed(nn.Module):
 
 def test_torch_export_of_selections_and_rms_norm_is_one_op():
     torch.manual_seed(9)
-    model = Deployed().double().eval()
-    batch = torch.export.Dim("batch")
-    program = torch.export.export(jx.compile(model), (torch.randn(3, 5, 4, dtype=DOUBLE),),
-                                  dynamic_shapes={"x": {0: batch}})
-    calls = [n for n in program.graph.nodes if n.op == "call_function" and "jacext" in str(n.target)]
-    assert len(calls) == 1, program.graph
-    buffer = io.BytesIO()
-    torch.export.save(program, buffer)
-    buffer.seek(0)
-    loaded = torch.export.load(buffer)
-    for size in (1, 4):
-        x = torch.randn(size, 5, 4, dtype=DOUBLE)
-        check(model, x, *loaded.module()(x))
+    check_export_with_a_dynamic_batch(Deployed().double().eval(), (5, 4))
 
 
 def test_torchscript_of_selections_and_rms_norm_saves_and_loads():
@@ -253,19 +234,8 @@ def test_export_of_an_index_that_is_a_tensor_constant_says_why_not():
 
 def test_opcheck_of_a_program_with_selections_and_rms_norm():
     torch.manual_seed(10)
-    model = Deployed().double().eval()
-    x = torch.randn(2, 5, 4, dtype=DOUBLE)
-    plan, _, _ = planned(model, x, "reverse")
-    layers, getters = plan.native_program()
+    layers = opcheck_program(Deployed().double().eval(), torch.randn(2, 5, 4, dtype=DOUBLE), gradient_mode="forward")
     assert {"rms_norm", "gather", "index_select"} <= {entry.split()[0] for entry in layers}
-    params = [get().detach() for get in getters]
-    for mode in ("forward", "reverse"):
-        torch.library.opcheck(torch.ops.jacext.batch_jacobian.default, (x, layers, params, mode))
-    # With gradients: the registered backward differentiates the replayed program.
-    float_params = [p.clone().requires_grad_() if p.is_floating_point() else p for p in params]
-    torch.library.opcheck(torch.ops.jacext.batch_jacobian.default,
-                          (x.clone().requires_grad_(), layers, float_params, "forward"),
-                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
 
 
 
