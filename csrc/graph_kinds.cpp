@@ -189,7 +189,7 @@ at::Tensor rms_norm_project(const Node& node, const at::Tensor& x, const at::Ten
   // at::rms_norm's default: the epsilon of the input's accumulation type (float for float and narrower).
   const double dtype_eps = x.scalar_type() == at::kDouble ? std::numeric_limits<double>::epsilon()
                                                            : std::numeric_limits<float>::epsilon();
-  const double eps = node.attributes.dtype_eps ? dtype_eps : node.attributes.eps;
+  const double eps = rms_norm_eps(node).value_or(dtype_eps);
   const at::Tensor xs = x.unsqueeze(1);
   const at::Tensor r = (xs.pow(2).mean(axes, /*keepdim=*/true) + eps).rsqrt();
   return r * rows - r.pow(3) * xs * (xs * rows).mean(axes, /*keepdim=*/true);
