@@ -26,7 +26,7 @@ from .errors import GraphCaptureError, StructuredOutputError
 from .blocks import IDENTITY, NodeRule, Picked, accumulate, explicit_block
 from .plan import FlatWidths, short_repr
 from .program import entry
-from .rules import rule_type
+from .rules import read_path, rule_type
 
 # Tracing retries: each failed trace marks the innermost module that failed as a leaf.
 _MAX_TRACE_ATTEMPTS = 16
@@ -170,7 +170,9 @@ def capture(root: nn.Module, leaves: Sequence[str] = ()) -> Tuple[fx.GraphModule
             opaque.append(failed)
             continue
         name = getattr(root.fn, "__name__", "function") if isinstance(root, FunctionRoot) else type(root).__name__
-        return fx.GraphModule(root, graph, name), opaque[len(leaves):]
+        gm = fx.GraphModule(root, graph, name)
+        gm.meta[graph_rules.CAPTURED_MODEL] = root  # get_attr nodes read the model's tensors as they are now
+        return gm, opaque[len(leaves):]
     raise GraphCaptureError(f"torch.fx cannot trace it: more than {_MAX_TRACE_ATTEMPTS} modules fail to trace")
 
 
@@ -210,6 +212,7 @@ class Evaluator:
 
     def __init__(self, gm: fx.GraphModule):
         self.gm = gm
+        self.attribute_source = graph_rules.attribute_source(gm)
         self.modules = dict(gm.named_modules())
         # Carried tensors whose batch axis is not the first (qkv.permute(2, 0, ...), an RNN's h_n), by that
         # axis. Once planned, such values are stored batch-first (a view moving the axis), so every rule
@@ -250,7 +253,7 @@ class Evaluator:
                 name = name[:-1]
             return getattr(args[0], name)(*args[1:], **kwargs)
         if node.op == "get_attr":
-            return _fetch_attr(self.gm, node.target)
+            return read_path(self.attribute_source, node.target)
         raise AssertionError(f"no value for node kind {node.op}")
 
     def evaluate(self, node: fx.Node, env: Dict[fx.Node, object]):
@@ -310,13 +313,6 @@ _OUT_OF_PLACE = {
     operator.imul: operator.mul,
     operator.itruediv: operator.truediv,
 }
-
-
-def _fetch_attr(module: nn.Module, target: str):
-    value = module
-    for part in target.split("."):
-        value = getattr(value, part)
-    return value
 
 
 @dataclass

@@ -8,6 +8,7 @@ Three families:
   over the rows. The planner has checked on a probe that each node maps samples independently, so
   the batch-level jvp / vjp is exactly the per-sample one.
 """
+import functools
 import math
 import operator
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
@@ -23,7 +24,7 @@ from .program import entry
 from . import attention_rules, spatial_rules
 from .errors import GraphCaptureError
 from .blocks import IDENTITY, NodeRule, Picked, explicit_block
-from .rules import read_tensor, tensor_getter
+from .rules import read_path, read_tensor, tensor_getter
 from .fallback import FORWARD_AD_LOCK, per_sample_jacobians, vjp_in_grad_mode
 
 
@@ -484,27 +485,46 @@ def _group_norm_rule(module: nn.GroupNorm, input_shape, out_numel: int) -> Optio
     return NdOpRule(module, input_shape, _GroupNormCall, "group_norm", 8 * out_numel)
 
 
+def attribute_source(gm: fx.GraphModule) -> nn.Module:
+    """The module that get_attr targets are read from: the captured model (capture() records it), not gm.
+    fx.GraphModule keeps references of its own to the tensors that get_attr nodes read, and those go stale
+    when the model's parameter is replaced (m.weight = nn.Parameter(...), load_state_dict(assign=True))."""
+    return gm.meta.get(CAPTURED_MODEL, gm)
+
+
+CAPTURED_MODEL = "jacobian_ext_captured_model"
+
+
 class _GraphTensors:
     """The tensors a functional call reads from the model (get_attr nodes of the captured graph: a traced
     subclass's self.weight, self.running_var) as attributes looked up at every access, beside constant
     attributes (eps, normalized_shape): a stand-in for the module, so that the module rules' ops and
-    encodings read current parameters from it at every call."""
+    encodings read current parameters from it at every call. Each tensor's owning module is found once:
+    replacing a module changes the model's layout, which replans (api.JacobianModule._forget_stale_plans)."""
 
     def __init__(self, gm: fx.GraphModule, targets: Dict[str, Optional[str]], **constants):
-        self._gm, self._targets = gm, targets
+        source = attribute_source(gm)
+        self._readers = {}
+        for name, target in targets.items():
+            if target is not None:
+                path, _, leaf = target.rpartition(".")
+                owner = read_path(source, path)
+                self._readers[name] = functools.partial(read_tensor if isinstance(owner, nn.Module) else getattr,
+                                                        owner, leaf)
+        self._absent = {name for name, target in targets.items() if target is None}
         self.__dict__.update(constants)
 
     def __getattr__(self, name):
-        targets = self.__dict__.get("_targets", {})
-        if name not in targets:
+        read = self.__dict__.get("_readers", {}).get(name)
+        if read is None:
+            if name in self.__dict__.get("_absent", ()):
+                return None
             raise AttributeError(name)
-        target = targets[name]
-        if target is None:
-            return None
-        value = self._gm
-        for part in target.split("."):
-            value = read_tensor(value, part)
-        return value
+        return read()
+
+    def tensor_getter(self, name: str) -> Callable:
+        """A getter of the tensor `name` that reads its owning module directly (rules.tensor_getter)."""
+        return self._readers.get(name, lambda: None)
 
 
 def _get_attr_targets(arguments: Dict, names: Sequence[str]) -> Optional[Dict[str, Optional[str]]]:

@@ -47,10 +47,21 @@ def read_tensor(module: nn.Module, name: str):
     return getattr(module, name)
 
 
+def read_path(source, target: str):
+    """source.<target> for a dotted path (a get_attr node's target), each module step read as read_tensor."""
+    value = source
+    for part in target.split(".") if target else ():
+        value = read_tensor(value, part) if isinstance(value, nn.Module) else getattr(value, part)
+    return value
+
+
 def tensor_getter(owner, name: str) -> Callable[[], Any]:
     """A getter of owner.<name> for a plan's per-call parameter list (read_tensor for a module; any other
-    owner, such as a traced call's stand-in for one, by getattr)."""
-    return functools.partial(read_tensor if isinstance(owner, nn.Module) else getattr, owner, name)
+    owner by its own tensor_getter where it has one (a traced call's stand-in for a module), else by getattr)."""
+    if isinstance(owner, nn.Module):
+        return functools.partial(read_tensor, owner, name)
+    own_getter = getattr(type(owner), "tensor_getter", None)
+    return own_getter(owner, name) if own_getter is not None else functools.partial(getattr, owner, name)
 
 
 @dataclass(frozen=True)

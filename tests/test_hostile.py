@@ -331,6 +331,39 @@ def test_parameters_replaced_by_other_shapes_are_replanned(mode):
         jm(x)
 
 
+class FunctionalBlock(nn.Module):
+    """Traced into (its forward is not a torch layer's): its tensors are get_attr nodes of the graph."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(5, 4, dtype=torch.float64))
+        self.register_buffer("scale", torch.rand(5, dtype=torch.float64) + 0.5)
+
+    def forward(self, x):
+        return torch.tanh(nn.functional.linear(x, self.weight)) * self.scale
+
+
+@pytest.mark.parametrize("mode", ["forward", "reverse"])
+@pytest.mark.parametrize("model_of", [
+    lambda: nn.Linear(4, 3).double(),  # the captured root is the Linear itself: F.linear on its own weight
+    lambda: nn.Sequential(FunctionalBlock(), nn.Linear(5, 3).double()),
+], ids=["linear_root", "traced_block"])
+def test_parameters_and_buffers_replaced_by_new_tensors_of_the_same_shape_are_read(model_of, mode):
+    model = model_of()
+    jm = jx.compile(model, mode=mode)
+    x = torch.randn(3, 4, dtype=torch.float64)
+    before = jm(x)[1]
+    replaced = {name: torch.randn_like(tensor) for name, tensor in model.state_dict().items()}
+    model.load_state_dict(replaced, assign=True)  # new tensor objects, same layout: no replanning
+    after = jm(x)[1]
+    assert not torch.allclose(before, after)
+    assert_matches_reference(after, reference_jacobian(model, x), torch.float64)
+    first = next(iter(dict(model.named_parameters())))
+    owner, _, name = first.rpartition(".")
+    setattr(model.get_submodule(owner), name, nn.Parameter(torch.ones_like(model.get_parameter(first))))
+    assert_matches_reference(jm(x)[1], reference_jacobian(model, x), torch.float64)
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_parameter_data_of_another_shape_and_a_plain_tensor_weight_are_seen(mode):
     model = mlp(nn.Tanh, nn.Softmax(-1))
