@@ -74,6 +74,13 @@ constexpr double kMaskedLinearCrossoverOneRow = 0.3;
 // kernel: its op ran 141 us against 129 us with the dense chain forced (1 thread, minimum of 6 runs).
 // JACEXT_MASKED_LINEAR_CROSSOVER, when set, decides alone (the tests force either kernel on small shapes).
 constexpr double kMaskedLinearMinimumMacs = 1 << 21;
+// Above this many weight bytes the dense chain is kept too. The masked kernel copies the weight into
+// panels on every call and streams the active units' rows once per sample; a weight far beyond the cache
+// is then read from memory B times, where the dense GEMM reads it about once. Measured (2-core AMD EPYC,
+// float32): alexnet's classifier (9216x4096 and 4096x4096 weights, 151 and 67 MB, B=8, 10 rows, ~50%
+// active) ran 0.95-1.02 s a call with the masked kernel and 0.69-0.73 s dense; deep's 4 MB weights gain
+// from it (bench/masked_linear.py).
+constexpr double kMaskedLinearMaximumWeightBytes = 16.0 * (1 << 20);
 
 // JACEXT_MASKED_LINEAR_CROSSOVER, read once, overrides it (tests force either branch with 0 or 2).
 std::optional<double> crossover_override() {
@@ -102,7 +109,10 @@ bool skip_inactive_units(const at::Tensor& factor, const at::Tensor& block_value
   // The dense chain's multiply-adds: per-sample rows x features x outputs.
   const double dense_macs = static_cast<double>(factor.size(0)) * static_cast<double>(block_values.size(-2)) *
                             static_cast<double>(matrix.size(0)) * static_cast<double>(matrix.size(1));
-  if (!override && dense_macs < kMaskedLinearMinimumMacs) return false;
+  const double weight_bytes = static_cast<double>(matrix.numel()) * static_cast<double>(matrix.element_size());
+  if (!override && (dense_macs < kMaskedLinearMinimumMacs || weight_bytes > kMaskedLinearMaximumWeightBytes)) {
+    return false;
+  }
   const double active = static_cast<double>(factor.count_nonzero().item<int64_t>()) / factor.numel();
   const double crossover = block_values.size(-2) == 1 ? kMaskedLinearCrossoverOneRow : kMaskedLinearCrossover;
   if (active >= override.value_or(crossover)) return false;
