@@ -124,7 +124,8 @@ class EinsumRule(NodeRule):
             reached = set("".join(others))
             # A letter summed inside this operand alone is in no other term: the cotangent is the same all
             # along it, so the einsum leaves it out and the block is expanded along it after.
-            self.cotangent_equations[k] = equation(others, "".join(letter for letter in block_spec if letter in reached))
+            kept = "".join(letter for letter in block_spec if letter in reached)
+            self.cotangent_equations[k] = equation(others, kept)
             self.unreached[k] = [axis for axis, letter in enumerate(block_spec) if letter not in reached]
 
     def forward(self, plan, g, env, tangents):

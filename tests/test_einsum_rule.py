@@ -38,6 +38,8 @@ class Einsums(nn.Module):
         "three": lambda m, x, f: torch.einsum("bi,ij,bj->bi", f[:, :4], m.weight[:, :4], torch.tanh(f[:, 4:8])),
         "ellipsis": lambda m, x, f: torch.einsum("...ij,...jk->...ik", x, torch.tanh(x).transpose(-1, -2)),
         "ellipsis_broadcast": lambda m, x, f: torch.einsum("...ij,jk", x, m.weight),
+        "size_one_broadcast": lambda m, x, f: torch.einsum("bhij,bhjk->bhik", x,
+                                                           torch.tanh(x[:, :1]).transpose(-1, -2)),
         "implicit": lambda m, x, f: (torch.einsum("ji,bjk", m.weight[:, :3], x[:, 0].transpose(1, 2))
                                      + torch.einsum("bki", x[:, 1, :, :3])),
         "summed_inside": lambda m, x, f: torch.einsum("bij,bk->bk", x[:, 0], torch.tanh(f)),
