@@ -1,5 +1,5 @@
-"""The rules attention is made of: matrix products of carried values (q k^T, p v), softmax over one axis of
-N-d features, and F.scaled_dot_product_attention as one node built from both.
+"""The rules attention is made of: matrix products of carried values (q k^T, p v, also written as einsum),
+softmax over one axis of N-d features, and F.scaled_dot_product_attention as one node built from both.
 
 A product's factors multiply blocks [B, R, ..., n, k] (blocks.py) with a rows axis R: a carried value gets
 that axis as a size-1 axis, so torch.matmul broadcasts it over the rows; a constant (a weight) broadcasts
@@ -7,7 +7,8 @@ over the batch and rows axes as it does over the batch. Softmax over an axis fol
 batch of the native [B, H] rules, which are saturation-stable (csrc/jacext/rule_math.h)."""
 import math
 import operator
-from typing import Optional, Sequence, Tuple
+import string
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 from torch import fx
@@ -16,6 +17,7 @@ from . import ops
 from .blocks import NodeRule, explicit_block
 
 MATMULS = {operator.matmul, torch.matmul, torch.bmm, "matmul", "bmm"}
+EINSUMS = {torch.einsum, torch.functional.einsum}  # one function today; a set in case a release splits them
 
 
 # ---- the math, shared by the rules ----
@@ -92,6 +94,72 @@ class MatmulRule(NodeRule):
                 part = _sum_to_block(part, env[operand], block.shape[1])
                 pulled[operand] = part if operand not in pulled else pulled[operand] + part  # x @ x
         return [pulled[i] for i in g.inputs]
+
+
+class EinsumRule(NodeRule):
+    """torch.einsum of any number of operands, some carried. einsum is linear in each operand, so the tangent is
+    one einsum per carried operand with its tangent block in its place, and an operand's cotangent is the einsum
+    of the output's cotangent block with the other operands. The equations are written once on explicit letters:
+    each carried value's batch letter first (values are stored batch-first) and a rows letter after it in the
+    blocks, which the einsum carries along like any output letter."""
+
+    label = "native einsum"
+
+    def __init__(self, operands, letters: Sequence[str], output: str, carried: Sequence[bool], rows: str,
+                 work_per_row: float):
+        super().__init__(work_per_row)
+        self.operands = tuple(operands)
+        block_letters = [_with_rows(spec, rows) if c else spec for spec, c in zip(letters, carried)]
+        output_block = _with_rows(output, rows)
+
+        def equation(specs, result):
+            return ",".join(specs) + "->" + result
+
+        self.tangent_equations, self.cotangent_equations, self.unreached = {}, {}, {}
+        for k, (spec, block_spec) in enumerate(zip(letters, block_letters)):
+            if not carried[k]:
+                continue
+            self.tangent_equations[k] = equation([*letters[:k], block_spec, *letters[k + 1:]], output_block)
+            others = [output_block, *letters[:k], *letters[k + 1:]]
+            reached = set("".join(others))
+            # A letter summed inside this operand alone is in no other term: the cotangent is the same all
+            # along it, so the einsum leaves it out and the block is expanded along it after.
+            kept = "".join(letter for letter in block_spec if letter in reached)
+            self.cotangent_equations[k] = equation(others, kept)
+            self.unreached[k] = [axis for axis, letter in enumerate(block_spec) if letter not in reached]
+
+    def forward(self, plan, g, env, tangents):
+        values = _operand_values(env, self.operands)
+        by_input = dict(zip(g.inputs, tangents))
+        tangent = None
+        for k, equation in self.tangent_equations.items():
+            v = values[k]
+            block = explicit_block(by_input[self.operands[k]], v.shape[0], v.shape[1:], v)
+            term = torch.einsum(equation, *values[:k], block, *values[k + 1:])
+            tangent = term if tangent is None else tangent + term
+        return plan.evaluator.evaluate(g.node, env), tangent
+
+    def reverse(self, plan, g, env, cotangent):
+        value = env[g.node]
+        block = explicit_block(cotangent, value.shape[0], g.shape, value)
+        values = _operand_values(env, self.operands)
+        pulled = {}
+        for k, equation in self.cotangent_equations.items():
+            part = torch.einsum(equation, block, *values[:k], *values[k + 1:])
+            for axis in self.unreached[k]:
+                part = part.unsqueeze(axis)
+            v = values[k]
+            shape = (v.shape[0], block.shape[1], *v.shape[1:])
+            # Axes this operand broadcast (size 1 against the others) sum back; unreached ones expand.
+            part = part.sum_to_size([s if p != 1 else 1 for p, s in zip(part.shape, shape)]).expand(shape)
+            operand = self.operands[k]
+            pulled[operand] = part if operand not in pulled else pulled[operand] + part  # einsum(eq, x, x)
+        return [pulled[i] for i in g.inputs]
+
+
+def _with_rows(spec: str, rows: str) -> str:
+    """A batch-first value's letters as its block's: the rows letter after the batch letter."""
+    return spec[:1] + rows + spec[1:]
 
 
 class AxisSoftmaxRule(NodeRule):
@@ -249,3 +317,107 @@ def attention_rule(node: fx.Node, values, inputs) -> Optional[NodeRule]:
     out_numel = math.prod(values[node].shape[1:])
     work = 2 * q.shape[-2] * k.shape[-2] * (q.shape[-1] + v.shape[-1]) * math.prod(q.shape[1:-2]) + out_numel
     return AttentionRule(tuple(operands), carried, mask, causal, scale, work)
+
+
+def einsum_rule(node: fx.Node, values, inputs, batch_axes) -> Optional[NodeRule]:
+    """torch.einsum with every carried operand's batch axis on one letter that the output keeps (anywhere in
+    each: `batch_axes` says where, the values being stored batch-first). Left to the fallback: a letter repeated
+    within one operand (a diagonal), and more letters than the 52 einsum knows once the ellipses and the rows
+    are spelled out."""
+    call = _einsum_call(node)
+    if call is None:
+        return None
+    equation, operands = call
+    tensors = [values[o] if isinstance(o, fx.Node) else o for o in operands]
+    if not operands or not all(isinstance(t, torch.Tensor) for t in tensors):
+        return None
+    parsed = _einsum_letters(equation, [t.dim() for t in tensors])
+    if parsed is None:
+        return None
+    letters, output = parsed
+    carried = [isinstance(o, fx.Node) and o in inputs for o in operands]
+    batch_letters = {spec[batch_axes.get(o, 0)] for spec, o, c in zip(letters, operands, carried) if c}
+    if not output or batch_letters != {output[batch_axes.get(node, 0)]}:
+        return None  # the batch summed over, or carried operands on different letters (mixing samples)
+    batch = output[batch_axes.get(node, 0)]
+    stored = [batch + spec.replace(batch, "") if c else spec for spec, c in zip(letters, carried)]
+    output = batch + output.replace(batch, "")
+    unused = [letter for letter in string.ascii_letters if letter not in output + "".join(stored)]
+    sizes = {}
+    for spec, tensor in zip(stored, tensors):
+        for letter, size in zip(spec, tensor.shape):
+            sizes[letter] = max(size, sizes.get(letter, 1))  # size-1 axes broadcast
+    if not unused or tuple(sizes[letter] for letter in output) != tuple(values[node].shape):
+        return None  # no letter left for the rows, or einsum read the equation otherwise than we did
+    sizes[batch] = 1  # work per sample
+    work = sum(carried) * 2 * _contraction_work(stored, output, sizes)
+    return EinsumRule(operands, stored, output, carried, unused[0], work)
+
+
+def _einsum_call(node: fx.Node) -> Optional[Tuple[str, list]]:
+    """(equation, operands) of every call form: einsum(equation, *operands), einsum(equation, [operands]) and
+    the sublist form einsum(a, [0, 1], b, [1, 2], [0, 2]) (axes as integers below 52, or Ellipsis)."""
+    if node.kwargs or not node.args:
+        return None
+    if isinstance(node.args[0], str):
+        operands = node.args[1:]
+        if len(operands) == 1 and isinstance(operands[0], (list, tuple)):
+            operands = operands[0]
+        return node.args[0], list(operands)
+    paired = node.args[:len(node.args) // 2 * 2]
+    sublists = [*paired[1::2], *node.args[len(paired):]]  # the output's sublist last, when given
+
+    def spelled(sublist):
+        if not isinstance(sublist, (list, tuple)) or not all(
+                s is Ellipsis or isinstance(s, int) and 0 <= s < 52 for s in sublist):
+            return None
+        return "".join("..." if s is Ellipsis else string.ascii_letters[s] for s in sublist)
+
+    specs = [spelled(s) for s in sublists]
+    if any(spec is None for spec in specs):
+        return None
+    output = "->" + specs.pop() if len(node.args) % 2 else ""
+    return ",".join(specs) + output, list(paired[0::2])
+
+
+def _einsum_letters(equation: str, ndims: Sequence[int]) -> Optional[Tuple[List[str], str]]:
+    """Each operand's letters and the output's (the implicit one when there is no '->': the ellipsis axes,
+    then the letters used once, sorted), each '...' spelled out in letters of its own, aligned from the right
+    as einsum broadcasts them; None for an equation we do not read (a repeated letter within one operand)."""
+    equation = "".join(equation.split())
+    left, arrow, output = equation.partition("->")
+    specs = left.split(",")
+    if len(specs) != len(ndims) or not set(equation) <= set(string.ascii_letters) | set(".,->"):
+        return None
+    if not arrow:
+        once = sorted(letter for letter in set(left) if left.count(letter) == 1 and letter in string.ascii_letters)
+        output = ("..." if "..." in left else "") + "".join(once)
+    ellipsis_axes = [ndim - len(spec.replace("...", "")) for spec, ndim in zip(specs, ndims) if "..." in spec]
+    spare = [letter for letter in string.ascii_letters if letter not in equation]
+    if ellipsis_axes and (min(ellipsis_axes) < 0 or max(ellipsis_axes) > len(spare)):
+        return None
+    ellipsis = "".join(spare[:max(ellipsis_axes, default=0)])
+
+    def spell(spec, axes):
+        return spec.replace("...", ellipsis[len(ellipsis) - axes:], 1)
+
+    letters = [spell(spec, ndim - len(spec.replace("...", ""))) for spec, ndim in zip(specs, ndims)]
+    output = spell(output, len(ellipsis))
+    if any(len(spec) != ndim or len(set(spec)) != len(spec) or not set(spec) <= set(string.ascii_letters)
+           for spec, ndim in zip(letters, ndims)):
+        return None  # a diagonal, a second ellipsis or a stray '.'
+    if len(set(output)) != len(output) or not set(output) <= set("".join(letters)):
+        return None
+    return letters, output
+
+
+def _contraction_work(letters: Sequence[str], output: str, sizes) -> int:
+    """Multiply-adds of contracting the operands pairwise from the left: each step costs the product of the
+    sizes of both sides' letters and keeps those still needed (exact for one product, an estimate beyond)."""
+    current, work = letters[0], 0
+    for position, spec in enumerate(letters[1:], 1):
+        joined = set(current) | set(spec)
+        work += math.prod(sizes[letter] for letter in joined)
+        needed = set(output).union(*letters[position + 1:])
+        current = "".join(joined & needed)
+    return work or math.prod(sizes[letter] for letter in letters[0])  # one operand: a permutation or a sum

@@ -1070,8 +1070,11 @@ def rule_for(gm: fx.GraphModule, node: fx.Node, values: Dict, carries: Dict,
         return picked
     if not is_pick and any(not isinstance(values[i], torch.Tensor) for i in inputs):
         raise GraphCaptureError(f"node '{node.name}' takes a whole multi-output value that carries a derivative")
-    if any(n in batch_axes for n in (node, *inputs)):
-        # Only index maps know where the batch axis went; any other node is the fallback's, whose function
+    if node.target in attention_rules.EINSUMS:
+        # Its letters say where each operand's batch axis is, so its rule serves every layout.
+        native = attention_rules.einsum_rule(node, values, inputs, batch_axes)
+    elif any(n in batch_axes for n in (node, *inputs)):
+        # Only index maps (and einsum) know where the batch axis went; any other node is the fallback's, whose function
         # sees its inputs in its own layout (Evaluator.arguments).
         native = (_layout_rule(node, values, inputs, batch_axes, out_numel)
                   or _layout_free_rule(gm, node, values, inputs, batch_axes))
