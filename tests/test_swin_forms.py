@@ -118,6 +118,15 @@ def test_index_maps_parameterised_by_the_input_shape_are_native(mode, shape):
         assert label in plan
 
 
+@pytest.mark.parametrize("index", [(slice(1, 3), 2), (slice(1, 3), 2, slice(0, 2))], ids=["rows", "into_the_axis"])
+def test_normalize_pulls_a_sliced_cotangent_back_on_the_slice(index):
+    """Positions before the normalised axis map one by one: reverse runs the rule on the picked rows alone, but
+    not on part of the normalised axis."""
+    x = torch.randn(2, 4, 5, 3, dtype=torch.float64)
+    jm = planned(lambda t: F.normalize(t, dim=-1)[(slice(None), *index)], x, "reverse")
+    assert "native normalize" in repr(jm)
+
+
 def test_padding_in_another_mode_is_not_an_index_map():
     reflect = lambda t: F.pad(t, (1, 1), mode="reflect")  # noqa: E731  (reads the input's edge values)
     jm = planned(reflect, torch.randn(2, 3, 4, dtype=torch.float64), "reverse")
