@@ -1,5 +1,6 @@
 """The rules attention is made of: matrix products of carried values (q k^T, p v, also written as einsum),
-softmax over one axis of N-d features, and F.scaled_dot_product_attention as one node built from both.
+softmax over one axis of N-d features, F.scaled_dot_product_attention as one node built from both, and cosine
+attention's F.normalize.
 
 A product's factors multiply blocks [B, R, ..., n, k] (blocks.py) with a rows axis R: a carried value gets
 that axis as a size-1 axis, so torch.matmul broadcasts it over the rows; a constant (a weight) broadcasts
@@ -180,6 +181,37 @@ class AxisSoftmaxRule(NodeRule):
                                   self.log)]
 
 
+class NormalizeRule(NodeRule):
+    """F.normalize(x, p=2, dim, eps): y = x / max(|x|, eps) over one per-sample axis (cosine attention's queries
+    and keys). Its Jacobian (I - s y y^T) / max(|x|, eps), with s = [|x| >= eps] (below eps the clamp passes no
+    derivative of the norm), is symmetric: the same map pushes tangents forward and pulls cotangents back."""
+
+    label = "native normalize"
+
+    def __init__(self, axis: int, eps: float, work_per_row: float):
+        super().__init__(work_per_row)
+        self.axis, self.eps = axis, eps  # axis: of [B, *shape], not 0
+
+    def _map(self, x: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
+        norm = x.norm(2, self.axis, keepdim=True)
+        denominator = norm.clamp_min(self.eps)
+        y = (x / denominator).unsqueeze(1)
+        along = (y * block).sum(self.axis + 1, keepdim=True) * (norm >= self.eps).unsqueeze(1)
+        return (block - y * along) / denominator.unsqueeze(1)
+
+    def position_axes(self, plan, g):
+        return self.axis - 1  # the per-sample axes before the normalised one
+
+    def forward(self, plan, g, env, tangents):
+        x = env[g.inputs[0]]
+        tangent = explicit_block(tangents[0], x.shape[0], x.shape[1:], x)
+        return plan.evaluator.evaluate(g.node, env), self._map(x, tangent)
+
+    def reverse(self, plan, g, env, cotangent):
+        x = env[g.inputs[0]]
+        return [self._map(x, explicit_block(cotangent, x.shape[0], g.shape, x))]
+
+
 class AttentionRule(NodeRule):
     """F.scaled_dot_product_attention(q, k, v) without dropout: s = q k^T * scale (+ mask), p = softmax(s),
     out = p v, each step's rule in turn (the probabilities are recomputed in reverse, not kept)."""
@@ -280,6 +312,24 @@ def axis_softmax_rule(layer: str, dim: Optional[int], x: torch.Tensor, out_numel
     if axis == 0:
         return None  # over the batch: mixes samples
     return AxisSoftmaxRule(layer == "log_softmax", axis - 1, 3 * out_numel)
+
+
+_NORMALIZE_ARGUMENTS = ("p", "dim", "eps", "out")
+
+
+def normalize_rule(node: fx.Node, x: torch.Tensor, out_numel) -> Optional[NodeRule]:
+    """F.normalize(x, p=2, dim, eps) over a per-sample axis."""
+    if len(node.args) > 1 + len(_NORMALIZE_ARGUMENTS) or set(node.kwargs) - set(_NORMALIZE_ARGUMENTS):
+        return None
+    arguments = dict(zip(_NORMALIZE_ARGUMENTS, node.args[1:]), **node.kwargs)
+    p, dim, eps = arguments.get("p", 2.0), arguments.get("dim", 1), arguments.get("eps", 1e-12)
+    if (arguments.get("out") is not None or not isinstance(p, (int, float)) or p != 2 or isinstance(dim, bool)
+            or not isinstance(dim, int) or isinstance(eps, bool) or not isinstance(eps, (int, float))):
+        return None
+    axis = dim + x.dim() if dim < 0 else dim
+    if not 0 < axis < x.dim():
+        return None  # over the batch axis: mixes samples
+    return NormalizeRule(axis, float(eps), 4 * out_numel)
 
 
 _ATTENTION_ARGUMENTS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")

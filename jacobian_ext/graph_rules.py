@@ -656,6 +656,19 @@ def _spatial_rule(module: nn.Module, input_shape, out_numel: int) -> Optional[No
 # ---------------------------------------------------------------------------------------------
 
 
+class ShapeArgument:
+    """An index map's argument (slice bounds, roll shifts, pad amounts) that may hold graph nodes computing
+    integers from shapes alone (a window's padding from x.shape, _shape_arithmetic): one capture serves every
+    input size, so their values are read at each call."""
+
+    def __init__(self, argument):
+        self.argument = argument
+        self.traced = bool(_graph_nodes(argument))
+
+    def at(self, env):
+        return fx.node.map_arg(self.argument, env.__getitem__) if self.traced else self.argument
+
+
 class ReshapeRule(NodeRule):
     """Any op that keeps the row-major order of a sample's features (view, reshape, flatten,
     unflatten, squeeze, unsqueeze, contiguous, Identity, Dropout in eval mode): a view of the block."""
@@ -712,23 +725,48 @@ class ShiftRule(NodeRule):
 
     label = "index map (roll/flip)"
 
-    def __init__(self, block_dims: Sequence[int], shifts: Optional[Sequence[int]], work_per_row: float):
+    def __init__(self, block_dims: Sequence[int], shifts: Optional[Sequence], work_per_row: float):
         super().__init__(work_per_row)
-        self.block_dims, self.shifts = list(block_dims), None if shifts is None else list(shifts)
+        self.block_dims, self.shifts = list(block_dims), None if shifts is None else ShapeArgument(list(shifts))
 
-    def _moved(self, block, inverse: bool):
+    def _moved(self, block, env, inverse: bool):
         if self.shifts is None:
             return block.flip(self.block_dims)
-        return block.roll([-s if inverse else s for s in self.shifts], self.block_dims)
+        shifts = self.shifts.at(env)
+        if not any(shifts):
+            return block  # a shift computed as 0 (swin's, where one window covers the map)
+        return block.roll([-s if inverse else s for s in shifts], self.block_dims)
 
     def forward(self, plan, g, env, tangents):
         x = env[g.inputs[0]]
         tangent = explicit_block(tangents[0], x.shape[0], x.shape[1:], x)
-        return plan.evaluator.evaluate(g.node, env), self._moved(tangent, inverse=False)
+        return plan.evaluator.evaluate(g.node, env), self._moved(tangent, env, inverse=False)
 
     def reverse(self, plan, g, env, cotangent):
         x = env[g.inputs[0]]
-        return [self._moved(explicit_block(cotangent, x.shape[0], g.shape, x), inverse=True)]
+        return [self._moved(explicit_block(cotangent, x.shape[0], g.shape, x), env, inverse=True)]
+
+
+class PadRule(NodeRule):
+    """F.pad(x, pad) in constant mode over per-sample axes: the block padded the same way with zeros (the padding
+    value is a constant); reverse pads by the opposite amounts, which crops the padding off (and puts zeros back
+    where a negative amount cropped the input)."""
+
+    label = "index map (pad)"
+
+    def __init__(self, pad: Sequence, work_per_row: float):
+        super().__init__(work_per_row)
+        self.pad = ShapeArgument(list(pad))
+
+    def forward(self, plan, g, env, tangents):
+        x = env[g.inputs[0]]
+        tangent = explicit_block(tangents[0], x.shape[0], x.shape[1:], x)
+        return plan.evaluator.evaluate(g.node, env), F.pad(tangent, self.pad.at(env))
+
+    def reverse(self, plan, g, env, cotangent):
+        x = env[g.inputs[0]]
+        block = explicit_block(cotangent, x.shape[0], g.shape, x)
+        return [F.pad(block, [-amount for amount in self.pad.at(env)])]
 
 
 class IndexRule(NodeRule):
@@ -739,28 +777,30 @@ class IndexRule(NodeRule):
 
     def __init__(self, block_index: tuple, work_per_row: float):
         super().__init__(work_per_row)
-        self.block_index = block_index
+        self.block_index = ShapeArgument(block_index)  # slice bounds may be computed from shapes (x[:, :H])
 
     def forward(self, plan, g, env, tangents):
         x = env[g.inputs[0]]
         tangent = explicit_block(tangents[0], x.shape[0], x.shape[1:], x)
-        return plan.evaluator.evaluate(g.node, env), tangent[self.block_index]
+        return plan.evaluator.evaluate(g.node, env), tangent[self.block_index.at(env)]
 
     def reverse(self, plan, g, env, cotangent):
         x = env[g.inputs[0]]
         block = explicit_block(cotangent, x.shape[0], g.shape, x)
-        box = self._box(x.shape[1:])
+        block_index = self.block_index.at(env)
+        box = self._box(block_index, x.shape[1:])
         if box is not None:  # integers and unit-step slices: a Picked box, integer axes kept with size 1
             kept = [slice(None), slice(None)] + [slice(None) if isinstance(p, slice) else None
-                                                 for p in self.block_index[2:]]
+                                                 for p in block_index[2:]]
             return [Picked(box, block[tuple(kept)], x.shape[1:])]
         pulled = block.new_zeros(x.shape[0], block.shape[1], *x.shape[1:])
-        pulled[self.block_index] = block
+        pulled[block_index] = block
         return [pulled]
 
-    def _box(self, shape) -> Optional[List[slice]]:
+    @staticmethod
+    def _box(block_index: tuple, shape) -> Optional[List[slice]]:
         """The index as one unit-step slice per indexed per-sample axis, or None (a new axis, another step)."""
-        parts = self.block_index[2:]
+        parts = block_index[2:]
         if len(parts) > len(shape):  # new axes (None) among the parts
             return None
         box = []
@@ -777,9 +817,9 @@ class IndexRule(NodeRule):
     def encode(self, plan, g, sources):
         """One `slice` entry per sliced per-sample axis; integer indices and None have none."""
         input_shape = plan.shape_of(g.inputs[0])
-        parts = self.block_index[2:]
-        if not all(isinstance(p, slice) for p in parts):
-            return None
+        parts = self.block_index.argument[2:]
+        if self.block_index.traced or not all(isinstance(p, slice) for p in parts):
+            return None  # a bound computed in the forward: not a constant of the program
         entries = []
         for axis, part in enumerate(parts):
             start, stop, step = part.indices(input_shape[axis])
@@ -1175,6 +1215,10 @@ def _function_rule(node: fx.Node, values, inputs, out_numel) -> Optional[NodeRul
         return _scale_rule(node, values, x_node, out_numel)
     if target in (torch.cat, torch.concat):
         return _cat_rule(node, values, inputs, out_numel)
+    if target is F.pad and node.args and node.args[0] is x_node:
+        return _pad_rule(node, values, out_numel)
+    if target is F.normalize and node.args and node.args[0] is x_node:
+        return attention_rules.normalize_rule(node, x, out_numel)
     if target in attention_rules.MATMULS:
         return attention_rules.matmul_rule(node, values, inputs)
     if target is F.scaled_dot_product_attention:
@@ -1232,13 +1276,26 @@ def _layout_rule(node: fx.Node, values, inputs, batch_axes: Dict[fx.Node, int], 
     if node.target in _PERMUTES:
         return _permute_rule(node, ndim, x_axis, out_axis, out_numel)
     if node.target is operator.getitem:
-        return _index_rule(node.args[1], ndim, x_axis, out_numel)
+        return _index_rule(node.args[1], values, ndim, x_axis, out_numel)
     if node.target in ("roll", torch.roll, "flip", torch.flip) and out_axis == x_axis:
-        return _shift_rule(node, ndim, x_axis, out_numel)
+        return _shift_rule(node, values, ndim, x_axis, out_numel)
     return None
 
 
-def _shift_rule(node: fx.Node, ndim: int, x_axis: int, out_numel) -> Optional[NodeRule]:
+def _graph_nodes(argument) -> List[fx.Node]:
+    found = []
+    fx.node.map_arg(argument, found.append)
+    return found
+
+
+def _shape_arithmetic(argument, values) -> bool:
+    """Whether every graph node in an argument is an integer computed from shapes and constants alone
+    (_reads_no_samples): the same for every sample, so the map it parameterises is one per-sample map."""
+    return all(isinstance(values[n], int) and not isinstance(values[n], bool) and _reads_no_samples(n)
+               for n in _graph_nodes(argument))
+
+
+def _shift_rule(node: fx.Node, values, ndim: int, x_axis: int, out_numel) -> Optional[NodeRule]:
     """roll(x, shifts, dims) with explicit dims (none: a roll of the flattened tensor, batch included) and
     flip(x, dims), over per-sample axes."""
     roll = node.target in ("roll", torch.roll)
@@ -1249,8 +1306,9 @@ def _shift_rule(node: fx.Node, ndim: int, x_axis: int, out_numel) -> Optional[No
     as_list = lambda v: list(v) if isinstance(v, (tuple, list)) else [v]  # noqa: E731
     dims = as_list(arguments.get("dims"))
     shifts = as_list(arguments.get("shifts")) if roll else None
-    if not all(isinstance(d, int) for d in dims) or (roll and (not all(isinstance(s, int) for s in shifts)
-                                                             or len(shifts) != len(dims))):
+    if not all(isinstance(d, int) for d in dims) or (roll and (
+            not all(isinstance(s, (int, fx.Node)) for s in shifts) or not _shape_arithmetic(shifts, values)
+            or len(shifts) != len(dims))):
         return None
     dims = [_normalize_dim(d, ndim) for d in dims]
     if not dims or x_axis in dims:
@@ -1316,14 +1374,14 @@ def _permute_rule(node: fx.Node, ndim: int, x_axis: int, out_axis: int, out_nume
     return PermuteRule([_batch_first_position(permutation[m], x_axis) for m in order], out_numel)
 
 
-def _index_rule(index, ndim: int, x_axis: int, out_numel) -> Optional[NodeRule]:
-    """Integers, constant slices, None and one Ellipsis, the batch axis taken whole: the same index on the
-    block, whose rows axis is taken whole too."""
+def _index_rule(index, values, ndim: int, x_axis: int, out_numel) -> Optional[NodeRule]:
+    """Integers, slices (their bounds constants or computed from shapes), None and one Ellipsis, the batch axis
+    taken whole: the same index on the block, whose rows axis is taken whole too."""
     parts = index if isinstance(index, tuple) else (index,)
     if any(isinstance(p, bool) or not isinstance(p, (int, slice)) and p is not Ellipsis and p is not None
            for p in parts) or parts.count(Ellipsis) > 1:
         return None  # advanced indexing, a computed index: fallback
-    if any(isinstance(p, slice) and any(isinstance(s, fx.Node) for s in (p.start, p.stop, p.step)) for p in parts):
+    if not _shape_arithmetic(parts, values):
         return None
     consumed = sum(p is not None and p is not Ellipsis for p in parts)  # input axes the index names
     if consumed > ndim:
@@ -1512,6 +1570,22 @@ def _product_rule(node: fx.Node, values, out_numel) -> Optional[NodeRule]:
     if values[first].dim() != values[second].dim():
         return None  # broadcasting would align a batch axis with a feature axis
     return ProductRule(first, second, node.target in _DIV_FUNCTIONS or node.target == "div", 3 * out_numel)
+
+
+def _pad_rule(node: fx.Node, values, out_numel) -> Optional[NodeRule]:
+    """F.pad(x, pad, "constant", value) over per-sample axes, the amounts constants or computed from shapes."""
+    names = ("pad", "mode", "value")
+    if len(node.args) > 1 + len(names) or set(node.kwargs) - set(names):
+        return None
+    arguments = dict(zip(names, node.args[1:]), **node.kwargs)
+    pad = arguments.get("pad")
+    if arguments.get("mode", "constant") != "constant" or not isinstance(pad, (tuple, list)) or len(pad) % 2:
+        return None  # the other modes fill the padding with copies of the input, not a constant
+    if len(pad) // 2 >= values[node.args[0]].dim():
+        return None  # pads the batch axis
+    if not all(isinstance(p, (int, fx.Node)) and not isinstance(p, bool) for p in pad) or not _shape_arithmetic(pad, values):
+        return None
+    return PadRule(pad, out_numel)
 
 
 def _cat_rule(node: fx.Node, values, inputs, out_numel) -> Optional[NodeRule]:
