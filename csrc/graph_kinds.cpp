@@ -99,7 +99,7 @@ GraphKind conv_kind() {
   });
   kind.reverse = [](const Node& node, const Values& in, const at::Tensor&, const std::optional<at::Tensor>& g) {
     const Attributes& a = node.attributes;
-    return Blocks{conv_jac_reverse(in[0], g, node.params[0], a.stride, a.padding, a.dilation, a.groups)};
+    return Blocks{conv_jac_reverse_any_layout(in[0], g, node.params[0], a.stride, a.padding, a.dilation, a.groups)};
   };
   return kind;
 }
