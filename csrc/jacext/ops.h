@@ -103,6 +103,11 @@ std::tuple<at::Tensor, at::Tensor> layer_norm_jac_forward(const at::Tensor& inpu
 at::Tensor layer_norm_jac_reverse(const at::Tensor& input, const std::optional<at::Tensor>& cotangent,
                                   at::IntArrayRef normalized_shape, const std::optional<at::Tensor>& weight,
                                   double eps);
+// layer_norm_jac_reverse, the rows written over the cotangent block where `overwrite` (it must then be the
+// caller's own, contiguous block) instead of into a fresh one.
+at::Tensor layer_norm_rows_reverse(const at::Tensor& input, const std::optional<at::Tensor>& cotangent,
+                                   at::IntArrayRef normalized_shape, const std::optional<at::Tensor>& weight,
+                                   double eps, bool overwrite);
 
 using LayerParams = at::TensorList;
 
