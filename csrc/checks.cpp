@@ -85,17 +85,21 @@ std::optional<at::Tensor> tangents_nd_from_jac(const std::optional<at::Tensor>& 
   return j.movedim(-1, 1).contiguous();
 }
 
-std::optional<at::Tensor> cotangents_nd_from_arg(const std::optional<at::Tensor>& cotangent, int64_t batch,
-                                                 at::IntArrayRef out_features, const at::Tensor& like,
-                                                 const char* op) {
-  if (!cotangent.has_value()) return std::nullopt;
-  const at::Tensor& g = *cotangent;
+void check_cotangent_nd(const at::Tensor& g, int64_t batch, at::IntArrayRef out_features, const at::Tensor& like,
+                        const char* op) {
   check_same_dtype_device(like, g, op, "cotangent");
   const int64_t out_dims = static_cast<int64_t>(out_features.size());
   TORCH_CHECK_VALUE(g.dim() == out_dims + 2 && g.size(0) == batch && g.sizes().slice(2) == out_features, op,
                     ": cotangent of shape ", g.sizes(), " must be [batch, C, *out_features] with batch = ", batch,
                     " and out_features = ", out_features, " (the layer's output shape per sample)");
-  return g.contiguous();
+}
+
+std::optional<at::Tensor> cotangents_nd_from_arg(const std::optional<at::Tensor>& cotangent, int64_t batch,
+                                                 at::IntArrayRef out_features, const at::Tensor& like,
+                                                 const char* op) {
+  if (!cotangent.has_value()) return std::nullopt;
+  check_cotangent_nd(*cotangent, batch, out_features, like, op);
+  return cotangent->contiguous();
 }
 
 }  // namespace jacext

@@ -55,6 +55,7 @@ using graph::parse_program;
 using graph::per_sample_shape;
 using graph::where;
 using graph::with_leading;
+using graph::writable;
 
 // A chain block as [B, R, *shape]: Shared blocks expand over the batch.
 at::Tensor block_tensor(const JacobianBlock& block, int64_t batch, int64_t features, const at::TensorOptions& options,
@@ -146,7 +147,16 @@ void accumulate(std::vector<std::optional<at::Tensor>>& store, std::vector<bool>
     reached[slot] = true;
     return;
   }
-  store[slot] = explicit_block(store[slot], value) + explicit_block(contribution, value);
+  // The sum over whichever block is writable (a rule's fresh result), else into a fresh one.
+  std::optional<at::Tensor>& stored = store[slot];
+  if (stored && contribution && writable(*contribution)) {
+    contribution->add_(*stored);
+    stored = std::move(contribution);
+  } else if (stored && contribution && writable(*stored)) {
+    stored->add_(*contribution);
+  } else {
+    stored = explicit_block(stored, value) + explicit_block(contribution, value);
+  }
 }
 
 // An eval-mode batch norm whose input is a convolution's output that nothing else reads: in reverse mode
@@ -214,20 +224,25 @@ ReverseResult run_reverse(const Program& program, const at::Tensor& input) {
   for (size_t n = program.nodes.size(); n-- > 0;) {
     const Node& node = program.nodes[n];
     if (!reached[node.slot]) continue;
-    const std::optional<at::Tensor> cotangent = std::exchange(cotangents[node.slot], std::nullopt);
+    std::optional<at::Tensor> cotangent = std::exchange(cotangents[node.slot], std::nullopt);
     std::vector<at::Tensor> in;
     for (size_t slot : node.inputs) in.push_back(values[slot]);
     const at::Tensor& x = in[0];
     std::vector<std::optional<at::Tensor>> pulled;
     if (auto scale = foldable_scale(program, producer, node, cotangent)) {
       folded_scales[*producer[node.inputs[0]]] = std::move(scale);
-      pulled.push_back(cotangent);  // the scale goes into the convolution's weight
+      pulled.push_back(std::move(cotangent));  // the scale goes into the convolution's weight
     } else if (folded_scales[n]) {
       Node scaled = node;
       std::vector<int64_t> shape(node.params[0].dim(), 1);
       shape[0] = node.params[0].size(0);
       scaled.params[0] = node.params[0] * folded_scales[n]->view(shape);
-      pulled = node.rule->reverse(scaled, in, values[node.slot], cotangent);
+      pulled = node.rule->reverse(scaled, in, values[node.slot], std::move(cotangent));
+    } else if (node.kind == "chain" && cotangent && !runs[n]->out_shape.empty() && writable(*cotangent)) {
+      // Activations only, on a block no one else holds: each derivative scales it in place.
+      const std::vector<int64_t> factor_shape = with_leading({x.size(0), 1}, per_sample_shape(x));
+      for (size_t i = runs[n]->plan.size(); i-- > 0;) cotangent->mul_(factors[n][i].view(factor_shape));
+      pulled.push_back(std::move(cotangent));
     } else if (node.kind == "chain") {
       const ChainRun& run = *runs[n];
       const int64_t batch = x.size(0), features = run.flat.size(1);
@@ -241,7 +256,7 @@ ReverseResult run_reverse(const Program& program, const at::Tensor& input) {
     } else if (saved[n].defined()) {
       pulled = node.rule->reverse_saved(node, in, saved[n], cotangent);
     } else {
-      pulled = node.rule->reverse(node, in, values[node.slot], cotangent);
+      pulled = node.rule->reverse(node, in, values[node.slot], std::move(cotangent));
     }
     for (size_t i = 0; i < node.inputs.size(); ++i) {
       accumulate(cotangents, reached, node.inputs[i], std::move(pulled[i]), values[node.inputs[i]]);

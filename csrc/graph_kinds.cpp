@@ -21,6 +21,11 @@ std::vector<int64_t> with_leading(std::initializer_list<int64_t> leading, at::In
   return sizes;
 }
 
+bool writable(const at::Tensor& block) {
+  return block.defined() && block.use_count() == 1 && block.storage().use_count() == 1 &&
+         block.is_non_overlapping_and_dense();
+}
+
 at::Tensor explicit_block(const std::optional<at::Tensor>& block, const at::Tensor& value) {
   if (block) return *block;
   // eye(R) as [B, R, *shape]: one copy, expanded over the batch.
@@ -99,7 +104,7 @@ GraphKind conv_kind() {
   });
   kind.reverse = [](const Node& node, const Values& in, const at::Tensor&, const std::optional<at::Tensor>& g) {
     const Attributes& a = node.attributes;
-    return Blocks{conv_jac_reverse(in[0], g, node.params[0], a.stride, a.padding, a.dilation, a.groups)};
+    return Blocks{conv_jac_reverse_any_layout(in[0], g, node.params[0], a.stride, a.padding, a.dilation, a.groups)};
   };
   return kind;
 }
@@ -150,9 +155,11 @@ GraphKind layer_norm_kind() {
     const Affine a = affine(node);
     return layer_norm_jac_forward(x, t, node.attributes.shape, a.weight, a.bias, node.attributes.eps);
   });
-  kind.reverse = [](const Node& node, const Values& in, const at::Tensor&, const std::optional<at::Tensor>& g) {
+  kind.reverse = [](const Node& node, const Values& in, const at::Tensor&, std::optional<at::Tensor> g) {
     const Affine a = affine(node);
-    return Blocks{layer_norm_jac_reverse(in[0], g, node.attributes.shape, a.weight, node.attributes.eps)};
+    const bool overwrite = g && writable(*g);
+    return Blocks{layer_norm_rows_reverse(in[0], g, node.attributes.shape, a.weight, node.attributes.eps,
+                                          overwrite)};
   };
   return kind;
 }

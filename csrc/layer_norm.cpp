@@ -64,13 +64,14 @@ at::Tensor project_rows(const at::Tensor& rows, const at::Tensor& normalized, co
 
 // The rule on explicit rows [B, R, M, N] (tangent columns or cotangent rows), the weight scaling each row first
 // (reverse) or the result (forward): one CPU pass per row for float and double, the ATen ops above elsewhere.
+// With `overwrite`, the CPU pass writes its result over the rows (contiguous, the caller's own).
 at::Tensor project_block_rows(const at::Tensor& rows, const at::Tensor& input, const at::Tensor& mean,
                               const at::Tensor& rstd, const std::optional<at::Tensor>& weight, bool weight_first,
-                              const LayerNormGroups& g) {
+                              const LayerNormGroups& g, bool overwrite = false) {
   const auto dtype = input.scalar_type();
   if (input.is_cpu() && (dtype == at::kFloat || dtype == at::kDouble)) {
     const at::Tensor contiguous_rows = rows.contiguous();
-    at::Tensor out = at::empty_like(contiguous_rows);
+    at::Tensor out = overwrite && contiguous_rows.is_same(rows) ? rows : at::empty_like(contiguous_rows);
     const std::optional<at::Tensor> contiguous_weight =
         weight.has_value() ? std::optional<at::Tensor>(weight->contiguous()) : std::nullopt;
     cpu::layer_norm_rows_kernel(out, contiguous_rows, input.contiguous(), mean.to(dtype).contiguous(),
@@ -148,6 +149,12 @@ std::tuple<at::Tensor, at::Tensor> layer_norm_jac_forward(const at::Tensor& inpu
 at::Tensor layer_norm_jac_reverse(const at::Tensor& input, const std::optional<at::Tensor>& cotangent,
                                   at::IntArrayRef normalized_shape, const std::optional<at::Tensor>& weight,
                                   double eps) {
+  return layer_norm_rows_reverse(input, cotangent, normalized_shape, weight, eps, /*overwrite=*/false);
+}
+
+at::Tensor layer_norm_rows_reverse(const at::Tensor& input, const std::optional<at::Tensor>& cotangent,
+                                   at::IntArrayRef normalized_shape, const std::optional<at::Tensor>& weight,
+                                   double eps, bool overwrite) {
   const char* op = "jacext::layer_norm_jac_reverse";
   const LayerNormGroups g = check_layer_norm_args(input, normalized_shape, weight, op);
   if (cotangent.has_value()) {
@@ -165,7 +172,7 @@ at::Tensor layer_norm_jac_reverse(const at::Tensor& input, const std::optional<a
     return rows_to_block(identity_jacobian_rows(normalized, group_rstd, weight, /*weight_on_rows=*/true, g), g);
   }
   const at::Tensor rows = cotangent->reshape({g.batch, cotangent->size(1), g.groups, g.group_size});
-  return rows_to_block(project_block_rows(rows, input, mean, rstd, weight, /*weight_first=*/true, g), g);
+  return rows_to_block(project_block_rows(rows, input, mean, rstd, weight, /*weight_first=*/true, g, overwrite), g);
 }
 
 }  // namespace jacext

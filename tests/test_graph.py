@@ -117,6 +117,32 @@ def test_identity_cotangents_meeting_at_a_fan_out(device, mode, batch, first):
     check(model, torch.randn(batch, 3, device=device, dtype=torch.float64), mode, torch.float64, expect_fallbacks=[])
 
 
+class SharedBlocks(nn.Module):
+    """Cotangent blocks that several rules receive at once: a residual sum hands its block to both branches, and
+    a value read by an activation, a layer norm and a sum gets three blocks summed. The reverse sweep writes a
+    rule's result over its block (activations, layer norm, sums) only where no other node holds that block."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj, self.head = nn.Linear(6, 6), nn.Linear(4 * 6, 3)
+        self.norm = nn.LayerNorm(6)
+
+    def forward(self, x):  # x [B, 4, 6]
+        h = self.proj(x)
+        h = h + F.gelu(h)  # the sum's block reaches the GELU and h
+        h = self.norm(h) + torch.tanh(h) + h  # h's three blocks meet
+        h = F.silu(self.norm(h)) - 0.5 * h
+        return self.head(h.flatten(1))
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("batch", [0, 1, 3])
+def test_blocks_read_by_several_rules(mode, batch):
+    torch.manual_seed(3)
+    model = SharedBlocks().double()
+    check(model, torch.randn(batch, 4, 6, dtype=torch.float64), mode, torch.float64, expect_fallbacks=[])
+
+
 class WithUnsupportedNode(nn.Module):
     def __init__(self):
         super().__init__()

@@ -20,6 +20,20 @@ def vit_small():
     return model
 
 
+def convnext_small_maps():
+    """ConvNeXt's blocks on maps of 8, 4, 2 and 1 positions (32 x 32 images): patch-stride stem and downsampling,
+    7 x 7 depthwise kernels wider than the 2 x 2 and 1 x 1 maps, layer norms through permutes, layer scale."""
+    from torchvision.models.convnext import CNBlockConfig, ConvNeXt
+
+    settings = [CNBlockConfig(8, 16, 1), CNBlockConfig(16, 24, 1), CNBlockConfig(24, 32, 1), CNBlockConfig(32, None, 1)]
+    model = ConvNeXt(settings, layer_scale=0.5, num_classes=10)
+    for module in model.modules():
+        if isinstance(module, nn.LayerNorm):  # away from the identity they start as
+            nn.init.uniform_(module.weight, 0.5, 1.5)
+            nn.init.uniform_(module.bias, -0.5, 0.5)
+    return model
+
+
 def cnn_classifier():
     return nn.Sequential(
         nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2),
@@ -32,6 +46,7 @@ MODELS = {
     "resnet18": lambda: torchvision.models.resnet18(num_classes=10),
     "mobilenet_v3_small": lambda: torchvision.models.mobilenet_v3_small(num_classes=10),
     "vit_small": vit_small,
+    "convnext_small_maps": convnext_small_maps,
     "cnn_classifier": cnn_classifier,
 }
 

@@ -44,6 +44,10 @@ void check_batched_features(const at::Tensor& input, int64_t min_feature_dims, i
 std::optional<at::Tensor> tangents_nd_from_jac(const std::optional<at::Tensor>& jac, const at::Tensor& input,
                                               const char* op);
 
+// Checks a reverse-mode cotangent block [batch, C, *out_features] (any layout) against `like` and the shape.
+void check_cotangent_nd(const at::Tensor& cotangent, int64_t batch, at::IntArrayRef out_features,
+                        const at::Tensor& like, const char* op);
+
 // Reverse-mode `cotangent`: None (identity, the layer output is the model output) or
 // [batch, C, *out_features]. Returns it contiguous, or nullopt for the identity.
 std::optional<at::Tensor> cotangents_nd_from_arg(const std::optional<at::Tensor>& cotangent, int64_t batch,

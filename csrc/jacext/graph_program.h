@@ -85,8 +85,9 @@ struct GraphKind {
   // Value and output tangent from the inputs' values and tangents (forward mode).
   std::function<std::pair<at::Tensor, std::optional<at::Tensor>>(const Node&, const Values& in, const Blocks& tangents)>
       forward;
-  // The inputs' cotangents from the output's value and cotangent (reverse mode).
-  std::function<Blocks(const Node&, const Values& in, const at::Tensor& value, const std::optional<at::Tensor>& cotangent)>
+  // The inputs' cotangents from the output's value and cotangent (reverse mode). The cotangent comes by value:
+  // where `writable` says nothing else holds it, the rule may write its result over it.
+  std::function<Blocks(const Node&, const Values& in, const at::Tensor& value, std::optional<at::Tensor> cotangent)>
       reverse;
   // Optional, reverse mode, both or neither: the value with what `reverse` would recompute from the inputs
   // (max pooling's argmax), and the reverse rule given it, so that the reverse walker evaluates it once.
@@ -114,5 +115,9 @@ std::vector<int64_t> per_sample_shape(const at::Tensor& value);
 std::vector<int64_t> with_leading(std::initializer_list<int64_t> leading, at::IntArrayRef shape);
 // The block itself, or the identity block of `value` [B, *shape]: eye(R) as [B, R, *shape].
 at::Tensor explicit_block(const std::optional<at::Tensor>& block, const at::Tensor& value);
+// Whether a block is the only reference to its memory (no other slot, value, view or parameter holds it) and
+// covers it densely, so that a rule may overwrite it instead of allocating its result: the executor hands each
+// block on by value, and most are read once (a residual sum's is read twice, and then not writable).
+bool writable(const at::Tensor& block);
 
 }  // namespace jacext::graph

@@ -45,6 +45,11 @@ std::tuple<at::Tensor, at::Tensor> conv_jac_forward(const at::Tensor& input, con
 at::Tensor conv_jac_reverse(const at::Tensor& input, const std::optional<at::Tensor>& cotangent,
                             const at::Tensor& weight, at::IntArrayRef stride, at::IntArrayRef padding,
                             at::IntArrayRef dilation, int64_t groups);
+// conv_jac_reverse for callers that take blocks in any layout (the graph executor): a cotangent block goes to the
+// transposed convolution as it is and comes back in the layout that leaves (channels last where the block was).
+at::Tensor conv_jac_reverse_any_layout(const at::Tensor& input, const std::optional<at::Tensor>& cotangent,
+                                       const at::Tensor& weight, at::IntArrayRef stride, at::IntArrayRef padding,
+                                       at::IntArrayRef dilation, int64_t groups);
 
 // The eval-mode batch norm's per-channel Jacobian, weight / sqrt(running_var + eps), as a [C] vector.
 at::Tensor batch_norm_scale(const std::optional<at::Tensor>& weight, const at::Tensor& running_var, double eps);
@@ -98,6 +103,11 @@ std::tuple<at::Tensor, at::Tensor> layer_norm_jac_forward(const at::Tensor& inpu
 at::Tensor layer_norm_jac_reverse(const at::Tensor& input, const std::optional<at::Tensor>& cotangent,
                                   at::IntArrayRef normalized_shape, const std::optional<at::Tensor>& weight,
                                   double eps);
+// layer_norm_jac_reverse, the rows written over the cotangent block where `overwrite` (it must then be the
+// caller's own, contiguous block) instead of into a fresh one.
+at::Tensor layer_norm_rows_reverse(const at::Tensor& input, const std::optional<at::Tensor>& cotangent,
+                                   at::IntArrayRef normalized_shape, const std::optional<at::Tensor>& weight,
+                                   double eps, bool overwrite);
 
 using LayerParams = at::TensorList;
 
