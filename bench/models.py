@@ -35,11 +35,13 @@ BENCH_DIR = Path(__file__).resolve().parent
 def _models():
     import torchvision
 
+    def with_random_head(vit):
+        nn.init.normal_(vit.heads.head.weight)  # zero-initialised by torchvision: J would be 0
+        return vit
+
     def vit_small():
-        model = torchvision.models.VisionTransformer(
-            image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=64, mlp_dim=128, num_classes=10)
-        nn.init.normal_(model.heads.head.weight)  # zero-initialised by torchvision
-        return model
+        return with_random_head(torchvision.models.VisionTransformer(
+            image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=64, mlp_dim=128, num_classes=10))
 
     class ResidualMLP(nn.Module):
         def __init__(self, width=256, depth=4):
@@ -83,21 +85,48 @@ def _models():
             out, _ = self.rnn(x)
             return self.head(out[:, -1])
 
+    def torchvision_model(name, **kwargs):
+        return lambda: getattr(torchvision.models, name)(num_classes=10, **kwargs)
+
+    def maxvit_small():
+        """torchvision's MaxVit (MBConv, window and grid attention with relative-position bias, as in
+        maxvit_t) in a configuration for 32 x 32 images: maxvit_t itself needs 224 x 224 inputs."""
+        return torchvision.models.MaxVit(input_size=(32, 32), stem_channels=16, partition_size=2,
+                                         block_channels=[32, 64], block_layers=[1, 1], head_dim=16,
+                                         stochastic_depth_prob=0.0, num_classes=10)
+
     image = (3, 32, 32)
+    # The torchvision classification zoo, one model per family (the smallest), on 32 x 32 images where the
+    # architecture accepts them.
     models = {
-        "resnet18": lambda: torchvision.models.resnet18(num_classes=10),
-        "mobilenet_v3_small": lambda: torchvision.models.mobilenet_v3_small(num_classes=10),
-        "efficientnet_b0": lambda: torchvision.models.efficientnet_b0(num_classes=10),
-        "convnext_tiny": lambda: torchvision.models.convnext_tiny(num_classes=10),
-        "regnet_y_400mf": lambda: torchvision.models.regnet_y_400mf(num_classes=10),
-        "densenet121": lambda: torchvision.models.densenet121(num_classes=10),
-        "googlenet": lambda: torchvision.models.googlenet(num_classes=10, aux_logits=False, init_weights=False),
-        "shufflenet_v2_x0_5": lambda: torchvision.models.shufflenet_v2_x0_5(num_classes=10),
+        "alexnet": torchvision_model("alexnet"),
+        "vgg11_bn": torchvision_model("vgg11_bn"),
+        "resnet18": torchvision_model("resnet18"),
+        "resnext50_32x4d": torchvision_model("resnext50_32x4d"),
+        "squeezenet1_1": torchvision_model("squeezenet1_1"),
+        "densenet121": torchvision_model("densenet121"),
+        "inception_v3": torchvision_model("inception_v3", aux_logits=False, init_weights=False),
+        "googlenet": torchvision_model("googlenet", aux_logits=False, init_weights=False),
+        "shufflenet_v2_x0_5": torchvision_model("shufflenet_v2_x0_5"),
+        "mobilenet_v2": torchvision_model("mobilenet_v2"),
+        "mobilenet_v3_small": torchvision_model("mobilenet_v3_small"),
+        "mnasnet0_5": torchvision_model("mnasnet0_5"),
+        "efficientnet_b0": torchvision_model("efficientnet_b0"),
+        "efficientnet_v2_s": torchvision_model("efficientnet_v2_s"),
+        "regnet_x_400mf": torchvision_model("regnet_x_400mf"),
+        "regnet_y_400mf": torchvision_model("regnet_y_400mf"),
+        "vit_b_16": lambda: with_random_head(torchvision.models.vit_b_16(num_classes=10, image_size=32)),
+        "convnext_tiny": torchvision_model("convnext_tiny"),
+        "swin_t": torchvision_model("swin_t"),
+        "swin_v2_t": torchvision_model("swin_v2_t"),
+        "maxvit (32 x 32 config)": maxvit_small,
         "vit_small": vit_small,
         "residual_mlp": ResidualMLP,
         "cnn_classifier": cnn_classifier,
     }
     shapes = {name: image for name in models}
+    shapes["alexnet"] = (3, 64, 64)  # its features need at least 63 x 63
+    shapes["inception_v3"] = (3, 80, 80)  # at least 75 x 75
     try:
         import timm
     except ImportError:  # an optional extra (make bench-peers)
