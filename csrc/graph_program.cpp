@@ -1,5 +1,6 @@
 // Reading a graph program (grammar in graph.cpp): entries into nodes, attributes decoded once, every slot
-// reference and tensor count checked, runs of chain layers fused into one node.
+// reference and tensor count checked, runs of chain layers fused into one node (and a pooling into the Linear
+// that reads it, pooled_linear.cpp).
 #include "jacext/graph.h"
 #include "jacext/jacobian_block.h"
 #include "jacext/graph_program.h"
@@ -201,6 +202,7 @@ Program parse_program(c10::ArrayRef<std::string> layers, const LayerParams& para
     program.nodes.push_back(std::move(node));
   }
   program.output_slot = layers.size();
+  fuse_pooled_linears(program);
   return program;
 }
 

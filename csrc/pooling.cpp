@@ -44,11 +44,24 @@ at::Tensor from_planes(const at::Tensor& planes, at::IntArrayRef feature_shape) 
   return planes.reshape(shape);
 }
 
-// The `self` argument of the pooling backward functions, which read only its shape: an uninitialised
-// [N, P, H, W] for cotangent planes [N, P, Ho, Wo] of an input [B, *planes, H, W].
+// The `self` argument of the pooling backward functions, which read only its shape (and layout): an
+// uninitialised [N, P, H, W] for cotangent planes [N, P, Ho, Wo] of an input [B, *planes, H, W].
 at::Tensor shape_carrier(const at::Tensor& cotangent_planes, const at::Tensor& input) {
   return at::empty({cotangent_planes.size(0), cotangent_planes.size(1), input.size(-2), input.size(-1)},
-                   cotangent_planes.options());
+                   cotangent_planes.options().memory_format(cotangent_planes.suggest_memory_format()));
+}
+
+// Cotangent planes [N, P, Ho, Wo] in the layout the average poolings' input gradients run fastest in. On the
+// CPU their contiguous kernels loop over the N * P planes one by one, which on the small maps of a cotangent
+// block (B * C rows of a CNN's late features) costs several times the channels-last kernels, which run over
+// the planes as vectors, conversions included; a few planes (an image's channels) keep their layout.
+constexpr int64_t kChannelsLastMinimumPlanes = 8;
+
+at::Tensor backward_layout(const at::Tensor& cotangent_planes) {
+  if (!cotangent_planes.device().is_cpu() || cotangent_planes.size(1) < kChannelsLastMinimumPlanes) {
+    return cotangent_planes;
+  }
+  return cotangent_planes.contiguous(at::MemoryFormat::ChannelsLast);
 }
 
 // ---- max pooling ----
@@ -236,7 +249,7 @@ at::Tensor avg_pool2d_jac_reverse(const at::Tensor& input, const std::optional<a
   const std::optional<at::Tensor> cotangents =
       cotangents_nd_from_arg(cotangent, input.size(0), out_features, input, op);
   return map_rows_shared(cotangents, input.size(0), out_features, input.options(), [&](const at::Tensor& rows) {
-    const at::Tensor planes = as_planes(rows);
+    const at::Tensor planes = backward_layout(as_planes(rows));
     const at::Tensor grad =
         at::avg_pool2d_backward(planes, shape_carrier(planes, input), pool.kernel_size, pool.stride, pool.padding,
                                 pool.ceil_mode, pool.count_include_pad, pool.divisor_override);
@@ -265,7 +278,7 @@ at::Tensor adaptive_avg_pool2d_jac_reverse(const at::Tensor& input, const std::o
   const std::optional<at::Tensor> cotangents =
       cotangents_nd_from_arg(cotangent, input.size(0), out_features, input, op);
   return map_rows_shared(cotangents, input.size(0), out_features, input.options(), [&](const at::Tensor& rows) {
-    const at::Tensor planes = as_planes(rows);
+    const at::Tensor planes = backward_layout(as_planes(rows));
     return from_planes(at::_adaptive_avg_pool2d_backward(planes, shape_carrier(planes, input)),
                        input.sizes().slice(1));
   });

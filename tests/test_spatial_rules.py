@@ -145,6 +145,11 @@ CASES = {
     "adaptive_avg_pool_not_dividing": ((3, 7, 5), make_adaptive_avg_pool([3, 2])),
     "adaptive_avg_pool_global": ((4, 5, 6), make_adaptive_avg_pool([1, 1])),
     "adaptive_avg_pool_upsampling_planes_only": ((5, 3), make_adaptive_avg_pool([4, 4])),
+    # From 8 planes on, the CPU pulls average-pooling cotangents back in channels-last planes.
+    "avg_pool_many_planes_same_size": ((9, 5, 4), make_avg_pool([3, 3], [1, 1], [1, 1], False, True, None)),
+    "avg_pool_many_planes_ceil_exclude_pad": ((8, 7, 5), make_avg_pool([2, 3], [2, 2], [1, 1], True, False, None)),
+    "adaptive_avg_pool_many_planes": ((10, 5, 7), make_adaptive_avg_pool([2, 3])),
+    "adaptive_avg_pool_many_planes_global": ((8, 3, 3), make_adaptive_avg_pool([1, 1])),
 }
 LAYOUTS = ["contiguous", "non_contiguous", "channels_last"]
 

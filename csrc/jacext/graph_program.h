@@ -105,8 +105,12 @@ struct Program {
   std::vector<int64_t> readers;  // per slot: how many nodes read it
 };
 
-// Decodes the entries into nodes (fusing chain runs) and checks every reference and count.
+// Decodes the entries into nodes (fusing chain runs and pooled Linears) and checks every reference and count.
 Program parse_program(c10::ArrayRef<std::string> layers, const LayerParams& params);
+
+// An adaptive_avg_pool2d entry read only by a flatten (a reshape to one axis), itself read only by a chain run
+// that starts with a Linear, becomes one node with that Linear (pooled_linear.cpp), ahead of the rest of the run.
+void fuse_pooled_linears(Program& program);
 
 // ---- block shapes, shared by the kinds and the executor ----
 
