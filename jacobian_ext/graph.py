@@ -493,7 +493,7 @@ class GraphPlan(FlatWidths):
         """The node's rule in reverse; a Picked cotangent whose box lies within the axes the node maps position
         by position runs the rule on the box of every value involved, and its input cotangents stay Picked."""
         if isinstance(cotangent, Picked) and cotangent.within(0):  # the box is everything
-            cotangent = cotangent.block
+            cotangent = cotangent.dense(env[g.node])
         if not isinstance(cotangent, Picked):
             return g.rule.reverse(self, g, env, cotangent)
         axes = g.rule.position_axes(self, g)

@@ -657,6 +657,15 @@ class ReshapeRule(NodeRule):
         block = explicit_block(cotangent, x.shape[0], g.shape, x)
         return [block.reshape(x.shape[0], block.shape[1], *x.shape[1:])]
 
+    def position_axes(self, plan, g):
+        """The leading axes the input's shape and the node's share: row-major order keeps their positions."""
+        shared = 0
+        for before, after in zip(plan.shape_of(g.inputs[0]), g.shape):
+            if before != after:
+                break
+            shared += 1
+        return shared
+
     def encode(self, plan, g, sources):
         return [(entry("reshape", sources, shape=list(g.shape)), [])]
 
