@@ -117,6 +117,7 @@ class AttentionRule(NodeRule):
     out = p v, each step's rule in turn (the probabilities are recomputed in reverse, not kept)."""
 
     label = "native attention"
+    reverse_allocates = True
 
     def __init__(self, operands, carried: Tuple[bool, bool, bool], mask, causal: bool, scale: Optional[float],
                  work_per_row: float):

@@ -143,6 +143,10 @@ class NodeRule:
 
     label = "native"
     native = True
+    # What reverse returns, for GraphPlan.owns_cotangent: blocks it allocated, which nothing else holds (a
+    # product, a native op), or views of the cotangent it was given (an index map); neither by default.
+    reverse_allocates = False
+    reverse_views = False
 
     def __init__(self, work_per_row: float):
         self.work_per_row = float(work_per_row)  # multiply-adds per block row, for the cost model
