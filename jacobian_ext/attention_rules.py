@@ -217,6 +217,7 @@ class AttentionRule(NodeRule):
     out = p v, each step's rule in turn (the probabilities are recomputed in reverse, not kept)."""
 
     label = "native attention"
+    reverse_allocates = True
 
     def __init__(self, operands, carried: Tuple[bool, bool, bool], mask, causal: bool, scale: Optional[float],
                  work_per_row: float):
@@ -259,28 +260,29 @@ class AttentionRule(NodeRule):
         return value, product_tangent(probabilities.unsqueeze(1), v, t_probabilities, t_v)
 
     def reverse(self, plan, g, env, cotangent):
+        """The products' cotangents as einsums of the rows block with q, k, v or the probabilities, which carry
+        no rows axis: einsum folds the rows into the matrices' rows, one product per sample and head where a
+        broadcast matmul would run one per row, sample and head."""
         value = env[g.node]
         block = explicit_block(cotangent, value.shape[0], g.shape, value)
-        q, k, v = self._factors(env)
+        q, k, v = _operand_values(env, self.operands)
         scores, scale = self._scores(env)
         probabilities = torch.softmax(scores, -1)
-        g_probabilities, g_v = product_cotangents(probabilities.unsqueeze(1), v, block,
-                                                  (self.carried[0] or self.carried[1], self.carried[2]))
         pulled = {}
 
         def add(operand, part):
             part = _sum_to_block(part, env[operand], block.shape[1])
             pulled[operand] = part if operand not in pulled else pulled[operand] + part  # self-attention q = k = v
 
-        if g_v is not None:
-            add(self.operands[2], g_v)
-        if g_probabilities is not None:
+        if self.carried[2]:
+            add(self.operands[2], torch.einsum("b...qk,br...qd->br...kd", probabilities, block))
+        if self.carried[0] or self.carried[1]:
+            g_probabilities = torch.einsum("br...qd,b...kd->br...qk", block, v)
             g_scores = softmax_cotangent(probabilities, g_probabilities, probabilities.dim() - 2, log=False) * scale
-            g_q, g_k = product_cotangents(q, k.transpose(-1, -2), g_scores, self.carried[:2])
-            if g_q is not None:
-                add(self.operands[0], g_q)
-            if g_k is not None:
-                add(self.operands[1], g_k.transpose(-1, -2))
+            if self.carried[0]:
+                add(self.operands[0], torch.einsum("br...qk,b...kd->br...qd", g_scores, k))
+            if self.carried[1]:
+                add(self.operands[1], torch.einsum("br...qk,b...qd->br...kd", g_scores, q))
         return [pulled[i] for i in g.inputs]
 
 

@@ -23,34 +23,63 @@ class Picked:
     part of unbind / chunk) kept lazy instead of written into zeros of the picked value's shape. A node that
     maps some leading axes position by position (NodeRule.position_axes) pulls it back on the box alone, so
     a head reading the class token runs the last block's norms and MLP on that token's rows only; parts of
-    one value picked side by side (q, k, v of qkv.unbind) join into one block without the zeros.
+    one value picked side by side (q, k, v of qkv.unbind) join into one box, their blocks kept apart until a
+    rule needs the box's block, which is then written part by part (no concatenation, no zeros), laid out in
+    memory like the value where the box is all of it.
 
     box: one slice (step 1, bounds in range) per leading per-sample axis, the axes after it taken whole;
-    block: [B, R, *box sizes, *remaining axes]."""
+    block: [B, R, *box sizes, *remaining axes]; parts: disjoint (box, block) pairs tiling the box."""
 
-    def __init__(self, box: Sequence[slice], block: torch.Tensor, shape: Sequence[int]):
-        self.box, self.block, self.shape = tuple(box), block, tuple(shape)
+    def __init__(self, box: Sequence[slice], block: Optional[torch.Tensor], shape: Sequence[int],
+                 parts: Optional[List[Tuple[Tuple[slice, ...], torch.Tensor]]] = None):
+        self.box, self.shape = tuple(box), tuple(shape)
+        self.parts = parts if parts is not None else [(self.box, block)]
+        self._block = block
+
+    @property
+    def block(self) -> torch.Tensor:
+        if self._block is None:
+            self._block = self._assembled(None)
+        return self._block
 
     def within(self, axes: int) -> bool:
         """Whether the box restricts only the first `axes` per-sample axes."""
         return all(part == slice(0, size) for part, size in zip(self.box[axes:], self.shape[axes:]))
 
-    def dense(self) -> torch.Tensor:
+    def dense(self, like: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The block over the whole value [B, R, *shape]; where the box is all of it, laid out in memory like
+        `like` (the value, [B, *shape]) when given: a view the value was made by (qkv.permute) then undoes to
+        a contiguous block."""
         if self.within(0):
-            return self.block
-        full = self.block.new_zeros(*self.block.shape[:2], *self.shape)
-        full[(slice(None), slice(None), *self.box)] = self.block
+            return self.block if self._block is not None or like is None else self._assembled(like)
+        full = self.parts[0][1].new_zeros(*self.parts[0][1].shape[:2], *self.shape)
+        for box, block in self.parts:
+            full[(slice(None), slice(None), *box)] = block
         return full
 
     def added_to(self, block: torch.Tensor) -> torch.Tensor:
         """A dense block plus this one, as a fresh tensor (the dense block may be shared by other nodes)."""
         total = block.clone()
-        total[(slice(None), slice(None), *self.box)] += self.block
+        for box, part in self.parts:
+            total[(slice(None), slice(None), *box)] += part
         return total
+
+    def _assembled(self, like: Optional[torch.Tensor]) -> torch.Tensor:
+        first = self.parts[0][1]
+        if len(self.parts) == 1:
+            return first
+        sizes = [part.stop - part.start for part in self.box] + list(self.shape[len(self.box):])
+        batch, rows = first.shape[:2]
+        out = (empty_block_like(like, rows) if like is not None
+               else first.new_empty(batch, rows, *sizes))
+        for box, block in self.parts:
+            within = [slice(part.start - whole.start, part.stop - whole.start) for part, whole in zip(box, self.box)]
+            out[(slice(None), slice(None), *within)] = block
+        return out
 
     def joined(self, other: "Picked") -> Optional["Picked"]:
         """The sum with a pick of the same value, still lazy where the boxes are equal or are neighbours along
-        one axis (concatenated); None otherwise."""
+        one axis (the parts of both); None otherwise."""
         if self.shape != other.shape or len(self.box) != len(other.box):
             return None
         differing = [axis for axis, (a, b) in enumerate(zip(self.box, other.box)) if a != b]
@@ -64,7 +93,15 @@ class Picked:
             return None
         box = list(first.box)
         box[axis] = slice(first.box[axis].start, second.box[axis].stop)
-        return Picked(box, torch.cat([first.block, second.block], dim=2 + axis), self.shape)
+        return Picked(box, None, self.shape, first.parts + second.parts)
+
+
+def empty_block_like(value: torch.Tensor, rows: int) -> torch.Tensor:
+    """An uninitialised block [B, rows, *shape] for a value [B, *shape], its per-sample axes in the memory order
+    of the value's (by decreasing stride), after the batch and rows axes."""
+    order = sorted(range(1, value.dim()), key=lambda axis: -value.stride(axis))
+    stored = value.new_empty(value.shape[0], rows, *[value.shape[axis] for axis in order])
+    return stored.permute(0, 1, *[2 + order.index(axis) for axis in range(1, value.dim())])
 
 
 def explicit_block(block, batch: int, shape: Sequence[int], like: torch.Tensor) -> torch.Tensor:
@@ -106,6 +143,10 @@ class NodeRule:
 
     label = "native"
     native = True
+    # What reverse returns, for GraphPlan.owns_cotangent: blocks it allocated, which nothing else holds (a
+    # product, a native op), or views of the cotangent it was given (an index map); neither by default.
+    reverse_allocates = False
+    reverse_views = False
 
     def __init__(self, work_per_row: float):
         self.work_per_row = float(work_per_row)  # multiply-adds per block row, for the cost model

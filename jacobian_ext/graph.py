@@ -343,7 +343,27 @@ class GraphPlan(FlatWidths):
         self.node_info = {g.node: g for g in self.nodes}
         self._program: Optional[Tuple[List[str], List[Callable]]] = None
         self._slots: Dict[fx.Node, int] = {}
+        self._owned: Optional[set] = None  # owns_cotangent's nodes
         self.unencoded: List[str] = []  # nodes without a program encoding (native_program)
+
+    def owns_cotangent(self, node: fx.Node) -> bool:
+        """Whether the node's reverse-mode cotangent, when it arrives as a dense block, is held by nothing else,
+        so that its rule may overwrite it: the sum of several nodes' contributions (accumulate adds them into a
+        new block), or the one contribution of a rule that allocates it, or a view of such a cotangent. Not so
+        a residual sum's, which hands one block to each of its inputs, nor what a rule returns for the lazy
+        identity seed (a Linear's is its weight, shared by the batch)."""
+        if self._owned is None:
+            readers = collections.Counter(i for g in self.nodes if g.rule is not None for i in g.inputs)
+            self._owned, seeded = set(), {self.output_node}  # seeded: may get the identity seed
+            for g in reversed(self.nodes):  # a reader comes after the nodes it reads
+                rule = g.rule
+                for i in g.inputs if rule is not None else ():
+                    allocated = rule.reverse_allocates and g.node not in seeded
+                    if readers[i] > 1 or allocated or (rule.reverse_views and g.node in self._owned):
+                        self._owned.add(i)
+                    elif readers[i] == 1 and g.node in seeded:
+                        seeded.add(i)
+        return node in self._owned
 
     def shape_of(self, node: fx.Node) -> Tuple[int, ...]:
         """A carried node's per-sample shape."""
@@ -489,7 +509,7 @@ class GraphPlan(FlatWidths):
         """The node's rule in reverse; a Picked cotangent whose box lies within the axes the node maps position
         by position runs the rule on the box of every value involved, and its input cotangents stay Picked."""
         if isinstance(cotangent, Picked) and cotangent.within(0):  # the box is everything
-            cotangent = cotangent.block
+            cotangent = cotangent.dense(env[g.node])
         if not isinstance(cotangent, Picked):
             return g.rule.reverse(self, g, env, cotangent)
         axes = g.rule.position_axes(self, g)

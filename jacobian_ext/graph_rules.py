@@ -190,6 +190,8 @@ class FeatureOpRule(NodeRule):
     """A native op over the flattened features [B, H]: forward_op(input2d, jac) -> (output2d, jac_out),
     reverse_op(input2d, output2d, cotangent) -> cotangent_in."""
 
+    reverse_allocates = True
+
     def __init__(self, label: str, forward_op, reverse_op, needs_output: bool, work_per_row: float,
                  layers_of: Callable[[], Tuple[List[str], List[Callable]]]):
         super().__init__(work_per_row)
@@ -230,6 +232,12 @@ class FeatureOpRule(NodeRule):
     def reverse(self, plan, g, env, cotangent):
         x = env[g.inputs[0]]
         batch, features, out_features = x.shape[0], math.prod(x.shape[1:]), math.prod(g.shape)
+        if (isinstance(cotangent, torch.Tensor) and cotangent.is_contiguous() and self._pointwise()
+                and plan.owns_cotangent(g.node)):
+            # An activation on a block nothing else holds: its derivative (the rule on one row of ones) scales
+            # the block in place, instead of into a new one.
+            derivative = self.reverse_op(x.reshape(batch, features), None, x.new_ones(batch, 1, features))
+            return [cotangent.mul_(derivative.reshape(batch, 1, *x.shape[1:]))]
         output = env[g.node].reshape(batch, out_features) if self.needs_output else None
         pulled = self.reverse_op(x.reshape(batch, features), output, flat_cotangent(cotangent, batch, out_features))
         return [unflat_cotangent(pulled, batch, x.shape[1:])]
@@ -259,6 +267,7 @@ class LastAxisLinearRule(NodeRule):
     multiplied by W^T (forward) or W (reverse), one GEMM over all rows of all samples."""
 
     label = "native linear (last axis)"
+    reverse_allocates = True
 
     def __init__(self, module: nn.Linear, work_per_row: float):
         super().__init__(work_per_row)
@@ -314,6 +323,8 @@ class NdOpRule(NodeRule):
     take tangents as [B, *shape, D] and cotangents as [B, C, *shape]. `call_of(module, input_shape)`
     gives an object with forward(input, jac) and reverse(input, cotangent), built at every call from
     the module, so that updated weights are used."""
+
+    reverse_allocates = True
 
     def __init__(self, module: nn.Module, input_shape, call_of: Callable, label: str, work_per_row: float,
                  position_axes: int = 0):
@@ -674,6 +685,7 @@ class ReshapeRule(NodeRule):
     unflatten, squeeze, unsqueeze, contiguous, Identity, Dropout in eval mode): a view of the block."""
 
     label = "index map (reshape)"
+    reverse_views = True
 
     def forward(self, plan, g, env, tangents):
         x = env[g.inputs[0]]
@@ -690,6 +702,15 @@ class ReshapeRule(NodeRule):
         block = explicit_block(cotangent, x.shape[0], g.shape, x)
         return [block.reshape(x.shape[0], block.shape[1], *x.shape[1:])]
 
+    def position_axes(self, plan, g):
+        """The leading axes the input's shape and the node's share: row-major order keeps their positions."""
+        shared = 0
+        for before, after in zip(plan.shape_of(g.inputs[0]), g.shape):
+            if before != after:
+                break
+            shared += 1
+        return shared
+
     def encode(self, plan, g, sources):
         return [(entry("reshape", sources, shape=list(g.shape)), [])]
 
@@ -699,6 +720,7 @@ class PermuteRule(NodeRule):
     axes, shifted past the rows axis (a view)."""
 
     label = "index map (permute)"
+    reverse_views = True
 
     def __init__(self, permutation: Sequence[int], work_per_row: float):
         super().__init__(work_per_row)
@@ -928,6 +950,7 @@ class ScaleRule(NodeRule):
     not broadcast x to a larger shape: the block is scaled by c, broadcast past the rows axis."""
 
     label = "index map (scale)"
+    reverse_allocates = True
 
     def __init__(self, constant, divide: bool, work_per_row: float):
         super().__init__(work_per_row)

@@ -181,13 +181,15 @@ class PickedTokens(nn.Module):
         self.qkv = nn.Linear(6, 18)
         self.norm = nn.LayerNorm(6)
         self.fc1, self.fc2 = nn.Linear(6, 10), nn.Linear(10, 6)
+        self.drop = nn.Identity()  # timm's eval-mode dropout, drop-path and layer-scale slots
         self.head = nn.Linear(self.WIDTHS[pick], 3)
 
     def forward(self, x):  # x [B, 5, 6]
         batch, tokens, _ = x.shape
         q, k, v = self.qkv(x).reshape(batch, tokens, 3, 2, 3).permute(2, 0, 3, 1, 4).unbind(0)
         h = x + F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(batch, tokens, 6)
-        h = h + self.fc2(F.gelu(self.fc1(self.norm(h))))
+        hidden = self.drop(F.gelu(self.fc1(self.norm(h)))).unflatten(-1, (2, 5)).flatten(-2)  # per token
+        h = h + self.drop(self.fc2(hidden))
         picked = {
             "first": lambda: h[:, 0],
             "last": lambda: h[:, -1],
@@ -216,15 +218,20 @@ def test_per_token_layers_after_a_pick_match_torch_func(mode, batch, pick):
 def test_a_picked_token_runs_the_layers_after_attention_on_that_token_only(monkeypatch):
     from jacobian_ext import graph_rules
 
-    tokens_seen = {}
+    tokens_seen, contiguous = {}, {}
     reverse = graph_rules.LastAxisLinearRule.reverse
 
     def spy(self, plan, g, env, cotangent):
         tokens_seen[g.name] = cotangent.shape[2]
+        contiguous[g.name] = cotangent.is_contiguous()
         return reverse(self, plan, g, env, cotangent)
 
     monkeypatch.setattr(graph_rules.LastAxisLinearRule, "reverse", spy)
     torch.manual_seed(6)
     model = PickedTokens("first").double()
     planned(model, torch.randn(2, 5, 6, dtype=torch.float64), "reverse")
-    assert tokens_seen == {"fc2": 1, "fc1": 1, "qkv": 5}  # attention mixes the tokens again
+    # Through the identities and the per-token reshape; attention mixes the tokens again.
+    assert tokens_seen == {"fc2": 1, "fc1": 1, "qkv": 5}
+    # q, k and v's blocks are written into one block laid out like qkv's permuted view: after the permute and
+    # reshape back, the qkv Linear reads it as it is.
+    assert contiguous["qkv"]

@@ -143,6 +143,28 @@ def test_blocks_read_by_several_rules(mode, batch):
     check(model, torch.randn(batch, 4, 6, dtype=torch.float64), mode, torch.float64, expect_fallbacks=[])
 
 
+class SharedBlocksAroundAttention(SharedBlocks):
+    """SharedBlocks' pattern on the Python sweep (attention has no program entry): an activation overwrites its
+    block only where GraphPlan.owns_cotangent finds no other holder."""
+
+    def forward(self, x):  # x [B, 4, 6]
+        h = self.proj(x)
+        h = h + F.gelu(h)  # the residual sum's block reaches the GELU and h
+        a = F.scaled_dot_product_attention(h.unsqueeze(1), h.unsqueeze(1), h.unsqueeze(1)).squeeze(1)
+        h = F.gelu(a) + torch.tanh(a) - a  # a read three times: a new block, the GELU's own
+        h = F.silu(self.norm(h))  # the norm's fresh block
+        return self.head(h.flatten(1))
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("batch", [1, 3])
+def test_blocks_read_by_several_rules_on_the_python_sweep(mode, batch):
+    torch.manual_seed(4)
+    model = SharedBlocksAroundAttention().double()
+    jm = check(model, torch.randn(batch, 4, 6, dtype=torch.float64), mode, torch.float64, expect_fallbacks=[])
+    assert jm._last["plan"].native_program() is None
+
+
 class WithUnsupportedNode(nn.Module):
     def __init__(self):
         super().__init__()
