@@ -45,6 +45,9 @@ at::Tensor applied_weight(const Node& node, const at::Tensor& x) {
   const at::Tensor& weight = node.params[0];
   if (!spreads(node, x)) return weight;
   const int64_t height = x.size(-2), width = x.size(-1), positions = height * width, pooled = pooled_positions(node);
+  if (positions == 1) {  // every output position copies the one input position: a sum, faster than a product
+    return weight.reshape({weight.size(0), -1, pooled}).sum(-1);
+  }
   // Row i: the pooling of the map that is 1 at position i, so P transposed, [h * w, H * W].
   const at::Tensor pooling =
       at::adaptive_avg_pool2d(at::eye(positions, weight.options()).view({positions, height, width}),
