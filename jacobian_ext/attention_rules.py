@@ -15,7 +15,7 @@ import torch
 from torch import fx
 
 from . import ops
-from .blocks import NodeRule, explicit_block
+from .blocks import NodeRule, call_arguments, explicit_block
 
 MATMULS = {operator.matmul, torch.matmul, torch.bmm, "matmul", "bmm"}
 EINSUMS = {torch.einsum, torch.functional.einsum}  # one function today; a set in case a release splits them
@@ -321,9 +321,9 @@ _NORMALIZE_ARGUMENTS = ("p", "dim", "eps", "out")
 
 def normalize_rule(node: fx.Node, x: torch.Tensor, out_numel) -> Optional[NodeRule]:
     """F.normalize(x, p=2, dim, eps) over a per-sample axis."""
-    if len(node.args) > 1 + len(_NORMALIZE_ARGUMENTS) or set(node.kwargs) - set(_NORMALIZE_ARGUMENTS):
+    arguments = call_arguments(node, _NORMALIZE_ARGUMENTS)
+    if arguments is None:
         return None
-    arguments = dict(zip(_NORMALIZE_ARGUMENTS, node.args[1:]), **node.kwargs)
     p, dim, eps = arguments.get("p", 2.0), arguments.get("dim", 1), arguments.get("eps", 1e-12)
     if (arguments.get("out") is not None or not isinstance(p, (int, float)) or p != 2 or isinstance(dim, bool)
             or not isinstance(dim, int) or isinstance(eps, bool) or not isinstance(eps, (int, float))):
@@ -340,9 +340,9 @@ _ATTENTION_ARGUMENTS = ("query", "key", "value", "attn_mask", "dropout_p", "is_c
 def attention_rule(node: fx.Node, values, inputs) -> Optional[NodeRule]:
     """F.scaled_dot_product_attention with every operand batch-first and of one rank (>= 3), a constant mask,
     no dropout and no grouped-query broadcasting."""
-    if len(node.args) > len(_ATTENTION_ARGUMENTS) or set(node.kwargs) - set(_ATTENTION_ARGUMENTS):
+    arguments = call_arguments(node, _ATTENTION_ARGUMENTS, first=0)
+    if arguments is None:
         return None
-    arguments = dict(zip(_ATTENTION_ARGUMENTS, node.args), **node.kwargs)
     operands = [arguments.get(name) for name in _ATTENTION_ARGUMENTS[:3]]
     if not all(isinstance(o, fx.Node) and isinstance(values[o], torch.Tensor) for o in operands):
         return None

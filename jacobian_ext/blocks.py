@@ -168,3 +168,12 @@ class NodeRule:
         first entry reading the value slots `sources` (empty: the previous slot), each later one the entry
         before it; None when the node has no encoding (it keeps the model off the single-op path)."""
         return None
+
+
+def call_arguments(node, names: Sequence[str], first: int = 1) -> Optional[Dict]:
+    """A call node's arguments by name: node.args[first:] in the order of `names`, and its keyword arguments;
+    None when it passes more positional arguments than `names` or a keyword not among them (a signature the
+    rule does not read)."""
+    if len(node.args) > first + len(names) or set(node.kwargs) - set(names):
+        return None
+    return dict(zip(names, node.args[first:]), **node.kwargs)

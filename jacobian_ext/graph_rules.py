@@ -8,7 +8,6 @@ Three families:
   over the rows. The planner has checked on a probe that each node maps samples independently, so
   the batch-level jvp / vjp is exactly the per-sample one.
 """
-import functools
 import math
 import operator
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
@@ -23,8 +22,8 @@ from . import rules as layer_rules
 from .program import entry
 from . import attention_rules, spatial_rules
 from .errors import GraphCaptureError
-from .blocks import IDENTITY, NodeRule, Picked, explicit_block
-from .rules import read_path, read_tensor, tensor_getter
+from .blocks import IDENTITY, NodeRule, Picked, call_arguments, explicit_block
+from .rules import read_path, tensor_getter
 from .fallback import FORWARD_AD_LOCK, per_sample_jacobians, vjp_in_grad_mode
 
 
@@ -519,9 +518,7 @@ class _GraphTensors:
         for name, target in targets.items():
             if target is not None:
                 path, _, leaf = target.rpartition(".")
-                owner = read_path(source, path)
-                self._readers[name] = functools.partial(read_tensor if isinstance(owner, nn.Module) else getattr,
-                                                        owner, leaf)
+                self._readers[name] = tensor_getter(read_path(source, path), leaf)
         self._absent = {name for name, target in targets.items() if target is None}
         self.__dict__.update(constants)
 
@@ -535,7 +532,7 @@ class _GraphTensors:
 
     def tensor_getter(self, name: str) -> Callable:
         """A getter of the tensor `name` that reads its owning module directly (rules.tensor_getter)."""
-        return self._readers.get(name, lambda: None)
+        return (lambda: None) if name in self._absent else self._readers[name]
 
 
 def _get_attr_targets(arguments: Dict, names: Sequence[str]) -> Optional[Dict[str, Optional[str]]]:
@@ -1322,10 +1319,9 @@ def _shift_rule(node: fx.Node, values, ndim: int, x_axis: int, out_numel) -> Opt
     """roll(x, shifts, dims) with explicit dims (none: a roll of the flattened tensor, batch included) and
     flip(x, dims), over per-sample axes."""
     roll = node.target in ("roll", torch.roll)
-    names = ("shifts", "dims") if roll else ("dims",)
-    if len(node.args) > 1 + len(names) or set(node.kwargs) - set(names):
+    arguments = call_arguments(node, ("shifts", "dims") if roll else ("dims",))
+    if arguments is None:
         return None
-    arguments = dict(zip(names, node.args[1:]), **node.kwargs)
     as_list = lambda v: list(v) if isinstance(v, (tuple, list)) else [v]  # noqa: E731
     dims = as_list(arguments.get("dims"))
     shifts = as_list(arguments.get("shifts")) if roll else None
@@ -1475,11 +1471,11 @@ def _selection_rule(node: fx.Node, values, inputs, carries, batch_axes, out_nume
     if node.op not in ("call_function", "call_method") or node.target not in _SELECTIONS or len(inputs) != 1:
         return None
     gather = _SELECTIONS[node.target]
-    names = ("dim", "index", "sparse_grad") if gather else ("dim", "index")
-    if (not node.args or node.args[0] is not inputs[0] or len(node.args) > 1 + len(names)
-            or set(node.kwargs) - set(names)):
+    if not node.args or node.args[0] is not inputs[0]:
         return None
-    arguments = dict(zip(names, node.args[1:]), **node.kwargs)
+    arguments = call_arguments(node, ("dim", "index", "sparse_grad") if gather else ("dim", "index"))
+    if arguments is None:
+        return None
     dim, index = arguments.get("dim"), arguments.get("index")
     if (arguments.get("sparse_grad", False) is not False or not isinstance(dim, int) or isinstance(dim, bool)
             or not isinstance(index, fx.Node)):
@@ -1520,10 +1516,9 @@ def _per_sample_extremum(node: fx.Node, values, carries, batch_axes) -> bool:
     checked maps samples on their own (a carried value): per-sample indices, piecewise constant in x."""
     if node.op not in ("call_function", "call_method") or node.target not in _ARG_EXTREMA or not node.args:
         return False
-    names = ("dim", "keepdim")
-    if len(node.args) > 1 + len(names) or set(node.kwargs) - set(names):
+    arguments = call_arguments(node, ("dim", "keepdim"))
+    if arguments is None:
         return False
-    arguments = dict(zip(names, node.args[1:]), **node.kwargs)
     source, dim = node.args[0], arguments.get("dim")
     if not (isinstance(source, fx.Node) and carries.get(source, False) and source not in batch_axes
             and isinstance(values[source], torch.Tensor) and isinstance(dim, int) and not isinstance(dim, bool)
@@ -1597,10 +1592,9 @@ def _product_rule(node: fx.Node, values, out_numel) -> Optional[NodeRule]:
 
 def _pad_rule(node: fx.Node, values, out_numel) -> Optional[NodeRule]:
     """F.pad(x, pad, "constant", value) over per-sample axes, the amounts constants or computed from shapes."""
-    names = ("pad", "mode", "value")
-    if len(node.args) > 1 + len(names) or set(node.kwargs) - set(names):
+    arguments = call_arguments(node, ("pad", "mode", "value"))
+    if arguments is None:
         return None
-    arguments = dict(zip(names, node.args[1:]), **node.kwargs)
     pad = arguments.get("pad")
     if arguments.get("mode", "constant") != "constant" or not isinstance(pad, (tuple, list)) or len(pad) % 2:
         return None  # the other modes fill the padding with copies of the input, not a constant
