@@ -249,13 +249,15 @@ std::optional<at::Tensor> transpose_by_patches(const at::Tensor& g, const at::Te
 }
 
 // A stride-1 depthwise convolution (one input and one output channel per group) has for its transpose the
-// convolution with the spatially flipped kernel and padding dilation * (kernel - 1) - padding: oneDNN runs
-// that forward depthwise kernel several times faster than its transposed one, most of all on channels-last
-// blocks (which it also leaves channels last). nullopt for other geometries, or a padding wider than the
-// dilated kernel.
-std::optional<KernelWithPadding> flipped_depthwise(const at::Tensor& weight, const ConvGeometry& conv) {
+// convolution with the spatially flipped kernel and padding dilation * (kernel - 1) - padding: on channels-last
+// cotangents (ConvNeXt's, from its permuted layer norms) oneDNN runs that forward depthwise kernel several
+// times faster than its transposed one, and leaves them channels last; on others the two are about even.
+// nullopt for other geometries or layouts, or a padding wider than the dilated kernel.
+std::optional<KernelWithPadding> flipped_depthwise(const at::Tensor& g, const at::Tensor& weight,
+                                                   const ConvGeometry& conv) {
   const int64_t spatial_dims = weight.dim() - 2;
-  if (spatial_dims < 1 || weight.size(1) != 1 || conv.groups != weight.size(0) ||
+  if (g.dim() != 4 || g.suggest_memory_format() != at::MemoryFormat::ChannelsLast || weight.size(1) != 1 ||
+      conv.groups != weight.size(0) ||
       static_cast<int64_t>(conv.stride.size()) != spatial_dims ||
       static_cast<int64_t>(conv.padding.size()) != spatial_dims ||
       static_cast<int64_t>(conv.dilation.size()) != spatial_dims) {
@@ -293,7 +295,7 @@ at::Tensor transpose_convolve(const at::Tensor& g, const at::Tensor& weight, at:
   }
   if (auto by_patches = transpose_by_patches(g, weight, in_spatial, conv)) return *std::move(by_patches);
   if (auto by_columns = transpose_by_columns(g, weight, in_spatial, conv)) return *std::move(by_columns);
-  if (auto flipped = flipped_depthwise(weight, conv)) {
+  if (auto flipped = flipped_depthwise(g, weight, conv)) {
     const std::vector<int64_t> no_output_padding(conv.stride.size(), 0);
     return at::convolution(g, flipped->weight, std::nullopt, conv.stride, flipped->padding, conv.dilation,
                            /*transposed=*/false, no_output_padding, conv.groups);

@@ -335,6 +335,29 @@ class LayerNorm2d(nn.LayerNorm):
         return x.permute(0, 3, 1, 2)
 
 
+class ChannelsLastDepthwise(nn.Module):
+    """Depthwise convolutions between layer norms over the channels (ConvNeXt's order): the permutes leave the
+    convolutions' cotangents channels last, which the executor keeps (the flipped-kernel transpose)."""
+
+    def __init__(self):
+        super().__init__()
+        self.dense = nn.Conv2d(4, 4, 3, padding=1, dilation=1, groups=4)
+        self.dilated = nn.Conv2d(4, 4, (3, 2), padding=(2, 1), dilation=(2, 1), groups=4, bias=False)
+        self.norm1, self.norm2 = LayerNorm2d(4), LayerNorm2d(4)
+        self.head = nn.Linear(4 * 5 * 7, 3)
+
+    def forward(self, x):  # x [B, 4, 5, 6]; the (3, 2) kernel with padding (2, 1) widens the map to 5 x 7
+        return self.head(self.norm2(self.dilated(self.norm1(self.dense(x)))).flatten(1))
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("batch", [1, 3])  # torch.func's grouped convolution backward fails on an empty batch
+def test_depthwise_convolutions_between_channel_norms(mode, batch):
+    torch.manual_seed(5)
+    model = ChannelsLastDepthwise().double()
+    check(model, torch.randn(batch, 4, 5, 6, dtype=torch.float64), mode, torch.float64, expect_fallbacks=[])
+
+
 class FunctionalNorms(nn.Module):
     def __init__(self, affine: bool):
         super().__init__()

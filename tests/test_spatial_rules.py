@@ -121,10 +121,6 @@ CASES = {
     "conv2d_depthwise_one_tap": ((3, 1, 1), make_conv((3, 1, 1), 3, (7, 7), [1, 1], [3, 3], [1, 1], 3, True)),
     "conv1d_cropped_dense": ((2, 2), make_conv((2, 2), 3, (5,), [1], [2], [1], 1, False)),
     "conv2d_cropped_one_axis_dilated": ((2, 1, 2), make_conv((2, 1, 2), 2, (5, 3), [1, 1], [2, 2], [1, 2], 1, True)),
-    # Stride-1 depthwise (one output channel per input channel): cotangents through the convolution with the
-    # flipped kernel, dilated or not.
-    "conv2d_depthwise_unstrided_dilated": ((3, 5, 6), make_conv((3, 5, 6), 3, (3, 2), [1, 1], [2, 1], [2, 1], 3, True)),
-    "conv1d_depthwise_unstrided": ((4, 7), make_conv((4, 7), 4, (5,), [1], [1], [1], 4, False)),
     # Stride equal to the kernel, no padding (patch embeddings, downsampling): on the CPU the cotangents go
     # through one matrix product into the patches; a map the patches do not cover ends in zero positions.
     "conv2d_patches": ((3, 8, 6), make_conv((3, 8, 6), 5, (4, 2), [4, 2], [0, 0], [1, 1], 1, True)),
