@@ -80,15 +80,18 @@ struct KernelWithPadding {
   std::vector<int64_t> padding;
 };
 
-// The taps that touch the input. With stride 1 and no dilation along an axis, a kernel wider than the input
-// and its padding reads only padding with its first and last n = K - H - padding taps at every output position
-// (a 7 x 7 depthwise kernel on a 2 x 2 map, padding 3: the outer two rings). Cutting them off, with n less
-// padding, keeps every output, and oneDNN's depthwise kernels, which take a slow path for kernels wider than
-// the padded map needs, run at their usual rate. nullopt where no tap is unused.
+// The taps of a depthwise kernel that touch the input. With stride 1 and no dilation along an axis, a kernel
+// wider than the input and its padding reads only padding with its first and last n = K - H - padding taps at
+// every output position (a 7 x 7 kernel on a 2 x 2 map, padding 3: the outer two rings). Cutting them off, with
+// n less padding, keeps every output, and oneDNN's depthwise kernels, which take a slow path for kernels wider
+// than the padded map needs, run at their usual rate. Depthwise only (one input and one output channel per
+// group): ATen runs other grouped convolutions with the cut kernel group by group. nullopt where no tap is
+// unused.
 std::optional<KernelWithPadding> crop_unused_taps(const at::Tensor& weight, at::IntArrayRef in_spatial,
                                                   const ConvGeometry& conv) {
   const size_t spatial_dims = in_spatial.size();
-  if (weight.dim() != static_cast<int64_t>(spatial_dims) + 2 || conv.stride.size() != spatial_dims ||
+  if (weight.dim() != static_cast<int64_t>(spatial_dims) + 2 || weight.size(1) != 1 ||
+      conv.groups != weight.size(0) || conv.stride.size() != spatial_dims ||
       conv.padding.size() != spatial_dims || conv.dilation.size() != spatial_dims) {
     return std::nullopt;  // left to the convolution's own checks
   }
@@ -222,6 +225,7 @@ std::optional<at::Tensor> transpose_by_patches(const at::Tensor& g, const at::Te
     if (conv.stride[i] != weight.size(i + 2) || conv.padding[i] != 0 || conv.dilation[i] != 1) return std::nullopt;
     covered = covered && g.size(i + 2) * conv.stride[i] == in_spatial[i];
   }
+  if (c10::multiply_integers(weight.sizes().slice(2)) == 1) return std::nullopt;  // 1 x 1: a plain product
   const int64_t rows = g.size(0), out_channels = weight.size(0), in_channels = weight.size(1);
   const at::Tensor patches =
       at::mm(g.movedim(1, -1).reshape({-1, out_channels}), weight.movedim(1, -1).reshape({out_channels, -1}));
@@ -356,8 +360,14 @@ at::Tensor conv_jac_reverse_any_layout(const at::Tensor& input, const std::optio
   const ConvGeometry conv{stride, padding, dilation, groups};
   check_conv_args(input, weight, std::nullopt, conv, op);
   check_cotangent_nd(*cotangent, input.size(0), conv_output_features(input, weight, conv, op), input, op);
-  const at::Tensor pulled = transpose_convolve(cotangent->flatten(0, 1), weight, input.sizes().slice(2), conv);
-  return pulled.unflatten(0, {input.size(0), cotangent->size(1)});
+  // Channels-last rows stay so, in and out; any other layout (a slice of a concatenation's block) goes in and
+  // comes out contiguous, as through conv_jac_reverse, which the rules after it are measured on.
+  at::Tensor rows = cotangent->flatten(0, 1);
+  const bool channels_last = rows.dim() == 4 && rows.is_contiguous(at::MemoryFormat::ChannelsLast) &&
+                             !rows.is_contiguous();
+  if (!channels_last) rows = rows.contiguous();
+  const at::Tensor pulled = transpose_convolve(rows, weight, input.sizes().slice(2), conv);
+  return (channels_last ? pulled : pulled.contiguous()).unflatten(0, {input.size(0), cotangent->size(1)});
 }
 
 }  // namespace jacext

@@ -277,9 +277,18 @@ at::Tensor adaptive_avg_pool2d_jac_reverse(const at::Tensor& input, const std::o
   const std::vector<int64_t> out_features = with_spatial(input.sizes().slice(1), output_size[0], output_size[1]);
   const std::optional<at::Tensor> cotangents =
       cotangents_nd_from_arg(cotangent, input.size(0), out_features, input, op);
+  const bool global = output_size[0] == 1 && output_size[1] == 1;
   return map_rows_shared(cotangents, input.size(0), out_features, input.options(), [&](const at::Tensor& rows) {
-    const at::Tensor planes = backward_layout(as_planes(rows));
-    return from_planes(at::_adaptive_avg_pool2d_backward(planes, shape_carrier(planes, input)),
+    const at::Tensor planes = as_planes(rows);
+    if (global) {
+      // Every input position gets its plane's cotangent over the positions' count: one broadcast write, where
+      // ATen's backward kernel runs 10-40x slower on some strides of the [N, P, 1, 1] cotangent's unit axes.
+      const int64_t height = input.size(-2), width = input.size(-1);
+      const at::Tensor spread = (planes / static_cast<double>(height * width)).expand({-1, -1, height, width});
+      return from_planes(spread.contiguous(), input.sizes().slice(1));
+    }
+    const at::Tensor laid_out = backward_layout(planes);
+    return from_planes(at::_adaptive_avg_pool2d_backward(laid_out, shape_carrier(laid_out, input)),
                        input.sizes().slice(1));
   });
 }

@@ -114,13 +114,16 @@ CASES = {
     "conv2d_unstrided_stem": ((1, 16, 17), make_conv((1, 16, 17), 3, (3, 3), [1, 1], [1, 1], [1, 1], 1, True)),
     "conv2d_unstrided_dilated_stem": ((2, 17, 16), make_conv((2, 17, 16), 2, (3, 2), [1, 1], [2, 0], [2, 1], 1,
                                                              False)),
-    # Kernel taps that only ever read padding (stride 1, kernel wider than the padded map needs) are cut off:
-    # a 7 x 7 depthwise kernel on a 2 x 3 map keeps its 3 x 5 centre; on a 1 x 1 map one tap is left, and the
-    # depthwise convolution is a per-channel scale. Dilation keeps the whole kernel along its axis.
+    # Depthwise kernel taps that only ever read padding (stride 1, kernel wider than the padded map needs) are
+    # cut off: a 7 x 7 kernel on a 2 x 3 map keeps its 3 x 5 centre; on a 1 x 1 map one tap is left, and the
+    # convolution is a per-channel scale. Dilation keeps the whole kernel along its axis; other convolutions keep
+    # theirs.
     "conv2d_depthwise_cropped": ((4, 2, 3), make_conv((4, 2, 3), 4, (7, 7), [1, 1], [3, 3], [1, 1], 4, True)),
     "conv2d_depthwise_one_tap": ((3, 1, 1), make_conv((3, 1, 1), 3, (7, 7), [1, 1], [3, 3], [1, 1], 3, True)),
-    "conv1d_cropped_dense": ((2, 2), make_conv((2, 2), 3, (5,), [1], [2], [1], 1, False)),
-    "conv2d_cropped_one_axis_dilated": ((2, 1, 2), make_conv((2, 1, 2), 2, (5, 3), [1, 1], [2, 2], [1, 2], 1, True)),
+    "conv1d_depthwise_cropped": ((2, 2), make_conv((2, 2), 2, (5,), [1], [2], [1], 2, False)),
+    "conv2d_depthwise_cropped_one_axis_dilated": ((2, 1, 2), make_conv((2, 1, 2), 2, (5, 3), [1, 1], [2, 2], [1, 2],
+                                                                       2, True)),
+    "conv2d_grouped_wide_kernel": ((4, 1, 2), make_conv((4, 1, 2), 4, (5, 5), [1, 1], [2, 2], [1, 1], 2, True)),
     # Stride equal to the kernel, no padding (patch embeddings, downsampling): on the CPU the cotangents go
     # through one matrix product into the patches; a map the patches do not cover ends in zero positions.
     "conv2d_patches": ((3, 8, 6), make_conv((3, 8, 6), 5, (4, 2), [4, 2], [0, 0], [1, 1], 1, True)),
