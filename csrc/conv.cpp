@@ -253,15 +253,15 @@ std::optional<at::Tensor> transpose_by_patches(const at::Tensor& g, const at::Te
 }
 
 // A stride-1 depthwise convolution (one input and one output channel per group) has for its transpose the
-// convolution with the spatially flipped kernel and padding dilation * (kernel - 1) - padding: on channels-last
-// cotangents (ConvNeXt's, from its permuted layer norms) oneDNN runs that forward depthwise kernel several
-// times faster than its transposed one, and leaves them channels last; on others the two are about even.
-// nullopt for other geometries or layouts, or a padding wider than the dilated kernel.
+// convolution with the spatially flipped kernel and padding dilation * (kernel - 1) - padding: on the CPU and
+// channels-last cotangents (ConvNeXt's, from its permuted layer norms) oneDNN runs that forward depthwise kernel
+// several times faster than its transposed one, and leaves them channels last; on others the two are about
+// even. nullopt for other devices, geometries or layouts, or a padding wider than the dilated kernel.
 std::optional<KernelWithPadding> flipped_depthwise(const at::Tensor& g, const at::Tensor& weight,
                                                    const ConvGeometry& conv) {
   const int64_t spatial_dims = weight.dim() - 2;
-  if (g.dim() != 4 || g.suggest_memory_format() != at::MemoryFormat::ChannelsLast || weight.size(1) != 1 ||
-      conv.groups != weight.size(0) ||
+  if (!g.device().is_cpu() || g.dim() != 4 || g.suggest_memory_format() != at::MemoryFormat::ChannelsLast ||
+      weight.size(1) != 1 || conv.groups != weight.size(0) ||
       static_cast<int64_t>(conv.stride.size()) != spatial_dims ||
       static_cast<int64_t>(conv.padding.size()) != spatial_dims ||
       static_cast<int64_t>(conv.dilation.size()) != spatial_dims) {
