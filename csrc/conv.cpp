@@ -38,6 +38,20 @@ void check_conv_args(const at::Tensor& input, const at::Tensor& weight, const st
   }
 }
 
+// Whether the weight has `spatial_dims` kernel axes and stride, padding and dilation one entry per axis: the
+// shortcuts below index them axis by axis. Where they do not (the graph executor's conv_value comes without
+// check_conv_args), the shortcuts step aside and ATen's convolution reports the mismatch.
+bool geometry_fits(const at::Tensor& weight, const ConvGeometry& conv, int64_t spatial_dims) {
+  const auto fits = [&](at::IntArrayRef values) { return static_cast<int64_t>(values.size()) == spatial_dims; };
+  return spatial_dims >= 1 && weight.dim() == spatial_dims + 2 && fits(conv.stride) && fits(conv.padding) &&
+         fits(conv.dilation);
+}
+
+// One input and one output channel per group.
+bool is_depthwise(const at::Tensor& weight, const ConvGeometry& conv) {
+  return weight.size(1) == 1 && conv.groups == weight.size(0);
+}
+
 // A convolution whose kernel window covers its whole input (one output position, stride irrelevant,
 // no dilation or groups: the last stages of a CNN on small images) is a Linear map with the kernel taps
 // that land on the input. As a matrix product it skips the padded taps an im2col convolution multiplies
@@ -52,11 +66,8 @@ struct WindowMatrix {
 
 std::optional<WindowMatrix> window_matrix(const at::Tensor& weight, at::IntArrayRef in_spatial,
                                           const ConvGeometry& conv) {
-  const size_t spatial_dims = in_spatial.size();
-  if (conv.groups != 1 || weight.dim() != static_cast<int64_t>(spatial_dims) + 2 ||
-      conv.stride.size() != spatial_dims || conv.padding.size() != spatial_dims ||
-      conv.dilation.size() != spatial_dims) {
-    return std::nullopt;  // not this form; a malformed geometry is left to the convolution's own checks
+  if (conv.groups != 1 || !geometry_fits(weight, conv, static_cast<int64_t>(in_spatial.size()))) {
+    return std::nullopt;
   }
   at::Tensor taps = weight;
   bool whole = true;
@@ -89,15 +100,11 @@ struct KernelWithPadding {
 // unused.
 std::optional<KernelWithPadding> crop_unused_taps(const at::Tensor& weight, at::IntArrayRef in_spatial,
                                                   const ConvGeometry& conv) {
-  const size_t spatial_dims = in_spatial.size();
-  if (weight.dim() != static_cast<int64_t>(spatial_dims) + 2 || weight.size(1) != 1 ||
-      conv.groups != weight.size(0) || conv.stride.size() != spatial_dims ||
-      conv.padding.size() != spatial_dims || conv.dilation.size() != spatial_dims) {
-    return std::nullopt;  // left to the convolution's own checks
-  }
+  const int64_t spatial_dims = static_cast<int64_t>(in_spatial.size());
+  if (!geometry_fits(weight, conv, spatial_dims) || !is_depthwise(weight, conv)) return std::nullopt;
   KernelWithPadding cropped{weight, conv.padding.vec()};
   bool any = false;
-  for (size_t i = 0; i < spatial_dims; ++i) {
+  for (int64_t i = 0; i < spatial_dims; ++i) {
     const int64_t unused = weight.size(i + 2) - in_spatial[i] - conv.padding[i];
     if (conv.stride[i] != 1 || conv.dilation[i] != 1 || unused <= 0 || 2 * unused >= weight.size(i + 2) ||
         unused > conv.padding[i]) {
@@ -117,11 +124,7 @@ std::optional<KernelWithPadding> crop_unused_taps(const at::Tensor& weight, at::
 // depthwise kernel runs far slower. The weights as a vector [C], or nullopt.
 std::optional<at::Tensor> channel_scale(const at::Tensor& weight, const ConvGeometry& conv) {
   const int64_t spatial_dims = weight.dim() - 2;
-  if (spatial_dims < 1 || weight.size(1) != 1 || conv.groups != weight.size(0) ||
-      static_cast<int64_t>(conv.stride.size()) != spatial_dims ||
-      static_cast<int64_t>(conv.padding.size()) != spatial_dims) {
-    return std::nullopt;
-  }
+  if (!geometry_fits(weight, conv, spatial_dims) || !is_depthwise(weight, conv)) return std::nullopt;
   for (int64_t i = 0; i < spatial_dims; ++i) {
     if (weight.size(i + 2) != 1 || conv.stride[i] != 1 || conv.padding[i] != 0) return std::nullopt;
   }
@@ -214,10 +217,8 @@ std::optional<at::Tensor> transpose_by_columns(const at::Tensor& g, const at::Te
 std::optional<at::Tensor> transpose_by_patches(const at::Tensor& g, const at::Tensor& weight,
                                                at::IntArrayRef in_spatial, const ConvGeometry& conv) {
   const int64_t spatial_dims = static_cast<int64_t>(in_spatial.size());
-  if (!g.device().is_cpu() || conv.groups != 1 || weight.dim() != spatial_dims + 2 || g.dim() != spatial_dims + 2 ||
-      static_cast<int64_t>(conv.stride.size()) != spatial_dims ||
-      static_cast<int64_t>(conv.padding.size()) != spatial_dims ||
-      static_cast<int64_t>(conv.dilation.size()) != spatial_dims) {
+  if (!g.device().is_cpu() || conv.groups != 1 || g.dim() != spatial_dims + 2 ||
+      !geometry_fits(weight, conv, spatial_dims)) {
     return std::nullopt;
   }
   bool covered = true;
@@ -261,10 +262,7 @@ std::optional<KernelWithPadding> flipped_depthwise(const at::Tensor& g, const at
                                                    const ConvGeometry& conv) {
   const int64_t spatial_dims = weight.dim() - 2;
   if (!g.device().is_cpu() || g.dim() != 4 || g.suggest_memory_format() != at::MemoryFormat::ChannelsLast ||
-      weight.size(1) != 1 || conv.groups != weight.size(0) ||
-      static_cast<int64_t>(conv.stride.size()) != spatial_dims ||
-      static_cast<int64_t>(conv.padding.size()) != spatial_dims ||
-      static_cast<int64_t>(conv.dilation.size()) != spatial_dims) {
+      !geometry_fits(weight, conv, spatial_dims) || !is_depthwise(weight, conv)) {
     return std::nullopt;
   }
   std::vector<int64_t> spatial_axes, padding;

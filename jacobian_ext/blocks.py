@@ -8,6 +8,7 @@ import math
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
+from torch import fx
 
 
 class _Identity:
@@ -177,3 +178,10 @@ def call_arguments(node, names: Sequence[str], first: int = 1) -> Optional[Dict]
     if len(node.args) > first + len(names) or set(node.kwargs) - set(names):
         return None
     return dict(zip(names, node.args[first:]), **node.kwargs)
+
+
+def node_arguments(plan, node: fx.Node, env, substitute: Optional[Dict] = None):
+    """A node's (args, kwargs) with its input nodes' values from env (or from substitute first), as the
+    plan's evaluator hands them to the node's op."""
+    lookup = (lambda a: substitute[a] if a in substitute else env[a]) if substitute else env.__getitem__
+    return plan.evaluator.arguments(node, lookup)

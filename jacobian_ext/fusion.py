@@ -17,7 +17,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 from torch import fx, nn
 
-from . import graph_rules, ops
+from . import feature_rules, index_rules, ops
 from .graph import GraphNode, GraphPlan, placeholder_default
 from .plan import Plan, Step
 from .rules import RESHAPE, NativeRule, functional_activation_spec, functional_softmax_layer, native_rule
@@ -111,7 +111,7 @@ def _shape_of(graph_plan: GraphPlan, node: fx.Node):
 
 def _native_step_rule(graph_plan: GraphPlan, g: GraphNode, module: Optional[nn.Module], input_shape) -> Optional[NativeRule]:
     """The chain op's rule for a node (the same layer kinds the graph's FeatureOpRule and ReshapeRule cover)."""
-    if isinstance(g.rule, graph_rules.ReshapeRule):
+    if isinstance(g.rule, index_rules.ReshapeRule):
         return RESHAPE
     node = g.node
     if node.op == "call_module":
@@ -125,7 +125,7 @@ def _native_step_rule(graph_plan: GraphPlan, g: GraphNode, module: Optional[nn.M
     return NativeRule(layer) if layer is not None else None
 
 
-def fused_chain_rule(steps: List[tuple], work_per_row: float) -> graph_rules.FeatureOpRule:
+def fused_chain_rule(steps: List[tuple], work_per_row: float) -> feature_rules.FeatureOpRule:
     """A run of chain-encodable nodes inside a graph (the MLP of a residual block, a classifier head) as
     one call of the chain ops, so the small-chain and masked ReLU kernels and pending scales apply there
     as in a chain plan: a feature op like any single layer's. Sits on the run's last node; the run's other
@@ -140,7 +140,7 @@ def fused_chain_rule(steps: List[tuple], work_per_row: float) -> graph_rules.Fea
                    for rule, module in steps for k in range(len(rule.params(module)))]
         return layers, getters
 
-    return graph_rules.FeatureOpRule(
+    return feature_rules.FeatureOpRule(
         f"chain [{', '.join(layers)}]",
         lambda x, jac: ops.sequential_jac_forward(x, jac, layers, params()),
         lambda x, out, cotangent: ops.sequential_jac_reverse(x, cotangent, layers, params())[1],
@@ -181,10 +181,10 @@ def fuse_interior_chains(graph_plan: GraphPlan) -> GraphPlan:
 
 def _fusable_step(graph_plan: GraphPlan, g: GraphNode):
     """(NativeRule, module) of a node the chain ops can run, or None."""
-    if len(g.inputs) != 1 or not (isinstance(g.rule, (graph_rules.FeatureOpRule, graph_rules.ReshapeRule))):
+    if len(g.inputs) != 1 or not (isinstance(g.rule, (feature_rules.FeatureOpRule, index_rules.ReshapeRule))):
         return None
     helpers = _helpers(graph_plan, g)
-    if helpers is None or (helpers and not isinstance(g.rule, graph_rules.ReshapeRule)):
+    if helpers is None or (helpers and not isinstance(g.rule, index_rules.ReshapeRule)):
         return None
     module = _direct_module(graph_plan, g, helpers)
     rule = _native_step_rule(graph_plan, g, module, _shape_of(graph_plan, g.inputs[0]))

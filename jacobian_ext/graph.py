@@ -1,6 +1,6 @@
 """Graph capture with torch.fx, and the plan that propagates Jacobian blocks over the captured DAG.
 
-Every node that carries a derivative of the model input gets one rule (graph_rules.py): a native op,
+Every node that carries a derivative of the model input gets one rule (graph_rules.py chooses it): a native op,
 an index map (views, slicing, sums, concatenation, scaling by a constant), or the torch.func fallback
 for that node alone. Nodes that carry no derivative (shapes, constants, asserts) are evaluated for
 their values only. Blocks keep the feature axes of the node intact:
@@ -21,7 +21,7 @@ import torch
 from torch import fx, nn
 from torch._subclasses.fake_tensor import FakeTensor
 
-from . import graph_rules, ops, traced_forms
+from . import fallback, functional_layers, graph_rules, ops, traced_forms
 from .errors import GraphCaptureError, StructuredOutputError
 from .blocks import IDENTITY, NodeRule, Picked, accumulate, explicit_block
 from .plan import FlatWidths, short_repr
@@ -171,7 +171,7 @@ def capture(root: nn.Module, leaves: Sequence[str] = ()) -> Tuple[fx.GraphModule
             continue
         name = getattr(root.fn, "__name__", "function") if isinstance(root, FunctionRoot) else type(root).__name__
         gm = fx.GraphModule(root, graph, name)
-        gm.meta[graph_rules.CAPTURED_MODEL] = root  # get_attr nodes read the model's tensors as they are now
+        gm.meta[functional_layers.CAPTURED_MODEL] = root  # get_attr nodes read the model's tensors as they are now
         return gm, opaque[len(leaves):]
     raise GraphCaptureError(f"torch.fx cannot trace it: more than {_MAX_TRACE_ATTEMPTS} modules fail to trace")
 
@@ -212,7 +212,7 @@ class Evaluator:
 
     def __init__(self, gm: fx.GraphModule):
         self.gm = gm
-        self.attribute_source = graph_rules.attribute_source(gm)
+        self.attribute_source = functional_layers.attribute_source(gm)
         self.modules = dict(gm.named_modules())
         # Carried tensors whose batch axis is not the first (qkv.permute(2, 0, ...), an RNN's h_n), by that
         # axis. Once planned, such values are stored batch-first (a view moving the axis), so every rule
@@ -668,7 +668,7 @@ def build_graph_plan(captured: Tuple[fx.GraphModule, List[str]], x: torch.Tensor
         rule, inputs = graph_rules.rule_for(gm, node, values, carries, evaluator.batch_axes)
         owner = node.target if node.op == "call_module" else _owner(node)
         if inputs and node.target is operator.getitem and node.args[0] not in inputs:
-            producer, _ = graph_rules.tuple_origin(node, values)  # a pick differentiates its module
+            producer, _ = fallback.tuple_origin(node, values)  # a pick differentiates its module
             owner = producer.target if producer.op == "call_module" else owner
         nodes.append(GraphNode(node, name, rule, tuple(inputs), tuple(value.shape[1:]), owner))
 

@@ -24,7 +24,7 @@ Layout conventions (shared with csrc/):
   returned as ``[B, *feat_out, D]`` (stored D-major: ``[B, D, *feat_out]`` moved); ``cotangent``
   ``[B, C, *feat_out]`` or ``None``, returning ``[B, C, *feat_in]``.
 """
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence
 
 import torch
 from torch import Tensor

@@ -13,7 +13,7 @@ Inputs that are not differentiated (not in argnums) travel in z too, and their c
 forward mode they cost tangent columns, in reverse mode nothing. They must be floating-point tensors.
 """
 import math
-from typing import Callable, Dict, List, Sequence, Tuple, Union
+from typing import Callable, Dict, Sequence, Tuple, Union
 
 import torch
 from torch import nn

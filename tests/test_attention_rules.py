@@ -216,17 +216,17 @@ def test_per_token_layers_after_a_pick_match_torch_func(mode, batch, pick):
 
 
 def test_a_picked_token_runs_the_layers_after_attention_on_that_token_only(monkeypatch):
-    from jacobian_ext import graph_rules
+    from jacobian_ext import feature_rules
 
     tokens_seen, contiguous = {}, {}
-    reverse = graph_rules.LastAxisLinearRule.reverse
+    reverse = feature_rules.LastAxisLinearRule.reverse
 
     def spy(self, plan, g, env, cotangent):
         tokens_seen[g.name] = cotangent.shape[2]
         contiguous[g.name] = cotangent.is_contiguous()
         return reverse(self, plan, g, env, cotangent)
 
-    monkeypatch.setattr(graph_rules.LastAxisLinearRule, "reverse", spy)
+    monkeypatch.setattr(feature_rules.LastAxisLinearRule, "reverse", spy)
     torch.manual_seed(6)
     model = PickedTokens("first").double()
     planned(model, torch.randn(2, 5, 6, dtype=torch.float64), "reverse")

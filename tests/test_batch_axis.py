@@ -135,12 +135,12 @@ def test_recurrent_fallback_under_no_grad(dtype, kind, monkeypatch):
     """Under torch.no_grad the CPU LSTM keeps no workspace for its backward unless the fallback's forward runs
     in grad mode (vjp_in_grad_mode): the batched vjp then runs, not the sample-by-sample last resort (made to
     fail here); the answer and the output carry no autograd history."""
-    from jacobian_ext import graph_rules
+    from jacobian_ext import fallback
 
     def not_this_slow_path(*args):
         raise AssertionError("the sample-by-sample fallback ran")
 
-    monkeypatch.setattr(graph_rules, "per_sample_jacobians", not_this_slow_path)
+    monkeypatch.setattr(fallback, "per_sample_jacobians", not_this_slow_path)
     torch.manual_seed(5)
     model = LastHiddenState(kind).to(dtype)
     x = torch.randn(3, 4, 3, dtype=dtype)
