@@ -140,9 +140,17 @@ def _qkv_bias(module: nn.Module, cosine: bool):
 def _shifted_window_attention(module: nn.Module, x, cosine: bool):
     """ShiftedWindowAttention (cosine=False) and ShiftedWindowAttentionV2 on x [B, H, W, C]: the map padded
     to whole windows at its bottom and right, rolled by the shift, attention within each window (relative
-    position bias, and the mask keeping apart what the roll brought together), rolled back and cropped."""
+    position bias, and the mask keeping apart what the roll brought together), rolled back and cropped.
+
+    torchvision projects the padded map: its qkv and output projections run on every padded token, up to 49
+    per real one where a 7 x 7 window covers a 1 x 1 map (Swin's last stage on a 32 x 32 image). Both are the
+    same map of each token, so they commute with the padding, the roll, the windows and the crop: the qkv
+    projection runs on the real tokens before the padding (a zero token projects to zero; the bias is added
+    after it, where the padded tokens get it as torchvision's do), the output projection after the crop.
+    Same values, and the projections' Jacobian products shrink by the padding's factor."""
     window, heads = module.window_size, module.num_heads
     height, width = x.shape[1], x.shape[2]
+    x = _projected(x, module.qkv.weight, None)  # [B, H, W, 3C]
     x = F.pad(x, (0, 0, 0, (-width) % window[1], 0, (-height) % window[0]))
     padded_h, padded_w = x.shape[1], x.shape[2]
     # A block configured without a shift (every other one) has no roll and no mask at any input size.
@@ -150,7 +158,10 @@ def _shifted_window_attention(module: nn.Module, x, cosine: bool):
               zip(module.shift_size, window, (padded_h, padded_w))] if any(module.shift_size) else None
     if shifts is not None:
         x = torch.roll(x, [-shift for shift in shifts], (1, 2))
-    qkv = _projected(_windows(x, window), module.qkv.weight, _qkv_bias(module, cosine))
+    qkv = _windows(x, window)
+    bias = _qkv_bias(module, cosine)
+    if bias is not None:
+        qkv = qkv + bias
     q, k, v = qkv.unflatten(-1, (3, heads, -1)).permute(0, 1, 3, 4, 2, 5).unbind(2)  # [B, windows, heads, N, d]
     if cosine:
         attention = torch.matmul(F.normalize(q, dim=-1), F.normalize(k, dim=-1).transpose(-2, -1))
@@ -161,10 +172,10 @@ def _shifted_window_attention(module: nn.Module, x, cosine: bool):
     if shifts is not None:
         attention = attention + _shifted_window_mask(padded_h, padded_w, window, *shifts, x.dtype, x.device)
     out = torch.matmul(F.softmax(attention, dim=-1), v).transpose(2, 3).flatten(-2)  # [B, windows, N, C]
-    x = _unwindowed(module.proj(out), window, padded_h // window[0])
+    x = _unwindowed(out, window, padded_h // window[0])
     if shifts is not None:
         x = torch.roll(x, shifts, (1, 2))
-    return x[:, :height, :width]
+    return module.proj(x[:, :height, :width])
 
 
 def _shifted_window_attention_form(module: nn.Module, x, cosine: bool):

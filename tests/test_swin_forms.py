@@ -131,3 +131,25 @@ def test_padding_in_another_mode_is_not_an_index_map():
     reflect = lambda t: F.pad(t, (1, 1), mode="reflect")  # noqa: E731  (reads the input's edge values)
     jm = planned(reflect, torch.randn(2, 3, 4, dtype=torch.float64), "reverse")
     assert "index map (pad)" not in repr(jm) and jm.fallbacks != []
+
+
+@pytest.mark.parametrize("v2", [False, True], ids=["v1", "v2"])
+@pytest.mark.parametrize("size", [(2, 2), (5, 5), (8, 8)], ids=lambda s: f"{s[0]}x{s[1]}")
+def test_window_attention_projects_the_real_tokens_only(v2, size, monkeypatch):
+    """The qkv and output projections run on the map's own tokens, not on the padded windows (torchvision's
+    order): the same values as the module, and, on a 2 x 2 map padded to one 4 x 4 window, a quarter of the
+    projected rows."""
+    from jacobian_ext import traced_forms
+
+    attention = small_swin(v2).features[1][1].attn  # a shifted block: pad, roll and mask where they apply
+    x = torch.randn(2, *size, 8, dtype=torch.float64)
+    projected = []
+    original = traced_forms._projected
+    monkeypatch.setattr(traced_forms, "_projected",
+                        lambda t, weight, bias: projected.append(tuple(t.shape)) or original(t, weight, bias))
+    attention.proj.register_forward_hook(lambda module, args, out: projected.append(tuple(args[0].shape)))
+    form = traced_forms.form_for(attention, (x,), {})
+    assert form is not None
+    value = form()
+    assert projected == [(2, *size, 8), (2, *size, 8)]  # qkv, then the output projection
+    torch.testing.assert_close(value, attention(x), rtol=1e-12, atol=1e-12)
