@@ -13,6 +13,7 @@ convolution (64 to 64 channels, 16 x 16 maps, batch 64). It leaves out attention
 and element-wise work, and depthwise convolutions never reach the dense rate, so where those matter the
 floor is low; it is not shown for recurrent models."""
 import argparse
+import copy
 import datetime
 import math
 import platform
@@ -176,6 +177,16 @@ def _peer(model, x):
     return "autograd loop", lambda t: torch.stack([torch.autograd.functional.jacobian(single, s) for s in t])
 
 
+def _float64_error(model: nn.Module, x: torch.Tensor) -> float:
+    """Our Jacobian's largest difference from torch.func's over its largest entry, both in float64 on a float64
+    copy of the model and input: agreement without float32's rounding, which the timed dtype's error mixes in."""
+    model64, x64 = copy.deepcopy(model).double(), x.double()
+    _, reference = _peer(model64, x64)
+    with torch.no_grad():
+        ours, theirs = jx.compile(model64)(x64)[1], reference(x64)
+    return ((ours - theirs).abs().max() / theirs.abs().max()).item()
+
+
 def convolution_rate(dtype: torch.dtype) -> float:
     """Multiply-adds per second of a dense 3 x 3 convolution (64 to 64 channels, 16 x 16, batch 64), median."""
     x, weight = torch.randn(64, 64, 16, 16, dtype=dtype), torch.randn(64, 64, 3, 3, dtype=dtype)
@@ -245,10 +256,11 @@ def main(argv=None):
         rows_per_sample = plan.out_features if mode == "reverse" else plan.in_features
         floor_s = macs * args.batch * rows_per_sample / rate if macs else None
         fallbacks = jm.fallbacks
-        rows.append((name, sample_shape, mode, ours_s, peer, peer_s, floor_s, error, fallbacks))
+        error64 = error if dtype == torch.float64 else _float64_error(model, x)
+        rows.append((name, sample_shape, mode, ours_s, peer, peer_s, floor_s, error, error64, fallbacks))
         print(f"{name:<26} {mode:<8} ours {ours_s * 1e3:9.1f} ms  {peer} {peer_s * 1e3:9.1f} ms  "
               f"x{peer_s / ours_s:5.2f}  ours/floor {ours_s / floor_s if floor_s else float('nan'):5.2f}  "
-              f"rel. err {error:.1e}  modules with fallback nodes {len(fallbacks)}", file=sys.stderr)
+              f"rel. err {error:.1e} (float64 {error64:.1e})  modules with fallback nodes {len(fallbacks)}", file=sys.stderr)
 
     lines = [
         "# Real models on the graph path (CPU)",
@@ -256,23 +268,24 @@ def main(argv=None):
         f"{datetime.date.today().isoformat()}, {cpu_model()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
         f"Python {platform.python_version()}; `python -m bench.models --batch {args.batch} --dtype {args.dtype}`; "
         f"B = {args.batch}, random weights (timm: its constructors, no download), median of interleaved runs; "
-        "error: the largest difference from torch.func's Jacobian over its largest entry.",
+        "error: the largest difference from torch.func's Jacobian over its largest entry, in the timed dtype and "
+        "in float64 (the same model and input cast, compiled afresh).",
         "",
         f"floor: the multiply-adds of the model's Conv/Linear layers times B × rows (C reverse, D forward) over the "
         f"measured rate of a dense 3 × 3 convolution, {rate / 1e9:.1f} GMAC/s (module docstring); ours / floor is how "
         "far above it we are.",
         "",
-        "| model | per-sample input | mode | ours | torch.func | speed-up | floor | ours / floor | max rel. error | "
-        "modules holding fallback nodes |",
-        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+        f"| model | per-sample input | mode | ours | torch.func | speed-up | floor | ours / floor | rel. error ({args.dtype}) | "
+        "rel. error (float64) | modules holding fallback nodes |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
-    for name, sample_shape, mode, ours_s, peer, peer_s, floor_s, error, fallbacks in rows:
+    for name, sample_shape, mode, ours_s, peer, peer_s, floor_s, error, error64, fallbacks in rows:
         shown = ", ".join(f"`{f}`" for f in fallbacks[:6]) + (f" … ({len(fallbacks)} in all)" if len(fallbacks) > 6 else "")
         floor_cells = f"{floor_s * 1e3:.1f} ms | {ours_s / floor_s:.2f}×" if floor_s else "— | —"
         lines.append(f"| {name} | {list(sample_shape)} | {mode} | {ours_s * 1e3:.1f} ms | {peer_s * 1e3:.1f} ms ({peer}) | "
-                     f"{peer_s / ours_s:.2f}× | {floor_cells} | {error:.1e} | {shown or 'none'} |")
+                     f"{peer_s / ours_s:.2f}× | {floor_cells} | {error:.1e} | {error64:.1e} | {shown or 'none'} |")
     if rows:
-        speedups = [peer_s / ours_s for _, _, _, ours_s, _, peer_s, _, _, _ in rows]
+        speedups = [row[5] / row[3] for row in rows]  # peer_s / ours_s
         lines += ["", f"Geometric mean speed-up over {len(rows)} models: "
                       f"{statistics.geometric_mean(speedups):.2f}× (lowest {min(speedups):.2f}×)."]
     args.out.write_text("\n".join(lines) + "\n")
