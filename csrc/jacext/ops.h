@@ -1,4 +1,4 @@
-// The operators' C++ entry points (schemas in registration.cpp). All are device-generic: element-wise
+// The operators' C++ entry points (schemas in jacext/operators.def). All are device-generic: element-wise
 // work runs on the backend kernel of the input's device.
 #pragma once
 
