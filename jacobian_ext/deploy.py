@@ -65,7 +65,10 @@ def fused_encoding(plan, root: nn.Module, mode: str) -> FusedEncoding:
                                          *root.named_buffers(remove_duplicate=False))}
     if any(id(p) not in where for p in params):
         raise NotImplementedError("a native layer's tensor is not a parameter or buffer of the model, so the "
-                                  "traced graph could not read it at call time")
+                                  "traced graph could not read it at call time (a constant computed in the forward "
+                                  "from parameters and shapes, such as swin's relative position bias, runs as one "
+                                  "op call eagerly, its program params recomputed at every call, but is not "
+                                  "traced or scripted)")
     return FusedEncoding(tuple(layers), tuple(where[id(p)] for p in params), tuple(plan.input_shape),
                          tuple(plan.output_shape), sweep)
 

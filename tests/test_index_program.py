@@ -252,3 +252,10 @@ def test_swin_and_maxvit_encode_every_node_of_these_kinds(make_model, shape):
     if program is not None:
         assert not left
     check(model, x, output, jacobian)
+
+
+def test_torch_export_of_computed_constants_says_they_are_not_traced():
+    """Computed constants are program params that the deployment paths cannot read from the model by name."""
+    model = ComputedConstants(batch_sized=False).double()
+    with pytest.raises(NotImplementedError, match="constant computed in the forward"):
+        torch.export.export(jx.compile(model), (torch.randn(3, 2, 3, dtype=DOUBLE),))
