@@ -573,7 +573,11 @@ def constant_getter(plan, node) -> Optional[Callable]:
     values = shape_values(plan, [node])
     if subgraph is None or values is None or not isinstance(values.get(node), torch.Tensor):
         return None  # (not in values: a carried value, which is no constant)
-    return lambda: _evaluate_subgraph(plan, *subgraph)[node]
+    def computed():
+        return _evaluate_subgraph(plan, *subgraph)[node]
+
+    computed.computed_constant = True  # deploy.py: no parameter of the model to read by name
+    return computed
 
 
 def _shape_subgraph(plan, nodes: Sequence[fx.Node]):
