@@ -10,6 +10,15 @@
 // are comma-separated integers, possibly empty; flags 0 or 1; per-sample axes count from 0 after the
 // batch axis):
 //   linear | linear_no_bias | softmax | log_softmax | <activation>   the chain layers of sequential.cpp
+//   roll shifts= dims= | flip dims=                                 torch.roll / torch.flip over per-sample axes
+//   pad pad= value=                                                 F.pad in constant mode (F.pad's order of
+//                                                                   amounts, last axis first; negative crops)
+//   normalize dim= eps=                                             F.normalize with p=2
+//   einsum in= equation= constants=                                 torch.einsum; equation: letters, commas and
+//                                                                   one -> (no ...), each value's letters and
+//                                                                   the output's starting with the batch letter;
+//                                                                   constants=: per operand, 1 for the next
+//                                                                   tensor of params, 0 for the next in= slot
 //   conv stride= padding= dilation= groups= bias=                   params weight[, bias]
 //   batch_norm eps= weight= bias=                                   params [weight][bias] mean var
 //   layer_norm shape= eps= weight= bias=                            params [weight][bias]

@@ -8,6 +8,7 @@
 #include "jacext/graph_program.h"
 
 #include <algorithm>
+#include <cctype>
 #include <limits>
 #include <numeric>
 
@@ -539,6 +540,270 @@ GraphKind slice_kind() {
   return kind;
 }
 
+// ---- roll, flip, constant padding, normalize and einsum (torchvision's Swin and MaxVit) ----
+
+// torch.roll (shifts=) and torch.flip (no shifts) over per-sample axes: the same permutation of positions on
+// the block's axes; reverse rolls back by the opposite shifts (a flip is its own inverse).
+GraphKind shift_kind(bool roll) {
+  GraphKind kind;
+  kind.attribute_names = roll ? std::set<std::string>{"shifts", "dims"} : std::set<std::string>{"dims"};
+  kind.decode = [roll](const AttributeText& text, Node& node) -> size_t {
+    Attributes& a = node.attributes;
+    a.dims = text.ints("dims");
+    if (roll) {
+      a.shifts = text.ints("shifts");
+      TORCH_CHECK_VALUE(a.shifts.size() == a.dims.size() && !a.dims.empty(), kOp, ": ", where(node),
+                        " needs one shift per axis and at least one axis, got shifts=", a.shifts, " dims=", a.dims);
+    }
+    return 0;
+  };
+  // The input (or a block of it, whose per-sample axes start at `first`) rolled or flipped; `sign` -1 rolls back.
+  const auto moved = [roll](const Node& node, const at::Tensor& x, const at::Tensor& t, int64_t first, int64_t sign) {
+    const std::vector<int64_t> axes = shifted(sample_axes(node, node.attributes.dims, x.dim() - 1), first);
+    if (!roll) return t.flip(axes);
+    std::vector<int64_t> shifts = node.attributes.shifts;
+    for (int64_t& shift : shifts) shift *= sign;
+    return t.roll(shifts, axes);
+  };
+  kind.value = [moved](const Node& node, const Values& in) { return moved(node, in[0], in[0], 1, 1); };
+  kind.forward = value_then_tangent([moved](const Node& node, const Values& in, const Blocks& tangents,
+                                            const at::Tensor&) -> std::optional<at::Tensor> {
+    return moved(node, in[0], explicit_block(tangents[0], in[0]), 2, 1);
+  });
+  kind.reverse = [moved](const Node& node, const Values& in, const at::Tensor& value,
+                         const std::optional<at::Tensor>& g) {
+    return Blocks{moved(node, in[0], explicit_block(g, value), 2, -1)};
+  };
+  return kind;
+}
+
+// F.pad(x, pad, "constant", value): pad= in F.pad's order (last axis first, before and after), negative amounts
+// crop. The padding is a constant, so the block is padded with zeros; reverse pads by the opposite amounts,
+// which crops the padding off and puts zeros back where the forward cropped.
+std::vector<int64_t> pad_amounts(const Node& node, const at::Tensor& x, int64_t sign) {
+  const std::vector<int64_t>& pad = node.attributes.pad;
+  TORCH_CHECK_VALUE(pad.size() % 2 == 0 && static_cast<int64_t>(pad.size() / 2) <= x.dim() - 1, kOp, ": ",
+                    where(node), " needs pairs of amounts for at most the ", x.dim() - 1,
+                    " per-sample axes, got pad=", pad);
+  std::vector<int64_t> amounts;
+  for (int64_t amount : pad) amounts.push_back(sign * amount);
+  return amounts;
+}
+
+GraphKind pad_kind() {
+  GraphKind kind;
+  kind.attribute_names = {"pad", "value"};
+  kind.decode = [](const AttributeText& text, Node& node) -> size_t {
+    node.attributes.pad = text.ints("pad");
+    node.attributes.pad_value = text.number("value");
+    return 0;
+  };
+  kind.value = [](const Node& node, const Values& in) {
+    return at::constant_pad_nd(in[0], pad_amounts(node, in[0], 1), node.attributes.pad_value);
+  };
+  kind.forward = value_then_tangent(
+      [](const Node& node, const Values& in, const Blocks& tangents, const at::Tensor&) -> std::optional<at::Tensor> {
+        return at::constant_pad_nd(explicit_block(tangents[0], in[0]), pad_amounts(node, in[0], 1), 0);
+      });
+  kind.reverse = [](const Node& node, const Values& in, const at::Tensor& value, const std::optional<at::Tensor>& g) {
+    return Blocks{at::constant_pad_nd(explicit_block(g, value), pad_amounts(node, in[0], -1), 0)};
+  };
+  return kind;
+}
+
+// F.normalize(x, p=2, dim, eps): y = x / max(|x|, eps) along one per-sample axis. Its Jacobian
+// (I - s y y^T) / max(|x|, eps), s = [|x| >= eps] (below eps the clamp passes no derivative of the norm), is
+// symmetric: one map pushes tangents forward and pulls cotangents back.
+at::Tensor normalize_map(const Node& node, const at::Tensor& x, const at::Tensor& block) {
+  const int64_t axis = dim_axis(node, x) + 1;
+  const at::Tensor norm = at::linalg_vector_norm(x, 2, {axis}, /*keepdim=*/true);
+  const at::Tensor denominator = norm.clamp_min(node.attributes.eps);
+  const at::Tensor y = (x / denominator).unsqueeze(1);
+  const at::Tensor along = (y * block).sum({axis + 1}, /*keepdim=*/true) * norm.ge(node.attributes.eps).unsqueeze(1);
+  return (block - y * along) / denominator.unsqueeze(1);
+}
+
+GraphKind normalize_kind() {
+  GraphKind kind;
+  kind.attribute_names = {"dim", "eps"};
+  kind.decode = [](const AttributeText& text, Node& node) -> size_t {
+    node.attributes.dim = text.integer("dim");
+    node.attributes.eps = text.number("eps");
+    return 0;
+  };
+  kind.value = [](const Node& node, const Values& in) {
+    const at::Tensor& x = in[0];
+    return x / at::linalg_vector_norm(x, 2, {dim_axis(node, x) + 1}, true).clamp_min(node.attributes.eps);
+  };
+  kind.forward = value_then_tangent(
+      [](const Node& node, const Values& in, const Blocks& tangents, const at::Tensor&) -> std::optional<at::Tensor> {
+        return normalize_map(node, in[0], explicit_block(tangents[0], in[0]));
+      });
+  kind.reverse = [](const Node& node, const Values& in, const at::Tensor& value, const std::optional<at::Tensor>& g) {
+    return Blocks{normalize_map(node, in[0], explicit_block(g, value))};
+  };
+  return kind;
+}
+
+// torch.einsum with an explicit equation of letters alone (no '...': program.py spells it out), operands in the
+// equation's order, each a value (the next slot of in=) or a tensor of params (constants=1 at its position).
+// Values are batch-first, so each value's letters and the output's start with one batch letter. einsum is
+// linear in each operand: the tangent is one einsum per value with its tangent block in its place, and a
+// value's cotangent is the einsum of the output's cotangent block with the other operands, the blocks' rows
+// on a letter the equation does not use.
+struct Einsum {
+  std::vector<std::string> specs;  // per operand
+  std::string output;
+  char rows = 0;
+};
+
+Einsum einsum_of(const Node& node) {
+  const std::string& equation = node.attributes.equation;
+  Einsum e;
+  const size_t arrow = equation.find("->");
+  TORCH_CHECK_VALUE(arrow != std::string::npos, kOp, ": ", where(node), " needs an explicit output (->), got '",
+                    equation, "'");
+  e.output = equation.substr(arrow + 2);
+  size_t start = 0;
+  const std::string left = equation.substr(0, arrow);
+  while (true) {
+    const size_t comma = std::min(left.find(',', start), left.size());
+    e.specs.push_back(left.substr(start, comma - start));
+    if (comma == left.size()) break;
+    start = comma + 1;
+  }
+  const std::vector<int64_t>& constants = node.attributes.constants;
+  TORCH_CHECK_VALUE(e.specs.size() == constants.size(), kOp, ": ", where(node), " has ", e.specs.size(),
+                    " operands in its equation but constants= names ", constants.size());
+  std::string used;
+  for (const std::string& spec : e.specs) used += spec;
+  for (const std::string& spec : {used, e.output}) {
+    for (char letter : spec) {
+      TORCH_CHECK_VALUE(std::isalpha(static_cast<unsigned char>(letter)), kOp, ": ", where(node),
+                        " equation must be letters, commas and one ->, got '", equation, "'");
+    }
+  }
+  for (const std::string& spec : e.specs) {
+    TORCH_CHECK_VALUE(std::set<char>(spec.begin(), spec.end()).size() == spec.size(), kOp, ": ", where(node),
+                      " repeats a letter within the operand '", spec, "' (a diagonal), which it does not take");
+  }
+  // Every value and the output on one batch letter, first: the samples stay apart.
+  TORCH_CHECK_VALUE(!e.output.empty(), kOp, ": ", where(node), " needs the batch letter first in its output");
+  for (size_t k = 0; k < e.specs.size(); ++k) {
+    TORCH_CHECK_VALUE(constants[k] == 1 || (constants[k] == 0 && !e.specs[k].empty() && e.specs[k][0] == e.output[0]),
+                      kOp, ": ", where(node), " needs each value operand to start with the output's batch letter '",
+                      e.output[0], "' and constants= flags of 0 or 1, got '", equation, "' constants=", constants);
+  }
+  for (char letter : std::string("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")) {
+    if (used.find(letter) == std::string::npos && e.output.find(letter) == std::string::npos) {
+      e.rows = letter;
+      break;
+    }
+  }
+  TORCH_CHECK_VALUE(e.rows != 0, kOp, ": ", where(node), " uses every letter, leaving none for the block's rows");
+  return e;
+}
+
+std::string with_rows(const std::string& spec, char rows) { return spec.substr(0, 1) + rows + spec.substr(1); }
+
+std::string joined(const std::vector<std::string>& specs, const std::string& output) {
+  std::string equation;
+  for (size_t k = 0; k < specs.size(); ++k) equation += (k ? "," : "") + specs[k];
+  return equation + "->" + output;
+}
+
+// The operands in the equation's order: the values (in) and the tensors of params, interleaved as constants= says.
+Values einsum_operands(const Node& node, const Values& in) {
+  Values operands;
+  size_t value = 0, param = 0;
+  for (int64_t constant : node.attributes.constants) {
+    if (constant) {
+      check_same_dtype_device(in[0], node.params[param], kOp, "params (einsum operand)");
+      operands.push_back(node.params[param++]);
+    } else {
+      operands.push_back(in[value++]);
+    }
+  }
+  return operands;
+}
+
+GraphKind einsum_kind() {
+  GraphKind kind;
+  kind.attribute_names = {"equation", "constants"};
+  kind.inputs = 0;
+  kind.decode = [](const AttributeText& text, Node& node) -> size_t {
+    Attributes& a = node.attributes;
+    a.equation = text.word("equation");
+    a.constants = text.ints("constants");
+    einsum_of(node);  // a malformed equation fails where the program is read
+    const size_t constants = std::count(a.constants.begin(), a.constants.end(), 1);
+    TORCH_CHECK_VALUE(a.constants.size() - constants == node.inputs.size(), kOp, ": ", where(node), " reads ",
+                      node.inputs.size(), " slots but constants= names ", a.constants.size() - constants, " values");
+    return constants;
+  };
+  kind.value = [](const Node& node, const Values& in) {
+    return at::einsum(node.attributes.equation, einsum_operands(node, in));
+  };
+  kind.forward = value_then_tangent(
+      [](const Node& node, const Values& in, const Blocks& tangents, const at::Tensor&) -> std::optional<at::Tensor> {
+        const Einsum e = einsum_of(node);
+        const Values operands = einsum_operands(node, in);
+        std::optional<at::Tensor> total;
+        size_t value = 0;
+        for (size_t k = 0; k < operands.size(); ++k) {
+          if (node.attributes.constants[k]) continue;
+          std::vector<std::string> specs = e.specs;
+          specs[k] = with_rows(specs[k], e.rows);
+          Values terms = operands;
+          terms[k] = explicit_block(tangents[value], in[value]);
+          ++value;
+          const at::Tensor term = at::einsum(joined(specs, with_rows(e.output, e.rows)), terms);
+          total = total ? *total + term : term;
+        }
+        return total;
+      });
+  kind.reverse = [](const Node& node, const Values& in, const at::Tensor& value, const std::optional<at::Tensor>& g) {
+    const Einsum e = einsum_of(node);
+    const Values operands = einsum_operands(node, in);
+    const at::Tensor block = explicit_block(g, value);
+    Blocks pulled;
+    for (size_t k = 0; k < operands.size(); ++k) {
+      if (node.attributes.constants[k]) continue;
+      std::vector<std::string> others{with_rows(e.output, e.rows)};
+      Values terms{block};
+      for (size_t j = 0; j < operands.size(); ++j) {
+        if (j == k) continue;
+        others.push_back(e.specs[j]);
+        terms.push_back(operands[j]);
+      }
+      std::string reached;
+      for (const std::string& spec : others) reached += spec;
+      // A letter summed inside this operand alone is in no other term: the cotangent is the same all along it,
+      // so the einsum leaves it out and the block is expanded along it after.
+      const std::string own = with_rows(e.specs[k], e.rows);
+      std::string kept;
+      std::vector<int64_t> unreached;
+      for (size_t axis = 0; axis < own.size(); ++axis) {
+        if (reached.find(own[axis]) != std::string::npos) {
+          kept += own[axis];
+        } else {
+          unreached.push_back(static_cast<int64_t>(axis));
+        }
+      }
+      at::Tensor part = at::einsum(joined(others, kept), terms);
+      for (int64_t axis : unreached) part = part.unsqueeze(axis);
+      const at::Tensor& x = operands[k];
+      const std::vector<int64_t> shape = with_leading({x.size(0), block.size(1)}, per_sample_shape(x));
+      // Axes the operand broadcast (size 1 against the others) sum back; unreached ones expand.
+      std::vector<int64_t> summed;
+      for (size_t axis = 0; axis < shape.size(); ++axis) summed.push_back(part.size(axis) == 1 ? 1 : shape[axis]);
+      pulled.emplace_back(part.sum_to_size(summed).expand(shape));
+    }
+    return pulled;
+  };
+  return kind;
+}
+
 // x.gather(dim, index) (`gather`) and x.index_select(dim, index) along a per-sample axis, the index a tensor of
 // params (a buffer of the model, constant for the derivative): the same selection of the tangent block's
 // positions, the index broadcast over the rows axis; reverse adds each cotangent position back where it was read
@@ -719,6 +984,11 @@ GraphKind scale_kind() {
 
 const std::map<std::string, GraphKind>& graph_kinds() {
   static const std::map<std::string, GraphKind> kinds = {
+      {"roll", shift_kind(true)},
+      {"flip", shift_kind(false)},
+      {"pad", pad_kind()},
+      {"normalize", normalize_kind()},
+      {"einsum", einsum_kind()},
       {"conv", conv_kind()},
       {"batch_norm", batch_norm_kind()},
       {"layer_norm", layer_norm_kind()},

@@ -11,7 +11,7 @@ from torch import fx
 
 from .program import entry
 from .blocks import NodeRule, explicit_block
-from .index_rules import attribute_getter, normalize_dim
+from .index_rules import constant_getter, normalize_dim
 
 
 class SumRule(NodeRule):
@@ -44,7 +44,7 @@ class SumRule(NodeRule):
         return [block if c == 1 else block * c for c in self.coefficients]
 
     def encode(self, plan, g, sources):
-        """sum of coef_i * input_i plus at most one constant: a number, or a parameter or buffer (get_attr)."""
+        """sum of coef_i * input_i plus at most one constant: a number, or a tensor of constant_getter's."""
         node = g.node
         negate = node.target in (operator.neg, torch.neg, "neg")
         subtract = node.target in SUB_FUNCTIONS or node.target == "sub"
@@ -56,11 +56,12 @@ class SumRule(NodeRule):
         for sign, constant in constants:
             if isinstance(constant, (int, float)) and not isinstance(constant, bool):
                 attributes["offset"] = float(sign * constant)
-            elif isinstance(constant, fx.Node) and constant.op == "get_attr":
-                attributes["offset_param"] = sign
-                getters.append(attribute_getter(plan, constant))
-            else:
-                return None
+                continue
+            getter = constant_getter(plan, constant)
+            if getter is None:
+                return None  # a tensor reading the batch size or a sample's values: not a constant of the program
+            attributes["offset_param"] = sign
+            getters.append(getter)
         all_sources = [plan.slot_of(i) for i in g.inputs]
         return [(entry("add", all_sources, **attributes), getters)]
 
@@ -83,9 +84,10 @@ class ScaleRule(NodeRule):
 
     def encode(self, plan, g, sources):
         if isinstance(self.constant, fx.Node):
-            if self.constant.op != "get_attr":
-                return None  # a tensor computed in the forward: not a constant of the program
-            return [(entry("scale", sources, divide=self.divide), [attribute_getter(plan, self.constant)])]
+            getter = constant_getter(plan, self.constant)
+            if getter is None:
+                return None  # a tensor reading the batch size or a sample's values: not a constant of the program
+            return [(entry("scale", sources, divide=self.divide), [getter])]
         if not isinstance(self.constant, (int, float)) or isinstance(self.constant, bool):
             return None
         return [(entry("scale", sources, divide=self.divide, factor=float(self.constant)), [])]

@@ -16,6 +16,8 @@ from torch import fx
 
 from . import ops
 from .blocks import NodeRule, call_arguments, explicit_block
+from .index_rules import constant_getter
+from .program import entry
 
 MATMULS = {operator.matmul, torch.matmul, torch.bmm, "matmul", "bmm"}
 EINSUMS = {torch.einsum, torch.functional.einsum}  # one function today; a set in case a release splits them
@@ -110,6 +112,7 @@ class EinsumRule(NodeRule):
                  work_per_row: float):
         super().__init__(work_per_row)
         self.operands = tuple(operands)
+        self.letters, self.output, self.carried = list(letters), output, list(carried)
         block_letters = [_with_rows(spec, rows) if c else spec for spec, c in zip(letters, carried)]
         output_block = _with_rows(output, rows)
 
@@ -156,6 +159,23 @@ class EinsumRule(NodeRule):
             operand = self.operands[k]
             pulled[operand] = part if operand not in pulled else pulled[operand] + part  # einsum(eq, x, x)
         return [pulled[i] for i in g.inputs]
+
+    def encode(self, plan, g, sources):
+        """One `einsum` entry on the stored letters (each carried operand's batch letter first), the carried
+        operands as values, the others as params (constant_getter)."""
+        slots, constants, getters = [], [], []
+        for operand, carried in zip(self.operands, self.carried):
+            constants.append(not carried)
+            if carried:
+                slots.append(plan.slot_of(operand))
+                continue
+            getter = (lambda operand=operand: operand) if isinstance(operand, torch.Tensor) else \
+                constant_getter(plan, operand)
+            if getter is None:
+                return None  # a tensor reading the batch size or a sample's values: not a constant of the program
+            getters.append(getter)
+        equation = ",".join(self.letters) + "->" + self.output
+        return [(entry("einsum", slots, equation=equation, constants=constants), getters)]
 
 
 def _with_rows(spec: str, rows: str) -> str:
@@ -210,6 +230,9 @@ class NormalizeRule(NodeRule):
     def reverse(self, plan, g, env, cotangent):
         x = env[g.inputs[0]]
         return [self._map(x, explicit_block(cotangent, x.shape[0], g.shape, x))]
+
+    def encode(self, plan, g, sources):
+        return [(entry("normalize", sources, dim=self.axis - 1, eps=self.eps), [])]
 
 
 class AttentionRule(NodeRule):

@@ -11,7 +11,7 @@ in csrc/graph.cpp); models with a fallback node are not traceable this way and s
 """
 import operator
 from dataclasses import dataclass
-from typing import List, Optional, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -30,10 +30,13 @@ class FusedEncoding:
     (dotted attribute names, read at every call), the per-sample shapes and the resolved mode."""
 
     layers: Tuple[str, ...]
-    param_names: Tuple[str, ...]
+    param_names: Tuple[str, ...]  # "" where `computed` has the tensor
     input_shape: Tuple[int, ...]
     output_shape: Tuple[int, ...]
     mode: str
+    # (position in params, getter): constants computed from parameters and shapes (index_rules.constant_getter),
+    # recomputed at every call, so that a traced graph computes them from the parameters it reads
+    computed: Tuple[Tuple[int, Callable], ...] = ()
 
 
 def fused_encoding(plan, root: nn.Module, mode: str) -> FusedEncoding:
@@ -46,7 +49,7 @@ def fused_encoding(plan, root: nn.Module, mode: str) -> FusedEncoding:
             raise NotImplementedError(
                 f"layers {plan.fallbacks} have no fused rule, so the Jacobian is not one operator call and "
                 "cannot be traced or scripted; call the JacobianModule eagerly instead")
-        layers, params = list(plan.native_layers), plan.native_params()
+        layers, params, computed = list(plan.native_layers), plan.native_params(), ()
         # One op call runs one sweep: where the cost model would split the chain, the cheaper sweep.
         chosen = plan.choose_mode(TRACE_BATCH, mode)
         sweep = chosen if isinstance(chosen, str) else choose_mode(plan.decisions[TRACE_BATCH][1])
@@ -60,14 +63,16 @@ def fused_encoding(plan, root: nn.Module, mode: str) -> FusedEncoding:
                 "JacobianModule eagerly (the native parts still run as op calls), or compute the Jacobian "
                 "outside the traced code")
         layers, params = program[0], [get() for get in program[1]]
+        computed = tuple((i, get) for i, get in enumerate(program[1]) if getattr(get, "computed_constant", False))
         sweep = plan.choose_mode(TRACE_BATCH, mode)
     where = {id(t): name for name, t in (*root.named_parameters(remove_duplicate=False),
                                          *root.named_buffers(remove_duplicate=False))}
-    if any(id(p) not in where for p in params):
+    positions = {i for i, _ in computed}
+    if any(id(p) not in where and i not in positions for i, p in enumerate(params)):
         raise NotImplementedError("a native layer's tensor is not a parameter or buffer of the model, so the "
                                   "traced graph could not read it at call time")
-    return FusedEncoding(tuple(layers), tuple(where[id(p)] for p in params), tuple(plan.input_shape),
-                         tuple(plan.output_shape), sweep)
+    return FusedEncoding(tuple(layers), tuple("" if i in positions else where[id(p)] for i, p in enumerate(params)),
+                         tuple(plan.input_shape), tuple(plan.output_shape), sweep, computed)
 
 
 def call_fused(encoding: FusedEncoding, params: List[torch.Tensor], x: torch.Tensor):
@@ -79,7 +84,15 @@ def call_fused(encoding: FusedEncoding, params: List[torch.Tensor], x: torch.Ten
 
 
 def read_params(model: nn.Module, encoding: FusedEncoding) -> List[torch.Tensor]:
-    return [operator.attrgetter(name)(model) for name in encoding.param_names]
+    if encoding.computed and torch.compiler.is_dynamo_compiling():
+        # dynamo cannot trace the getters (they run fx nodes through the plan's evaluator); export's default,
+        # non-strict tracing runs them as Python and records their ops
+        raise NotImplementedError("the program holds constants computed in the forward from parameters and shapes "
+                                  "(swin's relative position bias and mask), which torch.compile cannot trace yet; "
+                                  "torch.export can, and eager calls run them as one op call")
+    computed = dict(encoding.computed)
+    return [computed[i]() if i in computed else operator.attrgetter(name)(model)
+            for i, name in enumerate(encoding.param_names)]
 
 
 class ScriptableJacobian(nn.Module):
@@ -88,6 +101,10 @@ class ScriptableJacobian(nn.Module):
 
     def __init__(self, encoding: FusedEncoding, params: List[torch.Tensor]):
         super().__init__()
+        if encoding.computed:
+            raise NotImplementedError("the program holds constants computed in the forward from parameters and "
+                                      "shapes (swin's relative position bias and mask), which TorchScript cannot "
+                                      "recompute at every call; torch.export and torch.compile can")
         self.layers: List[str] = list(encoding.layers)
         self.mode: str = encoding.mode
         self.input_shape: List[int] = list(encoding.input_shape)

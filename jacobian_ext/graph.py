@@ -376,8 +376,8 @@ class GraphPlan(FlatWidths):
     def native_program(self) -> Optional[Tuple[List[str], List[Callable]]]:
         """The whole graph as one program of torch.ops.jacext.batch_jacobian (csrc/graph.cpp): (entries,
         parameter getters read at every call), or None when a carried node has no encoding (a torch.func
-        fallback, integer indexing, a Linear over the last axis of N-d features, a tensor constant computed in the
-        forward); their names are then in `unencoded`. Built once per plan."""
+        fallback, attention's products and softmax, a constant or an amount that reads the batch size or a
+        sample's values); their names are then in `unencoded`. Built once per plan."""
         if self._program is None and not self.unencoded:
             self._program = self._encode()
         return self._program

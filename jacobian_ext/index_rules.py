@@ -25,6 +25,15 @@ class ShapeArgument:
     def at(self, env):
         return fx.node.map_arg(self.argument, env.__getitem__) if self.traced else self.argument
 
+    def resolved(self, plan):
+        """The argument's value for the plan's per-sample input shape (a plan, and its program, serve one), or
+        None where it reads the batch size (the program serves every batch size) or cannot be told from the
+        per-sample shapes alone."""
+        if not self.traced:
+            return self.argument
+        values = shape_values(plan, _graph_nodes(self.argument))
+        return None if values is None else fx.node.map_arg(self.argument, values.__getitem__)
+
 
 class ReshapeRule(NodeRule):
     """Any op that keeps the row-major order of a sample's features (view, reshape, flatten,
@@ -114,6 +123,17 @@ class ShiftRule(NodeRule):
         x = env[g.inputs[0]]
         return [self._moved(explicit_block(cotangent, x.shape[0], g.shape, x), env, inverse=True)]
 
+    def encode(self, plan, g, sources):
+        dims = [d - 2 for d in self.block_dims]  # block axes to per-sample axes
+        if self.shifts is None:
+            return [(entry("flip", sources, dims=dims), [])]
+        shifts = self.shifts.resolved(plan)
+        if shifts is None:
+            return None  # a shift read from the batch size: not one constant of the program
+        if not any(shifts):  # swin's shift where one window covers the map: the value itself
+            return [(entry("reshape", sources, shape=list(g.shape)), [])]
+        return [(entry("roll", sources, shifts=shifts, dims=dims), [])]
+
 
 class PadRule(NodeRule):
     """F.pad(x, pad) in constant mode over per-sample axes: the block padded the same way with zeros (the padding
@@ -122,9 +142,10 @@ class PadRule(NodeRule):
 
     label = "index map (pad)"
 
-    def __init__(self, pad: Sequence, work_per_row: float):
+    def __init__(self, pad: Sequence, value, work_per_row: float):
         super().__init__(work_per_row)
         self.pad = ShapeArgument(list(pad))
+        self.value = value  # the padding's value as F.pad was given it (None: 0)
 
     def forward(self, plan, g, env, tangents):
         x = env[g.inputs[0]]
@@ -135,6 +156,15 @@ class PadRule(NodeRule):
         x = env[g.inputs[0]]
         block = explicit_block(cotangent, x.shape[0], g.shape, x)
         return [F.pad(block, [-amount for amount in self.pad.at(env)])]
+
+    def encode(self, plan, g, sources):
+        value = 0.0 if self.value is None else self.value
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return None  # a padding value computed in the forward: not a number of the program
+        pad = self.pad.resolved(plan)
+        if pad is None:
+            return None  # an amount read from the batch size: not one constant of the program
+        return [(entry("pad", sources, pad=pad, value=float(value)), [])]
 
 
 class IndexRule(NodeRule):
@@ -183,19 +213,30 @@ class IndexRule(NodeRule):
         return box
 
     def encode(self, plan, g, sources):
-        """One `slice` entry per sliced per-sample axis; integer indices and None have none."""
+        """One `slice` entry per sliced per-sample axis (an integer as a slice of one position), then a reshape
+        where integers drop axes or None inserts them."""
+        block_index = self.block_index.resolved(plan)
+        if block_index is None:
+            return None  # a bound read from the batch size: not one constant of the program
         input_shape = plan.shape_of(g.inputs[0])
-        parts = self.block_index.argument[2:]
-        if self.block_index.traced or not all(isinstance(p, slice) for p in parts):
-            return None  # a bound computed in the forward: not a constant of the program
-        entries = []
-        for axis, part in enumerate(parts):
-            start, stop, step = part.indices(input_shape[axis])
-            if part == slice(None):
+        entries, sliced = [], list(input_shape)
+        axis = 0
+        for part in block_index[2:]:
+            if part is None:
                 continue
-            entries.append((entry("slice", sources if not entries else (), dim=axis, start=start,
-                                  stop=max(stop, start), step=step), []))
-        return entries or [(entry("reshape", sources, shape=list(g.shape)), [])]
+            size = input_shape[axis]
+            start, stop, step = (part % size, part % size + 1, 1) if isinstance(part, int) else part.indices(size)
+            if step < 1:
+                return None  # tensors take no negative step; the slice kind needs start <= stop
+            stop = max(stop, start)
+            if (start, stop, step) != (0, size, 1):
+                entries.append((entry("slice", sources if not entries else (), dim=axis, start=start, stop=stop,
+                                      step=step), []))
+                sliced[axis] = len(range(start, stop, step))
+            axis += 1
+        if not entries or tuple(sliced) != tuple(g.shape):
+            entries.append((entry("reshape", sources if not entries else (), shape=list(g.shape)), []))
+        return entries
 
 
 class SelectionRule(NodeRule):
@@ -507,6 +548,98 @@ def _is_shape_query(node: fx.Node) -> bool:
             and node.args[1] in ("shape", "ndim", "dtype", "device"))
 
 
+def shape_values(plan, nodes: Sequence[fx.Node]) -> Optional[Dict[fx.Node, object]]:
+    """The values of graph nodes computed from shapes and constants for the plan's per-sample input shape, or None
+    where they read the batch size or a sample's values (_shape_subgraph), or fail on the stand-ins."""
+    subgraph = _shape_subgraph(plan, nodes)
+    if subgraph is None:
+        return None
+    try:
+        return _evaluate_subgraph(plan, *subgraph)
+    except Exception:  # noqa: BLE001  (an op that needs a sample's values): no constant for the program
+        return None
+
+
+def constant_getter(plan, node) -> Optional[Callable]:
+    """A getter, for a program's params, of a tensor operand that carries no derivative: a parameter or buffer
+    (get_attr) read as it is, or a tensor computed from those, constants and the per-sample shapes of carried
+    values (swin's relative position bias and shifted-window mask, V2's logit scale), recomputed at every call
+    as the walker does; None for anything else (a tensor reading the batch size or a sample's values)."""
+    if not isinstance(node, fx.Node):
+        return None
+    if node.op == "get_attr":
+        return attribute_getter(plan, node)
+    subgraph = _shape_subgraph(plan, [node])
+    values = shape_values(plan, [node])
+    if subgraph is None or values is None or not isinstance(values.get(node), torch.Tensor):
+        return None  # (not in values: a carried value, which is no constant)
+    def computed():
+        return _evaluate_subgraph(plan, *subgraph)[node]
+
+    computed.computed_constant = True  # deploy.py: no parameter of the model to read by name
+    return computed
+
+
+def _shape_subgraph(plan, nodes: Sequence[fx.Node]):
+    """(the value-only nodes that `nodes` are computed from, in graph order; the carried values among their
+    inputs, with their per-sample shapes), or None where those nodes read more of a carried value than the sizes
+    of its per-sample axes (_reads_sample_axes)."""
+    carried = {plan.input_node: plan.input_shape}
+    carried.update((g.node, g.shape) for g in plan.nodes if g.rule is not None or g.node in plan.absorbed)
+    needed, pending, read = set(), list(nodes), {}
+    while pending:
+        node = pending.pop()
+        if node not in needed and node not in carried:
+            needed.add(node)
+            pending += node.all_input_nodes
+    for node in needed:
+        for source in node.all_input_nodes:
+            if source in carried:
+                if not _reads_sample_axes(node, source, len(carried[source]) + 1,
+                                          plan.evaluator.batch_axes.get(source, 0), needed):
+                    return None
+                read[source] = carried[source]
+    return [node for node in plan.gm.graph.nodes if node in needed], read
+
+
+def _evaluate_subgraph(plan, order: List[fx.Node], read: Dict[fx.Node, Tuple[int, ...]]) -> Dict:
+    """The values of a _shape_subgraph's nodes, each carried value it reads standing in as a tensor of one sample
+    of its planned shape (expanded from one element: no memory) of the plan's dtype and device."""
+    env = {node: torch.empty((), dtype=plan.dtype, device=plan.device).expand(1, *shape)
+           for node, shape in read.items()}
+    for node in order:
+        # a placeholder here is an optional model argument: its default (graph.placeholder_default)
+        env[node] = (node.args[0] if node.args else None) if node.op == "placeholder" else \
+            plan.evaluator.evaluate(node, env)
+    return env
+
+
+def _reads_sample_axes(query: fx.Node, source: fx.Node, ndim: int, batch_axis: int, needed) -> bool:
+    """Whether a node reading a carried value reads only sizes of its per-sample axes (not the batch size):
+    x.size(d), x.dim(), x.ndim, x.dtype, x.device, or x.shape / x.size() whose every reader that matters picks
+    per-sample axes (x.shape[1], x.shape[1:3])."""
+    if not _is_shape_query(query) or query.args[0] is not source:
+        return False
+    if query.op == "call_method" and query.target == "size" and len(query.args) > 1:
+        dim = query.args[1]
+        return isinstance(dim, int) and not isinstance(dim, bool) and normalize_dim(dim, ndim) != batch_axis
+    whole = query.op == "call_method" and query.target == "size" or query.target is getattr and query.args[1] == "shape"
+    if not whole:
+        return True  # dim, ndim, dtype, device
+    for reader in query.users:
+        if reader not in needed:
+            continue
+        if reader.op != "call_function" or reader.target is not operator.getitem or reader.args[0] is not query:
+            return False
+        pick = reader.args[1]
+        if isinstance(pick, bool) or not isinstance(pick, (int, slice)):
+            return False
+        picked = range(ndim)[pick]
+        if batch_axis in (picked if isinstance(picked, range) else [picked]):
+            return False
+    return True
+
+
 def _per_sample_extremum(node: fx.Node, values, carries, batch_axes) -> bool:
     """argmax / argmin(v, dim, keepdim=True) over a per-sample axis of a batch-first value v that the probe
     checked maps samples on their own (a carried value): per-sample indices, piecewise constant in x."""
@@ -552,7 +685,7 @@ def pad_rule(node: fx.Node, values, out_numel) -> Optional[NodeRule]:
         return None  # pads the batch axis
     if not all(isinstance(p, (int, fx.Node)) and not isinstance(p, bool) for p in pad) or not _shape_arithmetic(pad, values):
         return None
-    return PadRule(pad, out_numel)
+    return PadRule(pad, arguments.get("value"), out_numel)
 
 
 def cat_rule(node: fx.Node, values, inputs, out_numel) -> Optional[NodeRule]:

@@ -16,7 +16,8 @@ from torch import Tensor
 from .rules import ACTIVATION_REPLAY
 
 CHAIN_KINDS = ("linear", "linear_no_bias", "softmax", "log_softmax")
-GRAPH_KINDS = ("conv", "batch_norm", "layer_norm", "rms_norm", "max_pool2d", "avg_pool2d", "adaptive_avg_pool2d",
+GRAPH_KINDS = ("roll", "flip", "pad", "normalize", "einsum",
+               "conv", "batch_norm", "layer_norm", "rms_norm", "max_pool2d", "avg_pool2d", "adaptive_avg_pool2d",
                "linear_last_axis", "reshape", "permute", "mean", "sum", "cat", "add", "mul", "div", "scale", "slice",
                "gather", "index_select")
 
@@ -69,6 +70,8 @@ def _param_count(kind: str, a: Dict[str, str]) -> int:
         return _flag(a, "weight") + _flag(a, "bias")
     if kind in ("gather", "index_select"):
         return 1
+    if kind == "einsum":
+        return _ints(a["constants"]).count(1)
     if kind == "add":
         return int("offset_param" in a)
     if kind == "scale":
@@ -93,6 +96,18 @@ def _apply(kind: str, a: Dict[str, str], inputs: List[Tensor], params: List[Tens
         return F.linear(x, params[0], params[1] if len(params) > 1 else None)
     if kind in ("softmax", "log_softmax"):
         return (torch.softmax if kind == "softmax" else torch.log_softmax)(x, dim=-1)
+    if kind == "roll":
+        return torch.roll(x, _ints(a["shifts"]), [d + 1 for d in _ints(a["dims"])])
+    if kind == "flip":
+        return torch.flip(x, [d + 1 for d in _ints(a["dims"])])
+    if kind == "pad":
+        return F.pad(x, _ints(a["pad"]), value=float(a["value"]))
+    if kind == "normalize":
+        return F.normalize(x, dim=int(a["dim"]) + 1, eps=float(a["eps"]))
+    if kind == "einsum":  # values and params interleaved as constants= says
+        values, constants = iter(inputs), iter(params)
+        operands = [next(constants) if flag else next(values) for flag in _ints(a["constants"])]
+        return torch.einsum(a["equation"], *operands)
     if kind == "conv":
         spatial = x.dim() - 2
         conv = (F.conv1d, F.conv2d, F.conv3d)[spatial - 1]

@@ -30,6 +30,10 @@ struct Attributes {
   double eps = 0;
   bool dtype_eps = false;  // rms_norm without eps=: the epsilon of the input's dtype, as at::rms_norm
   bool weight = false, bias = false, ceil = false, count_include_pad = false, keepdim = false, divide = false;
+  // roll, pad, einsum
+  std::vector<int64_t> shifts, pad, constants;
+  double pad_value = 0;
+  std::string equation;
 };
 
 struct GraphKind;
@@ -61,6 +65,7 @@ class AttributeText {
   bool flag(const std::string& key) const;  // 0 or 1
   std::optional<int64_t> optional_integer(const std::string& key) const;
   std::optional<double> optional_number(const std::string& key) const;
+  const std::string& word(const std::string& key) const { return text(key); }  // the text as it is
 
  private:
   const std::string& text(const std::string& key) const;
