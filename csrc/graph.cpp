@@ -1,5 +1,5 @@
 // The graph executor: a whole model of native rules (residual adds, concatenation, convolutions, batch
-// norm, pooling, reshapes and permutes, Linear, activations, softmax) as one call of
+// norm, pooling, reshapes and permutes, Linear, activations, softmax, attention) as one call of
 // jacext::batch_jacobian, in forward or reverse mode, with no Python per node. The program is read in
 // graph_program.cpp; the rule of each graph kind is one entry of graph_kinds.cpp.
 //
@@ -18,7 +18,9 @@
 //   avg_pool2d kernel= stride= padding= ceil= count_include_pad= [divisor=]
 //   adaptive_avg_pool2d size=
 //   linear_last_axis bias=                                          params weight[, bias]; over the last axis
-//   reshape shape=            permute dims=          mean|sum dims= keepdim=       cat in= dim=
+//   reshape shape=            permute dims=          mean|sum dims= keepdim=
+//   cat in= dim= [constants=]                                       constants: a flag per part, 1 for a tensor
+//                                                                   param [1, ...] expanded over the batch
 //   slice dim= start= stop= step=                                   basic slicing of one per-sample axis
 //   gather dim= | index_select dim=                                 params index; x.gather / x.index_select
 //                                                                   (a gather index of batch 1 broadcasts)
@@ -26,6 +28,12 @@
 //                                                                   offset_param takes one tensor)
 //   mul in=a,b | div in=a,b                                         product / quotient of two values
 //   scale divide= (factor=number | one tensor param)                in * factor or in / factor
+//   matmul in=a,b | matmul constant=0|1 [transpose=1]               a @ b of two values of one rank, or of one value
+//                                                                   and a tensor param, the left (0) or right (1)
+//                                                                   factor, without the batch axis (transposed: W^T)
+//   softmax_axis dim= | log_softmax_axis dim=                       over one per-sample axis of N-d features
+//   attention in=q,k,v causal= mask= [scale=number]                 F.scaled_dot_product_attention without dropout;
+//                                                                   mask=1 takes one tensor (boolean, or added)
 // A run of chain layers in which each reads the one before, alone, becomes one sweep of the chain
 // walkers (pending scales, the masked ReLU kernel), as in a pure chain.
 //

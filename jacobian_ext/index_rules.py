@@ -183,19 +183,29 @@ class IndexRule(NodeRule):
         return box
 
     def encode(self, plan, g, sources):
-        """One `slice` entry per sliced per-sample axis; integer indices and None have none."""
+        """One `slice` entry per sliced per-sample axis, an integer index as the slice of its one position (q, k, v
+        of qkv.unbind, a class token's x[:, 0]); then a reshape to the node's shape where integers drop axes (or
+        None adds them, or nothing is sliced)."""
         input_shape = plan.shape_of(g.inputs[0])
         parts = self.block_index.argument[2:]
-        if self.block_index.traced or not all(isinstance(p, slice) for p in parts):
+        if self.block_index.traced or not all(p is None or isinstance(p, (slice, int)) for p in parts):
             return None  # a bound computed in the forward: not a constant of the program
-        entries = []
-        for axis, part in enumerate(parts):
-            start, stop, step = part.indices(input_shape[axis])
-            if part == slice(None):
-                continue
-            entries.append((entry("slice", sources if not entries else (), dim=axis, start=start,
-                                  stop=max(stop, start), step=step), []))
-        return entries or [(entry("reshape", sources, shape=list(g.shape)), [])]
+        entries, axis = [], 0
+        for part in parts:
+            if part is None:
+                continue  # a new axis: the reshape adds it
+            if isinstance(part, int):
+                start = part % input_shape[axis]
+                stop, step = start + 1, 1
+            else:
+                start, stop, step = part.indices(input_shape[axis])
+            if part != slice(None):
+                entries.append((entry("slice", sources if not entries else (), dim=axis, start=start,
+                                      stop=max(stop, start), step=step), []))
+            axis += 1
+        if not entries or any(not isinstance(p, slice) for p in parts):
+            entries.append((entry("reshape", sources if not entries else (), shape=list(g.shape)), []))
+        return entries
 
 
 class SelectionRule(NodeRule):
@@ -278,9 +288,35 @@ class CatRule(NodeRule):
         return [by_part[i] for i in g.inputs]
 
     def encode(self, plan, g, sources):
-        if any(part is None for part in self.parts):
-            return None  # a constant part: not a value of the program
-        return [(entry("cat", [plan.slot_of(part) for part in self.parts], dim=self.block_dim - 2), [])]
+        args, kwargs = g.node.args, g.node.kwargs
+        flags, getters = [], []
+        for part, tensor in zip(self.parts, args[0] if args else kwargs["tensors"]):
+            parameter = None if part is not None else _batch_expanded_parameter(plan, tensor)
+            if part is None and parameter is None:
+                return None  # a constant computed otherwise: not a tensor the program can read from the model
+            flags.append(int(part is None))
+            getters += [attribute_getter(plan, parameter)] if parameter is not None else []
+        attributes = {"dim": self.block_dim - 2}
+        if any(flags):
+            attributes["constants"] = flags
+        return [(entry("cat", [plan.slot_of(part) for part in self.parts if part is not None], **attributes), getters)]
+
+
+def _batch_expanded_parameter(plan, node) -> Optional[fx.Node]:
+    """The get_attr node of a part `p.expand(B, -1, ...)` whose parameter p has batch 1 and whose expand changes
+    nothing but the batch (timm's and torchvision's class token), else None."""
+    if not (isinstance(node, fx.Node) and node.op == "call_method" and node.target == "expand" and not node.kwargs
+            and len(node.args) >= 2 and isinstance(node.args[0], fx.Node) and node.args[0].op == "get_attr"):
+        return None
+    parameter = attribute_getter(plan, node.args[0])()
+    sizes = node.args[1:]
+    if len(sizes) == 1 and isinstance(sizes[0], (tuple, list)):
+        sizes = sizes[0]
+    if parameter.dim() != len(sizes) or parameter.shape[0] != 1:
+        return None
+    if not all(size == -1 or size == kept for size, kept in zip(sizes[1:], parameter.shape[1:])):
+        return None
+    return node.args[0]
 
 
 def attribute_getter(plan, node: fx.Node) -> Callable:
