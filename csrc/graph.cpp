@@ -236,6 +236,11 @@ ReverseResult run_reverse(const Program& program, const at::Tensor& input) {
     std::vector<at::Tensor> in;
     for (size_t slot : node.inputs) in.push_back(values[slot]);
     const at::Tensor& x = in[0];
+    if (node.rule && node.rule->reverse_into && node.inputs.size() == 1 && cotangents[node.inputs[0]] &&
+        writable(*cotangents[node.inputs[0]])) {
+      node.rule->reverse_into(node, in, values[node.slot], cotangent, *cotangents[node.inputs[0]]);
+      continue;
+    }
     std::vector<std::optional<at::Tensor>> pulled;
     if (auto scale = foldable_scale(program, producer, node, cotangent)) {
       folded_scales[*producer[node.inputs[0]]] = std::move(scale);

@@ -561,6 +561,25 @@ Slice slice_of(const Node& node, const at::Tensor& x) {
   return cut;
 }
 
+// Zeros [B, R, *shape] for a value [B, *shape], the per-sample axes in the memory order of the value's (by
+// decreasing stride), so that the views that made the value (qkv's permute) undo to a contiguous block. Strided
+// from the start, not a permuted view of a fresh tensor: a view keeps its base alive, and so is not `writable`.
+at::Tensor zeros_block_like(const at::Tensor& value, int64_t rows, const at::TensorOptions& options) {
+  std::vector<int64_t> memory_order(value.dim() - 1);  // the block's per-sample axes, outermost first
+  std::iota(memory_order.begin(), memory_order.end(), 2);
+  std::stable_sort(memory_order.begin(), memory_order.end(),
+                   [&](int64_t a, int64_t b) { return value.stride(a - 1) > value.stride(b - 1); });
+  memory_order.insert(memory_order.begin(), {0, 1});
+  const std::vector<int64_t> sizes = with_leading({value.size(0), rows}, per_sample_shape(value));
+  std::vector<int64_t> strides(sizes.size());
+  int64_t stride = 1;
+  for (size_t i = memory_order.size(); i-- > 0;) {
+    strides[memory_order[i]] = stride;
+    stride *= std::max<int64_t>(sizes[memory_order[i]], 1);
+  }
+  return at::empty_strided(sizes, strides, options).zero_();
+}
+
 GraphKind slice_kind() {
   GraphKind kind;
   kind.attribute_names = {"dim", "start", "stop", "step"};
@@ -585,9 +604,14 @@ GraphKind slice_kind() {
     // The cotangent written into zeros of the input's block.
     const Slice cut = slice_of(node, in[0]);
     const at::Tensor block = explicit_block(g, value);
-    at::Tensor pulled = at::zeros(with_leading({in[0].size(0), block.size(1)}, per_sample_shape(in[0])), block.options());
+    at::Tensor pulled = zeros_block_like(in[0], block.size(1), block.options());
     pulled.slice(cut.axis + 2, cut.start, cut.stop, cut.step).copy_(block);
     return Blocks{pulled};
+  };
+  kind.reverse_into = [](const Node& node, const Values& in, const at::Tensor& value, const std::optional<at::Tensor>& g,
+                         at::Tensor& stored) {
+    const Slice cut = slice_of(node, in[0]);
+    stored.slice(cut.axis + 2, cut.start, cut.stop, cut.step).add_(explicit_block(g, value));
   };
   return kind;
 }

@@ -100,6 +100,12 @@ struct GraphKind {
   std::function<std::pair<at::Tensor, at::Tensor>(const Node&, const Values& in)> value_saving;
   std::function<Blocks(const Node&, const Values& in, const at::Tensor& saved, const std::optional<at::Tensor>& cotangent)>
       reverse_saved;
+  // Optional, reverse mode: adds the input's cotangent into `stored`, the input's block that another reader's
+  // contribution already holds and nothing else does, instead of returning a block of the input's whole shape (a
+  // slice adds its box alone: q, k and v of qkv.unbind fill one block, not three blocks of zeros summed).
+  std::function<void(const Node&, const Values& in, const at::Tensor& value, const std::optional<at::Tensor>& cotangent,
+                     at::Tensor& stored)>
+      reverse_into;
 };
 
 // The rule of a graph kind, or nullptr for a chain layer's kind (linear, an activation, ...).
