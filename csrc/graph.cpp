@@ -1,5 +1,5 @@
 // The graph executor: a whole model of native rules (residual adds, concatenation, convolutions, batch
-// norm, pooling, reshapes and permutes, Linear, activations, softmax) as one call of
+// norm, pooling, reshapes and permutes, Linear, activations, softmax, attention) as one call of
 // jacext::batch_jacobian, in forward or reverse mode, with no Python per node. The program is read in
 // graph_program.cpp; the rule of each graph kind is one entry of graph_kinds.cpp.
 //
@@ -27,7 +27,9 @@
 //   avg_pool2d kernel= stride= padding= ceil= count_include_pad= [divisor=]
 //   adaptive_avg_pool2d size=
 //   linear_last_axis bias=                                          params weight[, bias]; over the last axis
-//   reshape shape=            permute dims=          mean|sum dims= keepdim=       cat in= dim=
+//   reshape shape=            permute dims=          mean|sum dims= keepdim=
+//   cat in= dim= [constants=]                                       constants: a flag per part, 1 for a tensor
+//                                                                   param [1, ...] expanded over the batch
 //   slice dim= start= stop= step=                                   basic slicing of one per-sample axis
 //   gather dim= | index_select dim=                                 params index; x.gather / x.index_select
 //                                                                   (a gather index of batch 1 broadcasts)
@@ -35,6 +37,12 @@
 //                                                                   offset_param takes one tensor)
 //   mul in=a,b | div in=a,b                                         product / quotient of two values
 //   scale divide= (factor=number | one tensor param)                in * factor or in / factor
+//   matmul in=a,b | matmul constant=0|1 [transpose=1]               a @ b of two values of one rank, or of one value
+//                                                                   and a tensor param, the left (0) or right (1)
+//                                                                   factor, without the batch axis (transposed: W^T)
+//   softmax_axis dim= | log_softmax_axis dim=                       over one per-sample axis of N-d features
+//   attention in=q,k,v causal= mask= [scale=number]                 F.scaled_dot_product_attention without dropout;
+//                                                                   mask=1 takes one tensor (boolean, or added)
 // A run of chain layers in which each reads the one before, alone, becomes one sweep of the chain
 // walkers (pending scales, the masked ReLU kernel), as in a pure chain.
 //
@@ -237,6 +245,11 @@ ReverseResult run_reverse(const Program& program, const at::Tensor& input) {
     std::vector<at::Tensor> in;
     for (size_t slot : node.inputs) in.push_back(values[slot]);
     const at::Tensor& x = in[0];
+    if (node.rule && node.rule->reverse_into && node.inputs.size() == 1 && cotangents[node.inputs[0]] &&
+        writable(*cotangents[node.inputs[0]])) {
+      node.rule->reverse_into(node, in, values[node.slot], cotangent, *cotangents[node.inputs[0]]);
+      continue;
+    }
     std::vector<std::optional<at::Tensor>> pulled;
     if (auto scale = foldable_scale(program, producer, node, cotangent)) {
       folded_scales[*producer[node.inputs[0]]] = std::move(scale);

@@ -6,9 +6,11 @@
 // G[b, c, *shape]; std::nullopt is the lazy identity, which the index maps that need rows materialise.
 #include "jacext/checks.h"
 #include "jacext/graph_program.h"
+#include "jacext/jacobian_block.h"
 
 #include <algorithm>
 #include <cctype>
+#include <cmath>
 #include <limits>
 #include <numeric>
 
@@ -468,27 +470,78 @@ int64_t dim_axis(const Node& node, const at::Tensor& x) {
   return sample_axes(node, {node.attributes.dim}, x.dim() - 1)[0];
 }
 
+// The parts of a cat entry in order: its values, and where constants= flags a part 1, the next tensor of params
+// [1, *part shape] expanded over the batch (a class token, constant for the derivative).
+std::vector<at::Tensor> cat_parts(const Node& node, const Values& in) {
+  const std::vector<int64_t>& constants = node.attributes.constant_parts;
+  if (constants.empty()) return in;
+  std::vector<at::Tensor> parts;
+  size_t next_value = 0, next_param = 0;
+  for (int64_t constant : constants) {
+    if (!constant) {
+      parts.push_back(in[next_value++]);
+      continue;
+    }
+    const at::Tensor& part = node.params[next_param++];
+    check_same_dtype_device(in[0], part, kOp, "params (cat part)");
+    TORCH_CHECK_VALUE(part.dim() == in[0].dim() && part.size(0) == 1, kOp, ": ", where(node),
+                      " needs a constant part [1, ...] of the values' rank ", in[0].dim(), ", got ", part.sizes());
+    parts.push_back(part.expand(with_leading({in[0].size(0)}, per_sample_shape(part))));
+  }
+  return parts;
+}
+
 GraphKind cat_kind() {
   GraphKind kind;
-  kind.attribute_names = {"dim"};
+  kind.attribute_names = {"dim", "constants"};
   kind.inputs = 0;
   kind.decode = [](const AttributeText& text, Node& node) -> size_t {
-    node.attributes.dim = text.integer("dim");
-    return 0;
+    Attributes& a = node.attributes;
+    a.dim = text.integer("dim");
+    a.constant_parts = text.has("constants") ? text.ints("constants") : std::vector<int64_t>{};
+    const auto constants = static_cast<size_t>(std::count(a.constant_parts.begin(), a.constant_parts.end(), 1));
+    const bool flags = std::all_of(a.constant_parts.begin(), a.constant_parts.end(),
+                                   [](int64_t flag) { return flag == 0 || flag == 1; });
+    TORCH_CHECK_VALUE(a.constant_parts.empty() || (flags && a.constant_parts.size() == node.inputs.size() + constants),
+                      kOp, ": ", where(node), " needs constants= flags (0 or 1), one per part: ", node.inputs.size(),
+                      " values and the constants");
+    return constants;
   };
-  kind.value = [](const Node& node, const Values& in) { return at::cat(in, dim_axis(node, in[0]) + 1); };
+  kind.value = [](const Node& node, const Values& in) { return at::cat(cat_parts(node, in), dim_axis(node, in[0]) + 1); };
   kind.forward = value_then_tangent(
       [](const Node& node, const Values& in, const Blocks& tangents, const at::Tensor&) -> std::optional<at::Tensor> {
+        const std::vector<at::Tensor> parts = cat_parts(node, in);
+        const std::vector<int64_t>& constants = node.attributes.constant_parts;
         std::vector<at::Tensor> blocks;
-        for (size_t i = 0; i < in.size(); ++i) blocks.push_back(explicit_block(tangents[i], in[i]));
+        size_t next_value = 0;
+        std::optional<int64_t> rows;
+        for (size_t i = 0; i < parts.size(); ++i) {
+          if (!constants.empty() && constants[i]) {
+            blocks.emplace_back();  // zeros, once the rows are known
+            continue;
+          }
+          blocks.push_back(explicit_block(tangents[next_value], in[next_value]));
+          rows = blocks.back().size(1);
+          ++next_value;
+        }
+        for (size_t i = 0; i < parts.size(); ++i) {
+          if (!blocks[i].defined()) {
+            blocks[i] = at::zeros(with_leading({parts[i].size(0), *rows}, per_sample_shape(parts[i])), parts[i].options());
+          }
+        }
         return at::cat(blocks, dim_axis(node, in[0]) + 2);
       });
   kind.reverse = [](const Node& node, const Values& in, const at::Tensor& value, const std::optional<at::Tensor>& g) {
     const int64_t axis = dim_axis(node, in[0]);
+    const std::vector<at::Tensor> parts = cat_parts(node, in);
+    const std::vector<int64_t>& constants = node.attributes.constant_parts;
     std::vector<int64_t> sizes;
-    for (const at::Tensor& part : in) sizes.push_back(part.size(axis + 1));
+    for (const at::Tensor& part : parts) sizes.push_back(part.size(axis + 1));
     Blocks pulled;
-    for (const at::Tensor& piece : explicit_block(g, value).split_with_sizes(sizes, axis + 2)) pulled.emplace_back(piece);
+    const std::vector<at::Tensor> pieces = explicit_block(g, value).split_with_sizes(sizes, axis + 2);
+    for (size_t i = 0; i < pieces.size(); ++i) {
+      if (constants.empty() || !constants[i]) pulled.emplace_back(pieces[i]);  // a constant's piece has no input
+    }
     return pulled;
   };
   return kind;
@@ -507,6 +560,25 @@ Slice slice_of(const Node& node, const at::Tensor& x) {
                     where(node), " needs 0 <= start <= stop <= ", size, " and step >= 1, got start=", cut.start,
                     " stop=", cut.stop, " step=", cut.step);
   return cut;
+}
+
+// Zeros [B, R, *shape] for a value [B, *shape], the per-sample axes in the memory order of the value's (by
+// decreasing stride), so that the views that made the value (qkv's permute) undo to a contiguous block. Strided
+// from the start, not a permuted view of a fresh tensor: a view keeps its base alive, and so is not `writable`.
+at::Tensor zeros_block_like(const at::Tensor& value, int64_t rows, const at::TensorOptions& options) {
+  std::vector<int64_t> memory_order(value.dim() - 1);  // the block's per-sample axes, outermost first
+  std::iota(memory_order.begin(), memory_order.end(), 2);
+  std::stable_sort(memory_order.begin(), memory_order.end(),
+                   [&](int64_t a, int64_t b) { return value.stride(a - 1) > value.stride(b - 1); });
+  memory_order.insert(memory_order.begin(), {0, 1});
+  const std::vector<int64_t> sizes = with_leading({value.size(0), rows}, per_sample_shape(value));
+  std::vector<int64_t> strides(sizes.size());
+  int64_t stride = 1;
+  for (size_t i = memory_order.size(); i-- > 0;) {
+    strides[memory_order[i]] = stride;
+    stride *= std::max<int64_t>(sizes[memory_order[i]], 1);
+  }
+  return at::empty_strided(sizes, strides, options).zero_();
 }
 
 GraphKind slice_kind() {
@@ -533,9 +605,14 @@ GraphKind slice_kind() {
     // The cotangent written into zeros of the input's block.
     const Slice cut = slice_of(node, in[0]);
     const at::Tensor block = explicit_block(g, value);
-    at::Tensor pulled = at::zeros(with_leading({in[0].size(0), block.size(1)}, per_sample_shape(in[0])), block.options());
+    at::Tensor pulled = zeros_block_like(in[0], block.size(1), block.options());
     pulled.slice(cut.axis + 2, cut.start, cut.stop, cut.step).copy_(block);
     return Blocks{pulled};
+  };
+  kind.reverse_into = [](const Node& node, const Values& in, const at::Tensor& value, const std::optional<at::Tensor>& g,
+                         at::Tensor& stored) {
+    const Slice cut = slice_of(node, in[0]);
+    stored.slice(cut.axis + 2, cut.start, cut.stop, cut.step).add_(explicit_block(g, value));
   };
   return kind;
 }
@@ -982,6 +1059,247 @@ GraphKind scale_kind() {
   return kind;
 }
 
+// ---- attention: matrix products of values, softmax over one axis, scaled dot-product attention ----
+
+// Products of a block [B, R, ..., n, k] (rows second) with a factor that has no rows axis: a value [B, ..., k, m]
+// (`batched`) or a tensor of params [..., k, m] without the batch axis. einsum folds the rows into the block's
+// matrix rows (n, or m on the right), so each is one product per sample and broadcast axis, not one per row;
+// the axes between the batch and the matrices broadcast as in matmul.
+at::Tensor block_times(const at::Tensor& block, const at::Tensor& factor, bool batched) {
+  return at::einsum(batched ? "br...nk,b...km->br...nm" : "br...nk,...km->br...nm", {block, factor});
+}
+
+at::Tensor times_block(const at::Tensor& factor, const at::Tensor& block, bool batched) {
+  return at::einsum(batched ? "b...nk,br...km->br...nm" : "...nk,br...km->br...nm", {factor, block});
+}
+
+// A pulled-back block summed over the axes its value was broadcast along.
+at::Tensor summed_to(const at::Tensor& block, const at::Tensor& value) {
+  return block.sum_to_size(with_leading({value.size(0), block.size(1)}, per_sample_shape(value)));
+}
+
+// The factors of a matmul entry: two values of one rank (>= 3, so that broadcasting keeps their batch axes
+// together), or one value and a tensor of params with 2 to rank - 1 axes (it cannot reach the batch axis).
+struct Factors {
+  at::Tensor left, right;
+  bool batched[2];
+};
+
+Factors matmul_factors(const Node& node, const Values& in) {
+  const Attributes& a = node.attributes;
+  Factors f{in[0], in.size() > 1 ? in[1] : at::Tensor(), {true, true}};
+  if (a.constant_factor) {
+    at::Tensor constant = node.params[0];
+    check_same_dtype_device(in[0], constant, kOp, "params (matmul factor)");
+    TORCH_CHECK_VALUE(constant.dim() >= 2 && constant.dim() < in[0].dim(), kOp, ": ", where(node),
+                      " needs a constant factor with 2 to ", in[0].dim() - 1, " axes for a value of shape ",
+                      in[0].sizes(), ", got ", constant.sizes());
+    if (a.transpose) constant = constant.transpose(-2, -1);
+    (*a.constant_factor == 0 ? f.left : f.right) = constant;
+    (*a.constant_factor == 0 ? f.right : f.left) = in[0];
+    f.batched[*a.constant_factor] = false;
+  }
+  for (int i = 0; i < 2; ++i) {
+    const at::Tensor& factor = i == 0 ? f.left : f.right;
+    TORCH_CHECK_VALUE(!f.batched[i] || factor.dim() >= 3, kOp, ": ", where(node),
+                      " needs per-sample matrices (at least 2 axes after the batch), got shape ", factor.sizes());
+  }
+  TORCH_CHECK_VALUE(!f.batched[0] || !f.batched[1] || f.left.dim() == f.right.dim(), kOp, ": ", where(node),
+                    " needs two values of one rank, got shapes ", f.left.sizes(), " and ", f.right.sizes());
+  TORCH_CHECK_VALUE(f.left.size(-1) == f.right.size(-2), kOp, ": ", where(node), " cannot multiply ",
+                    f.left.sizes(), " by ", f.right.sizes());
+  return f;
+}
+
+GraphKind matmul_kind() {
+  GraphKind kind;
+  kind.attribute_names = {"constant", "transpose"};
+  kind.inputs = 0;  // two values, or one with a constant factor
+  kind.decode = [](const AttributeText& text, Node& node) -> size_t {
+    Attributes& a = node.attributes;
+    a.constant_factor = text.optional_integer("constant");
+    a.transpose = text.has("transpose") && text.flag("transpose");
+    TORCH_CHECK_VALUE(!a.constant_factor || *a.constant_factor == 0 || *a.constant_factor == 1, kOp, ": ",
+                      where(node), " attribute constant must be 0 (the left factor) or 1 (the right), got ",
+                      *a.constant_factor);
+    TORCH_CHECK_VALUE(a.constant_factor || !a.transpose, kOp, ": ", where(node),
+                      " attribute transpose applies to a constant factor only");
+    const size_t values = a.constant_factor ? 1 : 2;
+    TORCH_CHECK_VALUE(node.inputs.size() == values, kOp, ": ", where(node), " reads ", node.inputs.size(),
+                      " slots, expected ", values);
+    return a.constant_factor ? 1 : 0;
+  };
+  kind.value = [](const Node& node, const Values& in) {
+    const Factors f = matmul_factors(node, in);
+    return at::matmul(f.left, f.right);
+  };
+  kind.forward = value_then_tangent(
+      [](const Node& node, const Values& in, const Blocks& tangents, const at::Tensor&) -> std::optional<at::Tensor> {
+        // T = T_left right + left T_right, each term where that factor is a value (the values in input order).
+        const Factors f = matmul_factors(node, in);
+        std::optional<at::Tensor> total;
+        if (f.batched[0]) total = block_times(explicit_block(tangents[0], in[0]), f.right, f.batched[1]);
+        if (f.batched[1]) {
+          const size_t i = in.size() - 1;
+          const at::Tensor term = times_block(f.left, explicit_block(tangents[i], in[i]), f.batched[0]);
+          total = total ? *total + term : term;
+        }
+        return total;
+      });
+  kind.reverse = [](const Node& node, const Values& in, const at::Tensor& value, const std::optional<at::Tensor>& g) {
+    // G right^T for the left factor, left^T G for the right one, in input order.
+    const Factors f = matmul_factors(node, in);
+    const at::Tensor block = explicit_block(g, value);
+    Blocks pulled;
+    if (f.batched[0]) pulled.emplace_back(summed_to(block_times(block, f.right.transpose(-2, -1), f.batched[1]), f.left));
+    if (f.batched[1]) pulled.emplace_back(summed_to(times_block(f.left.transpose(-2, -1), block, f.batched[0]), f.right));
+    return pulled;
+  };
+  return kind;
+}
+
+// The softmax-family row update (the chain layers' kernel, softmax.cpp: saturation-stable) on a block [B, R, *shape]
+// over per-sample axis `axis`, with the probabilities [B, *shape]: every other axis folded into the batch of its
+// [N, R, H] rows. The softmax Jacobian is symmetric, so one update serves both sweeps; log-softmax has one per sweep.
+at::Tensor softmax_block(const at::Tensor& block, const at::Tensor& probabilities, int64_t axis, SoftmaxVariant variant) {
+  const int64_t rows = block.size(1), features = block.size(axis + 2);
+  const at::Tensor moved = block.movedim(axis + 2, -1).movedim(1, -2);  // [B, *others, R, H]
+  const int64_t folded_batch = c10::multiply_integers(moved.sizes().slice(0, moved.dim() - 2));  // no -1: B may be 0
+  const at::Tensor folded = moved.reshape({folded_batch, rows, features});
+  const at::Tensor p = probabilities.movedim(axis + 1, -1).reshape({folded_batch, features});
+  const at::Tensor updated = softmax_rows(JacobianBlock::per_sample(folded), p, variant).values;
+  return updated.view(moved.sizes()).movedim(-2, 1).movedim(-1, axis + 2);
+}
+
+// softmax (`log` false) or log_softmax over one per-sample axis of N-d features (attention's scores over the keys).
+GraphKind axis_softmax_kind(bool log) {
+  GraphKind kind;
+  kind.attribute_names = {"dim"};
+  kind.decode = [](const AttributeText& text, Node& node) -> size_t {
+    node.attributes.dim = text.integer("dim");
+    return 0;
+  };
+  kind.value = [log](const Node& node, const Values& in) {
+    const int64_t axis = dim_axis(node, in[0]) + 1;
+    return log ? at::log_softmax(in[0], axis) : at::softmax(in[0], axis);
+  };
+  kind.forward = value_then_tangent([log](const Node& node, const Values& in, const Blocks& tangents,
+                                          const at::Tensor& value) -> std::optional<at::Tensor> {
+    return softmax_block(explicit_block(tangents[0], in[0]), log ? value.exp() : value, dim_axis(node, in[0]),
+                         log ? SoftmaxVariant::LogSoftmaxForward : SoftmaxVariant::Softmax);
+  });
+  kind.reverse = [log](const Node& node, const Values& in, const at::Tensor& value, const std::optional<at::Tensor>& g) {
+    return Blocks{softmax_block(explicit_block(g, value), log ? value.exp() : value, dim_axis(node, in[0]),
+                                log ? SoftmaxVariant::LogSoftmaxReverse : SoftmaxVariant::Softmax)};
+  };
+  return kind;
+}
+
+// F.scaled_dot_product_attention(q, k, v) without dropout, as its math reference: p = softmax(q k^T scale + mask),
+// out = p v, the mask a tensor of params (boolean: where to attend; else added) and is_causal the lower triangle.
+double attention_scale(const Node& node, const at::Tensor& q) {
+  return node.attributes.factor.value_or(1.0 / std::sqrt(static_cast<double>(q.size(-1))));
+}
+
+at::Tensor attention_probabilities(const Node& node, const Values& in) {
+  const at::Tensor &q = in[0], &k = in[1];
+  const Attributes& a = node.attributes;
+  at::Tensor scores = at::matmul(q, k.transpose(-2, -1)) * attention_scale(node, q);
+  const double minus_infinity = -std::numeric_limits<double>::infinity();
+  if (a.causal) {
+    const at::Tensor keep = at::ones({scores.size(-2), scores.size(-1)}, q.options().dtype(at::kBool)).tril();
+    scores = scores.masked_fill(keep.logical_not(), minus_infinity);
+  }
+  if (a.mask) {
+    const at::Tensor& mask = node.params[0];
+    TORCH_CHECK_VALUE(mask.device() == q.device(), kOp, ": ", where(node), " needs its mask on ", q.device(),
+                      ", got ", mask.device());
+    // The mask may not have the batch axis: it is the same for every call, whatever the batch size.
+    TORCH_CHECK_VALUE(mask.dim() < scores.dim() || (mask.dim() == scores.dim() && mask.size(0) == 1), kOp, ": ",
+                      where(node), " needs a mask without the batch axis (fewer axes than the scores ",
+                      scores.sizes(), ", or size 1 there), got ", mask.sizes());
+    bool broadcasts = true;
+    for (int64_t i = 1; i <= mask.dim(); ++i) {
+      broadcasts = broadcasts && (mask.size(-i) == 1 || mask.size(-i) == scores.size(-i));
+    }
+    TORCH_CHECK_VALUE(broadcasts, kOp, ": ", where(node), " needs a mask that broadcasts to the scores ",
+                      scores.sizes(), ", got ", mask.sizes());
+    if (mask.scalar_type() == at::kBool) {
+      scores = scores.masked_fill(mask.logical_not(), minus_infinity);
+    } else {
+      check_same_dtype_device(q, mask, kOp, "params (attention mask)");
+      scores = scores + mask;
+    }
+  }
+  return at::softmax(scores, -1);
+}
+
+// The value from the inputs and the probabilities.
+at::Tensor attention_output(const Values& in, const at::Tensor& probabilities) { return at::matmul(probabilities, in[2]); }
+
+// q [B, ..., L, d], k [B, ..., S, d], v [B, ..., S, e]: one rank, one dtype and device, matching sizes.
+void check_attention_inputs(const Node& node, const Values& in) {
+  const at::Tensor &q = in[0], &k = in[1], &v = in[2];
+  for (size_t i = 1; i < 3; ++i) check_same_dtype_device(q, in[i], kOp, "values (attention key and value)");
+  TORCH_CHECK_VALUE(q.dim() >= 3 && k.dim() == q.dim() && v.dim() == q.dim() && k.size(-1) == q.size(-1) &&
+                        v.size(-2) == k.size(-2),
+                    kOp, ": ", where(node), " needs a query [B, ..., L, d], key [B, ..., S, d] and value [B, ..., S, e]",
+                    " of one rank >= 3, got shapes ", q.sizes(), ", ", k.sizes(), " and ", v.sizes());
+}
+
+Blocks attention_reverse(const Node& node, const Values& in, const at::Tensor& p, const std::optional<at::Tensor>& cotangent) {
+  const at::Tensor &q = in[0], &k = in[1], &v = in[2];
+  // The lazy identity (the attention's output is the model's) sized by the value.
+  const at::Tensor g = cotangent ? *cotangent : explicit_block(std::nullopt, attention_output(in, p));
+  const at::Tensor g_p = block_times(g, v.transpose(-2, -1), true);
+  const at::Tensor g_scores = softmax_block(g_p, p, p.dim() - 2, SoftmaxVariant::Softmax) * attention_scale(node, q);
+  return Blocks{summed_to(block_times(g_scores, k, true), q),
+                summed_to(block_times(g_scores.transpose(-2, -1), q, true), k),
+                summed_to(times_block(p.transpose(-2, -1), g, true), v)};
+}
+
+GraphKind attention_kind() {
+  GraphKind kind;
+  kind.attribute_names = {"causal", "mask", "scale"};
+  kind.inputs = 3;
+  kind.decode = [](const AttributeText& text, Node& node) -> size_t {
+    Attributes& a = node.attributes;
+    a.causal = text.flag("causal");
+    a.mask = text.flag("mask");
+    a.factor = text.optional_number("scale");
+    return a.mask ? 1 : 0;
+  };
+  kind.value = [](const Node& node, const Values& in) {
+    check_attention_inputs(node, in);
+    return attention_output(in, attention_probabilities(node, in));
+  };
+  kind.forward = [](const Node& node, const Values& in, const Blocks& tangents) {
+    check_attention_inputs(node, in);
+    const at::Tensor &q = in[0], &k = in[1], &v = in[2];
+    const at::Tensor p = attention_probabilities(node, in);
+    const at::Tensor t_q = explicit_block(tangents[0], q), t_k = explicit_block(tangents[1], k);
+    const at::Tensor t_scores =
+        (block_times(t_q, k.transpose(-2, -1), true) + times_block(q, t_k.transpose(-2, -1), true)) *
+        attention_scale(node, q);
+    const at::Tensor t_p = softmax_block(t_scores, p, p.dim() - 2, SoftmaxVariant::Softmax);
+    const at::Tensor tangent = block_times(t_p, v, true) + times_block(p, explicit_block(tangents[2], v), true);
+    return Forward{attention_output(in, p), tangent};
+  };
+  // The reverse sweep keeps the probabilities from its value pass instead of recomputing them.
+  kind.value_saving = [](const Node& node, const Values& in) {
+    check_attention_inputs(node, in);
+    at::Tensor p = attention_probabilities(node, in);
+    return std::pair<at::Tensor, at::Tensor>{attention_output(in, p), p};
+  };
+  kind.reverse_saved = [](const Node& node, const Values& in, const at::Tensor& p, const std::optional<at::Tensor>& g) {
+    return attention_reverse(node, in, p, g);
+  };
+  kind.reverse = [](const Node& node, const Values& in, const at::Tensor&, const std::optional<at::Tensor>& g) {
+    return attention_reverse(node, in, attention_probabilities(node, in), g);
+  };
+  return kind;
+}
+
 const std::map<std::string, GraphKind>& graph_kinds() {
   static const std::map<std::string, GraphKind> kinds = {
       {"roll", shift_kind(true)},
@@ -1011,6 +1329,10 @@ const std::map<std::string, GraphKind>& graph_kinds() {
       {"mul", product_kind(false)},
       {"div", product_kind(true)},
       {"scale", scale_kind()},
+      {"matmul", matmul_kind()},
+      {"softmax_axis", axis_softmax_kind(false)},
+      {"log_softmax_axis", axis_softmax_kind(true)},
+      {"attention", attention_kind()},
   };
   return kinds;
 }

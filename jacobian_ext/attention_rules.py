@@ -16,8 +16,8 @@ from torch import fx
 
 from . import ops
 from .blocks import NodeRule, call_arguments, explicit_block
-from .index_rules import constant_getter
-from .program import entry
+from .index_rules import attribute_getter, constant_getter
+from .program import attention_scores, entry
 
 MATMULS = {operator.matmul, torch.matmul, torch.bmm, "matmul", "bmm"}
 EINSUMS = {torch.einsum, torch.functional.einsum}  # one function today; a set in case a release splits them
@@ -97,6 +97,45 @@ class MatmulRule(NodeRule):
                 part = _sum_to_block(part, env[operand], block.shape[1])
                 pulled[operand] = part if operand not in pulled else pulled[operand] + part  # x @ x
         return [pulled[i] for i in g.inputs]
+
+    def encode(self, plan, g, sources):
+        if all(self.carried):
+            return [(entry("matmul", [plan.slot_of(o) for o in self.operands]), [])]
+        side = self.carried.index(False)
+        found = _parameter_factor(plan, self.operands[side])
+        if found is None:
+            return None  # a constant computed in the forward (a slice of a weight), or a tensor literal: not a
+            # parameter or buffer the program can read at every call
+        parameter, transpose = found
+        carried = self.operands[1 - side]
+        return [(entry("matmul", [plan.slot_of(carried)], constant=side, transpose=transpose),
+                 [attribute_getter(plan, parameter)])]
+
+
+_TRANSPOSES = {"t", torch.t, "transpose", torch.transpose}
+
+
+def _parameter_factor(plan, operand) -> Optional[Tuple[fx.Node, bool]]:
+    """(get_attr node, transposed) where a constant factor is a parameter or buffer, or its transpose over the
+    last two axes (x @ W.t(), W.T, W.mT, W.transpose(-2, -1): nn.MultiheadAttention's projections); None else."""
+    if not isinstance(operand, fx.Node):
+        return None
+    if operand.op == "get_attr":
+        return operand, False
+    source = operand.args[0] if operand.args else None
+    if not (isinstance(source, fx.Node) and source.op == "get_attr"):
+        return None
+    ndim = attribute_getter(plan, source)().dim()
+    if operand.op in ("call_method", "call_function") and operand.target in _TRANSPOSES and not operand.kwargs:
+        axes = operand.args[1:]
+        if operand.target in ("t", torch.t) and not axes and ndim == 2:
+            return source, True
+        if len(axes) == 2 and all(isinstance(a, int) for a in axes) and {a % ndim for a in axes} == {ndim - 2, ndim - 1}:
+            return source, True
+    if operand.op == "call_function" and operand.target is getattr and len(operand.args) == 2:
+        if operand.args[1] == "mT" or (operand.args[1] == "T" and ndim == 2):
+            return source, True
+    return None
 
 
 class EinsumRule(NodeRule):
@@ -200,6 +239,9 @@ class AxisSoftmaxRule(NodeRule):
         return [softmax_cotangent(value, explicit_block(cotangent, value.shape[0], g.shape, value), self.axis,
                                   self.log)]
 
+    def encode(self, plan, g, sources):
+        return [(entry("log_softmax_axis" if self.log else "softmax_axis", sources, dim=self.axis), [])]
+
 
 class NormalizeRule(NodeRule):
     """F.normalize(x, p=2, dim, eps): y = x / max(|x|, eps) over one per-sample axis (cosine attention's queries
@@ -251,15 +293,9 @@ class AttentionRule(NodeRule):
     def _scores(self, env):
         """(s [B, ..., L, S], scale) as the math reference of F.scaled_dot_product_attention computes them."""
         q, k, _ = _operand_values(env, self.operands)
-        scale = self.scale if self.scale is not None else 1.0 / math.sqrt(q.shape[-1])
-        scores = (q @ k.transpose(-1, -2)) * scale
-        if self.causal:
-            keep = torch.ones(scores.shape[-2], scores.shape[-1], dtype=torch.bool, device=scores.device).tril()
-            scores = scores.masked_fill(~keep, float("-inf"))
         mask = env[self.mask] if isinstance(self.mask, fx.Node) else self.mask
-        if mask is not None:
-            scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
-        return scores, scale
+        scale = self.scale if self.scale is not None else 1.0 / math.sqrt(q.shape[-1])
+        return attention_scores(q, k, mask, self.causal, scale), scale
 
     def _factors(self, env):
         return [v.unsqueeze(1) for v in _operand_values(env, self.operands)]
@@ -307,6 +343,22 @@ class AttentionRule(NodeRule):
             if self.carried[1]:
                 add(self.operands[1], torch.einsum("br...qk,b...qd->br...kd", g_scores, q))
         return [pulled[i] for i in g.inputs]
+
+    def encode(self, plan, g, sources):
+        if not all(self.carried):
+            return None  # a constant query, key or value (a fixed memory): the entry reads all three as values
+        attributes, getters = {"causal": self.causal, "mask": self.mask is not None}, []
+        if self.scale is not None:
+            attributes["scale"] = float(self.scale)
+        if self.mask is not None:
+            if not (isinstance(self.mask, fx.Node) and self.mask.op == "get_attr"):
+                return None  # a mask computed in the forward (swin's) or a tensor literal: not a parameter or
+                # buffer the program can read at every call
+            mask, scores_rank = attribute_getter(plan, self.mask)(), len(g.shape) + 1
+            if mask.dim() > scores_rank or (mask.dim() == scores_rank and mask.shape[0] != 1):
+                return None  # a mask along the batch axis holds the probe's batch size, not any batch's
+            getters.append(attribute_getter(plan, self.mask))
+        return [(entry("attention", [plan.slot_of(o) for o in self.operands], **attributes), getters)]
 
 
 # ---- choosing them ----

@@ -319,9 +319,35 @@ class CatRule(NodeRule):
         return [by_part[i] for i in g.inputs]
 
     def encode(self, plan, g, sources):
-        if any(part is None for part in self.parts):
-            return None  # a constant part: not a value of the program
-        return [(entry("cat", [plan.slot_of(part) for part in self.parts], dim=self.block_dim - 2), [])]
+        args, kwargs = g.node.args, g.node.kwargs
+        flags, getters = [], []
+        for part, tensor in zip(self.parts, args[0] if args else kwargs["tensors"]):
+            parameter = None if part is not None else _batch_expanded_parameter(plan, tensor)
+            if part is None and parameter is None:
+                return None  # a constant computed otherwise: not a tensor the program can read from the model
+            flags.append(int(part is None))
+            getters += [attribute_getter(plan, parameter)] if parameter is not None else []
+        attributes = {"dim": self.block_dim - 2}
+        if any(flags):
+            attributes["constants"] = flags
+        return [(entry("cat", [plan.slot_of(part) for part in self.parts if part is not None], **attributes), getters)]
+
+
+def _batch_expanded_parameter(plan, node) -> Optional[fx.Node]:
+    """The get_attr node of a part `p.expand(B, -1, ...)` whose parameter p has batch 1 and whose expand changes
+    nothing but the batch (timm's and torchvision's class token), else None."""
+    if not (isinstance(node, fx.Node) and node.op == "call_method" and node.target == "expand" and not node.kwargs
+            and len(node.args) >= 2 and isinstance(node.args[0], fx.Node) and node.args[0].op == "get_attr"):
+        return None
+    parameter = attribute_getter(plan, node.args[0])()
+    sizes = node.args[1:]
+    if len(sizes) == 1 and isinstance(sizes[0], (tuple, list)):
+        sizes = sizes[0]
+    if parameter.dim() != len(sizes) or parameter.shape[0] != 1:
+        return None
+    if not all(size == -1 or size == kept for size, kept in zip(sizes[1:], parameter.shape[1:])):
+        return None
+    return node.args[0]
 
 
 def attribute_getter(plan, node: fx.Node) -> Callable:

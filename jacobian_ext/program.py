@@ -7,7 +7,7 @@ csrc/graph.cpp; ``entry(kind, **attributes)`` writes an entry in it, and ``is_gr
 the C++ op decides, whether an encoding is a graph program or a plain chain of layer names.
 """
 import math
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -19,7 +19,8 @@ CHAIN_KINDS = ("linear", "linear_no_bias", "softmax", "log_softmax")
 GRAPH_KINDS = ("roll", "flip", "pad", "normalize", "einsum",
                "conv", "batch_norm", "layer_norm", "rms_norm", "max_pool2d", "avg_pool2d", "adaptive_avg_pool2d",
                "linear_last_axis", "reshape", "permute", "mean", "sum", "cat", "add", "mul", "div", "scale", "slice",
-               "gather", "index_select")
+               "gather", "index_select",
+               "matmul", "softmax_axis", "log_softmax_axis", "attention")
 
 
 def _text(value) -> str:
@@ -76,6 +77,12 @@ def _param_count(kind: str, a: Dict[str, str]) -> int:
         return int("offset_param" in a)
     if kind == "scale":
         return int("factor" not in a)
+    if kind == "matmul":
+        return int("constant" in a)
+    if kind == "cat":
+        return _ints(a.get("constants", "")).count(1)
+    if kind == "attention":
+        return int(_flag(a, "mask"))
     return 0
 
 
@@ -138,8 +145,11 @@ def _apply(kind: str, a: Dict[str, str], inputs: List[Tensor], params: List[Tens
     if kind in ("mean", "sum"):
         dims = [d + 1 for d in _ints(a["dims"])]
         return (x.mean if kind == "mean" else x.sum)(dims, keepdim=_flag(a, "keepdim"))
-    if kind == "cat":
-        return torch.cat(inputs, int(a["dim"]) + 1)
+    if kind == "cat":  # constants= interleaves params [1, ...], expanded over the batch, with the values
+        values, constants = iter(inputs), iter(params)
+        parts = [next(constants).expand(batch, *[-1] * (x.dim() - 1)) if flag else next(values)
+                 for flag in _ints(a.get("constants", "")) or [0] * len(inputs)]
+        return torch.cat(parts, int(a["dim"]) + 1)
     if kind == "slice":
         return x[(slice(None),) * (int(a["dim"]) + 1) + (slice(int(a["start"]), int(a["stop"]), int(a["step"])),)]
     if kind == "gather":  # an index of batch 1 broadcasts over the batch
@@ -169,10 +179,36 @@ def _apply(kind: str, a: Dict[str, str], inputs: List[Tensor], params: List[Tens
     if kind == "scale":
         factor = float(a["factor"]) if "factor" in a else params[0]
         return x / factor if _flag(a, "divide") else x * factor
+    if kind == "matmul":
+        factors = list(inputs)
+        if "constant" in a:  # a tensor of params without the batch axis, on the stated side
+            factors.insert(int(a["constant"]), params[0].transpose(-2, -1) if _flag(a, "transpose") else params[0])
+        return torch.matmul(*factors)
+    if kind in ("softmax_axis", "log_softmax_axis"):
+        return (torch.softmax if kind == "softmax_axis" else torch.log_softmax)(x, int(a["dim"]) + 1)
+    if kind == "attention":
+        scale = float(a["scale"]) if "scale" in a else None
+        mask = params[0] if params else None
+        return torch.softmax(attention_scores(x, inputs[1], mask, _flag(a, "causal"), scale), -1) @ inputs[2]
     name, *arguments = kind.split(":")
     if name not in ACTIVATION_REPLAY:
         raise ValueError(f"unknown layer kind {kind!r} in the op's layer encoding")
     return ACTIVATION_REPLAY[name](x, *map(float, arguments))
+
+
+def attention_scores(q: Tensor, k: Tensor, mask: Optional[Tensor], causal: bool, scale: Optional[float]) -> Tensor:
+    """F.scaled_dot_product_attention's scores as its math reference computes them: q k^T * scale (default
+    1/sqrt(d)), -inf above the diagonal when causal, then the mask (boolean: where to attend; else added). The
+    attention rule (attention_rules.py), its program entry (csrc/graph_kinds.cpp) and the replay all compute this
+    form, not the fused kernel, whose CPU version has no forward-mode derivative."""
+    scale = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    scores = (q @ k.transpose(-1, -2)) * scale
+    if causal:
+        keep = torch.ones(scores.shape[-2], scores.shape[-1], dtype=torch.bool, device=scores.device).tril()
+        scores = scores.masked_fill(~keep, float("-inf"))
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+    return scores
 
 
 def replay(x: Tensor, layers: Sequence[str], params: Sequence[Tensor]) -> Tensor:

@@ -15,7 +15,8 @@ namespace jacext {
 // What an entry of `layers` may be, for error messages.
 inline constexpr const char* kLayerEntryKinds =
     "linear, linear_no_bias, softmax, log_softmax, an activation, or an entry of a graph program: conv, batch_norm, "
-    "layer_norm, rms_norm, max_pool2d, avg_pool2d, adaptive_avg_pool2d, linear_last_axis, reshape, permute, mean, sum, cat, slice, gather, index_select, add, mul, div, scale; "
+    "layer_norm, rms_norm, max_pool2d, avg_pool2d, adaptive_avg_pool2d, linear_last_axis, reshape, permute, mean, sum, cat, slice, gather, index_select, add, mul, div, scale, "
+    "matmul, softmax_axis, log_softmax_axis, attention, roll, flip, pad, normalize, einsum; "
     "grammar in csrc/graph.cpp";
 
 // Entry `index` of `layers` as an activation (activation_from_name's grammar); a bad one raises an error

@@ -34,6 +34,12 @@ struct Attributes {
   std::vector<int64_t> shifts, pad, constants;
   double pad_value = 0;
   std::string equation;
+  // matmul: which factor is a tensor of params (0 left, 1 right; none: both are values), and whether it is used
+  // transposed; cat: per part, 1 where it is a tensor of params; attention: is_causal, and whether a mask travels
+  // in params (its scale in `factor`)
+  std::optional<int64_t> constant_factor;
+  std::vector<int64_t> constant_parts;
+  bool transpose = false, causal = false, mask = false;
 };
 
 struct GraphKind;
@@ -99,6 +105,12 @@ struct GraphKind {
   std::function<std::pair<at::Tensor, at::Tensor>(const Node&, const Values& in)> value_saving;
   std::function<Blocks(const Node&, const Values& in, const at::Tensor& saved, const std::optional<at::Tensor>& cotangent)>
       reverse_saved;
+  // Optional, reverse mode: adds the input's cotangent into `stored`, the input's block that another reader's
+  // contribution already holds and nothing else does, instead of returning a block of the input's whole shape (a
+  // slice adds its box alone: q, k and v of qkv.unbind fill one block, not three blocks of zeros summed).
+  std::function<void(const Node&, const Values& in, const at::Tensor& value, const std::optional<at::Tensor>& cotangent,
+                     at::Tensor& stored)>
+      reverse_into;
 };
 
 // The rule of a graph kind, or nullptr for a chain layer's kind (linear, an activation, ...).
