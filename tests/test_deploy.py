@@ -88,6 +88,10 @@ def test_torch_compile_of_a_training_step_with_the_module_inside():
 
 
 def test_tracing_a_model_off_the_fused_path_names_why():
+    # Every JacobianModule compiled earlier in the process is one more compile of the same forward code (limit 8):
+    # run after other compile tests (test_export.py, test_graph_program.py in some orders) the errors below were
+    # seen not to come. A fresh count makes the test independent of what ran before it.
+    torch._dynamo.reset()
     model = nn.Sequential(nn.Linear(6, 5), Sin(), nn.Linear(5, 2)).double()
     compiled = torch.compile(jx.compile(model), fullgraph=True, backend="eager")
     with pytest.raises(Exception, match=r"layers \['1'\] have no fused rule"):
