@@ -470,23 +470,49 @@ int64_t dim_axis(const Node& node, const at::Tensor& x) {
   return sample_axes(node, {node.attributes.dim}, x.dim() - 1)[0];
 }
 
+// constants= of the entries that mix values and tensors of params among their operands (cat, einsum): one flag
+// per operand in order, 1 for the next tensor of params, 0 for the next value slot. Absent: values only. Returns
+// how many tensors of params the entry takes.
+size_t decode_constant_flags(const AttributeText& text, Node& node) {
+  std::vector<int64_t>& flags = node.attributes.constants;
+  flags = text.has("constants") ? text.ints("constants") : std::vector<int64_t>{};
+  if (flags.empty()) return 0;
+  const auto params = static_cast<size_t>(std::count(flags.begin(), flags.end(), 1));
+  const bool binary = std::all_of(flags.begin(), flags.end(), [](int64_t flag) { return flag == 0 || flag == 1; });
+  TORCH_CHECK_VALUE(binary && flags.size() - params == node.inputs.size(), kOp, ": ", where(node),
+                    " needs constants= flags (0 or 1), one per operand, with a 0 for each of its ", node.inputs.size(),
+                    " value slots, got ", flags);
+  return params;
+}
+
+// The operands in order: the values (in) and the tensors of params, interleaved as constants= says (`what` names
+// the params in errors); values only where it is absent.
+Values interleaved_operands(const Node& node, const Values& in, const char* what) {
+  if (node.attributes.constants.empty()) return in;
+  Values operands;
+  size_t value = 0, param = 0;
+  for (int64_t constant : node.attributes.constants) {
+    if (constant) {
+      check_same_dtype_device(in[0], node.params[param], kOp, what);
+      operands.push_back(node.params[param++]);
+    } else {
+      operands.push_back(in[value++]);
+    }
+  }
+  return operands;
+}
+
 // The parts of a cat entry in order: its values, and where constants= flags a part 1, the next tensor of params
 // [1, *part shape] expanded over the batch (a class token, constant for the derivative).
 std::vector<at::Tensor> cat_parts(const Node& node, const Values& in) {
-  const std::vector<int64_t>& constants = node.attributes.constant_parts;
-  if (constants.empty()) return in;
-  std::vector<at::Tensor> parts;
-  size_t next_value = 0, next_param = 0;
-  for (int64_t constant : constants) {
-    if (!constant) {
-      parts.push_back(in[next_value++]);
-      continue;
-    }
-    const at::Tensor& part = node.params[next_param++];
-    check_same_dtype_device(in[0], part, kOp, "params (cat part)");
+  std::vector<at::Tensor> parts = interleaved_operands(node, in, "params (cat part)");
+  const std::vector<int64_t>& constants = node.attributes.constants;
+  for (size_t i = 0; i < constants.size(); ++i) {
+    if (!constants[i]) continue;
+    const at::Tensor& part = parts[i];
     TORCH_CHECK_VALUE(part.dim() == in[0].dim() && part.size(0) == 1, kOp, ": ", where(node),
                       " needs a constant part [1, ...] of the values' rank ", in[0].dim(), ", got ", part.sizes());
-    parts.push_back(part.expand(with_leading({in[0].size(0)}, per_sample_shape(part))));
+    parts[i] = part.expand(with_leading({in[0].size(0)}, per_sample_shape(part)));
   }
   return parts;
 }
@@ -496,22 +522,14 @@ GraphKind cat_kind() {
   kind.attribute_names = {"dim", "constants"};
   kind.inputs = 0;
   kind.decode = [](const AttributeText& text, Node& node) -> size_t {
-    Attributes& a = node.attributes;
-    a.dim = text.integer("dim");
-    a.constant_parts = text.has("constants") ? text.ints("constants") : std::vector<int64_t>{};
-    const auto constants = static_cast<size_t>(std::count(a.constant_parts.begin(), a.constant_parts.end(), 1));
-    const bool flags = std::all_of(a.constant_parts.begin(), a.constant_parts.end(),
-                                   [](int64_t flag) { return flag == 0 || flag == 1; });
-    TORCH_CHECK_VALUE(a.constant_parts.empty() || (flags && a.constant_parts.size() == node.inputs.size() + constants),
-                      kOp, ": ", where(node), " needs constants= flags (0 or 1), one per part: ", node.inputs.size(),
-                      " values and the constants");
-    return constants;
+    node.attributes.dim = text.integer("dim");
+    return decode_constant_flags(text, node);
   };
   kind.value = [](const Node& node, const Values& in) { return at::cat(cat_parts(node, in), dim_axis(node, in[0]) + 1); };
   kind.forward = value_then_tangent(
       [](const Node& node, const Values& in, const Blocks& tangents, const at::Tensor&) -> std::optional<at::Tensor> {
         const std::vector<at::Tensor> parts = cat_parts(node, in);
-        const std::vector<int64_t>& constants = node.attributes.constant_parts;
+        const std::vector<int64_t>& constants = node.attributes.constants;
         std::vector<at::Tensor> blocks;
         size_t next_value = 0;
         std::optional<int64_t> rows;
@@ -534,7 +552,7 @@ GraphKind cat_kind() {
   kind.reverse = [](const Node& node, const Values& in, const at::Tensor& value, const std::optional<at::Tensor>& g) {
     const int64_t axis = dim_axis(node, in[0]);
     const std::vector<at::Tensor> parts = cat_parts(node, in);
-    const std::vector<int64_t>& constants = node.attributes.constant_parts;
+    const std::vector<int64_t>& constants = node.attributes.constants;
     std::vector<int64_t> sizes;
     for (const at::Tensor& part : parts) sizes.push_back(part.size(axis + 1));
     Blocks pulled;
@@ -789,19 +807,9 @@ std::string joined(const std::vector<std::string>& specs, const std::string& out
   return equation + "->" + output;
 }
 
-// The operands in the equation's order: the values (in) and the tensors of params, interleaved as constants= says.
+// The operands in the equation's order.
 Values einsum_operands(const Node& node, const Values& in) {
-  Values operands;
-  size_t value = 0, param = 0;
-  for (int64_t constant : node.attributes.constants) {
-    if (constant) {
-      check_same_dtype_device(in[0], node.params[param], kOp, "params (einsum operand)");
-      operands.push_back(node.params[param++]);
-    } else {
-      operands.push_back(in[value++]);
-    }
-  }
-  return operands;
+  return interleaved_operands(node, in, "params (einsum operand)");
 }
 
 GraphKind einsum_kind() {
@@ -809,14 +817,10 @@ GraphKind einsum_kind() {
   kind.attribute_names = {"equation", "constants"};
   kind.inputs = 0;
   kind.decode = [](const AttributeText& text, Node& node) -> size_t {
-    Attributes& a = node.attributes;
-    a.equation = text.word("equation");
-    a.constants = text.ints("constants");
-    einsum_of(node);  // a malformed equation fails where the program is read
-    const size_t constants = std::count(a.constants.begin(), a.constants.end(), 1);
-    TORCH_CHECK_VALUE(a.constants.size() - constants == node.inputs.size(), kOp, ": ", where(node), " reads ",
-                      node.inputs.size(), " slots but constants= names ", a.constants.size() - constants, " values");
-    return constants;
+    node.attributes.equation = text.word("equation");
+    const size_t params = decode_constant_flags(text, node);
+    einsum_of(node);  // a malformed equation (or constants= not one flag per operand) fails where the program is read
+    return params;
   };
   kind.value = [](const Node& node, const Values& in) {
     return at::einsum(node.attributes.equation, einsum_operands(node, in));

@@ -198,8 +198,11 @@ def test_torch_export_of_the_new_kinds_is_one_op():
     (["einsum in=0 equation=bij,jk->bik constants=0"], [], r"2 operands in its equation but constants= names 1"),
     (["einsum in=0 equation=ibj->bij constants=0"], [], r"start with the output's batch letter"),
     (["einsum in=0 equation=bij,jk->bik constants=0,1"], [], r"takes 1 tensors of params but only 0"),
-    (["einsum in=0,0 equation=bij,jk->bik constants=0,1"], [torch.ones(2, 2)], r"reads 2 slots but constants="),
-    (["einsum in=0 equation=bij,jk->bik constants=0,2"], [torch.ones(2, 2)], r"flags of 0 or 1"),
+    (["einsum in=0,0 equation=bij,jk->bik constants=0,1"], [torch.ones(2, 2)], r"with a 0 for each of its 2 value slots"),
+    (["einsum in=0 equation=bij,jk->bik constants=0,2"], [torch.ones(2, 2)], r"constants= flags \(0 or 1\), one per operand"),
+    # cat reads constants= the same way (one decoder for both kinds)
+    (["cat in=0 dim=0 constants=0,0"], [], r"with a 0 for each of its 1 value slots"),
+    (["cat in=0 dim=0 constants=0,3"], [torch.ones(1, 2, 2)], r"constants= flags \(0 or 1\), one per operand"),
 ])
 def test_bad_entries_raise_value_errors(layers, params, message):
     x = torch.randn(2, 2, 2, dtype=DOUBLE)

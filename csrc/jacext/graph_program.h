@@ -30,15 +30,13 @@ struct Attributes {
   double eps = 0;
   bool dtype_eps = false;  // rms_norm without eps=: the epsilon of the input's dtype, as at::rms_norm
   bool weight = false, bias = false, ceil = false, count_include_pad = false, keepdim = false, divide = false;
-  // roll, pad, einsum
+  // roll, pad, einsum; cat and einsum: per operand, 1 where it is a tensor of params (constants=)
   std::vector<int64_t> shifts, pad, constants;
   double pad_value = 0;
   std::string equation;
   // matmul: which factor is a tensor of params (0 left, 1 right; none: both are values), and whether it is used
-  // transposed; cat: per part, 1 where it is a tensor of params; attention: is_causal, and whether a mask travels
-  // in params (its scale in `factor`)
+  // transposed; attention: is_causal, and whether a mask travels in params (its scale in `factor`)
   std::optional<int64_t> constant_factor;
-  std::vector<int64_t> constant_parts;
   bool transpose = false, causal = false, mask = false;
 };
 
