@@ -46,10 +46,7 @@ class SumRule(NodeRule):
     def encode(self, plan, g, sources):
         """sum of coef_i * input_i plus at most one constant: a number, or a tensor of constant_getter's."""
         node = g.node
-        negate = node.target in (operator.neg, torch.neg, "neg")
-        subtract = node.target in SUB_FUNCTIONS or node.target == "sub"
-        signs = [-1.0] if negate else [1.0, -1.0 if subtract else 1.0]
-        constants = [(sign, arg) for sign, arg in zip(signs, node.args) if arg not in g.inputs]
+        constants = [(sign, arg) for sign, arg in zip(argument_signs(node), node.args) if arg not in g.inputs]
         attributes, getters = {"coef": ",".join(repr(float(c)) for c in self.coefficients)}, []
         if len(constants) > 1:
             return None
@@ -235,13 +232,18 @@ def reduction_rule(node: fx.Node, x: torch.Tensor, out_numel) -> Optional[NodeRu
     return ReductionRule(dims, keepdim, mean, out_numel)
 
 
+def argument_signs(node: fx.Node) -> Sequence[float]:
+    """The sign each positional argument of a sum, difference or negation enters the result with."""
+    if node.target in (operator.neg, torch.neg, "neg"):
+        return [-1.0]
+    return [1.0, -1.0 if node.target in SUB_FUNCTIONS or node.target == "sub" else 1.0]
+
+
 def sum_rule(node: fx.Node, values, inputs, out_numel) -> Optional[NodeRule]:
     out_shape = values[node].shape
     if node.kwargs or len(node.args) > 2 or any(values[i].shape != out_shape for i in inputs):
         return None  # alpha, or an input broadcast to a larger shape: fallback
-    negate = node.target in (operator.neg, torch.neg, "neg")
-    subtract = node.target in SUB_FUNCTIONS or node.target == "sub"
-    position_sign = [-1.0] if negate else [1.0, -1.0 if subtract else 1.0]
+    position_sign = argument_signs(node)
     coefficients = {i: 0.0 for i in inputs}
     for position, arg in enumerate(node.args):
         if isinstance(arg, fx.Node) and arg in coefficients:

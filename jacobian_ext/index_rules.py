@@ -578,8 +578,10 @@ def shape_values(plan, nodes: Sequence[fx.Node]) -> Optional[Dict[fx.Node, objec
     """The values of graph nodes computed from shapes and constants for the plan's per-sample input shape, or None
     where they read the batch size or a sample's values (_shape_subgraph), or fail on the stand-ins."""
     subgraph = _shape_subgraph(plan, nodes)
-    if subgraph is None:
-        return None
+    return None if subgraph is None else _evaluated_or_none(plan, subgraph)
+
+
+def _evaluated_or_none(plan, subgraph) -> Optional[Dict[fx.Node, object]]:
     try:
         return _evaluate_subgraph(plan, *subgraph)
     except Exception:  # noqa: BLE001  (an op that needs a sample's values): no constant for the program
@@ -596,8 +598,8 @@ def constant_getter(plan, node) -> Optional[Callable]:
     if node.op == "get_attr":
         return attribute_getter(plan, node)
     subgraph = _shape_subgraph(plan, [node])
-    values = shape_values(plan, [node])
-    if subgraph is None or values is None or not isinstance(values.get(node), torch.Tensor):
+    values = None if subgraph is None else _evaluated_or_none(plan, subgraph)
+    if values is None or not isinstance(values.get(node), torch.Tensor):
         return None  # (not in values: a carried value, which is no constant)
     def computed():
         return _evaluate_subgraph(plan, *subgraph)[node]
