@@ -1,14 +1,15 @@
 """python -m bench.masked_linear [--case mnist] [--fractions 0.2,0.5,0.8] [--rounds 7] [--runs 5] [--dtype float32]
-                               [--threads N] [--mode reverse|forward]
+                               [--threads N] [--mode reverse|forward] [--branches dense,masked]
 
 Micro-benchmark (not a test): the Jacobian (reverse or forward sweep) of a suite case's model with its ReLU biases
-shifted so that a given fraction of hidden units is active, computed with the dense GEMM chain and
-with the masked kernel that skips inactive units (sequential.cpp, skip_inactive_units). Each branch
-runs in its own worker process, forced by JACEXT_MASKED_LINEAR_CROSSOVER (read once per process);
-the driver alternates between the workers round by round, so machine noise hits both alike, and
-prints the median time per call of each and their ratio: wall time, and the process's CPU time, which a
-loaded machine disturbs less (with --threads 1 it is the call's own compute time; with more threads
-it also counts OpenMP's spin-waiting)."""
+shifted so that a given fraction of hidden units is active, computed by each branch: the dense GEMM chain, the
+masked kernel that skips inactive units (sequential.cpp, skip_inactive_units), or the masked kernel's copy for one
+instruction set (masked-baseline, masked-avx2, masked-avx512; masked_linear.h). Each branch runs in its own worker
+process, forced by JACEXT_MASKED_LINEAR_CROSSOVER and JACEXT_ROW_PRODUCT_ISA (read once per process); the driver
+alternates between the workers round by round, so machine noise hits all alike, and prints the median time per
+call of each and the first branch's over each other's: wall time, and the process's CPU time, which a loaded
+machine disturbs less (with --threads 1 it is the call's own compute time; with more threads it also counts
+OpenMP's spin-waiting)."""
 import argparse
 import json
 import os
@@ -19,7 +20,12 @@ import time
 
 import torch
 
-BRANCHES = {"dense": "0", "masked": "2"}
+BRANCHES = {
+    "dense": {"JACEXT_MASKED_LINEAR_CROSSOVER": "0"},
+    "masked": {"JACEXT_MASKED_LINEAR_CROSSOVER": "2"},
+    **{f"masked-{isa}": {"JACEXT_MASKED_LINEAR_CROSSOVER": "2", "JACEXT_ROW_PRODUCT_ISA": isa}
+       for isa in ("baseline", "avx2", "avx512")},
+}
 
 
 def shifted_model(case_name: str, active_fraction: float, dtype: torch.dtype, seed: int = 0):
@@ -88,21 +94,29 @@ def main(argv=None):
     parser.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     parser.add_argument("--threads", type=int, default=0, help="torch threads in the workers (default: torch's)")
     parser.add_argument("--mode", default="reverse", choices=["reverse", "forward"], help="the sweep timed")
+    parser.add_argument("--branches", default="dense,masked",
+                        help=f"comma-separated, the first the reference (default %(default)s; any of {', '.join(BRANCHES)})")
     arguments = parser.parse_args(argv)
     fractions = [float(f) for f in arguments.fractions.split(",")]
+    names = arguments.branches.split(",")
+    unknown = [name for name in names if name not in BRANCHES]
+    if unknown or len(names) < 2:
+        parser.error(f"--branches: two or more of {', '.join(BRANCHES)}, got {arguments.branches!r}")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     workers = {
-        name: subprocess.Popen([sys.executable, "-m", "bench.masked_linear", "--worker", str(arguments.threads)], cwd=root, text=True,
-                               stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                               env=dict(os.environ, JACEXT_MASKED_LINEAR_CROSSOVER=value))
-        for name, value in BRANCHES.items()
+        name: subprocess.Popen([sys.executable, "-m", "bench.masked_linear", "--worker", str(arguments.threads)],
+                               cwd=root, text=True, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                               env=dict(os.environ, **BRANCHES[name]))
+        for name in names
     }
     threads = arguments.threads or torch.get_num_threads()
     print(f"case {arguments.case}, {arguments.mode} sweep, {arguments.dtype}, torch threads {threads}, "
           f"load average {os.getloadavg()[0]:.2f} at start")
-    print("| active (target) | active (measured) | dense | masked | dense / masked | dense CPU | masked CPU | "
-          "dense / masked (CPU) |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    reference, others = names[0], names[1:]
+    header = (["active (target)", "active (measured)"] + names + [f"{reference} / {name}" for name in others]
+              + [f"{reference} / {name} (CPU)" for name in others])
+    print("| " + " | ".join(header) + " |")
+    print("|" + " --- |" * len(header))
     try:
         for fraction in fractions:
             samples = {name: [] for name in workers}
@@ -114,16 +128,20 @@ def main(argv=None):
                                "runs": arguments.runs, "mode": arguments.mode}
                     process.stdin.write(json.dumps(request) + "\n")
                     process.stdin.flush()
-                    answer = json.loads(process.stdout.readline())
+                    line = process.stdout.readline()
+                    if not line:
+                        raise RuntimeError(f"branch {name}'s worker exited (its error is above)")
+                    answer = json.loads(line)
                     active = answer["active"]
                     if round_index > 0:
                         samples[name] += answer["samples"]
                         cpu_samples[name] += answer["cpu_samples"]
-            dense, masked = (statistics.median(samples[name]) for name in ("dense", "masked"))
-            dense_cpu, masked_cpu = (statistics.median(cpu_samples[name]) for name in ("dense", "masked"))
-            print(f"| {fraction:.0%} | {active:.1%} | {dense * 1e3:.2f} ms | {masked * 1e3:.2f} ms | "
-                  f"{dense / masked:.2f}x | {dense_cpu * 1e3:.2f} ms | {masked_cpu * 1e3:.2f} ms | "
-                  f"{dense_cpu / masked_cpu:.2f}x |", flush=True)
+            wall = {name: statistics.median(samples[name]) for name in names}
+            cpu = {name: statistics.median(cpu_samples[name]) for name in names}
+            cells = ([f"{fraction:.0%}", f"{active:.1%}"] + [f"{wall[name] * 1e3:.2f} ms" for name in names]
+                     + [f"{wall[reference] / wall[name]:.2f}x" for name in others]
+                     + [f"{cpu[reference] / cpu[name]:.2f}x" for name in others])
+            print("| " + " | ".join(cells) + " |", flush=True)
     finally:
         for process in workers.values():
             process.stdin.close()

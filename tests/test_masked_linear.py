@@ -189,3 +189,77 @@ def test_bad_crossover_override_is_rejected():
                           timeout=300)
     assert done.returncode != 0
     assert "JACEXT_MASKED_LINEAR_CROSSOVER must be a number" in done.stderr
+
+
+# Block heights the register blocks split differently: 1 to 13 rows, 23 (AVX-512: 12 + 11) and 25.
+ISA_SHAPES = SHAPES + [(12, (40, 35), 12), (9, (70,), 25), (11, (33, 65), 8), (23, (50,), 23), (6, (31, 20), 9)]
+
+ISA_SCRIPT = r"""
+import json, sys, torch
+from torch import nn
+sys.path.insert(0, "tests")
+import jacobian_ext as jx
+from test_masked_linear import ISA_SHAPES, relu_mlp, inputs, same_masks_reference, terms_scale
+errors = []
+torch.manual_seed(0)
+for dtype in (torch.float64, torch.float32):
+    for in_features, hidden, out_features in ISA_SHAPES:
+        for head in (None, nn.Tanh()):
+            model = relu_mlp(in_features, hidden, out_features, 0.5, dtype, head=head)
+            for batch in (0, 1, 7):
+                x = inputs(batch, in_features, dtype)
+                expected = same_masks_reference(model, x).double()
+                scale = max(terms_scale(model, x), 1e-300)
+                for mode in ("forward", "reverse"):
+                    actual = jx.batch_jacobian(model, x, mode=mode).double()
+                    error = (actual - expected).abs().max().item() / scale if expected.numel() else 0.0
+                    errors.append((str(dtype), in_features, out_features, batch, mode, error))
+print(json.dumps(errors))
+"""
+
+# Which copy of the row products each path is forced onto: the masked kernel of the walker (small-chain
+# kernel off, masked branch always), or the small-chain kernel (whose products are the dense row product).
+KERNEL_ENVIRONMENTS = {
+    "masked": {"JACEXT_MASKED_LINEAR_CROSSOVER": "2", "JACEXT_SMALL_CHAIN_MAX_MACS": "0"},
+    "small-chain": {"JACEXT_SMALL_CHAIN_MAX_MACS": "1e12"},
+}
+
+
+def cpu_has(isa):
+    """Whether this CPU runs the row products' copy for `isa` (torch's own capability check)."""
+    capability = torch.backends.cpu.get_cpu_capability()
+    return {"baseline": True, "avx2": capability in ("AVX2", "AVX512"), "avx512": capability == "AVX512"}[isa]
+
+
+@pytest.mark.parametrize("kernel", list(KERNEL_ENVIRONMENTS))
+@pytest.mark.parametrize("isa", ["baseline", "avx2", "avx512"])
+def test_each_instruction_set_copy_of_the_row_products(isa, kernel):
+    """Every copy of masked_linear_kernel.h the CPU can run (JACEXT_ROW_PRODUCT_ISA picks one per
+    process), at row counts that fill and split each copy's register blocks, against torch.func."""
+    if not cpu_has(isa):
+        pytest.skip(f"this CPU has no {isa}")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, JACEXT_ROW_PRODUCT_ISA=isa, **KERNEL_ENVIRONMENTS[kernel])
+    done = subprocess.run([sys.executable, "-c", ISA_SCRIPT], cwd=root, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr
+    errors = json.loads(done.stdout.strip().splitlines()[-1])
+    assert len(errors) == 2 * len(ISA_SHAPES) * 2 * 3 * 2
+    tolerance = {"torch.float64": 1e-12, "torch.float32": 1e-5}
+    bad = [e for e in errors if e[-1] > tolerance[e[0]]]
+    assert not bad, bad
+
+
+@pytest.mark.parametrize("value, message", [("sse", "must be baseline, avx2 or avx512, got 'sse'"),
+                                            ("AVX2", "must be baseline, avx2 or avx512, got 'AVX2'")])
+def test_bad_instruction_set_override_is_rejected(value, message):
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, JACEXT_ROW_PRODUCT_ISA=value, JACEXT_MASKED_LINEAR_CROSSOVER="2",
+               JACEXT_SMALL_CHAIN_MAX_MACS="0")
+    script = ("import torch, jacobian_ext as jx\n"
+              "m = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))\n"
+              "jx.batch_jacobian(m, torch.randn(2, 3), mode='reverse')\n")
+    done = subprocess.run([sys.executable, "-c", script], cwd=root, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode != 0
+    assert "ValueError" in done.stderr and f"JACEXT_ROW_PRODUCT_ISA {message}" in done.stderr

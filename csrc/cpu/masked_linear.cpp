@@ -1,9 +1,12 @@
 // CPU kernel of the masked Linear rule (jacobian_block.h): out[b] = values[b] diag(factor[b]) matrix,
-// skipping the matrix rows of units whose factor is zero. Parallel over samples; the AVX2 + FMA copy
-// of the micro-kernel when the CPU has both, else the same code with the baseline ISA's vectors.
+// skipping the matrix rows of units whose factor is zero. Parallel over samples. Also the run-time choice
+// among the row products' copies (masked_linear.h): the baseline ISA's, compiled here, AVX2's and AVX-512's.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+
+#include <cstdlib>
+#include <cstring>
 
 #include "../jacext/jacobian_block.h"
 #include "masked_linear_kernel.h"
@@ -12,35 +15,58 @@
 namespace jacext::cpu {
 namespace {
 
-bool cpu_has_avx2_fma() {
-#ifdef JACEXT_MASKED_ROWS_AVX2
-  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return has;
-#else
-  return false;
+RowProductIsa best_isa_of_this_cpu() {
+#ifdef JACEXT_ROW_PRODUCT_ISA_COPIES
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq")) {
+    return RowProductIsa::Avx512;
+  }
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return RowProductIsa::Avx2;
 #endif
+  return RowProductIsa::Baseline;
+}
+
+// The CPU's best, or JACEXT_ROW_PRODUCT_ISA's choice when it names one the CPU has.
+RowProductIsa chosen_isa() {
+  static const RowProductIsa isa = [] {
+    const RowProductIsa best = best_isa_of_this_cpu();
+    const char* text = std::getenv("JACEXT_ROW_PRODUCT_ISA");
+    if (text == nullptr || *text == '\0') return best;
+    RowProductIsa requested;
+    if (std::strcmp(text, "baseline") == 0) {
+      requested = RowProductIsa::Baseline;
+    } else if (std::strcmp(text, "avx2") == 0) {
+      requested = RowProductIsa::Avx2;
+    } else if (std::strcmp(text, "avx512") == 0) {
+      requested = RowProductIsa::Avx512;
+    } else {
+      TORCH_CHECK_VALUE(false, "JACEXT_ROW_PRODUCT_ISA must be baseline, avx2 or avx512, got '", text, "'");
+    }
+    TORCH_CHECK_VALUE(requested <= best, "JACEXT_ROW_PRODUCT_ISA=", text,
+                      ": this CPU (or this build) has no such copy of the row-product kernels");
+    return requested;
+  }();
+  return isa;
 }
 
 template <typename scalar_t>
-void run_samples(const MaskedRowsProblem<scalar_t>& problem, int64_t begin, int64_t end) {
-#ifdef JACEXT_MASKED_ROWS_AVX2
-  if (cpu_has_avx2_fma()) return masked_rows_matmul_avx2(problem, begin, end);
+RowProductKernels<scalar_t> kernels_for(RowProductIsa isa) {
+#ifdef JACEXT_ROW_PRODUCT_ISA_COPIES
+  if (isa == RowProductIsa::Avx512) return row_product_kernels_for<RowProductIsa::Avx512, scalar_t>();
+  if (isa == RowProductIsa::Avx2) return row_product_kernels_for<RowProductIsa::Avx2, scalar_t>();
 #endif
-  masked_rows_matmul(problem, begin, end);
-}
-
-template <typename scalar_t>
-void dense_rows_matmul_dispatch(const DenseRowsProblem<scalar_t>& problem) {
-#ifdef JACEXT_MASKED_ROWS_AVX2
-  if (cpu_has_avx2_fma()) return dense_rows_matmul_avx2(problem);
-#endif
-  dense_rows_matmul(problem);
+  return this_copy_kernels<scalar_t>();  // this file's copy: the build's baseline ISA
 }
 
 }  // namespace
 
-void run_dense_rows_matmul(const DenseRowsProblem<float>& problem) { dense_rows_matmul_dispatch(problem); }
-void run_dense_rows_matmul(const DenseRowsProblem<double>& problem) { dense_rows_matmul_dispatch(problem); }
+template <typename scalar_t>
+const RowProductKernels<scalar_t>& row_product_kernels() {
+  static const RowProductKernels<scalar_t> kernels = kernels_for<scalar_t>(chosen_isa());
+  return kernels;
+}
+template const RowProductKernels<float>& row_product_kernels<float>();
+template const RowProductKernels<double>& row_product_kernels<double>();
 
 void masked_linear_kernel(at::Tensor& out, const at::Tensor& values, const at::Tensor& factor,
                           const at::Tensor& matrix) {
@@ -48,8 +74,9 @@ void masked_linear_kernel(at::Tensor& out, const at::Tensor& values, const at::T
   // A sample costs about rows * columns multiply-add chains; give each thread enough of them.
   const int64_t grain = std::max<int64_t>(1, kParallelGrainElements / std::max<int64_t>(1, rows * columns));
   AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "jacext_masked_linear_cpu", [&] {
+    const RowProductKernels<scalar_t>& kernels = row_product_kernels<scalar_t>();
     // One copy of the weight per call (H * K elements, against B * R * active * K multiply-adds).
-    const int64_t panel_width = kPanelWidth<scalar_t>, panel_count = columns / panel_width;
+    const int64_t panel_width = kernels.panel_width, panel_count = columns / panel_width;
     const at::Tensor panels = matrix.narrow(1, 0, panel_count * panel_width)
                                   .view({features, panel_count, panel_width})
                                   .permute({1, 0, 2})
@@ -63,7 +90,7 @@ void masked_linear_kernel(at::Tensor& out, const at::Tensor& values, const at::T
                                               rows,
                                               features,
                                               columns};
-    at::parallel_for(0, batch, grain, [&](int64_t begin, int64_t end) { run_samples(problem, begin, end); });
+    at::parallel_for(0, batch, grain, [&](int64_t begin, int64_t end) { kernels.masked(problem, begin, end); });
   });
 }
 

@@ -1,20 +1,16 @@
 // The register-blocked row products of the CPU kernels (masked_linear_kernel.h): the masked-rows product
 // of masked_linear and the dense product of the small-chain kernel. Plain pointers only, so that the
-// AVX2 file needs nothing from ATen but at::vec.
+// per-ISA copies need nothing from ATen but at::vec.
 #pragma once
 
 #include <cstdint>
 
 namespace jacext::cpu {
 
-// Columns of a weight panel: one 64-byte cache line.
-template <typename scalar_t>
-constexpr int64_t kPanelWidth = 64 / sizeof(scalar_t);
-
 // out[b] = values[b] diag(factor[b]) matrix for every sample b, all row-major and contiguous:
 // values [R, H] shared by every sample (values_batch_stride 0) or [B, R, H] (stride R * H),
-// factor [B, H], matrix [H, K], out [B, R, K]; panels [K / P, H, P] (P = kPanelWidth) holds the
-// matrix's first K / P * P columns panel by panel.
+// factor [B, H], matrix [H, K], out [B, R, K]; panels [K / P, H, P] holds the matrix's first K / P * P
+// columns panel by panel, P being the chosen kernels' panel_width.
 template <typename scalar_t>
 struct MaskedRowsProblem {
   const scalar_t* values;
@@ -35,19 +31,38 @@ struct DenseRowsProblem {
   int64_t rows, steps, columns;
 };
 
-// The dense product with the AVX2 + FMA copy when the CPU has both, else the baseline ISA's
-// (masked_linear.cpp holds the choice).
-void run_dense_rows_matmul(const DenseRowsProblem<float>& problem);
-void run_dense_rows_matmul(const DenseRowsProblem<double>& problem);
+// The instruction sets the row products are compiled for, in increasing order. The build's baseline
+// ISA always; AVX2 + FMA and AVX-512 (F, BW, VL, DQ) where the compiler can target them on x86-64
+// (masked_linear_avx2.cpp, masked_linear_avx512.cpp), picked at run time from what the CPU has.
+enum class RowProductIsa { Baseline, Avx2, Avx512 };
 
-// Samples [begin, end) with AVX2 + FMA vectors; defined only where the compiler can target AVX2
-// (see masked_linear_avx2.cpp), and called only where the CPU has it.
+// One instruction set's copy of the kernels. The masked product runs samples [begin, end).
+template <typename scalar_t>
+struct RowProductKernels {
+  int64_t panel_width;  // columns of a weight panel: two of this ISA's vectors
+  void (*masked)(const MaskedRowsProblem<scalar_t>& problem, int64_t begin, int64_t end);
+  void (*dense)(const DenseRowsProblem<scalar_t>& problem);
+};
+
+// Each copy's kernels, one specialisation per instruction set in the file compiled for it.
+template <RowProductIsa isa, typename scalar_t>
+RowProductKernels<scalar_t> row_product_kernels_for();
+
 #if defined(__x86_64__) && defined(__GNUC__)
-#define JACEXT_MASKED_ROWS_AVX2 1
-void masked_rows_matmul_avx2(const MaskedRowsProblem<float>& problem, int64_t begin, int64_t end);
-void masked_rows_matmul_avx2(const MaskedRowsProblem<double>& problem, int64_t begin, int64_t end);
-void dense_rows_matmul_avx2(const DenseRowsProblem<float>& problem);
-void dense_rows_matmul_avx2(const DenseRowsProblem<double>& problem);
+#define JACEXT_ROW_PRODUCT_ISA_COPIES 1
 #endif
+
+// The copy for the best instruction set this CPU has, capped by the environment variable
+// JACEXT_ROW_PRODUCT_ISA (baseline, avx2 or avx512; read once per process, so that tests and
+// benchmarks can run each copy on one machine). masked_linear.cpp holds the choice.
+template <typename scalar_t>
+const RowProductKernels<scalar_t>& row_product_kernels();
+
+inline void run_dense_rows_matmul(const DenseRowsProblem<float>& problem) {
+  row_product_kernels<float>().dense(problem);
+}
+inline void run_dense_rows_matmul(const DenseRowsProblem<double>& problem) {
+  row_product_kernels<double>().dense(problem);
+}
 
 }  // namespace jacext::cpu

@@ -2,10 +2,10 @@
 // diag(factor[b]) matrix, touching only the rows of `matrix` whose factor entry is nonzero (the active
 // units of a ReLU mask), and the dense product of the small-chain kernel, out = a @ matrix.
 //
-// Included once per instruction set: by masked_linear.cpp (the build's baseline ISA) and by
-// masked_linear_avx2.cpp (AVX2 + FMA, chosen at run time). at::vec::Vectorized is whatever
-// CPU_CAPABILITY the including file selected, so everything here lives in that capability's inline
-// namespace: the two copies never share a symbol.
+// Included once per instruction set: by masked_linear.cpp (the build's baseline ISA) and through
+// row_product_copy.h by masked_linear_avx2.cpp and masked_linear_avx512.cpp (chosen at run time).
+// at::vec::Vectorized is whatever CPU_CAPABILITY the including file selected, so everything here lives
+// in that capability's inline namespace: the copies never share a symbol.
 #pragma once
 
 #include <ATen/cpu/vec/vec.h>
@@ -22,9 +22,14 @@ inline namespace CPU_CAPABILITY {
 
 // Rows of accumulators in one register block. With two vectors of columns per row, 6 rows keep 12
 // accumulators, 2 weight vectors and 1 broadcast in the 16 vector registers of AVX2 (the shape of a
-// classic 6 x 16 GEMM micro-kernel); wider register files would allow more, but 6 already makes
-// the block FMA-bound rather than load-bound (12 FMAs per 2 weight loads and 6 broadcasts).
+// classic 6 x 16 GEMM micro-kernel). AVX-512's 32 registers hold 12 rows: a Jacobian block of up to 12
+// rows (C <= 12 in reverse mode) then loads each active unit's weight row once per sample, not once per
+// row block, and issues half the loads and broadcasts per multiply-add.
+#if defined(CPU_CAPABILITY_AVX512)
+constexpr int64_t kMaxRowBlock = 12;
+#else
 constexpr int64_t kMaxRowBlock = 6;
+#endif
 
 // Where a register block finds the matrix row of its i-th step: the masked kernel passes the active
 // units' offsets (an int64_t array), the dense product every row in turn.
@@ -37,15 +42,18 @@ struct EveryRow {
 // out[r, :] = sum_i a[r * row_stride + i * step_stride] * weights[offsets[i] : + kVecs vectors]. The
 // masked kernel's packed values are step-major (row_stride 1, step_stride kRows), the dense product
 // reads a row-major block in place (row_stride its width, step_stride 1). out points at the block's
-// first element, rows out_stride apart.
+// first element, rows out_stride apart; with `accumulate` the sum is added to what out holds.
 template <int64_t kRows, int64_t kVecs, typename scalar_t, typename Offsets>
 inline void register_block(const scalar_t* a, int64_t row_stride, int64_t step_stride, const Offsets& offsets,
-                           int64_t steps, const scalar_t* weights, scalar_t* out, int64_t out_stride) {
+                           int64_t steps, const scalar_t* weights, scalar_t* out, int64_t out_stride,
+                           bool accumulate) {
   using Vec = at::vec::Vectorized<scalar_t>;
   constexpr int64_t kWidth = Vec::size();
   Vec acc[kRows][kVecs];
   for (int64_t r = 0; r < kRows; ++r) {
-    for (int64_t j = 0; j < kVecs; ++j) acc[r][j] = Vec(scalar_t(0));
+    for (int64_t j = 0; j < kVecs; ++j) {
+      acc[r][j] = accumulate ? Vec::loadu(out + r * out_stride + j * kWidth) : Vec(scalar_t(0));
+    }
   }
   for (int64_t i = 0; i < steps; ++i) {
     const scalar_t* weight_row = weights + offsets[i];
@@ -63,26 +71,29 @@ inline void register_block(const scalar_t* a, int64_t row_stride, int64_t step_s
 }
 
 // A compile-time row count for the register block (the accumulators must be a fixed-size array to
-// stay in registers). `a` as in register_block, with step_stride `rows` when packed (the masked kernel)
-// or 1 (the dense product).
-template <int64_t kVecs, typename scalar_t, typename Offsets>
+// stay in registers): kRows if `rows` is kRows, else the next count up to kMaxRowBlock. `a` as in
+// register_block, with step_stride `rows` when packed (the masked kernel) or 1 (the dense product); each
+// layout spelled out, so that the packed one's strides are compile-time constants.
+template <int64_t kVecs, int64_t kRows = 1, typename scalar_t, typename Offsets>
 void register_block_rows(int64_t rows, const scalar_t* a, int64_t row_stride, bool packed, const Offsets& offsets,
-                         int64_t steps, const scalar_t* weights, scalar_t* out, int64_t out_stride) {
-  static_assert(kMaxRowBlock == 6, "extend the switch below");
-  // Each case spells its strides out, so that the packed layout's are compile-time constants.
-#define JACEXT_REGISTER_BLOCK(ROWS)                                                                                \
-  return packed ? register_block<ROWS, kVecs>(a, 1, ROWS, offsets, steps, weights, out, out_stride)               \
-                : register_block<ROWS, kVecs>(a, row_stride, 1, offsets, steps, weights, out, out_stride)
-  switch (rows) {
-    case 1: JACEXT_REGISTER_BLOCK(1);
-    case 2: JACEXT_REGISTER_BLOCK(2);
-    case 3: JACEXT_REGISTER_BLOCK(3);
-    case 4: JACEXT_REGISTER_BLOCK(4);
-    case 5: JACEXT_REGISTER_BLOCK(5);
-    default: JACEXT_REGISTER_BLOCK(6);
+                         int64_t steps, const scalar_t* weights, scalar_t* out, int64_t out_stride,
+                         bool accumulate = false) {
+  if constexpr (kRows < kMaxRowBlock) {
+    if (rows != kRows) {
+      return register_block_rows<kVecs, kRows + 1>(rows, a, row_stride, packed, offsets, steps, weights, out,
+                                                   out_stride, accumulate);
+    }
   }
-#undef JACEXT_REGISTER_BLOCK
+  if (packed) return register_block<kRows, kVecs>(a, 1, kRows, offsets, steps, weights, out, out_stride, accumulate);
+  register_block<kRows, kVecs>(a, row_stride, 1, offsets, steps, weights, out, out_stride, accumulate);
 }
+
+// A weight panel is one register block wide: two vectors of columns.
+constexpr int64_t kPanelVectors = 2;
+
+// Bytes of weight rows that several row blocks read in turn: half of a 32 KiB L1 data cache, so that the
+// rows one block loaded are still there for the next (the packed values stream through the other half).
+constexpr int64_t kReusedWeightBytes = 16 << 10;
 
 // Rows are split into balanced blocks of at most kMaxRowBlock (10 rows run as 5 + 5, not 6 + 4).
 inline int64_t rows_in_block(int64_t rows, int64_t blocks, int64_t block) {
@@ -91,15 +102,14 @@ inline int64_t rows_in_block(int64_t rows, int64_t blocks, int64_t block) {
 
 // Samples [begin, end) of the problem, one at a time: compact the sample's active units, pack its
 // scaled values unit-major per row block (so the micro-kernel reads its broadcasts sequentially), then
-// sweep the columns: panels of two vectors (one cache line per unit, contiguous, so the active units'
-// lines of a panel are few pages apart and prefetchable, where the matrix's rows are a page or more
-// apart), then one vector and a scalar tail read from the matrix. All row blocks of a panel run back
-// to back, so its active lines are fetched once per sample and then served from L1.
+// sweep the columns: panels of two vectors (one or two cache lines per unit, contiguous, so the active
+// units' lines of a panel are few pages apart and prefetchable, where the matrix's rows are a page or
+// more apart), then one vector and a scalar tail read from the matrix. All row blocks of a panel run back
+// to back over chunks of its active rows that fit L1, so each line is fetched once per sample.
 template <typename scalar_t>
 void masked_rows_matmul(const MaskedRowsProblem<scalar_t>& p, int64_t begin, int64_t end) {
   constexpr int64_t kWidth = at::vec::Vectorized<scalar_t>::size();
-  constexpr int64_t kPanel = kPanelWidth<scalar_t>;
-  static_assert(kPanel == 2 * kWidth, "a panel is one register block of two vectors wide");
+  constexpr int64_t kPanel = kPanelVectors * kWidth;
   const int64_t rows = p.rows, features = p.features, columns = p.columns;
   const int64_t blocks = (rows + kMaxRowBlock - 1) / kMaxRowBlock;
   const int64_t panels = columns / kPanel;
@@ -129,15 +139,27 @@ void masked_rows_matmul(const MaskedRowsProblem<scalar_t>& p, int64_t begin, int
       }
     }
 
+    // One tile of columns for all row blocks. With several blocks the active units go in chunks whose
+    // weight rows stay in L1 while every block reads them (each later chunk adds to the blocks' sums); one
+    // block reads each row once anyway.
     const auto column_tile = [&](auto vecs, const scalar_t* weights, const int64_t* offsets, int64_t column) {
-      for (int64_t block = 0, first_row = 0; block < blocks; first_row += rows_in_block(rows, blocks, block++)) {
-        register_block_rows<decltype(vecs)::value>(rows_in_block(rows, blocks, block),
-                                                   packed.data() + first_row * active, 1, /*packed=*/true, offsets,
-                                                   active, weights, out + first_row * columns + column, columns);
-      }
+      constexpr int64_t kRowBytes = decltype(vecs)::value * kWidth * static_cast<int64_t>(sizeof(scalar_t));
+      const int64_t chunk = blocks == 1 ? active : kReusedWeightBytes / kRowBytes;
+      int64_t first_unit = 0;
+      do {
+        const int64_t units_in_chunk = std::min(chunk, active - first_unit);
+        for (int64_t block = 0, first_row = 0; block < blocks; first_row += rows_in_block(rows, blocks, block++)) {
+          const int64_t block_rows = rows_in_block(rows, blocks, block);
+          register_block_rows<decltype(vecs)::value>(
+              block_rows, packed.data() + first_row * active + first_unit * block_rows, 1, /*packed=*/true,
+              offsets + first_unit, units_in_chunk, weights, out + first_row * columns + column, columns,
+              /*accumulate=*/first_unit > 0);
+        }
+        first_unit += units_in_chunk;
+      } while (first_unit < active);
     };
     for (int64_t panel = 0; panel < panels; ++panel) {
-      column_tile(std::integral_constant<int64_t, 2>(), p.panels + panel * features * kPanel, panel_offsets.data(),
+      column_tile(std::integral_constant<int64_t, kPanelVectors>(), p.panels + panel * features * kPanel, panel_offsets.data(),
                   panel * kPanel);
     }
     int64_t column = panels * kPanel;
@@ -218,6 +240,13 @@ void dense_rows_matmul(const DenseRowsProblem<scalar_t>& p) {
       p.out[r * columns + column] = sum;
     }
   }
+}
+
+// This instruction set's copy, for the run-time choice (masked_linear.cpp).
+template <typename scalar_t>
+RowProductKernels<scalar_t> this_copy_kernels() {
+  return {kPanelVectors * at::vec::Vectorized<scalar_t>::size(), &masked_rows_matmul<scalar_t>,
+          &dense_rows_matmul<scalar_t>};
 }
 
 }  // namespace CPU_CAPABILITY
