@@ -5,8 +5,10 @@
 // entries (weight, bias), "linear_no_bias" one (weight); "softmax", "log_softmax" and the activations
 // take none (an activation's scalar parameters travel in its name, e.g. "leaky_relu:0.01"; grammar at
 // activation_from_name). (No None entries: autograd wrappers only track all-tensor lists.)
+#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 
+#include "cpu/masked_linear.h"
 #include "jacext/chain_plan.h"
 #include "jacext/checks.h"
 #include "jacext/graph.h"
@@ -113,7 +115,14 @@ bool skip_inactive_units(const at::Tensor& factor, const at::Tensor& block_value
   if (!override && (dense_macs < kMaskedLinearMinimumMacs || weight_bytes > kMaskedLinearMaximumWeightBytes)) {
     return false;
   }
-  const double active = static_cast<double>(factor.count_nonzero().item<int64_t>()) / factor.numel();
+  // The masked kernel has float and double copies only.
+  if (factor.scalar_type() != at::kFloat && factor.scalar_type() != at::kDouble) return false;
+  const at::Tensor dense_factor = factor.contiguous();
+  int64_t active_units = 0;
+  AT_DISPATCH_FLOATING_TYPES(dense_factor.scalar_type(), "jacext_count_active_units", [&] {
+    active_units = cpu::count_nonzero(dense_factor.const_data_ptr<scalar_t>(), dense_factor.numel());
+  });
+  const double active = static_cast<double>(active_units) / static_cast<double>(factor.numel());
   const double crossover = block_values.size(-2) == 1 ? kMaskedLinearCrossoverOneRow : kMaskedLinearCrossover;
   if (active >= override.value_or(crossover)) return false;
   // One summing pass per tensor instead of isfinite's four (on mnist-sized weights these checks were

@@ -68,6 +68,15 @@ const RowProductKernels<scalar_t>& row_product_kernels() {
 template const RowProductKernels<float>& row_product_kernels<float>();
 template const RowProductKernels<double>& row_product_kernels<double>();
 
+template <typename scalar_t>
+int64_t count_nonzero(const scalar_t* data, int64_t n) {
+  int64_t count = 0;
+  for (int64_t i = 0; i < n; ++i) count += data[i] != scalar_t(0);
+  return count;
+}
+template int64_t count_nonzero<float>(const float* data, int64_t n);
+template int64_t count_nonzero<double>(const double* data, int64_t n);
+
 void masked_linear_kernel(at::Tensor& out, const at::Tensor& values, const at::Tensor& factor,
                           const at::Tensor& matrix) {
   const int64_t batch = out.size(0), rows = out.size(1), columns = out.size(2), features = matrix.size(0);

@@ -58,6 +58,10 @@ RowProductKernels<scalar_t> row_product_kernels_for();
 template <typename scalar_t>
 const RowProductKernels<scalar_t>& row_product_kernels();
 
+// Nonzero entries of data[0, n): the active units of a ReLU mask, counted in one branch-free pass.
+template <typename scalar_t>
+int64_t count_nonzero(const scalar_t* data, int64_t n);
+
 inline void run_dense_rows_matmul(const DenseRowsProblem<float>& problem) {
   row_product_kernels<float>().dense(problem);
 }

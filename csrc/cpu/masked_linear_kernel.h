@@ -119,9 +119,11 @@ void masked_rows_matmul(const MaskedRowsProblem<scalar_t>& p, int64_t begin, int
     const scalar_t* factor = p.factor + b * features;
     const scalar_t* values = p.values + b * p.values_batch_stride;
     scalar_t* out = p.out + b * rows * columns;
+    // Branch-free: a ReLU mask's units are on and off at random, which a branch would mispredict.
     int64_t active = 0;
     for (int64_t h = 0; h < features; ++h) {
-      if (factor[h] != scalar_t(0)) units[active++] = h;
+      units[active] = h;
+      active += factor[h] != scalar_t(0);
     }
     for (int64_t i = 0; i < active; ++i) {
       matrix_offsets[i] = units[i] * columns;
