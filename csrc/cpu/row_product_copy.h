@@ -73,24 +73,19 @@
 
 namespace jacext::cpu {
 #if JACEXT_ROW_PRODUCT_COPY == JACEXT_COPY_AVX512
-template <>
-RowProductKernels<float> row_product_kernels_for<RowProductIsa::Avx512, float>() {
-  return AVX512::this_copy_kernels<float>();
-}
-template <>
-RowProductKernels<double> row_product_kernels_for<RowProductIsa::Avx512, double>() {
-  return AVX512::this_copy_kernels<double>();
-}
+#define JACEXT_COPY_ISA RowProductIsa::Avx512
 #else
-template <>
-RowProductKernels<float> row_product_kernels_for<RowProductIsa::Avx2, float>() {
-  return AVX2::this_copy_kernels<float>();
-}
-template <>
-RowProductKernels<double> row_product_kernels_for<RowProductIsa::Avx2, double>() {
-  return AVX2::this_copy_kernels<double>();
-}
+#define JACEXT_COPY_ISA RowProductIsa::Avx2
 #endif
+// this_copy_kernels is the one copy this file compiled: its CPU_CAPABILITY namespace is inline.
+template <>
+RowProductKernels<float> row_product_kernels_for<JACEXT_COPY_ISA, float>() {
+  return this_copy_kernels<float>();
+}
+template <>
+RowProductKernels<double> row_product_kernels_for<JACEXT_COPY_ISA, double>() {
+  return this_copy_kernels<double>();
+}
 }  // namespace jacext::cpu
 
 #if defined(__clang__)
