@@ -18,7 +18,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 HEADS = {"none": None, "softmax": lambda: nn.Softmax(-1), "log_softmax": lambda: nn.LogSoftmax(-1)}
 ACTIVATIONS = [nn.ReLU, nn.Tanh, nn.Sigmoid, nn.GELU, lambda: nn.GELU("tanh"), nn.SiLU, nn.ReLU6,
-               lambda: nn.LeakyReLU(0.1), lambda: nn.ELU(0.7), lambda: nn.Softplus(2.0, 5.0), nn.Hardtanh]
+               lambda: nn.LeakyReLU(0.1), lambda: nn.ELU(0.7), lambda: nn.Softplus(2.0, 5.0), nn.Hardtanh,
+               nn.Mish, nn.Hardswish, nn.Hardsigmoid]
 
 
 def build_case(seed, widths, head, dtype, batch, special):
@@ -78,10 +79,21 @@ SPECS = [
         ([27, 13, 9, 13], "log_softmax", "float64", 2, ""),
         ([1, 17, 1, 33, 2], "softmax", "float32", 2, ""),
         ([11, 23, 7], "softmax", "float64", 0, ""),
+        # Tiles of up to 32 samples, fewer to give each thread one when the batch is small: the batches
+        # end in partial tiles (of one sample too, whose products run row by row), and the products meet
+        # both of the kernel's forms (register blocks from 16 float32 / 8 float64 columns and 3 rows,
+        # row by row below) with widths of 1 and 2 at both ends (a narrow input and output, as in a PINN).
+        # A NaN or infinity in one sample must reach no other sample of its tile.
+        ([3, 40, 17, 5], "none", "float32", 37, ""),
+        ([3, 40, 17, 5], "log_softmax", "float64", 33, "nan"),
+        ([2, 64, 64, 1], "none", "float32", 70, ""),
+        ([2, 64, 64, 1], "none", "float64", 65, ""),
+        ([16, 33, 20, 4], "softmax", "float64", 65, "inf"),
+        ([1, 24, 9, 2], "softmax", "float32", 97, ""),
     ])
 ] + [  # every activation at least once, in both positions of a two-activation chain
     {"seed": seed, "widths": [4, 6, 5, 3], "head": "none", "dtype": "float64", "batch": 3, "special": ""}
-    for seed in range(20, 31)
+    for seed in range(20, 20 + len(ACTIVATIONS))
 ]
 
 
