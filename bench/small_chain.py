@@ -1,4 +1,4 @@
-"""python -m bench.small_chain [--cases pinn,tiny,...] [--variants kernel=1e12,walker=0] [--rounds 7] [--mode reverse]
+"""python -m bench.small_chain [--cases "pinn;tiny;..."] [--variants kernel=1e12,walker=0] [--rounds 7] [--mode reverse]
 
 A/B micro-benchmark (not a test) of the whole-plan op on chain plans: the small-chain kernel
 (csrc/cpu/small_chain.cpp) against the ATen walker, or one build against another. Each variant runs in
@@ -7,9 +7,9 @@ default), NAME=LIMIT@DIR imports jacobian_ext from DIR instead of this checkout 
 The driver alternates between the workers round by round, so machine noise hits every variant alike, and
 prints per case the median time per call of each variant and each one's ratio to the first.
 
-A case is a bench/cases.py name, optionally with ':batch' (as bench.op_latency takes them), or
-mlp:B:D:H1,H2..:C:ACTIVATION, e.g. mlp:1024:2:64,64,64:1:tanh (activation: any nn class name's
-lower-case in ACTIVATIONS)."""
+Cases are separated by ';'. A case is a bench/cases.py name, optionally with ':batch' (as
+bench.op_latency takes them), or mlp:B:D:H1,H2..:C:ACTIVATION, e.g. mlp:1024:2:64,64,64:1:tanh (ACTIVATION:
+a key of ACTIVATIONS)."""
 import argparse
 import json
 import os
@@ -21,6 +21,9 @@ import time
 import torch
 from torch import nn
 
+# wall: time.perf_counter; cpu: the process's CPU time, which a loaded machine disturbs less (with
+# --threads 1 it is the call's own compute time; with more threads it also counts OpenMP's spin-waiting).
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "gelu": nn.GELU, "silu": nn.SiLU, "sigmoid": nn.Sigmoid}
 
 
@@ -44,8 +47,8 @@ def build(spec: str):
 
 
 def worker(build_dir: str, threads: int):
-    """Answers requests {"case", "mode", "seconds"} on stdin with the median seconds per call of
-    repeated blocks of calls filling about `seconds`."""
+    """Answers requests {"case", "mode", "seconds", "clock"} on stdin with the median seconds per call of
+    repeated blocks of calls filling about `seconds` of that clock."""
     if build_dir:
         sys.path.insert(0, build_dir)
     import jacobian_ext  # noqa: F401  (registers torch.ops.jacext)
@@ -66,24 +69,26 @@ def worker(build_dir: str, threads: int):
                 calls = max(1, int(0.01 / max(time.perf_counter() - start, 1e-7)))
                 cases[key] = (args, calls)
             args, calls = cases[key]
+            clock = CLOCKS[request["clock"]]
             blocks = []
-            deadline = time.perf_counter() + request["seconds"]
-            while not blocks or time.perf_counter() < deadline:
-                start = time.perf_counter()
+            deadline = clock() + request["seconds"]
+            while not blocks or clock() < deadline:
+                start = clock()
                 for _ in range(calls):
                     op(*args)
-                blocks.append((time.perf_counter() - start) / calls)
+                blocks.append((clock() - start) / calls)
         print(json.dumps(statistics.median(blocks)), flush=True)
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m bench.small_chain", description=__doc__.split("\n\n")[1])
-    parser.add_argument("--cases", default="pinn,tiny,small")
+    parser.add_argument("--cases", default="pinn;tiny;small")
     parser.add_argument("--variants", default="kernel=1e12,walker=0", help="NAME=LIMIT[@DIR],... (default %(default)s)")
     parser.add_argument("--mode", default="reverse", choices=("forward", "reverse"))
     parser.add_argument("--rounds", type=int, default=7, help="alternations between the variants")
     parser.add_argument("--seconds", type=float, default=0.1, help="timed seconds per variant per round")
     parser.add_argument("--threads", type=int, default=0, help="torch threads in the workers (default: torch's)")
+    parser.add_argument("--clock", default="wall", choices=tuple(CLOCKS))
     arguments = parser.parse_args(argv)
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     workers = {}
@@ -98,17 +103,18 @@ def main(argv=None):
             [sys.executable, "-m", "bench.small_chain", "--worker", build_dir, str(arguments.threads)], cwd=root,
             text=True, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
     names = list(workers)
-    print(f"{arguments.mode} mode, torch threads {arguments.threads or torch.get_num_threads()}, "
+    print(f"{arguments.mode} mode, {arguments.clock} clock, torch threads {arguments.threads or torch.get_num_threads()}, "
           f"load average {os.getloadavg()[0]:.2f} at start")
     print("| case | " + " | ".join(f"{name} (us)" for name in names) + " | "
           + " | ".join(f"{name} / {names[0]}" for name in names[1:]) + " |")
     print("|" + " --- |" * (1 + 2 * len(names) - 1))
     try:
-        for case in arguments.cases.split(";" if ";" in arguments.cases else ","):
+        for case in arguments.cases.split(";"):
             samples = {name: [] for name in names}
             for round_index in range(arguments.rounds + 1):  # round 0 builds and warms up
                 for name in names:
-                    request = {"case": case, "mode": arguments.mode, "seconds": arguments.seconds}
+                    request = {"case": case, "mode": arguments.mode, "seconds": arguments.seconds,
+                               "clock": arguments.clock}
                     workers[name].stdin.write(json.dumps(request) + "\n")
                     workers[name].stdin.flush()
                     answer = workers[name].stdout.readline()

@@ -168,3 +168,50 @@ def test_bad_limit_is_rejected():
                           timeout=300)
     assert done.returncode != 0
     assert "JACEXT_SMALL_CHAIN_MAX_MACS must be a non-negative number" in done.stderr
+
+
+# Which path batch_jacobian takes under the default choice (no JACEXT_SMALL_CHAIN_MAX_MACS): the walker
+# shows its GEMMs in a profile, the kernel none.
+ROUTE_SCRIPT = r"""
+import json, torch
+import jacobian_ext  # registers torch.ops.jacext
+torch.manual_seed(0)
+def plan(widths, activation):
+    layers, params = [], []
+    for i in range(len(widths) - 1):
+        layers.append("linear")
+        params += [torch.randn(widths[i + 1], widths[i]) / widths[i] ** 0.5, torch.randn(widths[i + 1])]
+        if i < len(widths) - 2:
+            layers.append(activation)
+    return layers, params
+CASES = {
+    "tiny": (plan([16, 64, 64, 4], "relu"), 1),
+    "pinn": (plan([2, 64, 64, 64, 1], "tanh"), 1024),
+    "narrow relu": (plan([16, 256, 256, 4], "relu"), 1024),
+    "narrow gelu": (plan([16, 256, 256, 4], "gelu"), 1024),
+    "mnist": (plan([784, 512, 512, 10], "relu"), 16),
+    "many rows": (plan([32, 256, 256, 256, 64], "relu"), 64),
+}
+GEMMS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::linear", "aten::matmul"}
+routes = {}
+for name, ((layers, params), batch) in CASES.items():
+    x = torch.randn(batch, params[0].shape[1])
+    with torch.no_grad(), torch.profiler.profile() as profile:
+        torch.ops.jacext.batch_jacobian(x, layers, params, "reverse")
+    routes[name] = "walker" if any(event.name in GEMMS for event in profile.events()) else "kernel"
+print(json.dumps(routes))
+"""
+
+
+def test_default_choice_of_path():
+    """Small plans and narrow chains of any batch size on the kernel; wide weights, many rows per sample
+    (tiles of a sample or two) and activations that the kernel evaluates with scalar libm calls, beyond
+    the small plans, on the walker."""
+    env = dict(os.environ)
+    env.pop("JACEXT_SMALL_CHAIN_MAX_MACS", None)
+    done = subprocess.run([sys.executable, "-c", ROUTE_SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == {
+        "tiny": "kernel", "pinn": "kernel", "narrow relu": "kernel", "narrow gelu": "walker", "mnist": "walker",
+        "many rows": "walker"}

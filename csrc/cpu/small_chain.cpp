@@ -5,22 +5,24 @@
 // microseconds each, every one its own parallel region, around little arithmetic: the call is mostly
 // overhead. Here the batch is cut into tiles of a few samples; each tile runs its forward pass and its
 // sweep over raw buffers that stay in cache, with the same rules as the ATen walker (lazy identity seed,
-// activation factors from rule_math.h, the softmax row updates), and tiles run in parallel. Larger plans
-// stay on the ATen walker, whose GEMMs over the whole batch (and masked ReLU kernel) are faster.
+// activation factors from rule_math.h, the softmax row updates), and tiles run in parallel. It takes small
+// plans and narrow chains of any batch size; wider plans stay on the ATen walker, whose GEMMs over the
+// whole batch (and masked ReLU kernel) are faster there (takes_call).
 //
 // Both modes sweep a stack of rows: R per sample (reverse: the cotangents [C, H], one row per output;
 // forward: the tangents transposed, [D, H], one row per input direction), the tile's S samples one after
 // the other, [S R, H]. A Linear multiplies the whole stack by one matrix, W [out, in] in reverse mode and
 // W^T [in, out] in forward mode; an activation scales each sample's rows by that sample's derivative; a
-// softmax updates each row. The forward pass is the same product on the tile's S hidden rows with W^T.
-// So the register-blocked dense product (masked_linear.h) gets S R rows for each weight row it loads
-// into registers, and the activations run over the whole tile at once with the vectorised element loop
-// of the activation kernels (activation_loop.h). A forward-mode stack ends as [D, C] per sample and is
-// transposed as it is written out.
+// softmax updates each row (row_stack.h). The forward pass is the same product on the tile's S hidden rows
+// with W^T. So the register-blocked dense product (masked_linear.h) gets S R rows for each weight row it
+// loads into registers, and the activations run over the whole tile at once with the vectorised element
+// loop of the activation kernels (activation_loop.h). A forward-mode stack ends as [D, C] per sample and
+// is transposed as it is written out.
 #include <ATen/Parallel.h>
 
 #include "cpu/activation_loop.h"
 #include "cpu/masked_linear.h"
+#include "cpu/row_stack.h"
 #include "jacext/chain_plan.h"
 
 #include <algorithm>
@@ -33,14 +35,20 @@
 namespace jacext::cpu {
 namespace {
 
-// Multiply-adds of a whole call (the forward pass and the sweep, all samples) up to which this kernel
-// runs. What decides it: below, the walker's fixed cost (some 30 ATen calls, each a few microseconds)
-// outweighs its GEMMs' better rate; above, its GEMMs over all B * rows rows at once run faster than
-// this kernel's per-sample register blocks (measured with bench/op_latency.py on the bench's tiny and
-// small cases at several batch sizes and a 784-wide input, both paths forced; numbers in the commit
-// that set it). A B = 1 call stays faster here somewhat beyond the limit (the walker's GEMMs then have
-// only C rows), but a per-call limit keeps the rule simple and errs towards the walker.
+// Which calls this kernel runs (takes_call). Any plan up to kDefaultMaxMacs multiply-adds in the whole
+// call (the forward pass and the sweep, all samples): below, the walker's fixed cost (some 30 ATen calls,
+// each a few microseconds and its own parallel region) outweighs its GEMMs' better rate (measured with
+// bench/op_latency.py on the bench's tiny and small cases at several batch sizes and a 784-wide input,
+// both paths forced; numbers in the commit that set it). Beyond it, a narrow chain of any size: weights
+// that stay in a core's cache while a tile reuses them (kNarrowChainWeightBytes in all), tiles of at least
+// kNarrowChainTileSamples samples within kTileBytes, and activations that the element loop vectorises
+// (evaluated_without_libm). There the tile's register blocks are as fast as the walker's GEMMs, whose
+// element-wise passes go through memory; wider weights, or many rows per sample (tiles of a sample or
+// two, which stream the weights once per sample), run faster on the walker, as do ReLU chains whose
+// masked kernel skips the inactive units (bench/small_chain.py; numbers in the commit that set them).
 constexpr double kDefaultMaxMacs = 1 << 22;
+constexpr int64_t kNarrowChainWeightBytes = 512 * 1024;
+constexpr int64_t kNarrowChainTileSamples = 8;
 // Multiply-adds a thread should own before a parallel region pays for its start-up.
 constexpr double kParallelGrainMacs = 1 << 16;
 // Samples per tile at most: S R rows make several register blocks of rows (up to 6 each) per weight row
@@ -49,17 +57,16 @@ constexpr int64_t kMaxTileSamples = 32;
 // A tile's buffers (hidden values, factors, the stack and its scratch) at most, so that they stay in a
 // core's L2 cache beside the weights.
 constexpr int64_t kTileBytes = 256 * 1024;
-// Products with fewer rows than this run row by row (multiply).
-constexpr int64_t kMinBlockRows = 3;
 // Rows of register-blocked products by W^T, over a whole call, that pay for making W^T (a strided copy
 // of every weight entry) with their better rate than the row-by-row products by W.
 constexpr int64_t kMinTransposedRows = 16;
 
-// JACEXT_SMALL_CHAIN_MAX_MACS, read once, overrides the limit (0 = never; the tests force each path).
-double max_macs() {
-  static const double value = []() {
+// JACEXT_SMALL_CHAIN_MAX_MACS, read once, replaces the choice by a limit on the call's multiply-adds
+// (0 = never; the tests force each path).
+std::optional<double> max_macs_override() {
+  static const std::optional<double> value = []() -> std::optional<double> {
     const char* text = std::getenv("JACEXT_SMALL_CHAIN_MAX_MACS");
-    if (text == nullptr || *text == '\0') return kDefaultMaxMacs;
+    if (text == nullptr || *text == '\0') return std::nullopt;
     char* end = nullptr;
     const double parsed = std::strtod(text, &end);
     TORCH_CHECK_VALUE(*end == '\0' && parsed >= 0, "JACEXT_SMALL_CHAIN_MAX_MACS must be a non-negative number, got '",
@@ -69,120 +76,43 @@ double max_macs() {
   return value;
 }
 
+// Whether the element loop (activation_loop.h) evaluates the kind without libm: rule_math.h's formulas
+// with exp, expm1, log1p, erf or libm's tanh call it once per element, where the walker runs ATen's
+// vectorised kernels (tanh is tanh_math.h's, which vectorises).
+constexpr bool evaluated_without_libm(ActivationKind kind) {
+  switch (kind) {
+    case ActivationKind::ReLU:
+    case ActivationKind::Tanh:
+    case ActivationKind::LeakyReLU:
+    case ActivationKind::Hardtanh:
+    case ActivationKind::Hardswish:
+    case ActivationKind::Hardsigmoid:
+      return true;
+    default:
+      return false;
+  }
+}
+
+// Whether this kernel runs a call (kDefaultMaxMacs says which), from its multiply-adds, the bytes of its
+// weights and of a sample's buffers, and whether every activation is evaluated_without_libm.
+bool takes_call(double call_macs, int64_t weight_bytes, int64_t sample_bytes, bool vectorised_activations) {
+  if (const std::optional<double> limit = max_macs_override()) return call_macs <= *limit;
+  if (call_macs <= kDefaultMaxMacs) return true;
+  return weight_bytes <= kNarrowChainWeightBytes &&
+         kTileBytes / std::max<int64_t>(sample_bytes, 1) >= kNarrowChainTileSamples && vectorised_activations;
+}
+
 template <typename scalar_t>
 struct ChainStep {
   Layer::Type type;
   Activation activation;
   const scalar_t* weight = nullptr;    // W [out, in], row-major
-  const scalar_t* weight_t = nullptr;  // W^T [in, out], row-major, or null (choose_transposes)
+  const scalar_t* weight_t = nullptr;  // W^T [in, out], row-major, or null (makes_transposed_weight)
   const scalar_t* bias = nullptr;
   int64_t in = 0, out = 0;
   // Where this step's factors start in a tile's factor buffer, in units of the tile's sample count: the
   // factors of a tile of S samples are [S, in] at S * factor_offset.
   int64_t factor_offset = 0;
-};
-
-template <typename scalar_t>
-void transpose(const scalar_t* from, int64_t rows, int64_t width, scalar_t* to) {
-  for (int64_t r = 0; r < rows; ++r) {
-    for (int64_t j = 0; j < width; ++j) to[j * rows + r] = from[r * width + j];
-  }
-}
-
-// out [R, N] = a [R, K] @ matrix [K, N], given also transposed = matrix^T [N, K] (all row-major; either
-// may be null, not both: choose_transposes decides which W^T a call makes). The register blocks run
-// along vectors of N columns and over blocks of rows; with few rows, or N too narrow for a vector of
-// columns (the columns left over run in a scalar tail), each row runs as the matrix-vector product
-// transposed @ a's row instead, dot products along contiguous rows. One column needs neither: the dense
-// product takes it as dot products itself.
-template <typename scalar_t>
-void multiply(const scalar_t* a, const scalar_t* matrix, const scalar_t* transposed, scalar_t* out, int64_t rows,
-              int64_t steps, int64_t columns) {
-  const bool blocks = columns == 1 || (rows >= kMinBlockRows && columns >= kPanelWidth<scalar_t>);
-  if (matrix != nullptr && (blocks || transposed == nullptr)) {
-    run_dense_rows_matmul(DenseRowsProblem<scalar_t>{a, matrix, out, rows, steps, columns});
-    return;
-  }
-  for (int64_t r = 0; r < rows; ++r) {
-    run_dense_rows_matmul(DenseRowsProblem<scalar_t>{transposed, a + r * steps, out + r * columns, columns, steps, 1});
-  }
-}
-
-// values [S, R, H] *= factors [S, 1, H]: each sample's R rows by its own factors. A multiply, not a
-// select, for ReLU's 0/1 factor too: a non-finite entry times 0 stays NaN, as on the walker.
-template <typename scalar_t>
-JACEXT_ISA_CLONES void scale_sample_rows(scalar_t* __restrict__ values, const scalar_t* __restrict__ factors,
-                                         int64_t samples, int64_t rows, int64_t width) {
-  for (int64_t s = 0; s < samples; ++s) {
-    const scalar_t* factor = factors + s * width;
-    for (int64_t r = 0; r < rows; ++r) {
-      scalar_t* row = values + (s * rows + r) * width;
-      for (int64_t j = 0; j < width; ++j) row[j] *= factor[j];
-    }
-  }
-}
-
-template <typename scalar_t>
-JACEXT_ISA_CLONES void add_bias(scalar_t* __restrict__ values, const scalar_t* __restrict__ bias, int64_t rows,
-                                int64_t width) {
-  for (int64_t r = 0; r < rows; ++r) {
-    for (int64_t j = 0; j < width; ++j) values[r * width + j] += bias[j];
-  }
-}
-
-// A tile's Jacobian rows: `rows` per sample (R), the samples one after the other, each row `width` long,
-// [samples * rows, width] row-major; or the lazy identity (rows == width).
-template <typename scalar_t>
-struct RowStack {
-  scalar_t* values = nullptr;  // views of the thread's workspace (run_tiles)
-  scalar_t* scratch = nullptr;
-  int64_t samples = 0, rows = 0, width = 0;
-  bool identity = true;
-
-  void materialise() {
-    if (!identity) return;
-    std::fill(values, values + samples * rows * width, scalar_t(0));
-    for (int64_t s = 0; s < samples; ++s) {
-      for (int64_t r = 0; r < rows; ++r) values[(s * rows + r) * width + r] = scalar_t(1);
-    }
-    identity = false;
-  }
-
-  // Every row times matrix [width, columns] (transposed: its transpose; either may be null, as in
-  // multiply); on the identity, the matrix itself for every sample.
-  void multiply_by(const scalar_t* matrix, const scalar_t* transposed, int64_t columns) {
-    if (identity) {
-      for (int64_t s = 0; s < samples; ++s) {
-        scalar_t* sample_rows = values + s * width * columns;
-        if (matrix != nullptr) {
-          std::copy(matrix, matrix + width * columns, sample_rows);
-        } else {
-          transpose(transposed, columns, width, sample_rows);
-        }
-      }
-      identity = false;
-    } else {
-      multiply(values, matrix, transposed, scratch, samples * rows, width, columns);
-      std::swap(values, scratch);
-    }
-    width = columns;
-  }
-
-  void scale_columns(const scalar_t* factors) {
-    materialise();
-    scale_sample_rows(values, factors, samples, rows, width);
-  }
-
-  // Softmax and log-softmax with each sample's probabilities (rule_math.h's row rule, over the features).
-  void update_softmax_rows(const scalar_t* probabilities, SoftmaxVariant variant) {
-    materialise();
-    for (int64_t s = 0; s < samples; ++s) {
-      for (int64_t r = 0; r < rows; ++r) {
-        scalar_t* row = values + (s * rows + r) * width;
-        softmax_family_row<scalar_t>(variant, row, probabilities + s * width, row, width);
-      }
-    }
-  }
 };
 
 // The forward pass of a tile's samples: hidden [S, D] holds their inputs and ends holding their outputs
@@ -339,6 +269,7 @@ std::optional<std::tuple<at::Tensor, at::Tensor>> small_chain_jacobian(const at:
   const int64_t batch = input.size(0), in_features = input.size(1);
   int64_t width = in_features, max_width = in_features, factor_size = 0, weight_size = 0;
   double linear_macs = 0;
+  bool vectorised_activations = true;
   for (const Layer& layer : plan) {
     if (layer.type == Layer::Type::Linear) {
       linear_macs += static_cast<double>(layer.weight.size(0)) * static_cast<double>(layer.weight.size(1));
@@ -347,6 +278,9 @@ std::optional<std::tuple<at::Tensor, at::Tensor>> small_chain_jacobian(const at:
       max_width = std::max(max_width, width);
     } else {
       factor_size += width;
+      if (layer.type == Layer::Type::Activation) {
+        vectorised_activations = vectorised_activations && evaluated_without_libm(layer.activation.kind);
+      }
     }
   }
   const int64_t out_features = width;
@@ -354,14 +288,17 @@ std::optional<std::tuple<at::Tensor, at::Tensor>> small_chain_jacobian(const at:
   const int64_t rows = reverse ? out_features : in_features;
   const double sample_macs =
       linear_macs * (1 + static_cast<double>(rows)) + static_cast<double>(rows) * static_cast<double>(max_width);
-  if (static_cast<double>(batch) * sample_macs > max_macs()) return std::nullopt;
+  const int64_t sample_bytes = (2 * max_width + factor_size + 2 * rows * max_width) * input.element_size();
+  if (!takes_call(static_cast<double>(batch) * sample_macs, weight_size * input.element_size(), sample_bytes,
+                  vectorised_activations)) {
+    return std::nullopt;
+  }
 
   std::vector<at::Tensor> contiguous;  // keeps contiguous copies of the parameters alive
   contiguous.reserve(2 * plan.size());
   at::Tensor output = at::empty({batch, out_features}, input.options());
   at::Tensor jacobian = at::empty({batch, out_features, in_features}, input.options());
   const at::Tensor flat = input.contiguous();
-  const int64_t sample_bytes = (2 * max_width + factor_size + 2 * rows * max_width) * input.element_size();
   const Tiling tiling = choose_tiling(batch, sample_macs, sample_bytes);
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "jacext_small_chain", [&] {
     // Every W^T the call makes, in one allocation (uninitialised: each is written whole).

@@ -1,0 +1,122 @@
+// A tile's Jacobian rows in the small-chain kernel (small_chain.cpp) and the products, scalings and softmax
+// updates it applies to them, over raw row-major buffers.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+
+#include "../jacext/rule_math.h"
+#include "isa.h"
+#include "masked_linear.h"
+
+namespace jacext::cpu {
+namespace {
+
+// Products with fewer rows than this run row by row (multiply).
+constexpr int64_t kMinBlockRows = 3;
+
+template <typename scalar_t>
+void transpose(const scalar_t* from, int64_t rows, int64_t width, scalar_t* to) {
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t j = 0; j < width; ++j) to[j * rows + r] = from[r * width + j];
+  }
+}
+
+// out [R, N] = a [R, K] @ matrix [K, N], given also transposed = matrix^T [N, K] (all row-major; either
+// may be null, not both: the small-chain kernel makes W^T only where it pays). The register blocks run
+// along vectors of N columns and over blocks of rows; with few rows, or N too narrow for a vector of
+// columns (the columns left over run in a scalar tail), each row runs as the matrix-vector product
+// transposed @ a's row instead, dot products along contiguous rows. One column needs neither: the dense
+// product takes it as dot products itself.
+template <typename scalar_t>
+void multiply(const scalar_t* a, const scalar_t* matrix, const scalar_t* transposed, scalar_t* out, int64_t rows,
+              int64_t steps, int64_t columns) {
+  const bool blocks = columns == 1 || (rows >= kMinBlockRows && columns >= kPanelWidth<scalar_t>);
+  if (matrix != nullptr && (blocks || transposed == nullptr)) {
+    run_dense_rows_matmul(DenseRowsProblem<scalar_t>{a, matrix, out, rows, steps, columns});
+    return;
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    run_dense_rows_matmul(DenseRowsProblem<scalar_t>{transposed, a + r * steps, out + r * columns, columns, steps, 1});
+  }
+}
+
+// values [S, R, H] *= factors [S, 1, H]: each sample's R rows by its own factors. A multiply, not a
+// select, for ReLU's 0/1 factor too: a non-finite entry times 0 stays NaN, as on the walker.
+template <typename scalar_t>
+JACEXT_ISA_CLONES void scale_sample_rows(scalar_t* __restrict__ values, const scalar_t* __restrict__ factors,
+                                         int64_t samples, int64_t rows, int64_t width) {
+  for (int64_t s = 0; s < samples; ++s) {
+    const scalar_t* factor = factors + s * width;
+    for (int64_t r = 0; r < rows; ++r) {
+      scalar_t* row = values + (s * rows + r) * width;
+      for (int64_t j = 0; j < width; ++j) row[j] *= factor[j];
+    }
+  }
+}
+
+template <typename scalar_t>
+JACEXT_ISA_CLONES void add_bias(scalar_t* __restrict__ values, const scalar_t* __restrict__ bias, int64_t rows,
+                                int64_t width) {
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t j = 0; j < width; ++j) values[r * width + j] += bias[j];
+  }
+}
+
+// A tile's Jacobian rows: `rows` per sample (R), the samples one after the other, each row `width` long,
+// [samples * rows, width] row-major; or the lazy identity (rows == width).
+template <typename scalar_t>
+struct RowStack {
+  scalar_t* values = nullptr;  // views of the thread's workspace (run_tiles)
+  scalar_t* scratch = nullptr;
+  int64_t samples = 0, rows = 0, width = 0;
+  bool identity = true;
+
+  void materialise() {
+    if (!identity) return;
+    std::fill(values, values + samples * rows * width, scalar_t(0));
+    for (int64_t s = 0; s < samples; ++s) {
+      for (int64_t r = 0; r < rows; ++r) values[(s * rows + r) * width + r] = scalar_t(1);
+    }
+    identity = false;
+  }
+
+  // Every row times matrix [width, columns] (transposed: its transpose; either may be null, as in
+  // multiply); on the identity, the matrix itself for every sample.
+  void multiply_by(const scalar_t* matrix, const scalar_t* transposed, int64_t columns) {
+    if (identity) {
+      for (int64_t s = 0; s < samples; ++s) {
+        scalar_t* sample_rows = values + s * width * columns;
+        if (matrix != nullptr) {
+          std::copy(matrix, matrix + width * columns, sample_rows);
+        } else {
+          transpose(transposed, columns, width, sample_rows);
+        }
+      }
+      identity = false;
+    } else {
+      multiply(values, matrix, transposed, scratch, samples * rows, width, columns);
+      std::swap(values, scratch);
+    }
+    width = columns;
+  }
+
+  void scale_columns(const scalar_t* factors) {
+    materialise();
+    scale_sample_rows(values, factors, samples, rows, width);
+  }
+
+  // Softmax and log-softmax with each sample's probabilities (rule_math.h's row rule, over the features).
+  void update_softmax_rows(const scalar_t* probabilities, SoftmaxVariant variant) {
+    materialise();
+    for (int64_t s = 0; s < samples; ++s) {
+      for (int64_t r = 0; r < rows; ++r) {
+        scalar_t* row = values + (s * rows + r) * width;
+        softmax_family_row<scalar_t>(variant, row, probabilities + s * width, row, width);
+      }
+    }
+  }
+};
+
+}  // namespace
+}  // namespace jacext::cpu
