@@ -42,10 +42,11 @@ namespace {
 // both paths forced; numbers in the commit that set it). Beyond it, a narrow chain of any size: weights
 // that stay in a core's cache while a tile reuses them (kNarrowChainWeightBytes in all), tiles of at least
 // kNarrowChainTileSamples samples within kTileBytes, and activations that the element loop vectorises
-// (evaluated_without_libm). There the tile's register blocks are as fast as the walker's GEMMs, whose
-// element-wise passes go through memory; wider weights, or many rows per sample (tiles of a sample or
-// two, which stream the weights once per sample), run faster on the walker, as do ReLU chains whose
-// masked kernel skips the inactive units (bench/small_chain.py; numbers in the commit that set them).
+// (evaluated_without_libm). There the tile's register blocks keep up with the walker's GEMMs, whose
+// element-wise passes go through memory. Wider weights, or many rows per sample (tiles of a sample or
+// two, which stream the weights once per sample), run faster on the walker, a ReLU chain's also through
+// its masked kernel, which skips the inactive units (bench/small_chain.py; numbers in the commit that
+// set them).
 constexpr double kDefaultMaxMacs = 1 << 22;
 constexpr int64_t kNarrowChainWeightBytes = 512 * 1024;
 constexpr int64_t kNarrowChainTileSamples = 8;
