@@ -79,7 +79,7 @@ SPECS = [
         ([27, 13, 9, 13], "log_softmax", "float64", 2, ""),
         ([1, 17, 1, 33, 2], "softmax", "float32", 2, ""),
         ([11, 23, 7], "softmax", "float64", 0, ""),
-        # Tiles of up to 32 samples, fewer to give each thread one when the batch is small: the batches
+        # Tiles of up to 32 samples, fewer to give each thread one when the call is large: the batches
         # end in partial tiles (of one sample too, whose products run row by row), and the products meet
         # both of the kernel's forms (register blocks from 16 float32 / 8 float64 columns and 3 rows,
         # row by row below) with widths of 1 and 2 at both ends (a narrow input and output, as in a PINN).
@@ -90,6 +90,9 @@ SPECS = [
         ([2, 64, 64, 1], "none", "float64", 65, ""),
         ([16, 33, 20, 4], "softmax", "float64", 65, "inf"),
         ([1, 24, 9, 2], "softmax", "float32", 97, ""),
+        # Forward mode stacks a batch of 16 or more as rows times W^T, made for outputs of 16 float32
+        # (8 float64) or more, and a smaller batch as columns: a narrow first layer without W^T.
+        ([6, 5, 20, 3], "log_softmax", "float32", 40, ""),
     ])
 ] + [  # every activation at least once, in both positions of a two-activation chain
     {"seed": seed, "widths": [4, 6, 5, 3], "head": "none", "dtype": "float64", "batch": 3, "special": ""}

@@ -9,20 +9,20 @@
 // plans and narrow chains of any batch size; wider plans stay on the ATen walker, whose GEMMs over the
 // whole batch (and masked ReLU kernel) are faster there (takes_call).
 //
-// Both modes sweep a stack of rows: R per sample (reverse: the cotangents [C, H], one row per output;
-// forward: the tangents transposed, [D, H], one row per input direction), the tile's S samples one after
-// the other, [S R, H]. A Linear multiplies the whole stack by one matrix, W [out, in] in reverse mode and
-// W^T [in, out] in forward mode; an activation scales each sample's rows by that sample's derivative; a
-// softmax updates each row (row_stack.h). The forward pass is the same product on the tile's S hidden rows
-// with W^T. So the register-blocked dense product (masked_linear.h) gets S R rows for each weight row it
-// loads into registers, and the activations run over the whole tile at once with the vectorised element
-// loop of the activation kernels (activation_loop.h). A forward-mode stack ends as [D, C] per sample and
-// is transposed as it is written out.
+// Both sweeps stack the tile's Jacobian blocks so that one product per Linear serves every sample
+// (tile_stacks.h): the reverse sweep's cotangents [C, H] as rows, [S C, H], times W [out, in]; the forward
+// sweep's tangents transposed, [H, D], side by side as columns, [H, S D], with W [out, in] times them.
+// An activation scales each sample's features by that sample's derivative; a softmax updates each
+// sample's rows. The forward pass multiplies the tile's hidden rows [S, in] by W^T, made once per call
+// where the batch pays for it, else row by row by W. So the register-blocked dense product
+// (masked_linear.h) gets many rows or columns for each weight row it loads into registers, and the
+// activations run over the whole tile at once with the vectorised element loop of the activation
+// kernels (activation_loop.h).
 #include <ATen/Parallel.h>
 
 #include "cpu/activation_loop.h"
 #include "cpu/masked_linear.h"
-#include "cpu/row_stack.h"
+#include "cpu/tile_stacks.h"
 #include "jacext/chain_plan.h"
 
 #include <algorithm>
@@ -30,6 +30,7 @@
 #include <cstdlib>
 #include <limits>
 #include <memory>
+#include <type_traits>
 #include <vector>
 
 namespace jacext::cpu {
@@ -58,8 +59,8 @@ constexpr int64_t kMaxTileSamples = 32;
 // A tile's buffers (hidden values, factors, the stack and its scratch) at most, so that they stay in a
 // core's L2 cache beside the weights.
 constexpr int64_t kTileBytes = 256 * 1024;
-// Rows of register-blocked products by W^T, over a whole call, that pay for making W^T (a strided copy
-// of every weight entry) with their better rate than the row-by-row products by W.
+// Rows of register-blocked products by W^T, over a whole call, that pay for making W^T (a copy of every
+// weight entry) with their better rate than the row-by-row products by W.
 constexpr int64_t kMinTransposedRows = 16;
 
 // JACEXT_SMALL_CHAIN_MAX_MACS, read once, replaces the choice by a limit on the call's multiply-adds
@@ -158,20 +159,23 @@ void forward_pass(const std::vector<ChainStep<scalar_t>>& steps, int64_t samples
   }
 }
 
-// One step of the sweep (reverse mode walks the steps backwards, forward mode forwards).
-template <typename scalar_t>
-void sweep_step(RowStack<scalar_t>& stack, const ChainStep<scalar_t>& step, const scalar_t* factors, bool reverse) {
+// One step of a sweep: reverse mode walks the steps backwards on a RowStack, forward mode forwards on a
+// RowStack (times W^T) or a ColumnStack (W times it).
+template <typename scalar_t, typename Stack>
+void sweep_step(Stack& stack, const ChainStep<scalar_t>& step, const scalar_t* factors, bool reverse) {
   const scalar_t* factor = factors + stack.samples * step.factor_offset;
   switch (step.type) {
     case Layer::Type::Linear:
-      if (reverse) {
+      if constexpr (std::is_same_v<Stack, ColumnStack<scalar_t>>) {
+        stack.multiply_by(step.weight, step.out);
+      } else if (reverse) {
         stack.multiply_by(step.weight, step.weight_t, step.in);
       } else {
         stack.multiply_by(step.weight_t, step.weight, step.out);
       }
       return;
     case Layer::Type::Activation:
-      stack.scale_columns(factor);
+      stack.scale_features(factor);
       return;
     case Layer::Type::Softmax:
       stack.update_softmax_rows(factor, SoftmaxVariant::Softmax);
@@ -183,9 +187,11 @@ void sweep_step(RowStack<scalar_t>& stack, const ChainStep<scalar_t>& step, cons
 }
 
 // How the batch is cut: tiles of tile_samples (the last one possibly fewer), tiles_per_task per task of
-// the parallel loop.
+// the parallel loop; and whether a forward sweep runs on a RowStack, times the W^T that a batch of at
+// least kMinTransposedRows pays for (else on a ColumnStack, whose per-feature scalings cost more).
 struct Tiling {
   int64_t tile_samples = 1, tiles_per_task = 1;
+  bool forward_on_rows = false;
 };
 
 template <typename scalar_t>
@@ -194,55 +200,61 @@ void run_tiles(const at::Tensor& input, const std::vector<ChainStep<scalar_t>>& 
   const int64_t batch = input.size(0), in_features = input.size(1), out_features = output.size(1);
   const int64_t capacity = tiling.tile_samples;
   const int64_t tiles = (batch + capacity - 1) / capacity;
-  // Rows per sample of the stack: C in reverse mode, D in forward mode.
+  // Rows (reverse) or columns (forward) per sample of the stack: C in reverse mode, D in forward mode.
   const int64_t rows = reverse ? out_features : in_features;
   const scalar_t* input_data = input.const_data_ptr<scalar_t>();
   scalar_t* output_data = output.data_ptr<scalar_t>();
   scalar_t* jacobian_data = jacobian.data_ptr<scalar_t>();
   at::parallel_for(0, tiles, tiling.tiles_per_task, [&](int64_t begin, int64_t end) {
-    // One allocation per thread for all its buffers (at the smallest sizes a call's mallocs count).
-    std::vector<scalar_t> workspace(capacity * (2 * max_width + factor_size + 2 * rows * max_width));
-    scalar_t* hidden = workspace.data();
+    // One allocation per thread for all its buffers (at the smallest sizes a call's mallocs count), not
+    // zeroed: every buffer is written before it is read.
+    const auto workspace =
+        std::make_unique_for_overwrite<scalar_t[]>(capacity * (2 * max_width + factor_size + 2 * rows * max_width));
+    scalar_t* hidden = workspace.get();
     scalar_t* next = hidden + capacity * max_width;
     scalar_t* factors = next + capacity * max_width;
-    RowStack<scalar_t> stack;
-    stack.values = factors + capacity * factor_size;
-    stack.scratch = stack.values + capacity * rows * max_width;
+    scalar_t* stack_values = factors + capacity * factor_size;
+    scalar_t* stack_scratch = stack_values + capacity * rows * max_width;
     for (int64_t tile = begin; tile < end; ++tile) {
       const int64_t first = tile * capacity, samples = std::min(capacity, batch - first);
       std::copy(input_data + first * in_features, input_data + (first + samples) * in_features, hidden);
       forward_pass(steps, samples, hidden, next, factors);
       std::copy(hidden, hidden + samples * out_features, output_data + first * out_features);
-      stack.samples = samples;
-      stack.rows = stack.width = rows;
-      stack.identity = true;
-      if (reverse) {
-        for (auto step = steps.rbegin(); step != steps.rend(); ++step) sweep_step(stack, *step, factors, reverse);
-      } else {
-        for (const ChainStep<scalar_t>& step : steps) sweep_step(stack, step, factors, reverse);
-      }
-      stack.materialise();  // a plan without layers: the identity
-      // The stack is now each sample's Jacobian [C, D] (reverse) or its transpose [D, C] (forward).
+      // Each sample's Jacobian [C, D] (its transpose [D, C] on a forward RowStack) goes out of the stack.
       scalar_t* tile_jacobian = jacobian_data + first * out_features * in_features;
-      if (reverse) {
-        std::copy(stack.values, stack.values + samples * out_features * in_features, tile_jacobian);
-      } else {
-        for (int64_t s = 0; s < samples; ++s) {
-          const int64_t offset = s * out_features * in_features;
-          transpose(stack.values + offset, in_features, out_features, tile_jacobian + offset);
+      if (reverse || tiling.forward_on_rows) {
+        RowStack<scalar_t> stack{stack_values, stack_scratch, samples, rows, rows};
+        if (reverse) {
+          for (auto step = steps.rbegin(); step != steps.rend(); ++step) sweep_step(stack, *step, factors, reverse);
+        } else {
+          for (const ChainStep<scalar_t>& step : steps) sweep_step(stack, step, factors, reverse);
         }
+        stack.materialise();  // a plan without layers: the identity
+        if (reverse) {
+          std::copy(stack.values, stack.values + samples * out_features * in_features, tile_jacobian);
+        } else {
+          for (int64_t s = 0; s < samples; ++s) {
+            const int64_t offset = s * out_features * in_features;
+            transpose(stack.values + offset, in_features, out_features, tile_jacobian + offset);
+          }
+        }
+      } else {
+        ColumnStack<scalar_t> stack{stack_values, stack_scratch, samples, rows, rows};
+        for (const ChainStep<scalar_t>& step : steps) sweep_step(stack, step, factors, reverse);
+        stack.materialise();
+        stack.write_jacobians(tile_jacobian);
       }
     }
   });
 }
 
-// Whether a call makes W^T [in, out] of a Linear (else its products take W, multiply): where the rows
-// that would read it in register blocks pay for it (the forward pass's B rows, and B D more in forward
-// mode), or where W^T is small and a reverse sweep needs it for a product too narrow for vectors.
+// Whether a call makes W^T [in, out] of a Linear (else its products take W, multiply): where its rows
+// in register blocks pay for it (the forward pass's B rows, and a forward RowStack's B D, from a batch of
+// kMinTransposedRows), or where W^T is small and a reverse sweep needs it for a product too narrow for
+// vectors.
 template <typename scalar_t>
-bool makes_transposed_weight(int64_t in, int64_t out, int64_t batch, int64_t in_features, bool reverse) {
-  const int64_t register_rows = batch * (reverse ? 1 : 1 + in_features);
-  if (out >= kPanelWidth<scalar_t> && register_rows >= kMinTransposedRows) return true;
+bool makes_transposed_weight(int64_t in, int64_t out, int64_t batch, bool reverse) {
+  if (out >= kPanelWidth<scalar_t> && batch >= kMinTransposedRows) return true;
   return reverse && in > 1 && in < kPanelWidth<scalar_t>;
 }
 
@@ -254,6 +266,7 @@ Tiling choose_tiling(int64_t batch, double sample_macs, int64_t sample_bytes) {
   const int64_t threads = std::clamp<int64_t>(static_cast<int64_t>(call_macs / kParallelGrainMacs), 1,
                                               at::get_num_threads());
   Tiling tiling;
+  tiling.forward_on_rows = batch >= kMinTransposedRows;
   tiling.tile_samples = std::max<int64_t>(1, std::min(fitting, (batch + threads - 1) / threads));
   const double tile_macs = static_cast<double>(tiling.tile_samples) * sample_macs;
   tiling.tiles_per_task = std::max<int64_t>(1, static_cast<int64_t>(kParallelGrainMacs / std::max(tile_macs, 1.0)));
@@ -316,7 +329,7 @@ std::optional<std::tuple<at::Tensor, at::Tensor>> small_chain_jacobian(const at:
         features = layer.weight.size(0);
         if (features == 1) {
           step.weight_t = step.weight;  // W [1, in] is W^T
-        } else if (makes_transposed_weight<scalar_t>(step.in, features, batch, in_features, reverse)) {
+        } else if (makes_transposed_weight<scalar_t>(step.in, features, batch, reverse)) {
           scalar_t* weight_t = transposed_weights.get() + transposed_offset;
           transpose(step.weight, features, step.in, weight_t);
           step.weight_t = weight_t;

@@ -1,5 +1,7 @@
-// A tile's Jacobian rows in the small-chain kernel (small_chain.cpp) and the products, scalings and softmax
-// updates it applies to them, over raw row-major buffers.
+// A tile's Jacobian blocks in the small-chain kernel (small_chain.cpp), stacked so that one product per
+// Linear serves every sample of the tile, and the products, scalings and softmax updates the sweeps apply
+// to them, over raw row-major buffers: as rows (RowStack, times a matrix) or as columns (ColumnStack, W
+// times them: the forward sweep without W^T).
 #pragma once
 
 #include <algorithm>
@@ -68,6 +70,13 @@ JACEXT_ISA_CLONES void scale_sample_rows(scalar_t* __restrict__ values, const sc
   }
 }
 
+// values [count] *= factors [count].
+template <typename scalar_t>
+JACEXT_ISA_CLONES void multiply_elements(scalar_t* __restrict__ values, const scalar_t* __restrict__ factors,
+                                         int64_t count) {
+  for (int64_t i = 0; i < count; ++i) values[i] *= factors[i];
+}
+
 template <typename scalar_t>
 JACEXT_ISA_CLONES void add_bias(scalar_t* __restrict__ values, const scalar_t* __restrict__ bias, int64_t rows,
                                 int64_t width) {
@@ -76,8 +85,10 @@ JACEXT_ISA_CLONES void add_bias(scalar_t* __restrict__ values, const scalar_t* _
   }
 }
 
-// A tile's Jacobian rows: `rows` per sample (R), the samples one after the other, each row `width` long,
-// [samples * rows, width] row-major; or the lazy identity (rows == width).
+// A tile's Jacobian blocks as rows: `rows` per sample, the samples one after the other, each row `width`
+// long, [samples * rows, width] row-major; or the lazy identity (rows == width). The reverse sweep's
+// cotangents [C, H] (times W), and the forward sweep's tangents transposed, [D, H] (times W^T), where the
+// batch pays for making W^T.
 template <typename scalar_t>
 struct RowStack {
   scalar_t* values = nullptr;  // views of the thread's workspace (run_tiles)
@@ -114,7 +125,8 @@ struct RowStack {
     width = columns;
   }
 
-  void scale_columns(const scalar_t* factors) {
+  // Each sample's features (here columns) times its factors [samples, width].
+  void scale_features(const scalar_t* factors) {
     materialise();
     scale_sample_rows(values, factors, samples, rows, width);
   }
@@ -126,6 +138,91 @@ struct RowStack {
       for (int64_t r = 0; r < rows; ++r) {
         scalar_t* row = values + (s * rows + r) * width;
         softmax_family_row<scalar_t>(variant, row, probabilities + s * width, row, width);
+      }
+    }
+  }
+};
+
+// The forward sweep's tangents of a tile where no W^T is made, side by side: each sample's block [width, rows]
+// (rows = D, one column per input direction) in columns s * rows.., [width, samples * rows] row-major; or
+// the lazy identity (rows == width). A Linear is then W [out, width] @ the whole stack, one product with
+// W's rows for the register blocks' rows and the samples' directions for their vectors of columns.
+template <typename scalar_t>
+struct ColumnStack {
+  scalar_t* values = nullptr;  // views of the thread's workspace (run_tiles)
+  scalar_t* scratch = nullptr;
+  int64_t samples = 0, rows = 0, width = 0;
+  bool identity = true;
+
+  int64_t columns() const { return samples * rows; }
+
+  void materialise() {
+    if (!identity) return;
+    std::fill(values, values + width * columns(), scalar_t(0));
+    for (int64_t s = 0; s < samples; ++s) {
+      for (int64_t r = 0; r < rows; ++r) values[r * columns() + s * rows + r] = scalar_t(1);
+    }
+    identity = false;
+  }
+
+  // weight [out, width] @ every sample's block; on the identity, the weight itself for every sample (the
+  // samples innermost: a copy of a weight row per sample, a few entries, would be a memmove call each).
+  void multiply_by(const scalar_t* weight, int64_t out) {
+    if (identity) {
+      for (int64_t o = 0; o < out; ++o) {
+        for (int64_t d = 0; d < width; ++d) {
+          const scalar_t entry = weight[o * width + d];
+          for (int64_t s = 0; s < samples; ++s) values[o * columns() + s * rows + d] = entry;
+        }
+      }
+      identity = false;
+    } else {
+      run_dense_rows_matmul(DenseRowsProblem<scalar_t>{weight, values, scratch, out, width, columns()});
+      std::swap(values, scratch);
+    }
+    width = out;
+  }
+
+  // Each sample's features (here rows) times its factors [samples, width]: the factors spread over the
+  // sample's columns into scratch [width, samples * rows] first, then one element-wise product (a loop
+  // over a sample's columns per feature would be all loop overhead for the few directions of a narrow
+  // input).
+  void scale_features(const scalar_t* factors) {
+    materialise();
+    scalar_t* expanded = scratch;
+    for (int64_t h = 0; h < width; ++h) {
+      for (int64_t s = 0; s < samples; ++s) {
+        const scalar_t factor = factors[s * width + h];
+        for (int64_t r = 0; r < rows; ++r) *expanded++ = factor;
+      }
+    }
+    multiply_elements(values, scratch, width * columns());
+  }
+
+  // Writes each sample's Jacobian [C = width, D = rows] to jacobian [samples, C, D] (the samples
+  // innermost, as in multiply_by).
+  void write_jacobians(scalar_t* jacobian) const {
+    for (int64_t c = 0; c < width; ++c) {
+      for (int64_t d = 0; d < rows; ++d) {
+        for (int64_t s = 0; s < samples; ++s) jacobian[(s * width + c) * rows + d] = values[c * columns() + s * rows + d];
+      }
+    }
+  }
+
+  // Softmax and log-softmax with each sample's probabilities, on the sample's tangent rows [rows, width]
+  // (its block transposed into scratch and back: a softmax is a narrow head, so the copies are small).
+  void update_softmax_rows(const scalar_t* probabilities, SoftmaxVariant variant) {
+    materialise();
+    for (int64_t s = 0; s < samples; ++s) {
+      for (int64_t h = 0; h < width; ++h) {
+        for (int64_t r = 0; r < rows; ++r) scratch[r * width + h] = values[h * columns() + s * rows + r];
+      }
+      for (int64_t r = 0; r < rows; ++r) {
+        scalar_t* row = scratch + r * width;
+        softmax_family_row<scalar_t>(variant, row, probabilities + s * width, row, width);
+      }
+      for (int64_t h = 0; h < width; ++h) {
+        for (int64_t r = 0; r < rows; ++r) values[h * columns() + s * rows + r] = scratch[r * width + h];
       }
     }
   }
