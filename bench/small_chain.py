@@ -103,7 +103,8 @@ def main(argv=None):
             [sys.executable, "-m", "bench.small_chain", "--worker", build_dir, str(arguments.threads)], cwd=root,
             text=True, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
     names = list(workers)
-    print(f"{arguments.mode} mode, {arguments.clock} clock, torch threads {arguments.threads or torch.get_num_threads()}, "
+    threads = arguments.threads or torch.get_num_threads()
+    print(f"{arguments.mode} mode, {arguments.clock} clock, torch threads {threads}, "
           f"load average {os.getloadavg()[0]:.2f} at start")
     print("| case | " + " | ".join(f"{name} (us)" for name in names) + " | "
           + " | ".join(f"{name} / {names[0]}" for name in names[1:]) + " |")
