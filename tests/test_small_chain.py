@@ -1,9 +1,10 @@
-"""The CPU small-chain kernel (csrc/cpu/small_chain.cpp), which batch_jacobian runs for plans under
-JACEXT_SMALL_CHAIN_MAX_MACS multiply-adds (default 2^22), against the ATen walker and torch.func.
+"""The CPU small-chain kernel (csrc/cpu/small_chain.cpp), which batch_jacobian runs for small plans and
+narrow chains (or, where JACEXT_SMALL_CHAIN_MAX_MACS is set, for plans under that many multiply-adds),
+against the ATen walker and torch.func.
 
 Every small CPU model in the other tests already runs on it; here the same models run on both paths
-(the limit is read once per process, so the other path runs in a subprocess), and wide models are
-forced onto it."""
+(the limit is read once per process, so the other path runs in a subprocess), wide models are forced onto
+it, and the default choice of path is pinned."""
 import json
 import os
 import subprocess

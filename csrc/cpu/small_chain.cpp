@@ -46,8 +46,8 @@ namespace {
 // (evaluated_without_libm). There the tile's register blocks keep up with the walker's GEMMs, whose
 // element-wise passes go through memory. Wider weights, or many rows per sample (tiles of a sample or
 // two, which stream the weights once per sample), run faster on the walker, a ReLU chain's also through
-// its masked kernel, which skips the inactive units (bench/small_chain.py; numbers in the commit that
-// set them).
+// its masked kernel, which skips the inactive units (bench/small_chain.py; numbers in
+// bench/SMALL_CHAIN.md).
 constexpr double kDefaultMaxMacs = 1 << 22;
 constexpr int64_t kNarrowChainWeightBytes = 512 * 1024;
 constexpr int64_t kNarrowChainTileSamples = 8;
@@ -181,7 +181,8 @@ void sweep_step(Stack& stack, const ChainStep<scalar_t>& step, const scalar_t* f
       stack.update_softmax_rows(factor, SoftmaxVariant::Softmax);
       return;
     case Layer::Type::LogSoftmax:
-      stack.update_softmax_rows(factor, reverse ? SoftmaxVariant::LogSoftmaxReverse : SoftmaxVariant::LogSoftmaxForward);
+      stack.update_softmax_rows(factor,
+                                reverse ? SoftmaxVariant::LogSoftmaxReverse : SoftmaxVariant::LogSoftmaxForward);
       return;
   }
 }

@@ -143,9 +143,9 @@ struct RowStack {
   }
 };
 
-// The forward sweep's tangents of a tile where no W^T is made, side by side: each sample's block [width, rows]
-// (rows = D, one column per input direction) in columns s * rows.., [width, samples * rows] row-major; or
-// the lazy identity (rows == width). A Linear is then W [out, width] @ the whole stack, one product with
+// The forward sweep's tangents of a tile where no W^T is made, side by side: each sample's block
+// [width, rows] (rows = D, one column per input direction) in columns s * rows.., [width, samples * rows]
+// row-major; or the lazy identity (rows == width). A Linear is then W [out, width] @ the whole stack, one product with
 // W's rows for the register blocks' rows and the samples' directions for their vectors of columns.
 template <typename scalar_t>
 struct ColumnStack {
@@ -204,7 +204,9 @@ struct ColumnStack {
   void write_jacobians(scalar_t* jacobian) const {
     for (int64_t c = 0; c < width; ++c) {
       for (int64_t d = 0; d < rows; ++d) {
-        for (int64_t s = 0; s < samples; ++s) jacobian[(s * width + c) * rows + d] = values[c * columns() + s * rows + d];
+        for (int64_t s = 0; s < samples; ++s) {
+          jacobian[(s * width + c) * rows + d] = values[c * columns() + s * rows + d];
+        }
       }
     }
   }
