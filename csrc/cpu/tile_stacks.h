@@ -70,11 +70,18 @@ JACEXT_ISA_CLONES void scale_sample_rows(scalar_t* __restrict__ values, const sc
   }
 }
 
-// values [count] *= factors [count].
+// values [H, S, R] *= factors [S, H] (as [H, S, 1]): each sample's R columns by its own factors, feature
+// by feature.
 template <typename scalar_t>
-JACEXT_ISA_CLONES void multiply_elements(scalar_t* __restrict__ values, const scalar_t* __restrict__ factors,
-                                         int64_t count) {
-  for (int64_t i = 0; i < count; ++i) values[i] *= factors[i];
+JACEXT_ISA_CLONES void scale_sample_columns(scalar_t* __restrict__ values, const scalar_t* __restrict__ factors,
+                                            int64_t samples, int64_t rows, int64_t width) {
+  for (int64_t h = 0; h < width; ++h) {
+    for (int64_t s = 0; s < samples; ++s) {
+      const scalar_t factor = factors[s * width + h];
+      scalar_t* block_row = values + (h * samples + s) * rows;
+      for (int64_t r = 0; r < rows; ++r) block_row[r] *= factor;
+    }
+  }
 }
 
 template <typename scalar_t>
@@ -183,20 +190,10 @@ struct ColumnStack {
     width = out;
   }
 
-  // Each sample's features (here rows) times its factors [samples, width]: the factors spread over the
-  // sample's columns into scratch [width, samples * rows] first, then one element-wise product (a loop
-  // over a sample's columns per feature would be all loop overhead for the few directions of a narrow
-  // input).
+  // Each sample's features (here rows) times its factors [samples, width].
   void scale_features(const scalar_t* factors) {
     materialise();
-    scalar_t* expanded = scratch;
-    for (int64_t h = 0; h < width; ++h) {
-      for (int64_t s = 0; s < samples; ++s) {
-        const scalar_t factor = factors[s * width + h];
-        for (int64_t r = 0; r < rows; ++r) *expanded++ = factor;
-      }
-    }
-    multiply_elements(values, scratch, width * columns());
+    scale_sample_columns(values, factors, samples, rows, width);
   }
 
   // Writes each sample's Jacobian [C = width, D = rows] to jacobian [samples, C, D] (the samples
