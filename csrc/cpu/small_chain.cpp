@@ -11,13 +11,13 @@
 //
 // Both sweeps stack the tile's Jacobian blocks so that one product per Linear serves every sample
 // (tile_stacks.h): the reverse sweep's cotangents [C, H] as rows, [S C, H], times W [out, in]; the forward
-// sweep's tangents transposed, [H, D], side by side as columns, [H, S D], with W [out, in] times them.
-// An activation scales each sample's features by that sample's derivative; a softmax updates each
-// sample's rows. The forward pass multiplies the tile's hidden rows [S, in] by W^T, made once per call
-// where the batch pays for it, else row by row by W. So the register-blocked dense product
-// (masked_linear.h) gets many rows or columns for each weight row it loads into registers, and the
-// activations run over the whole tile at once with the vectorised element loop of the activation
-// kernels (activation_loop.h).
+// sweep's tangents transposed, [D, H], as rows too, times W^T [in, out], where the batch pays for making
+// W^T once per call, else as columns side by side, [H, S D], with W times them. An activation scales each
+// sample's features by that sample's derivative; a softmax updates each sample's rows. The forward pass
+// multiplies the tile's hidden rows [S, in] by W^T where it is made, else row by row by W. So the
+// register-blocked dense product (masked_linear.h) gets many rows or columns for each weight row it loads
+// into registers, and the activations run over the whole tile at once with the vectorised element loop
+// of the activation kernels (activation_loop.h).
 #include <ATen/Parallel.h>
 
 #include "cpu/activation_loop.h"
