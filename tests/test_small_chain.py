@@ -1,9 +1,10 @@
-"""The CPU small-chain kernel (csrc/cpu/small_chain.cpp), which batch_jacobian runs for plans under
-JACEXT_SMALL_CHAIN_MAX_MACS multiply-adds (default 2^22), against the ATen walker and torch.func.
+"""The CPU small-chain kernel (csrc/cpu/small_chain.cpp), which batch_jacobian runs for small plans and
+narrow chains (or, where JACEXT_SMALL_CHAIN_MAX_MACS is set, for plans under that many multiply-adds),
+against the ATen walker and torch.func.
 
 Every small CPU model in the other tests already runs on it; here the same models run on both paths
-(the limit is read once per process, so the other path runs in a subprocess), and wide models are
-forced onto it."""
+(the limit is read once per process, so the other path runs in a subprocess), wide models are forced onto
+it, and the default choice of path is pinned."""
 import json
 import os
 import subprocess
@@ -18,7 +19,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 HEADS = {"none": None, "softmax": lambda: nn.Softmax(-1), "log_softmax": lambda: nn.LogSoftmax(-1)}
 ACTIVATIONS = [nn.ReLU, nn.Tanh, nn.Sigmoid, nn.GELU, lambda: nn.GELU("tanh"), nn.SiLU, nn.ReLU6,
-               lambda: nn.LeakyReLU(0.1), lambda: nn.ELU(0.7), lambda: nn.Softplus(2.0, 5.0), nn.Hardtanh]
+               lambda: nn.LeakyReLU(0.1), lambda: nn.ELU(0.7), lambda: nn.Softplus(2.0, 5.0), nn.Hardtanh,
+               nn.Mish, nn.Hardswish, nn.Hardsigmoid]
 
 
 def build_case(seed, widths, head, dtype, batch, special):
@@ -78,10 +80,24 @@ SPECS = [
         ([27, 13, 9, 13], "log_softmax", "float64", 2, ""),
         ([1, 17, 1, 33, 2], "softmax", "float32", 2, ""),
         ([11, 23, 7], "softmax", "float64", 0, ""),
+        # Tiles of up to 32 samples, fewer to give each thread one when the call is large: the batches
+        # end in partial tiles (of one sample too, whose products run row by row), and the products meet
+        # both of the kernel's forms (register blocks from 16 float32 / 8 float64 columns and 3 rows,
+        # row by row below) with widths of 1 and 2 at both ends (a narrow input and output, as in a PINN).
+        # A NaN or infinity in one sample must reach no other sample of its tile.
+        ([3, 40, 17, 5], "none", "float32", 37, ""),
+        ([3, 40, 17, 5], "log_softmax", "float64", 33, "nan"),
+        ([2, 64, 64, 1], "none", "float32", 70, ""),
+        ([2, 64, 64, 1], "none", "float64", 65, ""),
+        ([16, 33, 20, 4], "softmax", "float64", 65, "inf"),
+        ([1, 24, 9, 2], "softmax", "float32", 97, ""),
+        # Forward mode stacks a batch of 16 or more as rows times W^T, made for outputs of 16 float32
+        # (8 float64) or more, and a smaller batch as columns: a narrow first layer without W^T.
+        ([6, 5, 20, 3], "log_softmax", "float32", 40, ""),
     ])
 ] + [  # every activation at least once, in both positions of a two-activation chain
     {"seed": seed, "widths": [4, 6, 5, 3], "head": "none", "dtype": "float64", "batch": 3, "special": ""}
-    for seed in range(20, 31)
+    for seed in range(20, 20 + len(ACTIVATIONS))
 ]
 
 
@@ -156,3 +172,50 @@ def test_bad_limit_is_rejected():
                           timeout=300)
     assert done.returncode != 0
     assert "JACEXT_SMALL_CHAIN_MAX_MACS must be a non-negative number" in done.stderr
+
+
+# Which path batch_jacobian takes under the default choice (no JACEXT_SMALL_CHAIN_MAX_MACS): the walker
+# shows its GEMMs in a profile, the kernel none.
+ROUTE_SCRIPT = r"""
+import json, torch
+import jacobian_ext  # registers torch.ops.jacext
+torch.manual_seed(0)
+def plan(widths, activation):
+    layers, params = [], []
+    for i in range(len(widths) - 1):
+        layers.append("linear")
+        params += [torch.randn(widths[i + 1], widths[i]) / widths[i] ** 0.5, torch.randn(widths[i + 1])]
+        if i < len(widths) - 2:
+            layers.append(activation)
+    return layers, params
+CASES = {
+    "tiny": (plan([16, 64, 64, 4], "relu"), 1),
+    "pinn": (plan([2, 64, 64, 64, 1], "tanh"), 1024),
+    "narrow relu": (plan([16, 256, 256, 4], "relu"), 1024),
+    "narrow gelu": (plan([16, 256, 256, 4], "gelu"), 1024),
+    "mnist": (plan([784, 512, 512, 10], "relu"), 16),
+    "many rows": (plan([32, 256, 256, 256, 64], "relu"), 64),
+}
+GEMMS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::linear", "aten::matmul"}
+routes = {}
+for name, ((layers, params), batch) in CASES.items():
+    x = torch.randn(batch, params[0].shape[1])
+    with torch.no_grad(), torch.profiler.profile() as profile:
+        torch.ops.jacext.batch_jacobian(x, layers, params, "reverse")
+    routes[name] = "walker" if any(event.name in GEMMS for event in profile.events()) else "kernel"
+print(json.dumps(routes))
+"""
+
+
+def test_default_choice_of_path():
+    """Small plans and narrow chains of any batch size on the kernel; wide weights, many rows per sample
+    (tiles of a sample or two) and activations that the kernel evaluates with scalar libm calls, beyond
+    the small plans, on the walker."""
+    env = dict(os.environ)
+    env.pop("JACEXT_SMALL_CHAIN_MAX_MACS", None)
+    done = subprocess.run([sys.executable, "-c", ROUTE_SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == {
+        "tiny": "kernel", "pinn": "kernel", "narrow relu": "kernel", "narrow gelu": "walker", "mnist": "walker",
+        "many rows": "walker"}

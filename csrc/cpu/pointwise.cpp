@@ -6,7 +6,7 @@
 #include <string_view>
 
 #include "../jacext/jacobian_block.h"
-#include "isa.h"
+#include "activation_loop.h"
 #include "parallel.h"
 
 namespace jacext::cpu {
@@ -52,28 +52,6 @@ inline void multiply_row(scalar_t* __restrict__ dst, const scalar_t* __restrict_
                          const scalar_t* __restrict__ factor, int64_t count) {
 #pragma omp simd
   for (int64_t h = 0; h < count; ++h) dst[h] = src[h] * factor[h];
-}
-
-// Where activation_range takes activation(input) from: torch's kernel wrote it (Read), the loop computes
-// and writes it (Write), or the derivative does not read it and no one needs it (Skip).
-enum class ValueSource { Read, Write, Skip };
-
-// derivative[i] = activation'(input[i]) for i < count, reading activation(input[i]) from given_value[i]
-// (Read) or writing it to computed_value[i] (Write). The kind is a template argument so that the switch in
-// rule_math.h folds away and the loop vectorises; everything it reads arrives by value (through captured
-// references GCC reloaded the pointers and the activation's kind, an int8_t that every store may alias,
-// after each store, so the switch stayed a jump per element and nothing vectorised).
-template <ActivationKind kKind, ValueSource kSource, typename scalar_t>
-JACEXT_ISA_CLONES void activation_range(const scalar_t* input, const scalar_t* given_value, scalar_t* computed_value,
-                                        scalar_t* derivative, int64_t count, const Activation& parameters) {
-  const Activation activation{kKind, parameters.first, parameters.second};  // the kind a constant
-  for (int64_t i = 0; i < count; ++i) {
-    const scalar_t z = input[i];
-    scalar_t y = z;  // Skip: activation_derivative does not read it
-    if constexpr (kSource == ValueSource::Read) y = given_value[i];
-    if constexpr (kSource == ValueSource::Write) computed_value[i] = y = activation_value(activation, z);
-    derivative[i] = activation_derivative(activation, z, y);
-  }
 }
 
 // output = activation(input) (unless kValueGiven: torch's kernel wrote it) and derivative = activation'(input).
