@@ -255,8 +255,9 @@ void run_tiles(const at::Tensor& input, const std::vector<ChainStep<scalar_t>>& 
 // vectors.
 template <typename scalar_t>
 bool makes_transposed_weight(int64_t in, int64_t out, int64_t batch, bool reverse) {
-  if (out >= kPanelWidth<scalar_t> && batch >= kMinTransposedRows) return true;
-  return reverse && in > 1 && in < kPanelWidth<scalar_t>;
+  const int64_t panel_width = row_product_kernels<scalar_t>().panel_width;
+  if (out >= panel_width && batch >= kMinTransposedRows) return true;
+  return reverse && in > 1 && in < panel_width;
 }
 
 // Samples per tile: as many as fit kTileBytes, at most kMaxTileSamples, and few enough that every thread
