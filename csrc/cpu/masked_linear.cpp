@@ -5,6 +5,7 @@
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <cstring>
 
@@ -61,12 +62,14 @@ RowProductKernels<scalar_t> kernels_for(RowProductIsa isa) {
 }  // namespace
 
 template <typename scalar_t>
-const RowProductKernels<scalar_t>& row_product_kernels() {
-  static const RowProductKernels<scalar_t> kernels = kernels_for<scalar_t>(chosen_isa());
-  return kernels;
+const RowProductKernels<scalar_t>& row_product_kernels(int64_t rows) {
+  static const RowProductKernels<scalar_t> chosen = kernels_for<scalar_t>(chosen_isa());
+  static const RowProductKernels<scalar_t> many_rows =
+      kernels_for<scalar_t>(std::min(chosen_isa(), RowProductIsa::Avx2));
+  return rows <= chosen.max_block_rows ? chosen : many_rows;
 }
-template const RowProductKernels<float>& row_product_kernels<float>();
-template const RowProductKernels<double>& row_product_kernels<double>();
+template const RowProductKernels<float>& row_product_kernels<float>(int64_t rows);
+template const RowProductKernels<double>& row_product_kernels<double>(int64_t rows);
 
 template <typename scalar_t>
 int64_t count_nonzero(const scalar_t* data, int64_t n) {
@@ -83,7 +86,7 @@ void masked_linear_kernel(at::Tensor& out, const at::Tensor& values, const at::T
   // A sample costs about rows * columns multiply-add chains; give each thread enough of them.
   const int64_t grain = std::max<int64_t>(1, kParallelGrainElements / std::max<int64_t>(1, rows * columns));
   AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "jacext_masked_linear_cpu", [&] {
-    const RowProductKernels<scalar_t>& kernels = row_product_kernels<scalar_t>();
+    const RowProductKernels<scalar_t>& kernels = row_product_kernels<scalar_t>(rows);
     // One copy of the weight per call (H * K elements, against B * R * active * K multiply-adds).
     const int64_t panel_width = kernels.panel_width, panel_count = columns / panel_width;
     const at::Tensor panels = matrix.narrow(1, 0, panel_count * panel_width)

@@ -39,7 +39,8 @@ enum class RowProductIsa { Baseline, Avx2, Avx512 };
 // One instruction set's copy of the kernels. The masked product runs samples [begin, end).
 template <typename scalar_t>
 struct RowProductKernels {
-  int64_t panel_width;  // columns of a weight panel: two of this ISA's vectors
+  int64_t panel_width;     // columns of a weight panel: two of this ISA's vectors
+  int64_t max_block_rows;  // rows of its largest register block
   void (*masked)(const MaskedRowsProblem<scalar_t>& problem, int64_t begin, int64_t end);
   void (*dense)(const DenseRowsProblem<scalar_t>& problem);
 };
@@ -52,21 +53,25 @@ RowProductKernels<scalar_t> row_product_kernels_for();
 #define JACEXT_ROW_PRODUCT_ISA_COPIES 1
 #endif
 
-// The copy for the best instruction set this CPU has, capped by the environment variable
-// JACEXT_ROW_PRODUCT_ISA (baseline, avx2 or avx512; read once per process, so that tests and
-// benchmarks can run each copy on one machine). masked_linear.cpp holds the choice.
+// The copy for a product of `rows` rows (R of MaskedRowsProblem and DenseRowsProblem): the best instruction
+// set this CPU has, capped by the environment variable JACEXT_ROW_PRODUCT_ISA (baseline, avx2 or avx512;
+// read once per process, so that tests and benchmarks can run each copy on one machine). AVX-512's copy
+// takes at most one of its register blocks of rows, where it loads each weight row once instead of the
+// twice of AVX2's 6-row blocks; with more rows both copies run several blocks, and AVX-512's measured a
+// few percent slower (python -m bench.masked_linear --branches masked-avx2,masked-avx512 on cifar and
+// bottleneck, 100 and 512 rows), so AVX2's runs them. masked_linear.cpp holds the choice.
 template <typename scalar_t>
-const RowProductKernels<scalar_t>& row_product_kernels();
+const RowProductKernels<scalar_t>& row_product_kernels(int64_t rows);
 
 // Nonzero entries of data[0, n): the active units of a ReLU mask, counted in one branch-free pass.
 template <typename scalar_t>
 int64_t count_nonzero(const scalar_t* data, int64_t n);
 
 inline void run_dense_rows_matmul(const DenseRowsProblem<float>& problem) {
-  row_product_kernels<float>().dense(problem);
+  row_product_kernels<float>(problem.rows).dense(problem);
 }
 inline void run_dense_rows_matmul(const DenseRowsProblem<double>& problem) {
-  row_product_kernels<double>().dense(problem);
+  row_product_kernels<double>(problem.rows).dense(problem);
 }
 
 }  // namespace jacext::cpu

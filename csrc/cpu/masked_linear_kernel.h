@@ -247,7 +247,7 @@ void dense_rows_matmul(const DenseRowsProblem<scalar_t>& p) {
 // This instruction set's copy, for the run-time choice (masked_linear.cpp).
 template <typename scalar_t>
 RowProductKernels<scalar_t> this_copy_kernels() {
-  return {kPanelVectors * at::vec::Vectorized<scalar_t>::size(), &masked_rows_matmul<scalar_t>,
+  return {kPanelVectors * at::vec::Vectorized<scalar_t>::size(), kMaxRowBlock, &masked_rows_matmul<scalar_t>,
           &dense_rows_matmul<scalar_t>};
 }
 

@@ -53,8 +53,8 @@ constexpr int64_t kNarrowChainWeightBytes = 512 * 1024;
 constexpr int64_t kNarrowChainTileSamples = 8;
 // Multiply-adds a thread should own before a parallel region pays for its start-up.
 constexpr double kParallelGrainMacs = 1 << 16;
-// Samples per tile at most: S R rows make several register blocks of rows (up to 6 each) per weight row
-// loaded, and more samples would only make fewer tiles to share between threads.
+// Samples per tile at most: S R rows make several register blocks of rows (up to 6 or 12 each, by ISA) per
+// weight row loaded, and more samples would only make fewer tiles to share between threads.
 constexpr int64_t kMaxTileSamples = 32;
 // A tile's buffers (hidden values, factors, the stack and its scratch) at most, so that they stay in a
 // core's L2 cache beside the weights.
@@ -255,7 +255,7 @@ void run_tiles(const at::Tensor& input, const std::vector<ChainStep<scalar_t>>& 
 // vectors.
 template <typename scalar_t>
 bool makes_transposed_weight(int64_t in, int64_t out, int64_t batch, bool reverse) {
-  const int64_t panel_width = row_product_kernels<scalar_t>().panel_width;
+  const int64_t panel_width = row_product_kernels<scalar_t>(batch).panel_width;
   if (out >= panel_width && batch >= kMinTransposedRows) return true;
   return reverse && in > 1 && in < panel_width;
 }

@@ -46,7 +46,8 @@ JACEXT_ISA_CLONES void transpose(const scalar_t* __restrict__ from, int64_t rows
 template <typename scalar_t>
 void multiply(const scalar_t* a, const scalar_t* matrix, const scalar_t* transposed, scalar_t* out, int64_t rows,
               int64_t steps, int64_t columns) {
-  const bool blocks = columns == 1 || (rows >= kMinBlockRows && columns >= row_product_kernels<scalar_t>().panel_width);
+  const bool blocks =
+      columns == 1 || (rows >= kMinBlockRows && columns >= row_product_kernels<scalar_t>(rows).panel_width);
   if (matrix != nullptr && (blocks || transposed == nullptr)) {
     run_dense_rows_matmul(DenseRowsProblem<scalar_t>{a, matrix, out, rows, steps, columns});
     return;
