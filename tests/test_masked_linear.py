@@ -179,8 +179,11 @@ def test_each_branch_forced_for_every_active_fraction(crossover):
     assert not bad, bad
 
 
-# Block heights the register blocks split differently: 1 to 13 rows, 23 (AVX-512: 12 + 11) and 25.
-ISA_SHAPES = SHAPES + [(12, (40, 35), 12), (9, (70,), 25), (11, (33, 65), 8), (23, (50,), 23), (6, (31, 20), 9)]
+# Block heights the register blocks split differently: 1 to 13 rows, 23 (AVX-512: 12 + 11) and 25; and hundreds
+# of active units before a 13-row block (several blocks), more than one L1-sized chunk of a panel's weight rows
+# (masked_linear_kernel.h, kReusedWeightBytes), in both the two-vector panels and the one-vector tail columns.
+ISA_SHAPES = SHAPES + [(12, (40, 35), 12), (9, (70,), 25), (11, (33, 65), 8), (23, (50,), 23), (6, (31, 20), 9),
+                       (28, (1200,), 13)]
 
 ISA_SCRIPT = r"""
 import json, sys, torch
