@@ -14,11 +14,12 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 
 import torch
+
+from .workers import Workers
 
 BRANCHES = {
     "dense": {"JACEXT_MASKED_LINEAR_CROSSOVER": "0"},
@@ -102,13 +103,6 @@ def main(argv=None):
     unknown = [name for name in names if name not in BRANCHES]
     if unknown or len(names) < 2:
         parser.error(f"--branches: two or more of {', '.join(BRANCHES)}, got {arguments.branches!r}")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    workers = {
-        name: subprocess.Popen([sys.executable, "-m", "bench.masked_linear", "--worker", str(arguments.threads)],
-                               cwd=root, text=True, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                               env=dict(os.environ, **BRANCHES[name]))
-        for name in names
-    }
     threads = arguments.threads or torch.get_num_threads()
     print(f"case {arguments.case}, {arguments.mode} sweep, {arguments.dtype}, torch threads {threads}, "
           f"load average {os.getloadavg()[0]:.2f} at start")
@@ -117,21 +111,17 @@ def main(argv=None):
               + [f"{reference} / {name} (CPU)" for name in others])
     print("| " + " | ".join(header) + " |")
     print("|" + " --- |" * len(header))
-    try:
+    with Workers("bench.masked_linear", {name: [str(arguments.threads)] for name in names},
+                 {name: dict(os.environ, **BRANCHES[name]) for name in names}) as workers:
         for fraction in fractions:
-            samples = {name: [] for name in workers}
-            cpu_samples = {name: [] for name in workers}
+            samples = {name: [] for name in names}
+            cpu_samples = {name: [] for name in names}
             active = None
             for round_index in range(arguments.rounds + 1):  # round 0 builds and warms up
-                for name, process in workers.items():
-                    request = {"case": arguments.case, "fraction": fraction, "dtype": arguments.dtype,
-                               "runs": arguments.runs, "mode": arguments.mode}
-                    process.stdin.write(json.dumps(request) + "\n")
-                    process.stdin.flush()
-                    line = process.stdout.readline()
-                    if not line:
-                        raise RuntimeError(f"branch {name}'s worker exited (its error is above)")
-                    answer = json.loads(line)
+                for name in names:
+                    answer = workers.ask(name, {"case": arguments.case, "fraction": fraction,
+                                                "dtype": arguments.dtype, "runs": arguments.runs,
+                                                "mode": arguments.mode})
                     active = answer["active"]
                     if round_index > 0:
                         samples[name] += answer["samples"]
@@ -142,10 +132,6 @@ def main(argv=None):
                      + [f"{wall[reference] / wall[name]:.2f}x" for name in others]
                      + [f"{cpu[reference] / cpu[name]:.2f}x" for name in others])
             print("| " + " | ".join(cells) + " |", flush=True)
-    finally:
-        for process in workers.values():
-            process.stdin.close()
-            process.wait()
     print(f"load average {os.getloadavg()[0]:.2f} at end")
 
 

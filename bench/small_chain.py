@@ -14,12 +14,13 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 
 import torch
 from torch import nn
+
+from .workers import Workers
 
 # wall: time.perf_counter; cpu: the process's CPU time, which a loaded machine disturbs less (with
 # --threads 1 it is the call's own compute time; with more threads it also counts OpenMP's spin-waiting).
@@ -90,8 +91,7 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=0, help="torch threads in the workers (default: torch's)")
     parser.add_argument("--clock", default="wall", choices=tuple(CLOCKS))
     arguments = parser.parse_args(argv)
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    workers = {}
+    arguments_of, environments = {}, {}
     for variant in arguments.variants.split(","):
         name, _, setting = variant.partition("=")
         limit, _, build_dir = setting.partition("@")
@@ -99,37 +99,26 @@ def main(argv=None):
         env.pop("JACEXT_SMALL_CHAIN_MAX_MACS", None)
         if limit:
             env["JACEXT_SMALL_CHAIN_MAX_MACS"] = limit
-        workers[name] = subprocess.Popen(
-            [sys.executable, "-m", "bench.small_chain", "--worker", build_dir, str(arguments.threads)], cwd=root,
-            text=True, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
-    names = list(workers)
+        arguments_of[name], environments[name] = [build_dir, str(arguments.threads)], env
+    names = list(arguments_of)
     threads = arguments.threads or torch.get_num_threads()
     print(f"{arguments.mode} mode, {arguments.clock} clock, torch threads {threads}, "
           f"load average {os.getloadavg()[0]:.2f} at start")
     print("| case | " + " | ".join(f"{name} (us)" for name in names) + " | "
           + " | ".join(f"{name} / {names[0]}" for name in names[1:]) + " |")
     print("|" + " --- |" * (1 + 2 * len(names) - 1))
-    try:
+    with Workers("bench.small_chain", arguments_of, environments) as workers:
         for case in arguments.cases.split(";"):
             samples = {name: [] for name in names}
             for round_index in range(arguments.rounds + 1):  # round 0 builds and warms up
                 for name in names:
-                    request = {"case": case, "mode": arguments.mode, "seconds": arguments.seconds,
-                               "clock": arguments.clock}
-                    workers[name].stdin.write(json.dumps(request) + "\n")
-                    workers[name].stdin.flush()
-                    answer = workers[name].stdout.readline()
-                    if not answer:
-                        raise RuntimeError(f"worker {name} stopped on case {case}")
+                    answer = workers.ask(name, {"case": case, "mode": arguments.mode, "seconds": arguments.seconds,
+                                                "clock": arguments.clock})
                     if round_index > 0:
-                        samples[name].append(json.loads(answer))
+                        samples[name].append(answer)
             medians = {name: statistics.median(samples[name]) for name in names}
             print(f"| {case} | " + " | ".join(f"{medians[name] * 1e6:.1f}" for name in names) + " | "
                   + " | ".join(f"{medians[name] / medians[names[0]]:.2f}" for name in names[1:]) + " |", flush=True)
-    finally:
-        for process in workers.values():
-            process.stdin.close()
-            process.wait()
     print(f"load average {os.getloadavg()[0]:.2f} at end")
 
 
