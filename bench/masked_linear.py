@@ -96,7 +96,8 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=0, help="torch threads in the workers (default: torch's)")
     parser.add_argument("--mode", default="reverse", choices=["reverse", "forward"], help="the sweep timed")
     parser.add_argument("--branches", default="dense,masked",
-                        help=f"comma-separated, the first the reference (default %(default)s; any of {', '.join(BRANCHES)})")
+                        help=f"comma-separated, the first the reference (default %(default)s; "
+                             f"any of {', '.join(BRANCHES)})")
     arguments = parser.parse_args(argv)
     fractions = [float(f) for f in arguments.fractions.split(",")]
     names = arguments.branches.split(",")

@@ -161,8 +161,8 @@ void masked_rows_matmul(const MaskedRowsProblem<scalar_t>& p, int64_t begin, int
       } while (first_unit < active);
     };
     for (int64_t panel = 0; panel < panels; ++panel) {
-      column_tile(std::integral_constant<int64_t, kPanelVectors>(), p.panels + panel * features * kPanel, panel_offsets.data(),
-                  panel * kPanel);
+      column_tile(std::integral_constant<int64_t, kPanelVectors>(), p.panels + panel * features * kPanel,
+                  panel_offsets.data(), panel * kPanel);
     }
     int64_t column = panels * kPanel;
     for (; column + kWidth <= columns; column += kWidth) {
