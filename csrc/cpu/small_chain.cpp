@@ -249,15 +249,16 @@ void run_tiles(const at::Tensor& input, const std::vector<ChainStep<scalar_t>>& 
   });
 }
 
-// Whether a call makes W^T [in, out] of a Linear (else its products take W, multiply): where its rows
-// in register blocks pay for it (the forward pass's B rows, and a forward RowStack's B D, from a batch of
-// kMinTransposedRows), or where W^T is small and a reverse sweep needs it for a product too narrow for
-// vectors.
+// Whether a call makes W^T [in, out] of a Linear (else its products take W, multiply): where multiply runs
+// the forward pass's product (a tile's samples as rows, out columns) in register blocks and the batch pays
+// for the copy (kMinTransposedRows; a forward RowStack's products are then by W^T too), or where a reverse
+// sweep's product (a tile's samples times stack_rows = C rows, in columns) is too narrow for the register
+// blocks and W^T is small. Each product asks the kernel copy that runs it for its panel width, as multiply does.
 template <typename scalar_t>
-bool makes_transposed_weight(int64_t in, int64_t out, int64_t batch, bool reverse) {
-  const int64_t panel_width = row_product_kernels<scalar_t>(batch).panel_width;
-  if (out >= panel_width && batch >= kMinTransposedRows) return true;
-  return reverse && in > 1 && in < panel_width;
+bool makes_transposed_weight(int64_t in, int64_t out, int64_t batch, int64_t tile_samples, int64_t stack_rows,
+                             bool reverse) {
+  if (batch >= kMinTransposedRows && out >= row_product_kernels<scalar_t>(tile_samples).panel_width) return true;
+  return reverse && in > 1 && in < row_product_kernels<scalar_t>(tile_samples * stack_rows).panel_width;
 }
 
 // Samples per tile: as many as fit kTileBytes, at most kMaxTileSamples, and few enough that every thread
@@ -331,7 +332,7 @@ std::optional<std::tuple<at::Tensor, at::Tensor>> small_chain_jacobian(const at:
         features = layer.weight.size(0);
         if (features == 1) {
           step.weight_t = step.weight;  // W [1, in] is W^T
-        } else if (makes_transposed_weight<scalar_t>(step.in, features, batch, reverse)) {
+        } else if (makes_transposed_weight<scalar_t>(step.in, features, batch, tiling.tile_samples, rows, reverse)) {
           scalar_t* weight_t = transposed_weights.get() + transposed_offset;
           transpose(step.weight, features, step.in, weight_t);
           step.weight_t = weight_t;
